@@ -1,0 +1,100 @@
+"""/v1/checkpoints: create, list, inspect, delete, read logs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Response
+from fastapi.responses import PlainTextResponse
+
+from criud.api.deps import caller, core
+from criud.api.models import Checkpoint, CheckpointRequest, FdEntry, Problem
+from criud.daemon.core import Caller, CheckpointSpec, Core
+from criud.daemon.errors import InvalidRequest
+from criud.daemon.store import CheckpointRecord
+from criud.dump import manifest as mf
+from criud.dump.options import DumpOptions
+
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+ERRORS: dict[int | str, dict[str, object]] = {
+    s: {"model": Problem} for s in (403, 404, 409, 422, 503)
+}
+
+CoreDep = Annotated[Core, Depends(core)]
+CallerDep = Annotated[Caller, Depends(caller)]
+
+
+def to_model(rec: CheckpointRecord) -> Checkpoint:
+    """Shape a checkpoint record for the API."""
+    manifest = rec.manifest or {"tasks": [], "external": []}
+    return Checkpoint(
+        id=rec.id,
+        name=rec.name,
+        pid=rec.pid,
+        state=rec.state,
+        created_at=rec.created_at,
+        finished_at=rec.finished_at,
+        size_bytes=rec.size_bytes,
+        options=rec.options,
+        labels=rec.labels,
+        criu_version=rec.criu_version,
+        stats=rec.stats,
+        fds=[FdEntry(**f) for f in mf.flat_fds(manifest)],
+        external=list(manifest.get("external", [])),
+        error=rec.error,
+    )
+
+
+@router.post("", status_code=201, response_model=Checkpoint, responses=ERRORS)
+async def create_checkpoint(body: CheckpointRequest, c: CoreDep, who: CallerDep) -> Checkpoint:
+    """Checkpoint the process tree rooted at pid; answers when the images are complete."""
+    opts = DumpOptions(
+        leave_running=body.leave_running,
+        shell_job=body.shell_job,
+        tcp_established=body.tcp_established,
+        ext_unix_sk=body.ext_unix_sk,
+        file_locks=body.file_locks,
+        external=tuple(body.external),
+    )
+    spec = CheckpointSpec(pid=body.pid, name=body.name, options=opts, labels=body.labels)
+    return to_model(await c.checkpoint(spec, who))
+
+
+@router.get("", response_model=list[Checkpoint], responses=ERRORS)
+async def list_checkpoints(
+    c: CoreDep,
+    who: CallerDep,
+    label: Annotated[list[str] | None, Query(description="key=value; repeat to AND")] = None,
+) -> list[Checkpoint]:
+    """List checkpoints, optionally those carrying every given label."""
+    wanted: dict[str, str] = {}
+    for item in label or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise InvalidRequest(f"label filter {item!r} is not key=value")
+        wanted[k] = v
+    return [to_model(r) for r in await c.list_checkpoints(who, wanted)]
+
+
+@router.get("/{ref}", response_model=Checkpoint, responses=ERRORS)
+async def get_checkpoint(ref: str, c: CoreDep, who: CallerDep) -> Checkpoint:
+    """One checkpoint by id or name, with its fd manifest."""
+    return to_model(await c.get_checkpoint(ref, who))
+
+
+@router.delete("/{ref}", status_code=204, responses=ERRORS)
+async def delete_checkpoint(ref: str, c: CoreDep, who: CallerDep) -> Response:
+    """Delete a checkpoint and its images."""
+    await c.delete_checkpoint(ref, who)
+    return Response(status_code=204)
+
+
+@router.get("/{ref}/log", response_class=PlainTextResponse, responses=ERRORS)
+async def checkpoint_log(
+    ref: str,
+    c: CoreDep,
+    who: CallerDep,
+    op: Literal["dump", "restore"] = "dump",
+) -> PlainTextResponse:
+    """criu's dump.log or (latest) restore.log of a checkpoint."""
+    return PlainTextResponse(await c.checkpoint_log(ref, op, who))

@@ -1,0 +1,185 @@
+"""A small Python client for criud (stdlib only).
+
+    from criud.api.client import Client
+    c = Client()                                   # /run/criud/criud.sock
+    ck = c.checkpoint(pid, name="web", leave_running=True)
+    r = c.restore("web", fds={"pipe:[823441]": new_write_end})
+
+`restore(..., fds=...)` does both steps of the hand-off: it sends the fds over
+the fd socket (SCM_RIGHTS), then names in the HTTP request what each one
+replaces.  Keys are CRIU keys ("pipe:[123]", "var/log/app.log") or (pid, fd)
+pairs as they were at dump time; values are fds or objects with fileno().
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from criud.daemon.config import DEFAULT_FD_SOCKET, DEFAULT_SOCKET
+from criud.daemon.fdpass import send_fds
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+FdLike = int | HasFileno
+InheritKey = str | tuple[int, int]
+
+
+class CriudClientError(Exception):
+    """An error answer from the daemon (a problem+json document)."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.problem = problem
+        self.code: str = str(problem.get("code", "unknown"))
+        self.title: str = str(problem.get("title", ""))
+        self.detail: str = str(problem.get("detail", ""))
+        super().__init__(f"{status} {self.code}: {self.detail}")
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        if self.timeout is not None:
+            sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _fileno(f: FdLike) -> int:
+    return f if isinstance(f, int) else f.fileno()
+
+
+class Client:
+    """Talks to one criud over its API socket and its fd socket."""
+
+    def __init__(
+        self,
+        socket_path: str = str(DEFAULT_SOCKET),
+        fd_socket_path: str = str(DEFAULT_FD_SOCKET),
+        timeout: float | None = 600.0,
+    ) -> None:
+        self.socket_path = socket_path
+        self.fd_socket_path = fd_socket_path
+        self.timeout = timeout
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """Send one request; return (status, decoded body).  Raises on 4xx/5xx."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            payload = json.dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=payload, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+            ctype = resp.getheader("Content-Type", "")
+        finally:
+            conn.close()
+        data: Any = raw.decode("utf-8", "replace")
+        if "json" in ctype and raw:
+            data = json.loads(raw)
+        if resp.status >= 400:
+            problem = data if isinstance(data, dict) else {"detail": str(data)}
+            raise CriudClientError(resp.status, problem)
+        return resp.status, data
+
+    def send_fds(
+        self, fds: Sequence[FdLike], ttl_s: float | None = None, names: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """Hand fds to the daemon; return {"handle", "count", "expires_in_s"}."""
+        payload: dict[str, Any] = {}
+        if ttl_s is not None:
+            payload["ttl_s"] = ttl_s
+        if names is not None:
+            payload["names"] = list(names)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+            if self.timeout is not None:
+                s.settimeout(self.timeout)
+            s.connect(self.fd_socket_path)
+            send_fds(s, json.dumps(payload).encode(), [_fileno(f) for f in fds])
+            reply = json.loads(s.recv(65536) or b"{}")
+        if "error" in reply:
+            err = reply["error"]
+            raise CriudClientError(400, {"code": err.get("code"), "detail": err.get("message")})
+        return dict(reply)
+
+    # -- API ----------------------------------------------------------------------
+
+    def version(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/v1/version")[1])
+
+    def checkpoint(self, pid: int, name: str | None = None, **options: Any) -> dict[str, Any]:
+        """Checkpoint the tree of pid; options as in POST /v1/checkpoints."""
+        body = {"pid": pid, **options}
+        if name is not None:
+            body["name"] = name
+        return dict(self.request("POST", "/v1/checkpoints", body)[1])
+
+    def checkpoints(self, labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        q = "&".join(f"label={k}={v}" for k, v in (labels or {}).items())
+        return list(self.request("GET", "/v1/checkpoints" + (f"?{q}" if q else ""))[1])
+
+    def inspect(self, ref: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/checkpoints/{ref}")[1])
+
+    def delete(self, ref: str) -> None:
+        self.request("DELETE", f"/v1/checkpoints/{ref}")
+
+    def log(self, ref: str, op: str = "dump") -> str:
+        return str(self.request("GET", f"/v1/checkpoints/{ref}/log?op={op}")[1])
+
+    def restore(
+        self,
+        checkpoint: str,
+        fds: Mapping[InheritKey, FdLike] | None = None,
+        paths: Mapping[str, tuple[str, str]] | None = None,
+        inherit_fds: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
+        """Restore checkpoint, replacing external resources.
+
+        fds maps a key or a (pid, fd) pair to a fresh fd; they are sent over
+        the fd socket first.  paths maps a key to (path, mode) for the daemon
+        to open.  inherit_fds passes raw mappings through.
+        """
+        mappings: list[dict[str, Any]] = list(inherit_fds)
+        if fds:
+            keys = list(fds)
+            sent = self.send_fds([fds[k] for k in keys])
+            for i, k in enumerate(keys):
+                m: dict[str, Any] = {"handle": sent["handle"], "index": i}
+                if isinstance(k, tuple):
+                    m["pid"], m["fd"] = k
+                else:
+                    m["key"] = k
+                mappings.append(m)
+        for key, (path, mode) in (paths or {}).items():
+            mappings.append({"key": key, "path": path, "mode": mode})
+        body = {"checkpoint": checkpoint, "inherit_fds": mappings}
+        return dict(self.request("POST", "/v1/restores", body)[1])
+
+    def restores(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/v1/restores")[1])
+
+    def get_restore(self, restore_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/restores/{restore_id}")[1])
+
+    def signal(self, restore_id: str, sig: int | str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/restores/{restore_id}/signal", {"signal": sig})[1])
+
+    def fd_handles(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/v1/fd-handles")[1])
+
+    def delete_fd_handle(self, handle: str) -> None:
+        self.request("DELETE", f"/v1/fd-handles/{handle}")

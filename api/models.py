@@ -1,0 +1,121 @@
+"""Pydantic models at the HTTP edge.  Core code uses plain dataclasses instead."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Linux pids are at most 2^22 (pid_max); anything beyond is refused early.
+PID_MAX = 4_194_304
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckpointRequest(Strict):
+    pid: int = Field(ge=1, le=PID_MAX, description="Root of the process tree to dump")
+    name: str | None = Field(default=None, max_length=128)
+    leave_running: bool = False
+    shell_job: bool = False
+    tcp_established: bool = False
+    ext_unix_sk: bool = False
+    file_locks: bool = False
+    external: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Keys (as in the fd manifest) to treat as external",
+    )
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class FdEntry(BaseModel):
+    pid: int
+    fd: int
+    type: str
+    key: str
+    mode: str
+    target: str
+    inode: int | None = None
+    append: bool = False
+    external: bool = False
+    peer: int | None = None
+
+
+class Checkpoint(BaseModel):
+    id: str
+    name: str | None
+    pid: int
+    state: str
+    created_at: float
+    finished_at: float | None = None
+    size_bytes: int | None = None
+    options: dict[str, Any]
+    labels: dict[str, str]
+    criu_version: str | None = None
+    stats: dict[str, int] | None = None
+    fds: list[FdEntry] = Field(default_factory=list)
+    external: list[str] = Field(default_factory=list)
+    error: dict[str, Any] | None = None
+
+
+class InheritFd(Strict):
+    """One replacement: by key, by the (pid, fd) it had at dump time, or by path."""
+
+    key: str | None = Field(default=None, max_length=4096)
+    pid: int | None = Field(default=None, ge=1, le=PID_MAX)
+    fd: int | None = Field(default=None, ge=0, le=1 << 20)
+    handle: str | None = Field(default=None, max_length=64)
+    index: int | None = Field(default=None, ge=0, le=63)
+    path: str | None = Field(default=None, max_length=4096)
+    mode: Literal["r", "w", "a", "r+"] | None = None
+
+
+class RestoreRequest(Strict):
+    checkpoint: str = Field(max_length=128)
+    inherit_fds: list[InheritFd] = Field(default_factory=list, max_length=64)
+
+
+class Restore(BaseModel):
+    id: str
+    checkpoint: str
+    pid: int | None
+    state: str
+    started_at: float
+    finished_at: float | None = None
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    stats: dict[str, int] | None = None
+    error: dict[str, Any] | None = None
+
+
+class SignalRequest(Strict):
+    signal: int | str = Field(description="Number or name, e.g. 15 or SIGTERM")
+
+
+class HandleFdModel(BaseModel):
+    index: int
+    type: str
+    inode: int | None
+    key: str
+    mode: str
+    name: str | None
+
+
+class FdHandleModel(BaseModel):
+    handle: str
+    owner_uid: int
+    count: int
+    fds: list[HandleFdModel]
+    created_at: float
+    expires_at: float
+    expires_in_s: float
+
+
+class Problem(BaseModel):
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    code: str

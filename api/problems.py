@@ -1,0 +1,92 @@
+"""Every error leaves as RFC 9457 application/problem+json, from one place.
+
+CriudError subclasses carry status and code; one handler registered for the
+base class covers them all (Starlette looks handlers up along the MRO).
+Validation errors and unknown routes get the same shape, so a client needs a
+single error path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from criud.daemon.errors import CriudError
+
+log = logging.getLogger("criud.api")
+
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JSONResponse:
+    """Build a problem+json response."""
+    body = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+async def _criud_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CriudError)
+    return problem(
+        exc.status, exc.code, exc.title, exc.detail, instance=request.url.path, **exc.extra
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+        for e in exc.errors()
+    ]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid"}
+    where = ".".join(str(p) for p in first["loc"])
+    return problem(
+        422,
+        "invalid_request",
+        "Invalid request",
+        f"{where}: {first['msg']}",
+        instance=request.url.path,
+        errors=errors,
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    return problem(
+        exc.status_code,
+        codes.get(exc.status_code, "http_error"),
+        str(exc.detail),
+        str(exc.detail),
+        instance=request.url.path,
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(
+        500,
+        "internal_error",
+        "Internal error",
+        f"{type(exc).__name__}: {exc}",
+        instance=request.url.path,
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Register the problem handlers on app."""
+    app.add_exception_handler(CriudError, _criud_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

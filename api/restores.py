@@ -1,0 +1,79 @@
+"""/v1/restores: restore a checkpoint, follow and signal the restored tree."""
+
+from __future__ import annotations
+
+import signal
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from criud.api.deps import caller, core
+from criud.api.models import Problem, Restore, RestoreRequest, SignalRequest
+from criud.daemon.core import Caller, Core, RestoreSpec
+from criud.daemon.errors import InvalidRequest
+from criud.daemon.store import RestoreRecord
+from criud.restore.mappings import InheritSpec
+
+router = APIRouter(prefix="/v1/restores", tags=["restores"])
+ERRORS: dict[int | str, dict[str, object]] = {
+    s: {"model": Problem} for s in (403, 404, 409, 422, 503)
+}
+CoreDep = Annotated[Core, Depends(core)]
+CallerDep = Annotated[Caller, Depends(caller)]
+
+
+def to_model(rec: RestoreRecord) -> Restore:
+    """Shape a restore record for the API."""
+    return Restore(
+        id=rec.id,
+        checkpoint=rec.checkpoint_id,
+        pid=rec.pid,
+        state=rec.state,
+        started_at=rec.started_at,
+        finished_at=rec.finished_at,
+        exit_code=rec.exit_code,
+        exit_signal=rec.exit_signal,
+        stats=rec.stats,
+        error=rec.error,
+    )
+
+
+@router.post("", status_code=201, response_model=Restore, responses=ERRORS)
+async def create_restore(body: RestoreRequest, c: CoreDep, who: CallerDep) -> Restore:
+    """Restore a checkpoint; inherit_fds name what each handed-in fd replaces."""
+    inherit = tuple(InheritSpec(**m.model_dump()) for m in body.inherit_fds)
+    return to_model(await c.restore(RestoreSpec(checkpoint=body.checkpoint, inherit=inherit), who))
+
+
+@router.get("", response_model=list[Restore], responses=ERRORS)
+async def list_restores(c: CoreDep, who: CallerDep) -> list[Restore]:
+    """List restores."""
+    return [to_model(r) for r in await c.list_restores(who)]
+
+
+@router.get("/{restore_id}", response_model=Restore, responses=ERRORS)
+async def get_restore(restore_id: str, c: CoreDep, who: CallerDep) -> Restore:
+    """One restore: running, or exited with its code or signal."""
+    return to_model(await c.get_restore(restore_id, who))
+
+
+def parse_signal(value: int | str) -> int:
+    """Accept 15, "15", "TERM" or "SIGTERM"."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper()
+    if text.isdigit():
+        return int(text)
+    name = text if text.startswith("SIG") else f"SIG{text}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise InvalidRequest(f"unknown signal {value!r}") from None
+
+
+@router.post("/{restore_id}/signal", response_model=Restore, responses=ERRORS)
+async def signal_restore(
+    restore_id: str, body: SignalRequest, c: CoreDep, who: CallerDep
+) -> Restore:
+    """Send a signal to the restored tree's root."""
+    return to_model(await c.signal_restore(restore_id, parse_signal(body.signal), who))

@@ -1,0 +1,1 @@
+"""criud.daemon: process lifecycle, sockets, fd passing and worker supervision."""

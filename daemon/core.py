@@ -1,0 +1,638 @@
+"""The daemon's core: checkpoints, restores and fd handles, without HTTP.
+
+Routes in criud.api call one method here each.  Methods validate, take the
+per-pid or per-checkpoint lock, run criu through criud.daemon.criu, and keep
+the store's records in step.  Anything slow (criu, /proc walks, file work)
+is awaited or runs in a thread: nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import platform
+import shutil
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from criud.daemon import names, procutil
+from criud.daemon.config import Settings
+from criud.daemon.criu import Criu, CriuResult
+from criud.daemon.errors import (
+    BadFdHandle,
+    Busy,
+    CheckpointNotFound,
+    CheckpointNotReady,
+    CriudError,
+    CriuFailed,
+    InvalidRequest,
+    LogNotFound,
+    NotRunning,
+    PermissionDenied,
+    PidInUse,
+    ProcessNotFound,
+    RestoreNotFound,
+    ShuttingDown,
+)
+from criud.daemon.fdpass import OwnedFds
+from criud.daemon.handles import FdHandle, HandleStore
+from criud.daemon.reaper import Reaper
+from criud.daemon.store import CheckpointRecord, NameConflict, RestoreRecord, Store
+from criud.dump import fds as fdinfo
+from criud.dump import images
+from criud.dump import manifest as mf
+from criud.dump.argv import DUMP_LOG, dump_argv
+from criud.dump.options import DumpOptions
+from criud.restore import mappings
+from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
+from criud.restore.paths import open_as
+
+log = logging.getLogger("criud.core")
+
+TMP_PREFIX = ".tmp-"
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who is asking, from SO_PEERCRED."""
+
+    uid: int
+    gid: int
+    pid: int
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    def groups(self) -> list[int]:
+        """The caller's supplementary groups, read from /proc."""
+        try:
+            with open(f"/proc/{self.pid}/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        return [int(g) for g in line.split()[1:]]
+        except OSError:
+            pass
+        return []
+
+
+ROOT = Caller(uid=0, gid=0, pid=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    pid: int
+    name: str | None
+    options: DumpOptions
+    labels: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreSpec:
+    checkpoint: str
+    inherit: tuple[mappings.InheritSpec, ...] = ()
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for entry in os.scandir(path):
+        if entry.is_file(follow_symlinks=False):
+            total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def _log_url(ckpt_id: str, op: str) -> str:
+    return f"/v1/checkpoints/{ckpt_id}/log?op={op}"
+
+
+class Core:
+    """Everything the API can ask of the daemon."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.db_path)
+        self.criu = Criu(settings.criu)
+        self.handles = HandleStore()
+        self.reaper = Reaper(self.criu.running)
+        self.criu.spawn_guard = self.reaper.hold
+        self.started_at = time.time()
+        self._busy_pids: set[int] = set()
+        self._busy_ckpts: set[str] = set()
+        self._ops: set[asyncio.Task[Any]] = set()
+        self.accepting = True
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def prepare_dirs(self) -> None:
+        """Create the state dir (0700) and its checkpoints dir; sync, at start-up."""
+        for d in (self.settings.state_dir, self.settings.checkpoints_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+    async def start(self) -> None:
+        """Probe criu, open the store, recover from a previous run, start reaping."""
+        await self.criu.probe()
+        await asyncio.to_thread(self.prepare_dirs)
+        await asyncio.to_thread(self.store.open)
+        ck, rs = await self.store.run(self.store.interrupt_unfinished)
+        if ck or rs:
+            log.warning("marked interrupted: checkpoints %s, restores %s", ck, rs)
+        await asyncio.to_thread(self._remove_tmp_dirs)
+        self.reaper.start()
+        await self._adopt_running()
+
+    def _remove_tmp_dirs(self) -> None:
+        for entry in os.scandir(self.settings.checkpoints_dir):
+            if entry.name.startswith(TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    async def _adopt_running(self) -> None:
+        """Watch again the restored trees a previous daemon left running."""
+        for r in await self.store.run(self.store.list_restores, "running"):
+            if r.pid is None:
+                continue
+            pidfd: int | None = None
+            with contextlib.suppress(ProcessLookupError):
+                pidfd = procutil.pidfd_open(r.pid)
+            if pidfd is None or procutil.proc_start(r.pid) != r.proc_start:
+                if pidfd is not None:
+                    os.close(pidfd)
+                await self.store.run(
+                    self.store.update_restore, r.id, state="exited", finished_at=time.time()
+                )
+                continue
+            self.reaper.watch(r.pid, pidfd, self._exit_callback(r.id))
+            log.info("adopted restore %s (pid %d)", r.id, r.pid)
+
+    async def stop(self) -> None:
+        """Stop accepting work, let running operations finish (bounded), then close."""
+        self.accepting = False
+        if self._ops:
+            _, pending = await asyncio.wait(self._ops, timeout=self.settings.shutdown_grace_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self.handles.close_all()
+        await self.reaper.stop()
+        await asyncio.to_thread(self.store.close)
+
+    async def _operation(self, coro: Any) -> Any:
+        """Run an operation as a task the shutdown path can wait for."""
+        if not self.accepting:
+            coro.close()
+            raise ShuttingDown("the daemon is shutting down; retry against the next one")
+        task = asyncio.ensure_future(coro)
+        self._ops.add(task)
+        task.add_done_callback(self._ops.discard)
+        # shield: a client that goes away must not cancel criu half-way; the
+        # operation finishes and its record says how it ended.
+        return await asyncio.shield(task)
+
+    # -- info ---------------------------------------------------------------------
+
+    def version(self) -> dict[str, Any]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ours = version("criud")
+        except PackageNotFoundError:
+            ours = "unknown"
+        return {
+            "criud": ours,
+            "criu": {"version": self.criu.version, "path": self.criu.path},
+            "kernel": platform.release(),
+            "features": dict(self.criu.features),
+        }
+
+    def network_lock(self) -> str | None:
+        # iptables is often absent; nftables works where the kernel has it.
+        return "nftables" if self.criu.features.get("network_lock_nftables") else None
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def _visible(self, rec: CheckpointRecord, caller: Caller) -> bool:
+        return caller.is_root or rec.owner_uid == caller.uid
+
+    async def get_checkpoint(self, ref: str, caller: Caller) -> CheckpointRecord:
+        names.check_ref(ref)
+        rec = await self.store.run(self.store.get_checkpoint, ref)
+        if rec is None or not self._visible(rec, caller):
+            raise CheckpointNotFound(f"no checkpoint {ref!r}")
+        return rec
+
+    async def list_checkpoints(
+        self, caller: Caller, labels: dict[str, str] | None = None
+    ) -> list[CheckpointRecord]:
+        recs = await self.store.run(self.store.list_checkpoints)
+        out = [r for r in recs if self._visible(r, caller)]
+        if labels:
+            out = [r for r in out if all(r.labels.get(k) == v for k, v in labels.items())]
+        return out
+
+    async def checkpoint(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
+        """Dump the tree of spec.pid; return the done checkpoint or raise."""
+        return await self._operation(self._checkpoint(spec, caller))  # type: ignore[no-any-return]
+
+    async def _checkpoint(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
+        if spec.name is not None:
+            names.check_name(spec.name)
+        pid = spec.pid
+        # Pin the target now: a pidfd refers to this process, not to whoever
+        # reuses its pid later; the start time is checked again before criu.
+        try:
+            pidfd = procutil.pidfd_open(pid)
+        except ProcessLookupError:
+            raise ProcessNotFound(f"no process with pid {pid}", pid=pid) from None
+        try:
+            start = procutil.proc_start(pid)
+            if start is None:
+                raise ProcessNotFound(f"no process with pid {pid}", pid=pid)
+            if not caller.is_root:
+                await asyncio.to_thread(self._check_owns_tree, pid, caller)
+            if pid in self._busy_pids:
+                raise Busy(f"pid {pid} is being checkpointed already", pid=pid)
+            self._busy_pids.add(pid)
+            try:
+                return await self._dump(spec, caller, start)
+            finally:
+                self._busy_pids.discard(pid)
+        finally:
+            os.close(pidfd)
+
+    def _check_owns_tree(self, pid: int, caller: Caller) -> None:
+        for p in fdinfo.tree_pids(pid):
+            try:
+                with open(f"/proc/{p}/status", encoding="ascii") as f:
+                    for line in f:
+                        if line.startswith("Uid:"):
+                            real, eff = (int(x) for x in line.split()[1:3])
+                            if real != caller.uid or eff != caller.uid:
+                                raise PermissionDenied(
+                                    f"pid {p} in the tree of {pid} runs as uid {real}/{eff}, "
+                                    f"not {caller.uid}",
+                                    pid=p,
+                                )
+            except FileNotFoundError:
+                continue
+
+    async def _dump(self, spec: CheckpointSpec, caller: Caller, start: int) -> CheckpointRecord:
+        pid, opts = spec.pid, spec.options
+        ckpt_id = names.new_id()
+        rec = CheckpointRecord(
+            id=ckpt_id,
+            name=spec.name,
+            pid=pid,
+            state="dumping",
+            created_at=time.time(),
+            options=opts.as_dict(),
+            labels=dict(spec.labels),
+            owner_uid=caller.uid,
+            criu_version=self.criu.version,
+        )
+        try:
+            await self.store.run(self.store.insert_checkpoint, rec)
+        except NameConflict:
+            raise names_taken(spec.name) from None
+        tmp = self.settings.checkpoints_dir / f"{TMP_PREFIX}{ckpt_id}"
+        final = self.settings.checkpoints_dir / ckpt_id
+        finished = False
+        try:
+            # We generated ckpt_id; mkdir (not makedirs) never follows a link
+            # at the last component and fails if anything is already there.
+            os.mkdir(tmp, 0o700)
+            try:
+                tasks = await asyncio.to_thread(fdinfo.read_tree, pid)
+            except ProcessLookupError:
+                raise ProcessNotFound(f"pid {pid} exited", pid=pid) from None
+            manifest = mf.build(tasks, opts.external)
+            manifest["pids"] = sorted({tid for t in tasks for tid in [t.pid, *t.tids]})
+            if procutil.proc_start(pid) != start:
+                raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
+            argv = dump_argv(
+                pid,
+                tmp,
+                opts,
+                external_unix=tuple(mf.external_unix_inodes(manifest, opts.external)),
+                network_lock=self.network_lock(),
+            )
+            result = await self.criu.run(argv, tmp / DUMP_LOG)
+            if not result.ok:
+                await asyncio.to_thread(self._keep_log_only, tmp, final, DUMP_LOG)
+                err = self._criu_error(f"dump of pid {pid}", result, ckpt_id, "dump")
+                await self.store.run(
+                    self.store.update_checkpoint,
+                    ckpt_id,
+                    state="failed",
+                    name=None,
+                    finished_at=time.time(),
+                    manifest=manifest,
+                    error={"code": err.code, "detail": err.detail},
+                )
+                finished = True
+                raise err
+            stats = await asyncio.to_thread(self._read_stats, tmp / "stats-dump")
+            size = await asyncio.to_thread(_dir_size, tmp)
+            await asyncio.to_thread(os.rename, tmp, final)
+            await self.store.run(
+                self.store.update_checkpoint,
+                ckpt_id,
+                state="done",
+                finished_at=time.time(),
+                size_bytes=size,
+                stats=stats,
+                manifest=manifest,
+            )
+            finished = True
+            log.info("checkpoint %s of pid %d: %d bytes", ckpt_id, pid, size)
+        finally:
+            if not finished:
+                # Any other failure (or cancellation): throw the partial images
+                # away and say so in the record; never list it as done.
+                await asyncio.to_thread(shutil.rmtree, tmp, True)
+                with contextlib.suppress(Exception):
+                    await self.store.run(
+                        self.store.update_checkpoint,
+                        ckpt_id,
+                        state="failed",
+                        name=None,
+                        finished_at=time.time(),
+                    )
+        done = await self.store.run(self.store.get_checkpoint, ckpt_id)
+        assert done is not None
+        return done
+
+    @staticmethod
+    def _keep_log_only(tmp: Path, final: Path, log_name: str) -> None:
+        """After a failed dump: drop the partial images, keep criu's log."""
+        os.mkdir(final, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(tmp / log_name, final / log_name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _read_stats(path: Path) -> dict[str, int]:
+        try:
+            return images.read_stats(path)
+        except (OSError, images.ImageError) as e:
+            log.warning("cannot read %s: %s", path, e)
+            return {}
+
+    def _criu_error(self, what: str, result: CriuResult, ckpt_id: str, op: str) -> CriudError:
+        reason = result.first_error or f"criu exited {result.returncode} without an error line"
+        return CriuFailed(
+            f"{what} failed: criu exited {result.returncode}: {reason}",
+            criu_error=result.first_error,
+            exit_code=result.returncode,
+            log_tail=result.log_tail,
+            log_url=_log_url(ckpt_id, op),
+        )
+
+    async def delete_checkpoint(self, ref: str, caller: Caller) -> None:
+        rec = await self.get_checkpoint(ref, caller)
+        if rec.state == "dumping" or rec.id in self._busy_ckpts:
+            raise Busy(f"checkpoint {ref!r} is in use", checkpoint=rec.id)
+        self._busy_ckpts.add(rec.id)
+        try:
+            await asyncio.to_thread(shutil.rmtree, self.settings.checkpoints_dir / rec.id, True)
+            await self.store.run(self.store.delete_checkpoint, rec.id)
+        finally:
+            self._busy_ckpts.discard(rec.id)
+
+    async def checkpoint_log(self, ref: str, op: str, caller: Caller) -> str:
+        rec = await self.get_checkpoint(ref, caller)
+        if op not in ("dump", "restore"):
+            raise InvalidRequest("op must be dump or restore")
+        name = DUMP_LOG if op == "dump" else RESTORE_LOG
+        path = self.settings.checkpoints_dir / rec.id / name
+        try:
+            return await asyncio.to_thread(path.read_text, "utf-8", "replace")
+        except FileNotFoundError:
+            raise LogNotFound(f"checkpoint {ref!r} has no {op} log") from None
+
+    # -- restores -----------------------------------------------------------------
+
+    async def get_restore(self, restore_id: str, caller: Caller) -> RestoreRecord:
+        if not names.is_id(restore_id):
+            raise RestoreNotFound(f"no restore {restore_id!r}")
+        rec = await self.store.run(self.store.get_restore, restore_id)
+        if rec is None or not (caller.is_root or rec.owner_uid == caller.uid):
+            raise RestoreNotFound(f"no restore {restore_id!r}")
+        return rec
+
+    async def list_restores(self, caller: Caller) -> list[RestoreRecord]:
+        recs = await self.store.run(self.store.list_restores)
+        return [r for r in recs if caller.is_root or r.owner_uid == caller.uid]
+
+    async def signal_restore(self, restore_id: str, signo: int, caller: Caller) -> RestoreRecord:
+        rec = await self.get_restore(restore_id, caller)
+        if rec.state != "running" or rec.pid is None:
+            raise NotRunning(f"restore {restore_id} is {rec.state}")
+        try:
+            sig = signal.Signals(signo)
+        except ValueError:
+            raise InvalidRequest(f"unknown signal {signo}") from None
+        # Signal through a pidfd checked against the recorded start time, so
+        # a recycled pid is never hit.
+        try:
+            pidfd = procutil.pidfd_open(rec.pid)
+        except ProcessLookupError:
+            raise NotRunning(f"restore {restore_id} has exited") from None
+        try:
+            if procutil.proc_start(rec.pid) != rec.proc_start:
+                raise NotRunning(f"restore {restore_id} has exited")
+            signal.pidfd_send_signal(pidfd, sig)
+        finally:
+            os.close(pidfd)
+        return rec
+
+    def _exit_callback(self, restore_id: str) -> Any:
+        def on_exit(code: int | None, sig: int | None) -> None:
+            log.info("restore %s exited: code %s signal %s", restore_id, code, sig)
+            asyncio.get_running_loop().create_task(
+                self.store.run(
+                    self.store.update_restore,
+                    restore_id,
+                    state="exited",
+                    finished_at=time.time(),
+                    exit_code=code,
+                    exit_signal=sig,
+                )
+            )
+
+        return on_exit
+
+    async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
+        """Restore a checkpoint, handing in the mapped fds; return the running restore."""
+        return await self._operation(self._restore(spec, caller))  # type: ignore[no-any-return]
+
+    async def _restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
+        ckpt = await self.get_checkpoint(spec.checkpoint, caller)
+        if ckpt.state != "done":
+            raise CheckpointNotReady(f"checkpoint {spec.checkpoint!r} is {ckpt.state}")
+        if ckpt.id in self._busy_ckpts:
+            raise Busy(
+                f"checkpoint {spec.checkpoint!r} is being restored or deleted", checkpoint=ckpt.id
+            )
+        manifest = ckpt.manifest or {"tasks": [], "external": []}
+        resolved = mappings.resolve(spec.inherit, manifest)
+        self._busy_ckpts.add(ckpt.id)
+        leased: list[FdHandle] = []
+        opened = OwnedFds()
+        ok = False
+        try:
+            inherit: list[tuple[int, str]] = []
+            paths: list[tuple[str, str]] = []
+            for r in resolved:
+                s = r.spec
+                if s.path is not None:
+                    paths.append((s.path, s.mode or "r"))
+                    continue
+                assert s.handle is not None and s.index is not None
+                h = self.handles.get(s.handle, caller.uid)
+                if not 0 <= s.index < len(h.fds):
+                    raise BadFdHandle(
+                        f"fd handle {s.handle!r} has {len(h.fds)} fds; index {s.index} is out of range",
+                        handle=s.handle,
+                        reason="bad_index",
+                    )
+                if h not in leased:
+                    self.handles.lease(h)
+                    leased.append(h)
+                inherit.append((h.fd(s.index), r.key))
+            if paths:
+                fds = await asyncio.to_thread(self._open_paths, paths, caller)
+                opened = OwnedFds(fds)
+                path_keys = [r.key for r in resolved if r.spec.path is not None]
+                inherit.extend(zip(opened.fds, path_keys, strict=True))
+            rec = await self._run_restore(ckpt, inherit, caller)
+            ok = True
+            return rec
+        finally:
+            opened.close()
+            for h in leased:
+                self.handles.release(h, consumed=ok)
+            self._busy_ckpts.discard(ckpt.id)
+
+    def _open_paths(self, paths: Sequence[tuple[str, str]], caller: Caller) -> list[int]:
+        out: list[int] = []
+        try:
+            groups = caller.groups() if not caller.is_root else []
+            for path, mode in paths:
+                out.append(open_as(path, mode, caller.uid, caller.gid, groups))
+        except BaseException:
+            OwnedFds(out).close()
+            raise
+        return out
+
+    async def _wait_pids_free(self, pids: Sequence[int]) -> None:
+        """Wait (bounded) for the image's pids to be gone; PidInUse if they stay."""
+        deadline = time.monotonic() + self.settings.pid_wait_s
+        while True:
+            taken = [p for p in pids if procutil.pid_exists(p)]
+            if not taken:
+                return
+            # Zombies of the dumped tree go away once their parent (or PID 1,
+            # about once a second here) reaps them: worth waiting for.
+            if time.monotonic() >= deadline:
+                raise PidInUse(
+                    f"pids of the checkpoint are in use: {', '.join(map(str, taken))}",
+                    pids=taken,
+                )
+            self.reaper.sweep()
+            await asyncio.sleep(0.05)
+
+    async def _run_restore(
+        self, ckpt: CheckpointRecord, inherit: list[tuple[int, str]], caller: Caller
+    ) -> RestoreRecord:
+        images_dir = self.settings.checkpoints_dir / ckpt.id
+        try:
+            tree = await asyncio.to_thread(images.read_pstree, images_dir / "pstree.img")
+        except (OSError, images.ImageError) as e:
+            raise CheckpointNotReady(f"checkpoint {ckpt.id} has no readable pstree.img: {e}") from e
+        pids = sorted({p for t in tree for p in [t["pid"], *t["threads"]]})
+        await self._wait_pids_free(pids)
+
+        restore_id = names.new_id()
+        rec = RestoreRecord(
+            id=restore_id,
+            checkpoint_id=ckpt.id,
+            state="restoring",
+            started_at=time.time(),
+            owner_uid=caller.uid,
+        )
+        await self.store.run(self.store.insert_restore, rec)
+        pidfile = images_dir / PIDFILE
+        opts = DumpOptions.from_dict(ckpt.options)
+        argv = restore_argv(images_dir, opts, inherit, network_lock=self.network_lock())
+        stats_path = images_dir / "stats-restore"
+        for stale in (pidfile, stats_path, images_dir / RESTORE_LOG):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        registered = False
+        # Hold orphan sweeps from spawn until the restored root is watched:
+        # it is our child from the moment criu forks it.
+        with self.reaper.hold():
+            try:
+                result = await self.criu.run(
+                    argv, images_dir / RESTORE_LOG, pass_fds=[fd for fd, _ in inherit]
+                )
+                if not result.ok:
+                    err = self._criu_error(
+                        f"restore of checkpoint {ckpt.id}", result, ckpt.id, "restore"
+                    )
+                    await self.store.run(
+                        self.store.update_restore,
+                        restore_id,
+                        state="failed",
+                        finished_at=time.time(),
+                        error={"code": err.code, "detail": err.detail},
+                    )
+                    registered = True
+                    raise err
+                root = int((await asyncio.to_thread(pidfile.read_text)).strip())
+                pidfd = procutil.pidfd_open(root)
+                start = procutil.proc_start(root)
+                stats = await asyncio.to_thread(self._read_stats, stats_path)
+                await self.store.run(
+                    self.store.update_restore,
+                    restore_id,
+                    state="running",
+                    pid=root,
+                    proc_start=start,
+                    stats=stats,
+                )
+                self.reaper.watch(root, pidfd, self._exit_callback(restore_id))
+                registered = True
+            finally:
+                if not registered:
+                    with contextlib.suppress(Exception):
+                        await self.store.run(
+                            self.store.update_restore,
+                            restore_id,
+                            state="failed",
+                            finished_at=time.time(),
+                        )
+        out = await self.store.run(self.store.get_restore, restore_id)
+        assert out is not None
+        log.info("restore %s of checkpoint %s: pid %s", restore_id, ckpt.id, out.pid)
+        return out
+
+    # -- fd handles ---------------------------------------------------------------
+
+    def list_handles(self, caller: Caller) -> list[FdHandle]:
+        return self.handles.list(caller.uid)
+
+    def delete_handle(self, handle_id: str, caller: Caller) -> None:
+        self.handles.delete(handle_id, caller.uid)
+
+
+def names_taken(name: str | None) -> CriudError:
+    from criud.daemon.errors import NameTaken
+
+    return NameTaken(f"a checkpoint named {name!r} exists already", name=name)

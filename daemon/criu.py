@@ -1,0 +1,177 @@
+"""The one place that runs criu.
+
+Argument lists are built elsewhere by pure functions (criud.dump.argv,
+criud.restore.argv); this module spawns criu with them, with an explicit fd
+map and nothing else, waits without blocking the event loop, and turns the
+outcome into a CriuResult or a CriuUnavailable error.
+
+Every run passes ``--no-default-config`` (so /etc/criu/default.conf or a
+stray ~/.criu.conf never changes what we asked for) and its own log file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from criud.daemon.errors import CriuUnavailable
+
+FEATURES = ("mem_dirty_track", "uffd-noncoop", "pidfd_store", "network_lock_nftables", "timens")
+
+# Lines criu logs as "Error" on every run here that do not mean failure:
+# root lacks CAP_SYS_RESOURCE in this kind of VM.  Success is the exit status.
+_HARMLESS = (re.compile(r"RLIMIT_NOFILE"),)
+_ERROR_RE = re.compile(r"^\(\s*[\d.]+\)\s+(?:\d+:\s+)?Error \(([^)]*)\):\s*(.*)$")
+_VERSION_RE = re.compile(r"Version:\s*([0-9][0-9.]*)")
+
+
+@dataclasses.dataclass
+class CriuResult:
+    """What one criu run left behind."""
+
+    returncode: int
+    log_path: Path
+    first_error: str | None
+    log_tail: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def first_error(lines: Sequence[str]) -> str | None:
+    """Return criu's first meaningful error line (source location stripped)."""
+    for line in lines:
+        m = _ERROR_RE.match(line.rstrip("\n"))
+        if m is None:
+            continue
+        msg = m.group(2).strip()
+        if any(p.search(msg) for p in _HARMLESS):
+            continue
+        return msg
+    # Some failures print nothing in criu's format (exec errors, usage).
+    return None
+
+
+def read_log(path: Path, tail: int = 20) -> tuple[str | None, list[str]]:
+    """Return (first error, last `tail` lines) of a criu log."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return None, []
+    return first_error(lines), [ln.rstrip("\n") for ln in lines[-tail:]]
+
+
+def parse_version(text: str) -> str | None:
+    """Extract the version number from `criu --version` output."""
+    m = _VERSION_RE.search(text)
+    return m.group(1) if m else None
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """Turn '4.2.1' into (4, 2, 1) for comparisons."""
+    return tuple(int(p) for p in version.split(".") if p.isdigit())
+
+
+class Criu:
+    """Spawns criu.  One instance per daemon."""
+
+    def __init__(self, path: str) -> None:
+        resolved = shutil.which(path) if os.sep not in path else path
+        self.path = resolved or path
+        self.version: str | None = None
+        self.features: dict[str, bool] = {}
+        # Pids of criu processes we spawned and have not reaped yet: the
+        # orphan reaper must leave them to asyncio's child watcher.
+        self.running: set[int] = set()
+        # Entered around each spawn, until the pid is in `running`; the daemon
+        # points it at Reaper.hold so no sweep sees an unnamed child.
+        self.spawn_guard: Callable[[], contextlib.AbstractContextManager[object]] = (
+            contextlib.nullcontext
+        )
+
+    async def _capture(self, *args: str) -> tuple[int, str]:
+        with self.spawn_guard():
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    self.path,
+                    *args,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    close_fds=True,
+                )
+            except OSError as e:
+                raise CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}") from e
+            self.running.add(proc.pid)
+        try:
+            out, _ = await proc.communicate()
+        finally:
+            self.running.discard(proc.pid)
+        return proc.returncode or 0, out.decode("utf-8", "replace")
+
+    async def probe(self) -> None:
+        """Learn criu's version and features; raise CriuUnavailable if it cannot work."""
+        rc, out = await self._capture("--version")
+        if rc != 0:
+            raise CriuUnavailable(f"`{self.path} --version` exited {rc}: {out.strip()[:200]}")
+        self.version = parse_version(out)
+        rc, out = await self._capture("check", "--no-default-config")
+        if rc != 0:
+            tail = " | ".join(out.strip().splitlines()[-3:])
+            raise CriuUnavailable(f"`{self.path} check` failed (exit {rc}): {tail}")
+        results = await asyncio.gather(
+            *(self._capture("check", "--no-default-config", "--feature", f) for f in FEATURES)
+        )
+        self.features = {f: rc == 0 for f, (rc, _) in zip(FEATURES, results, strict=True)}
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        log_path: Path,
+        pass_fds: Sequence[int] = (),
+    ) -> CriuResult:
+        """Run `criu *argv`, logging to log_path, handing over exactly pass_fds.
+
+        The child's stdin is /dev/null and its stdout/stderr go to the same log
+        criu writes with -o, so nothing criu prints is lost.  close_fds=True
+        closes everything else: the daemon's sockets, SQLite and other
+        handles' fds never reach criu or the tree it restores.
+        """
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        with self.spawn_guard():
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    self.path,
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=log_fd,
+                    pass_fds=tuple(pass_fds),
+                    close_fds=True,
+                )
+            except OSError as e:
+                raise CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}") from e
+            finally:
+                os.close(log_fd)
+            self.running.add(proc.pid)
+        try:
+            rc = await proc.wait()
+        except asyncio.CancelledError:
+            # The caller gave up (shutdown, client gone): never leave a criu
+            # behind.  A killed dump leaves its target running (measured).
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+            raise
+        finally:
+            self.running.discard(proc.pid)
+        err, tail = await asyncio.to_thread(read_log, log_path)
+        return CriuResult(returncode=rc, log_path=log_path, first_error=err, log_tail=tail)

@@ -1,0 +1,171 @@
+"""The one error hierarchy of criud.
+
+Core code raises these; ``criud.api.problems`` renders them as RFC 9457
+``application/problem+json``.  Each class carries the HTTP status and a stable
+machine-readable ``code``; engines match on ``code``, people read ``detail``.
+Nothing here imports FastAPI, so dump/restore code stays usable without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class CriudError(Exception):
+    """Root of every error criud reports to a caller."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        # Extra members of the problem document (RFC 9457 allows extensions).
+        self.extra: dict[str, Any] = extra
+
+
+# -- 400 / 422: the request itself is wrong -----------------------------------
+
+
+class InvalidRequest(CriudError):
+    status = 422
+    code = "invalid_request"
+    title = "Invalid request"
+
+
+class InvalidName(CriudError):
+    status = 422
+    code = "invalid_name"
+    title = "Invalid name"
+
+
+class UnknownInheritKey(CriudError):
+    status = 422
+    code = "unknown_inherit_key"
+    title = "Inherit key not in the checkpoint"
+
+
+class MissingInheritFd(CriudError):
+    status = 422
+    code = "missing_inherit_fd"
+    title = "External resource without a replacement"
+
+
+class DuplicateInheritKey(CriudError):
+    status = 422
+    code = "duplicate_inherit_key"
+    title = "Inherit key given twice"
+
+
+class BadFdHandle(CriudError):
+    status = 422
+    code = "bad_fd_handle"
+    title = "Unusable fd handle"
+
+
+class InheritPathError(CriudError):
+    status = 422
+    code = "inherit_path_failed"
+    title = "Cannot open the inherit path"
+
+
+# -- 403 / 404 -----------------------------------------------------------------
+
+
+class PermissionDenied(CriudError):
+    status = 403
+    code = "permission_denied"
+    title = "Permission denied"
+
+
+class ProcessNotFound(CriudError):
+    status = 404
+    code = "process_not_found"
+    title = "No such process"
+
+
+class CheckpointNotFound(CriudError):
+    status = 404
+    code = "checkpoint_not_found"
+    title = "No such checkpoint"
+
+
+class RestoreNotFound(CriudError):
+    status = 404
+    code = "restore_not_found"
+    title = "No such restore"
+
+
+class FdHandleNotFound(CriudError):
+    status = 404
+    code = "fd_handle_not_found"
+    title = "No such fd handle"
+
+
+class LogNotFound(CriudError):
+    status = 404
+    code = "log_not_found"
+    title = "No such log"
+
+
+# -- 409: the request conflicts with the state of things -----------------------
+
+
+class NameTaken(CriudError):
+    status = 409
+    code = "name_taken"
+    title = "Name already in use"
+
+
+class Busy(CriudError):
+    status = 409
+    code = "busy"
+    title = "Another operation is in progress"
+
+
+class CheckpointNotReady(CriudError):
+    status = 409
+    code = "checkpoint_not_ready"
+    title = "Checkpoint is not complete"
+
+
+class PidInUse(CriudError):
+    status = 409
+    code = "pid_in_use"
+    title = "The checkpoint's pids are taken"
+
+
+class NotRunning(CriudError):
+    status = 409
+    code = "not_running"
+    title = "The restored process is not running"
+
+
+# -- 5xx: criu or the host ------------------------------------------------------
+
+
+class CriuUnavailable(CriudError):
+    """criu cannot be run at all (missing binary, exec failure)."""
+
+    status = 503
+    code = "criu_unavailable"
+    title = "criu is unavailable"
+
+
+class CriuFailed(CriudError):
+    """criu ran and refused: carries its first error line and the log's tail.
+
+    A 422 rather than a 500: the daemon did its job, the target (or the
+    options the caller chose for it) is what criu could not handle.
+    """
+
+    status = 422
+    code = "criu_failed"
+    title = "criu failed"
+
+
+class ShuttingDown(CriudError):
+    status = 503
+    code = "shutting_down"
+    title = "The daemon is shutting down"

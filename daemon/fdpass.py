@@ -1,0 +1,170 @@
+"""Receiving file descriptors over a unix socket (SCM_RIGHTS), safely.
+
+CPython's socket.recv_fds ignores its flags argument, so the fds it returns
+are inheritable, and it never reports MSG_CTRUNC.  We call recvmsg ourselves
+with MSG_CMSG_CLOEXEC and check every flag.  Whatever happens, every fd the
+kernel installed in our table is either handed to an OwnedFds or closed.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+MAX_FDS = 64
+MAX_PAYLOAD = 64 * 1024
+# Room for more than MAX_FDS so an over-long message is seen whole and refused
+# as too_many_fds rather than silently truncated; anything beyond that still
+# sets MSG_CTRUNC, which we refuse too.
+_ANC_FDS = 2 * MAX_FDS
+_ANC_SPACE = socket.CMSG_SPACE(_ANC_FDS * 4)
+_UCRED = struct.Struct("3i")
+
+
+class FdPassError(Exception):
+    """A message on the fd socket was refused; code is stable, message is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class OwnedFds:
+    """A list of fds that this object closes exactly once, on every path."""
+
+    def __init__(self, fds: Sequence[int] = ()) -> None:
+        self._fds: list[int] = list(fds)
+        self.closed = False
+
+    @property
+    def fds(self) -> list[int]:
+        return list(self._fds)
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+
+    def __enter__(self) -> OwnedFds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def peer_creds(sock: socket.socket) -> tuple[int, int, int]:
+    """Return (pid, uid, gid) of the peer of a connected unix socket."""
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return pid, uid, gid
+
+
+def _collect_fds(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], list[int]]:
+    """Split ancillary data into (received fds, unexpected cmsg types)."""
+    fds: list[int] = []
+    others: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+        else:
+            others.append(kind)
+    return fds, others
+
+
+def recv_message(sock: socket.socket) -> tuple[bytes, OwnedFds]:
+    """Receive one message with its fds; raise FdPassError (fds closed) if it is refused.
+
+    sock must be readable (the caller waits); SOCK_SEQPACKET keeps message
+    boundaries, so one recvmsg is one client message.
+    """
+    try:
+        data, ancdata, flags, _ = sock.recvmsg(
+            MAX_PAYLOAD + 1, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+        )
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        raise FdPassError("recv_failed", f"recvmsg failed: {e.strerror}") from e
+    fds, others = _collect_fds(ancdata)
+    owned = OwnedFds(fds)
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise FdPassError(
+                "truncated", "ancillary data was truncated: too many fds in one message"
+            )
+        if flags & socket.MSG_TRUNC or len(data) > MAX_PAYLOAD:
+            raise FdPassError("payload_too_large", f"payload larger than {MAX_PAYLOAD} bytes")
+        if others:
+            raise FdPassError(
+                "bad_ancillary", f"only SCM_RIGHTS is accepted, got cmsg types {others}"
+            )
+        if not fds:
+            if not data:
+                raise FdPassError("empty", "empty message (connection closed?)")
+            raise FdPassError("no_fds", "the message carries no fds (send 1 to 64 with SCM_RIGHTS)")
+        if len(fds) > MAX_FDS:
+            raise FdPassError("too_many_fds", f"{len(fds)} fds sent; at most {MAX_FDS} per handle")
+    except FdPassError:
+        owned.close()
+        raise
+    return data, owned
+
+
+def parse_payload(data: bytes, count: int, max_ttl: float) -> tuple[float | None, list[str] | None]:
+    """Validate the JSON payload of an fd message: optional ttl_s and names."""
+    if not data.strip():
+        return None, None
+    try:
+        doc: Any = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FdPassError("bad_payload", f"payload is not JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise FdPassError("bad_payload", "payload must be a JSON object")
+    unknown = set(doc) - {"ttl_s", "names"}
+    if unknown:
+        raise FdPassError("bad_payload", f"unknown payload keys: {sorted(unknown)}")
+    ttl = doc.get("ttl_s")
+    if ttl is not None and (
+        isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= max_ttl
+    ):
+        raise FdPassError("bad_payload", f"ttl_s must be a number in (0, {max_ttl:g}]")
+    names = doc.get("names")
+    if names is not None:
+        if not isinstance(names, list) or not all(
+            isinstance(n, str) and 0 < len(n) <= 256 for n in names
+        ):
+            raise FdPassError("bad_payload", "names must be a list of non-empty strings")
+        if len(names) != count:
+            raise FdPassError("bad_payload", f"{len(names)} names for {count} fds")
+    return (float(ttl) if ttl is not None else None), names
+
+
+def send_fds(sock: socket.socket, payload: bytes, fds: Sequence[int]) -> None:
+    """Send one message with fds (the client side)."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sock.sendmsg([payload], anc)
+
+
+@contextlib.contextmanager
+def cloexec_guard(fds: Sequence[int]) -> Iterator[None]:
+    """Assert (debug aid) that fds are close-on-exec while inside."""
+    for fd in fds:
+        assert not os.get_inheritable(fd), fd
+    yield

@@ -1,0 +1,108 @@
+"""The fd socket: clients hand fds to the daemon with SCM_RIGHTS.
+
+Protocol (SOCK_SEQPACKET, one exchange per connection):
+  client -> daemon: one message, a JSON object {"ttl_s"?, "names"?} as payload
+                    and 1 to 64 fds as SCM_RIGHTS ancillary data;
+  daemon -> client: {"handle": "...", "count": N, "expires_in_s": T}
+                    or {"error": {"code": "...", "message": "..."}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+
+from criud.daemon.fdpass import FdPassError, parse_payload, peer_creds, recv_message
+from criud.daemon.handles import HandleStore
+
+log = logging.getLogger("criud.fdsock")
+
+# A client that connects and sends nothing is dropped after this long.
+RECV_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 256
+
+
+class FdSocketServer:
+    """Accepts connections on a bound SOCK_SEQPACKET socket and fills a HandleStore."""
+
+    def __init__(
+        self, sock: socket.socket, handles: HandleStore, default_ttl: float, max_ttl: float
+    ) -> None:
+        self._sock = sock
+        self._handles = handles
+        self._default_ttl = default_ttl
+        self._max_ttl = max_ttl
+        self._task: asyncio.Task[None] | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._sock.setblocking(False)
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for t in list(self._conns):
+            t.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as e:
+                log.warning("fd socket accept failed: %s", e)
+                await asyncio.sleep(0.05)
+                continue
+            if len(self._conns) >= MAX_CONNECTIONS:
+                conn.close()
+                continue
+            t = loop.create_task(self._serve(conn))
+            self._conns.add(t)
+            t.add_done_callback(self._conns.discard)
+
+    async def _wait_readable(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(conn.fileno(), ready)
+        try:
+            await asyncio.wait_for(fut, RECV_TIMEOUT_S)
+        finally:
+            loop.remove_reader(conn.fileno())
+
+    async def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.setblocking(False)
+            try:
+                pid, uid, _gid = peer_creds(conn)
+                await self._wait_readable(conn)
+                try:
+                    data, owned = recv_message(conn)
+                except BlockingIOError:
+                    return
+                try:
+                    ttl, names = parse_payload(data, len(owned), self._max_ttl)
+                except FdPassError:
+                    owned.close()
+                    raise
+                ttl = ttl or self._default_ttl
+                h = self._handles.add(uid, pid, owned, names, ttl)
+                reply = {"handle": h.id, "count": len(h.fds), "expires_in_s": ttl}
+                log.info("fd handle %s: %d fds from uid %d pid %d", h.id, len(h.fds), uid, pid)
+            except FdPassError as e:
+                reply = {"error": {"code": e.code, "message": e.message}}
+            except TimeoutError:
+                reply = {"error": {"code": "timeout", "message": "no message received in time"}}
+            with contextlib.suppress(OSError):
+                conn.send(json.dumps(reply).encode())

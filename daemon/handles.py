@@ -1,0 +1,164 @@
+"""fd handles: fds a client handed over the fd socket, waiting for a restore.
+
+A handle belongs to the uid that sent it (SO_PEERCRED); only that uid or
+root may use it.  It expires after its ttl and its fds are closed then.  A
+successful restore consumes it; after a failed one it stays usable.
+
+All methods run on the event loop thread; no locking is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import os
+import secrets
+import time
+
+from criud.daemon.errors import BadFdHandle, FdHandleNotFound, PermissionDenied
+from criud.daemon.fdpass import OwnedFds
+from criud.dump import fds as fdinfo
+
+# How many ended handles we remember, to tell "expired" from "never existed".
+_TOMBSTONES = 4096
+
+
+@dataclasses.dataclass
+class HandleFd:
+    """One fd inside a handle, described once when it arrives."""
+
+    index: int
+    type: str
+    inode: int | None
+    key: str
+    mode: str
+    name: str | None
+
+
+@dataclasses.dataclass
+class FdHandle:
+    """fds received in one message on the fd socket."""
+
+    id: str
+    owner_uid: int
+    owner_pid: int
+    owned: OwnedFds
+    fds: list[HandleFd]
+    created_at: float
+    expires_at: float
+    # Restores currently using the fds; expiry waits for them to finish.
+    leases: int = 0
+    expired: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    def fd(self, index: int) -> int:
+        return self.owned.fds[index]
+
+
+def describe(fd: int, index: int, name: str | None) -> HandleFd:
+    """Describe one of our own fds: type, inode, key, mode."""
+    info = fdinfo.classify(os.getpid(), fd, {}, {})
+    if info is None:
+        return HandleFd(index=index, type="other", inode=None, key="?", mode="?", name=name)
+    return HandleFd(
+        index=index, type=info.type, inode=info.inode, key=info.key, mode=info.mode, name=name
+    )
+
+
+class HandleStore:
+    """The live fd handles of the daemon."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, FdHandle] = {}
+        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def add(
+        self, owner_uid: int, owner_pid: int, owned: OwnedFds, names: list[str] | None, ttl: float
+    ) -> FdHandle:
+        """Take ownership of owned and return the new handle."""
+        now = time.time()
+        fds = [describe(fd, i, names[i] if names else None) for i, fd in enumerate(owned.fds)]
+        h = FdHandle(
+            id=secrets.token_hex(16),
+            owner_uid=owner_uid,
+            owner_pid=owner_pid,
+            owned=owned,
+            fds=fds,
+            created_at=now,
+            expires_at=now + ttl,
+        )
+        self._handles[h.id] = h
+        h.timer = asyncio.get_running_loop().call_later(ttl, self._expire, h.id)
+        return h
+
+    def list(self, uid: int) -> list[FdHandle]:
+        """Handles visible to uid (root sees all)."""
+        return [h for h in self._handles.values() if uid == 0 or h.owner_uid == uid]
+
+    def _end(self, handle_id: str, why: str) -> None:
+        h = self._handles.pop(handle_id, None)
+        if h is None:
+            return
+        if h.timer is not None:
+            h.timer.cancel()
+        h.owned.close()
+        self._ended[handle_id] = why
+        while len(self._ended) > _TOMBSTONES:
+            self._ended.popitem(last=False)
+
+    def _expire(self, handle_id: str) -> None:
+        h = self._handles.get(handle_id)
+        if h is None:
+            return
+        if h.leases:
+            # A restore is using the fds right now: close when it releases.
+            h.expired = True
+            return
+        self._end(handle_id, "expired")
+
+    def get(self, handle_id: str, uid: int) -> FdHandle:
+        """Return a usable handle for uid, or raise a 4xx naming what is wrong."""
+        h = self._handles.get(handle_id)
+        if h is None or h.expired:
+            why = "expired" if h is not None else self._ended.get(handle_id, "unknown")
+            raise BadFdHandle(f"fd handle {handle_id!r} is {why}", handle=handle_id, reason=why)
+        if uid != 0 and h.owner_uid != uid:
+            raise BadFdHandle(
+                f"fd handle {handle_id!r} belongs to another uid",
+                handle=handle_id,
+                reason="other_uid",
+            )
+        return h
+
+    def lease(self, h: FdHandle) -> None:
+        """Mark h as in use by a restore: expiry waits until release."""
+        h.leases += 1
+
+    def release(self, h: FdHandle, consumed: bool) -> None:
+        """End a restore's use of h; consume it if that restore succeeded."""
+        h.leases -= 1
+        if consumed:
+            self._end(h.id, "consumed")
+        elif h.expired and not h.leases:
+            self._end(h.id, "expired")
+
+    def delete(self, handle_id: str, uid: int) -> None:
+        """Close a handle's fds now (DELETE /v1/fd-handles/{id})."""
+        h = self._handles.get(handle_id)
+        if h is None:
+            raise FdHandleNotFound(f"no fd handle {handle_id!r}")
+        if uid != 0 and h.owner_uid != uid:
+            raise PermissionDenied(f"fd handle {handle_id!r} belongs to another uid")
+        if h.leases:
+            h.expired = True
+            return
+        self._end(handle_id, "deleted")
+
+    def close_all(self) -> None:
+        """Close every handle (shutdown)."""
+        for hid in list(self._handles):
+            self._end(hid, "closed")

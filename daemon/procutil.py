@@ -1,0 +1,68 @@
+"""Small /proc helpers: start times, pidfds, subreaping."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def set_child_subreaper() -> None:
+    """Make orphaned descendants (and restored roots) our children, so we reap them."""
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the comm field (field 3 is index 0)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        data = f.read()
+    return data[data.rindex(")") + 2 :].split()
+
+
+def proc_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot, or None if it is gone."""
+    try:
+        return int(stat_fields(pid)[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_state(pid: int) -> str | None:
+    """The one-letter state (R, S, Z, ...) of pid, or None if it is gone."""
+    try:
+        return stat_fields(pid)[0]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether /proc knows pid (as a process or a thread)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
+def pidfd_open(pid: int) -> int:
+    """Open a pidfd for pid; raise ProcessLookupError if it is gone."""
+    # Python's os.pidfd_open already returns an O_CLOEXEC descriptor.
+    return os.pidfd_open(pid)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of pid, across all its threads."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                out.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return out

@@ -1,0 +1,284 @@
+"""Persistent metadata: SQLite (stdlib, WAL) in the state dir.
+
+The store is synchronous and deliberately small.  The daemon calls it through
+one dedicated thread (see ``Store.run``) so SQLite never blocks the event loop
+and never sees two threads at once.
+
+State transitions of checkpoints and restores live here, in one place, and
+are checked: an illegal transition is a bug and raises AssertionError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Checkpoint states: dumping -> done | failed | interrupted.
+CHECKPOINT_TRANSITIONS: dict[str, set[str]] = {
+    "dumping": {"done", "failed", "interrupted"},
+    "done": set(),
+    "failed": set(),
+    "interrupted": set(),
+}
+# Restore states: restoring -> running | failed | interrupted; running -> exited.
+RESTORE_TRANSITIONS: dict[str, set[str]] = {
+    "restoring": {"running", "failed", "interrupted"},
+    "running": {"exited"},
+    "exited": set(),
+    "failed": set(),
+    "interrupted": set(),
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id TEXT PRIMARY KEY,
+    name TEXT,
+    pid INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    size_bytes INTEGER,
+    options TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    criu_version TEXT,
+    stats TEXT,
+    manifest TEXT,
+    error TEXT,
+    owner_uid INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS checkpoints_name ON checkpoints(name) WHERE name IS NOT NULL;
+CREATE TABLE IF NOT EXISTS restores (
+    id TEXT PRIMARY KEY,
+    checkpoint_id TEXT NOT NULL,
+    pid INTEGER,
+    state TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    exit_code INTEGER,
+    exit_signal INTEGER,
+    stats TEXT,
+    error TEXT,
+    owner_uid INTEGER NOT NULL,
+    proc_start INTEGER
+);
+"""
+
+
+class NameConflict(Exception):
+    """The unique name index refused an insert."""
+
+
+@dataclasses.dataclass
+class CheckpointRecord:
+    id: str
+    name: str | None
+    pid: int
+    state: str
+    created_at: float
+    options: dict[str, Any]
+    labels: dict[str, str]
+    owner_uid: int
+    finished_at: float | None = None
+    size_bytes: int | None = None
+    criu_version: str | None = None
+    stats: dict[str, Any] | None = None
+    manifest: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass
+class RestoreRecord:
+    id: str
+    checkpoint_id: str
+    state: str
+    started_at: float
+    owner_uid: int
+    pid: int | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    stats: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    proc_start: int | None = None
+
+
+_JSON_FIELDS = {"options", "labels", "stats", "manifest", "error"}
+
+
+def _dump(field: str, value: Any) -> Any:
+    if field in _JSON_FIELDS and value is not None:
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _load(row: sqlite3.Row) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in row.keys():  # noqa: SIM118 - sqlite3.Row has no __iter__ of keys
+        value = row[key]
+        out[key] = json.loads(value) if key in _JSON_FIELDS and value is not None else value
+    return out
+
+
+class Store:
+    """SQLite-backed records of checkpoints and restores."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        # One thread owns the connection; every call goes through it.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="criud-db"
+        )
+        self._db: sqlite3.Connection | None = None
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (creating if needed) the database; call before anything else."""
+        self._pool.submit(self._open).result()
+
+    def _open(self) -> None:
+        # sqlite3 opens its files without O_CLOEXEC; Python never passes them
+        # to children (subprocess uses close_fds=True), and restores get an
+        # explicit fd map, so nothing of SQLite reaches criu.
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    def close(self) -> None:
+        """Close the database and stop its thread."""
+
+        def _close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        self._pool.submit(_close).result()
+        self._pool.shutdown(wait=True)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a store method on the store's thread, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        assert self._db is not None, "store not open"
+        return self._db
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def insert_checkpoint(self, rec: CheckpointRecord) -> None:
+        """Insert a new checkpoint record; NameConflict if its name is taken."""
+        fields = dataclasses.asdict(rec)
+        cols = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        try:
+            self.db.execute(
+                f"INSERT INTO checkpoints ({cols}) VALUES ({marks})",
+                [_dump(k, v) for k, v in fields.items()],
+            )
+        except sqlite3.IntegrityError as e:
+            raise NameConflict(str(e)) from e
+
+    def update_checkpoint(self, ckpt_id: str, **changes: Any) -> None:
+        """Change fields of a checkpoint; a state change must be a legal one."""
+        if "state" in changes:
+            row = self.db.execute("SELECT state FROM checkpoints WHERE id=?", (ckpt_id,)).fetchone()
+            assert row is not None, ckpt_id
+            old, new = row["state"], changes["state"]
+            assert new in CHECKPOINT_TRANSITIONS[old], f"checkpoint {ckpt_id}: {old} -> {new}"
+        sets = ", ".join(f"{k}=?" for k in changes)
+        self.db.execute(
+            f"UPDATE checkpoints SET {sets} WHERE id=?",
+            [*(_dump(k, v) for k, v in changes.items()), ckpt_id],
+        )
+
+    def get_checkpoint(self, ref: str) -> CheckpointRecord | None:
+        """Look a checkpoint up by id, then by name."""
+        row = self.db.execute(
+            "SELECT * FROM checkpoints WHERE id=? UNION ALL "
+            "SELECT * FROM checkpoints WHERE name=? LIMIT 1",
+            (ref, ref),
+        ).fetchone()
+        return CheckpointRecord(**_load(row)) if row is not None else None
+
+    def list_checkpoints(self) -> list[CheckpointRecord]:
+        """Every checkpoint record, oldest first."""
+        rows = self.db.execute("SELECT * FROM checkpoints ORDER BY created_at").fetchall()
+        return [CheckpointRecord(**_load(r)) for r in rows]
+
+    def delete_checkpoint(self, ckpt_id: str) -> None:
+        """Forget a checkpoint record."""
+        self.db.execute("DELETE FROM checkpoints WHERE id=?", (ckpt_id,))
+
+    def interrupt_unfinished(self) -> tuple[list[str], list[str]]:
+        """Mark operations a previous daemon left half-done as interrupted."""
+        now = time.time()
+        ck = [r["id"] for r in self.db.execute("SELECT id FROM checkpoints WHERE state='dumping'")]
+        rs = [r["id"] for r in self.db.execute("SELECT id FROM restores WHERE state='restoring'")]
+        self.db.execute(
+            "UPDATE checkpoints SET state='interrupted', name=NULL, finished_at=? "
+            "WHERE state='dumping'",
+            (now,),
+        )
+        self.db.execute(
+            "UPDATE restores SET state='interrupted', finished_at=? WHERE state='restoring'",
+            (now,),
+        )
+        return ck, rs
+
+    # -- restores ---------------------------------------------------------------
+
+    def insert_restore(self, rec: RestoreRecord) -> None:
+        """Insert a new restore record."""
+        fields = dataclasses.asdict(rec)
+        cols = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        self.db.execute(
+            f"INSERT INTO restores ({cols}) VALUES ({marks})",
+            [_dump(k, v) for k, v in fields.items()],
+        )
+
+    def update_restore(self, restore_id: str, **changes: Any) -> None:
+        """Change fields of a restore; a state change must be a legal one."""
+        if "state" in changes:
+            row = self.db.execute("SELECT state FROM restores WHERE id=?", (restore_id,)).fetchone()
+            assert row is not None, restore_id
+            old, new = row["state"], changes["state"]
+            assert new in RESTORE_TRANSITIONS[old], f"restore {restore_id}: {old} -> {new}"
+        sets = ", ".join(f"{k}=?" for k in changes)
+        self.db.execute(
+            f"UPDATE restores SET {sets} WHERE id=?",
+            [*(_dump(k, v) for k, v in changes.items()), restore_id],
+        )
+
+    def get_restore(self, restore_id: str) -> RestoreRecord | None:
+        """Look a restore up by id."""
+        row = self.db.execute("SELECT * FROM restores WHERE id=?", (restore_id,)).fetchone()
+        return RestoreRecord(**_load(row)) if row is not None else None
+
+    def list_restores(self, state: str | None = None) -> list[RestoreRecord]:
+        """Every restore record (optionally of one state), oldest first."""
+        if state is None:
+            rows = self.db.execute("SELECT * FROM restores ORDER BY started_at").fetchall()
+        else:
+            rows = self.db.execute(
+                "SELECT * FROM restores WHERE state=? ORDER BY started_at", (state,)
+            ).fetchall()
+        return [RestoreRecord(**_load(r)) for r in rows]

@@ -1,0 +1,51 @@
+"""Pure builders of `criu dump` argument lists (testable without root)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from criud.dump.options import DumpOptions
+
+DUMP_LOG = "dump.log"
+
+
+def dump_argv(
+    pid: int,
+    images_dir: Path,
+    opts: DumpOptions,
+    *,
+    external_unix: tuple[int, ...] = (),
+    network_lock: str | None = None,
+) -> list[str]:
+    """Return the argv (without the criu binary) that dumps the tree of pid.
+
+    external_unix holds inodes of unix sockets whose peer lives outside the
+    tree and which the caller declared external: criu dumps them as such and
+    the restore must hand in a replacement.
+    """
+    argv = [
+        "dump",
+        "--no-default-config",
+        "-t",
+        str(pid),
+        "-D",
+        str(images_dir),
+        "-o",
+        DUMP_LOG,
+        "-v4",
+    ]
+    if opts.leave_running:
+        argv.append("--leave-running")
+    if opts.shell_job:
+        argv.append("--shell-job")
+    if opts.tcp_established:
+        argv.append("--tcp-established")
+    if opts.ext_unix_sk:
+        argv.append("--ext-unix-sk")
+    if opts.file_locks:
+        argv.append("--file-locks")
+    if network_lock and opts.tcp_established:
+        argv += ["--network-lock", network_lock]
+    for ino in external_unix:
+        argv += ["--external", f"unix[{ino}]"]
+    return argv

@@ -1,0 +1,73 @@
+"""The dump-time manifest: what each task held, and which of it is external.
+
+Recorded before criu runs (the /proc walk needs the tree alive) and stored
+with the checkpoint.  At restore it is the reference every inherit mapping is
+checked against, because criu silently ignores a key that matches nothing and
+never says which external resources a restore needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from criud.daemon.errors import InvalidRequest
+from criud.dump.fds import TaskInfo
+
+
+def build(tasks: Sequence[TaskInfo], declared_external: Iterable[str]) -> dict[str, Any]:
+    """Build the manifest; raise InvalidRequest for a declared key the tree does not hold."""
+    declared = list(dict.fromkeys(declared_external))
+    held = {f.key for t in tasks for f in t.fds}
+    unknown = [k for k in declared if k not in held]
+    if unknown:
+        raise InvalidRequest(
+            f"external keys not held by the tree: {', '.join(unknown)}",
+            keys=unknown,
+        )
+    declared_set = set(declared)
+    external: list[str] = []
+    for t in tasks:
+        for f in t.fds:
+            if f.key in declared_set:
+                f.external = True
+            if f.external and f.key not in external:
+                external.append(f.key)
+    return {
+        "tasks": [
+            {"pid": t.pid, "ppid": t.ppid, "tids": t.tids, "fds": [f.as_dict() for f in t.fds]}
+            for t in tasks
+        ],
+        "external": external,
+    }
+
+
+def external_unix_inodes(manifest: dict[str, Any], declared: Iterable[str]) -> list[int]:
+    """Inodes of unix sockets the caller declared external (for --external unix[ino])."""
+    declared_set = set(declared)
+    out: list[int] = []
+    for t in manifest["tasks"]:
+        for f in t["fds"]:
+            if f["type"] == "unix" and f["key"] in declared_set and f["inode"] not in out:
+                out.append(f["inode"])
+    return out
+
+
+def all_keys(manifest: dict[str, Any]) -> set[str]:
+    """Every key some task held."""
+    return {f["key"] for t in manifest["tasks"] for f in t["fds"]}
+
+
+def key_of(manifest: dict[str, Any], pid: int, fd: int) -> str | None:
+    """The key that fd of pid held at dump time."""
+    for t in manifest["tasks"]:
+        if t["pid"] == pid:
+            for f in t["fds"]:
+                if f["fd"] == fd:
+                    return str(f["key"])
+    return None
+
+
+def flat_fds(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """All fds of all tasks, each with its pid, for the API."""
+    return [{"pid": t["pid"], **f} for t in manifest["tasks"] for f in t["fds"]]

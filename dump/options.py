@@ -1,0 +1,30 @@
+"""Dump options as the core sees them (a plain dataclass, not the API model)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class DumpOptions:
+    """Which criu options a checkpoint was taken with."""
+
+    leave_running: bool = False
+    shell_job: bool = False
+    tcp_established: bool = False
+    ext_unix_sk: bool = False
+    file_locks: bool = False
+    # Keys (as in the manifest) the caller declares external.
+    external: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        d = dataclasses.asdict(self)
+        d["external"] = list(self.external)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> DumpOptions:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["external"] = tuple(kw.get("external") or ())  # type: ignore[arg-type]
+        return cls(**kw)  # type: ignore[arg-type]

@@ -1,0 +1,53 @@
+"""Pure builders of `criu restore` argument lists (testable without root)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from criud.dump.options import DumpOptions
+
+RESTORE_LOG = "restore.log"
+PIDFILE = "restore.pid"
+
+
+def restore_argv(
+    images_dir: Path,
+    opts: DumpOptions,
+    inherit: Sequence[tuple[int, str]] = (),
+    *,
+    network_lock: str | None = None,
+) -> list[str]:
+    """Return the argv (without the criu binary) that restores images_dir.
+
+    inherit pairs the fd number *in the worker* with the CRIU key it replaces.
+    The tree is restored detached (-d) as a sibling of criu, so its root
+    becomes a child of the daemon, which is a subreaper and reaps it.
+    """
+    argv = [
+        "restore",
+        "--no-default-config",
+        "-d",
+        "--restore-sibling",
+        "-D",
+        str(images_dir),
+        "-o",
+        RESTORE_LOG,
+        "-v4",
+        "--pidfile",
+        str(images_dir / PIDFILE),
+    ]
+    # Options that shaped the dump must be repeated at restore.
+    if opts.shell_job:
+        argv.append("--shell-job")
+    if opts.tcp_established:
+        argv.append("--tcp-established")
+        if network_lock:
+            argv += ["--network-lock", network_lock]
+    if opts.ext_unix_sk:
+        argv.append("--ext-unix-sk")
+    if opts.file_locks:
+        argv.append("--file-locks")
+    for fd, key in inherit:
+        argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+    return argv
