@@ -125,6 +125,7 @@ class Core:
         self._busy_pids: set[int] = set()
         self._busy_ckpts: set[str] = set()
         self._ops: set[asyncio.Task[Any]] = set()
+        self._bg: set[asyncio.Task[Any]] = set()
         self.accepting = True
 
     # -- lifecycle ----------------------------------------------------------------
@@ -454,7 +455,7 @@ class Core:
     def _exit_callback(self, restore_id: str) -> Any:
         def on_exit(code: int | None, sig: int | None) -> None:
             log.info("restore %s exited: code %s signal %s", restore_id, code, sig)
-            asyncio.get_running_loop().create_task(
+            task = asyncio.get_running_loop().create_task(
                 self.store.run(
                     self.store.update_restore,
                     restore_id,
@@ -465,6 +466,9 @@ class Core:
                 )
             )
 
+            # Keep a reference: the loop holds tasks only weakly.
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
         return on_exit
 
     async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
@@ -472,6 +476,11 @@ class Core:
         return await self._operation(self._restore(spec, caller))  # type: ignore[no-any-return]
 
     async def _restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
+        # Handles are checked first: an unusable handle (unknown, expired,
+        # consumed, another uid's) is wrong whatever the checkpoint.
+        for s in spec.inherit:
+            if s.handle is not None:
+                self.handles.get(s.handle, caller.uid)
         ckpt = await self.get_checkpoint(spec.checkpoint, caller)
         if ckpt.state != "done":
             raise CheckpointNotReady(f"checkpoint {spec.checkpoint!r} is {ckpt.state}")

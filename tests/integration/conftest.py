@@ -1,0 +1,39 @@
+"""Fixtures: a real criud daemon and a registry of processes to clean up."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.helpers import CRIU, Daemon, Procs, temp_root
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0 or not shutil.which(CRIU):
+        skip = pytest.mark.skip(reason="integration tests need root and criu (run `make test`)")
+        for item in items:
+            if "integration" in str(item.fspath):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[Daemon]:
+    with temp_root() as root:
+        d = Daemon(root).start()
+        try:
+            yield d
+        finally:
+            rc = d.stop()
+            assert rc == 0, f"daemon exited {rc} on SIGTERM: {d.log()}"
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    p = Procs()
+    try:
+        yield p
+    finally:
+        p.cleanup()

@@ -1,0 +1,250 @@
+"""Shared helpers for integration tests: a real daemon, real processes, bounded waits."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from criud.api.client import Client
+
+T = TypeVar("T")
+CRIU = shutil.which("criu") or "/usr/local/sbin/criu"
+
+
+def wait_for(
+    fn: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Poll fn until it returns something truthy; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def proc_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+        return data[data.rindex(")") + 2 :].split()[0]
+    except OSError:
+        return None
+
+
+def fd_table(pid: int) -> dict[int, str]:
+    """fd number -> readlink target of a live process."""
+    out = {}
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out[int(n)] = os.readlink(f"/proc/{pid}/fd/{n}")
+    return out
+
+
+def read_line(fd: int, timeout: float = 10.0) -> bytes:
+    """Read one line from a pipe fd, bounded by timeout."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no full line within {timeout}s (got {buf!r})")
+        r, _, _ = select.select([fd], [], [], left)
+        if r:
+            chunk = os.read(fd, 1)
+            if not chunk:
+                raise AssertionError(f"EOF after {buf!r}")
+            buf += chunk
+    return buf
+
+
+class Procs:
+    """Processes a test started; killed by pid (and only those) at teardown."""
+
+    def __init__(self) -> None:
+        self.popens: list[subprocess.Popen[bytes]] = []
+        self.extra: list[tuple[int, int | None]] = []  # (pid, start time) of restored trees
+
+    def spawn(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        kw.setdefault("start_new_session", True)
+        kw.setdefault("close_fds", True)
+        p = subprocess.Popen(list(argv), **kw)
+        self.popens.append(p)
+        return p
+
+    def python(self, code: str, *args: str, **kw: Any) -> subprocess.Popen[bytes]:
+        return self.spawn([sys.executable, "-c", code, *args], **kw)
+
+    def adopt(self, pid: int) -> None:
+        """Remember a restored pid (not our child) to kill at teardown."""
+        self.extra.append((pid, _start(pid)))
+
+    def cleanup(self) -> None:
+        for pid, start in self.extra:
+            if start is not None and _start(pid) == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else None
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for p in self.popens:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+        for pid, _ in self.extra:
+            with contextlib.suppress(AssertionError):
+                wait_for(
+                    lambda pid=pid: pid_gone(pid) or proc_state(pid) == "Z",
+                    10,  # type: ignore[misc]
+                    what=f"pid {pid} to die",
+                )
+
+
+def _start(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+        return int(data[data.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Daemon:
+    """A `criud serve` subprocess on temporary sockets and state dir."""
+
+    def __init__(
+        self,
+        root: Path,
+        criu: str = CRIU,
+        extra_env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
+        self.root = root
+        self.socket = root / "api.sock"
+        self.fd_socket = root / "fds.sock"
+        self.state_dir = root / "state"
+        self.log_path = root / "daemon.log"
+        self.criu = criu
+        self.extra_env = extra_env or {}
+        self.args = list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = Client(str(self.socket), str(self.fd_socket), timeout=120)
+
+    def start(self, timeout: float = 30.0) -> Daemon:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CRIUD_")}
+        env.update(self.extra_env)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "criud.daemon.cli",
+                    "--socket",
+                    str(self.socket),
+                    "--fd-socket",
+                    str(self.fd_socket),
+                    "serve",
+                    "--state-dir",
+                    str(self.state_dir),
+                    "--criu",
+                    self.criu,
+                    "--log-level",
+                    "info",
+                    *self.args,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                close_fds=True,
+            )
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log()}")
+            try:
+                return self.client.request("GET", "/healthz")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout, what="daemon readiness")
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def temp_root() -> Iterator[Path]:
+    # Short paths: unix socket paths are limited to 107 bytes.
+    d = Path(tempfile.mkdtemp(prefix="criud-", dir="/tmp"))
+    # Traversable, so tests acting as another uid reach the sockets (which
+    # keep their own 0660 mode); the state dir inside stays 0700.
+    d.chmod(0o711)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def send_raw(path: Path, payload: bytes, fds: Sequence[int]) -> dict[str, Any]:
+    """Send one message to the fd socket and return the decoded reply."""
+    import json
+
+    from criud.daemon.fdpass import send_fds
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        send_fds(s, payload, fds)
+        return dict(json.loads(s.recv(65536)))

@@ -1,0 +1,509 @@
+"""Handing fds to restores over SCM_RIGHTS (issue: inherit-fd)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from criud.api.client import CriudClientError
+from tests.integration.helpers import (
+    CRIU,
+    Daemon,
+    Procs,
+    fd_table,
+    pid_gone,
+    read_line,
+    send_raw,
+    temp_root,
+    wait_for,
+)
+
+# Writes "hello N" to stdout every 50 ms.
+HELLO = r"""
+import sys, time
+i = 0
+while True:
+    sys.stdout.write(f"hello {i}\n")
+    sys.stdout.flush()
+    i += 1
+    time.sleep(0.05)
+"""
+
+# Like HELLO, but first opens a file of its own at fd 3 (argv[1]).
+HELLO_FD3 = r"""
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+i = 0
+while True:
+    sys.stdout.write(f"hello {i}\n")
+    sys.stdout.flush()
+    i += 1
+    time.sleep(0.05)
+"""
+
+
+def _num(line: bytes) -> int:
+    word, n = line.decode().split()
+    assert word == "hello"
+    return int(n)
+
+
+def _start_hello(
+    procs: Procs, code: str = HELLO, *args: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    r, w = os.pipe()
+    p = procs.python(code, *args, stdout=w)
+    os.close(w)
+    return p, r
+
+
+def _drain(fd: int, last: int) -> int:
+    """Read what a dead writer left in the pipe, to EOF; return the last number."""
+    data = b""
+    deadline = time.monotonic() + 10
+    while chunk := os.read(fd, 65536):
+        data += chunk
+        assert time.monotonic() < deadline, "pipe did not reach EOF"
+    for line in data.splitlines():
+        last = _num(line)
+    return last
+
+
+def test_pipe_handoff_continues_counting(daemon: Daemon, procs: Procs) -> None:
+    p, old_r = _start_hello(procs)
+    first = _num(read_line(old_r))
+    assert first == 0
+    ck = daemon.client.checkpoint(p.pid, name="hello-pipe")
+    key = f"pipe:[{os.fstat(old_r).st_ino}]"
+    assert ck["external"] == [key]
+    stdout = [f for f in ck["fds"] if f["fd"] == 1]
+    assert stdout and stdout[0]["key"] == key and stdout[0]["external"] is True
+    assert stdout[0]["type"] == "pipe" and stdout[0]["mode"] == "w"
+    p.wait(timeout=10)
+    last = _drain(old_r, first)
+    os.close(old_r)
+
+    new_r, new_w = os.pipe()
+    t0 = time.monotonic()
+    r = daemon.client.restore("hello-pipe", fds={key: new_w})
+    os.close(new_w)
+    procs.adopt(r["pid"])
+    nxt = _num(read_line(new_r))
+    elapsed = time.monotonic() - t0
+    assert nxt == last + 1, (last, nxt)
+    assert _num(read_line(new_r)) == nxt + 1
+    os.close(new_r)
+    print(f"hand-off to first line: {elapsed * 1000:.1f} ms")
+
+
+def test_restore_by_original_fd(daemon: Daemon, procs: Procs) -> None:
+    p, old_r = _start_hello(procs)
+    first = _num(read_line(old_r))
+    ck = daemon.client.checkpoint(p.pid)
+    p.wait(timeout=10)
+    last = _drain(old_r, first)
+    os.close(old_r)
+    new_r, new_w = os.pipe()
+    r = daemon.client.restore(ck["id"], fds={(p.pid, 1): new_w})
+    os.close(new_w)
+    procs.adopt(r["pid"])
+    assert _num(read_line(new_r)) == last + 1
+    os.close(new_r)
+
+
+LOGGER = "i=0; while :; do echo line $i; i=$((i+1)); sleep 0.05; done"
+
+
+@pytest.mark.parametrize("form", ["path", "fd"])
+def test_log_file_redirected(daemon: Daemon, procs: Procs, tmp_path: Path, form: str) -> None:
+    old, new = tmp_path / "old.log", tmp_path / "new.log"
+    with open(old, "ab") as f:
+        p = procs.spawn(["sh", "-c", LOGGER], stdout=f)
+    wait_for(lambda: old.stat().st_size > 0, 10, what="old.log to grow")
+    ck = daemon.client.checkpoint(p.pid)
+    key = str(old).lstrip("/")
+    assert any(f["key"] == key and f["fd"] == 1 and f["type"] == "file" for f in ck["fds"])
+    p.wait(timeout=10)
+    size_at_dump = old.stat().st_size
+    if form == "path":
+        r = daemon.client.restore(ck["id"], paths={key: (str(new), "a")})
+    else:
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            r = daemon.client.restore(ck["id"], fds={(p.pid, 1): fd})
+        finally:
+            os.close(fd)
+    procs.adopt(r["pid"])
+    wait_for(
+        lambda: new.exists() and new.read_text().count("\n") >= 3,
+        10,
+        what="new.log to receive lines",
+    )
+    assert old.stat().st_size == size_at_dump
+    lines = new.read_text().splitlines()
+    assert all(ln.startswith("line ") for ln in lines)
+    assert int(lines[0].split()[1]) > 0  # the loop's counter carried on
+
+
+def test_client_fd_number_clashes_with_restored_fd(
+    daemon: Daemon, procs: Procs, tmp_path: Path
+) -> None:
+    mine = tmp_path / "mine.txt"
+    mine.write_text("the restored process's own fd 3\n")
+    p, old_r = _start_hello(procs, HELLO_FD3, str(mine))
+    first = _num(read_line(old_r))
+    before = fd_table(p.pid)
+    assert before[3] == str(mine)
+    ck = daemon.client.checkpoint(p.pid)
+    key = next(f["key"] for f in ck["fds"] if f["fd"] == 1)
+    p.wait(timeout=10)
+    last = _drain(old_r, first)
+    os.close(old_r)
+
+    new_r, new_w = os.pipe()
+    # The CLI sends its own fd 3 (the new pipe's write end) for the key, while
+    # the restored process wants fd 3 for its file.
+    cli = [
+        sys.executable,
+        "-m",
+        "criud.daemon.cli",
+        "--socket",
+        str(daemon.socket),
+        "--fd-socket",
+        str(daemon.fd_socket),
+        "--json",
+        "restore",
+        ck["id"],
+        "--inherit-fd",
+        f"fd[3]:{key}",
+    ]
+    script = f'exec 3>&{new_w}; exec {new_w}>&-; exec "$@"'
+    out = subprocess.run(
+        ["bash", "-c", script, "bash", *cli],
+        pass_fds=[new_w],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    os.close(new_w)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    procs.adopt(r["pid"])
+    assert _num(read_line(new_r)) == last + 1
+    after = fd_table(r["pid"])
+    assert after[3] == str(mine)
+    assert after[1] == f"pipe:[{os.fstat(new_r).st_ino}]"
+    os.close(new_r)
+
+
+def test_missing_unknown_duplicate_keys_refused(daemon: Daemon, procs: Procs) -> None:
+    p, old_r = _start_hello(procs)
+    read_line(old_r)
+    ck = daemon.client.checkpoint(p.pid)
+    key = ck["external"][0]
+    p.wait(timeout=10)
+    os.close(old_r)
+
+    def refused(code: str, **kw: object) -> CriudClientError:
+        with pytest.raises(CriudClientError) as e:
+            daemon.client.restore(ck["id"], **kw)  # type: ignore[arg-type]
+        assert e.value.status == 422, e.value
+        assert e.value.code == code, e.value
+        assert pid_gone(p.pid) or _is_zombie(p.pid)
+        return e.value
+
+    err = refused("missing_inherit_fd")
+    assert err.problem["keys"] == [key] and key in err.detail
+
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        err = refused("unknown_inherit_key", fds={key: w1, "pipe:[1]": w2})
+        assert err.problem["keys"] == ["pipe:[1]"]
+        err = refused("unknown_inherit_key", fds={(p.pid, 77): w1})
+        assert "fd 77" in err.detail
+        err = refused("duplicate_inherit_key", fds={key: w1, (p.pid, 1): w2})
+        assert err.problem["keys"] == [key]
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+    # After all those refusals the checkpoint still restores.
+    r, w = os.pipe()
+    res = daemon.client.restore(ck["id"], fds={key: w})
+    os.close(w)
+    procs.adopt(res["pid"])
+    read_line(r)
+    os.close(r)
+
+
+def _is_zombie(pid: int) -> bool:
+    from tests.integration.helpers import proc_state
+
+    return proc_state(pid) == "Z"
+
+
+def test_two_consecutive_cycles(daemon: Daemon, procs: Procs) -> None:
+    p, rd = _start_hello(procs)
+    first = _num(read_line(rd))
+    ck = daemon.client.checkpoint(p.pid)
+    p.wait(timeout=10)
+    last = _drain(rd, first)
+    os.close(rd)
+    for cycle in range(2):
+        new_r, new_w = os.pipe()
+        key = ck["external"][0]
+        r = daemon.client.restore(ck["id"], fds={key: new_w})
+        os.close(new_w)
+        procs.adopt(r["pid"])
+        n = _num(read_line(new_r))
+        assert n == last + 1, (cycle, last, n)
+        # Checkpoint the restored tree: the manifest names the new pipe.
+        ck = daemon.client.checkpoint(r["pid"])
+        assert ck["external"] == [f"pipe:[{os.fstat(new_r).st_ino}]"]
+        wait_for(
+            lambda pid=r["pid"]: pid_gone(pid), 10, what="restored tree to be dumped and reaped"
+        )
+        last = _drain(new_r, n)
+        os.close(new_r)
+
+
+# Stands in for criu: on restore, records its own fd table, then execs the
+# real criu with the same argv (and so the same fds).
+WRAPPER = """#!{python} -I
+import json, os, sys
+if sys.argv[1] == "restore":
+    table = {{}}
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            table[n] = os.readlink("/proc/self/fd/" + n)
+        except OSError:
+            pass
+    with open("{out}", "w") as f:
+        json.dump(table, f)
+os.execv("{criu}", ["{criu}", *sys.argv[1:]])
+"""
+
+
+def test_exact_inheritance(procs: Procs) -> None:
+    with temp_root() as root:
+        record = root / "worker-fds"
+        wrapper = root / "criu-wrapper"
+        wrapper.write_text(WRAPPER.format(python=sys.executable, out=record, criu=CRIU))
+        wrapper.chmod(0o755)
+        d = Daemon(root, criu=str(wrapper)).start()
+        try:
+            p, old_r = _start_hello(procs)
+            read_line(old_r)
+            before = {n: _kind(t) for n, t in fd_table(p.pid).items()}
+            ck = d.client.checkpoint(p.pid)
+            p.wait(timeout=10)
+            os.close(old_r)
+            new_r, new_w = os.pipe()
+            # A second handle, never mapped: its fd must not reach the worker.
+            other_r, other_w = os.pipe()
+            stray = d.client.send_fds([other_r])
+            sent = d.client.send_fds([new_w])
+            r = d.client.restore(
+                ck["id"],
+                inherit_fds=[{"key": ck["external"][0], "handle": sent["handle"], "index": 0}],
+            )
+            procs.adopt(r["pid"])
+            read_line(new_r)
+            after = {n: _kind(t) for n, t in fd_table(r["pid"]).items()}
+            assert after == before
+
+            raw = json.loads(record.read_text())
+            # listdir's own directory fd shows up as /proc/<pid>/fd: not inherited.
+            table = {int(n): t for n, t in raw.items() if not t.startswith("/proc/")}
+            assert table[0] == "/dev/null"
+            log = str(d.state_dir / "checkpoints" / ck["id"] / "restore.log")
+            assert table[1] == log and table[2] == log
+            mapped = {n: t for n, t in table.items() if n > 2}
+            assert list(mapped.values()) == [f"pipe:[{os.fstat(new_r).st_ino}]"], table
+            assert stray["handle"] in {h["handle"] for h in d.client.fd_handles()}
+            for fd in (new_r, new_w, other_r, other_w):
+                os.close(fd)
+        finally:
+            assert d.stop() == 0
+
+
+def _kind(target: str) -> str:
+    return target.split(":")[0] if ":[" in target else target
+
+
+def test_handles_expired_consumed_other_uid(daemon: Daemon, procs: Procs) -> None:
+    p, rd = _start_hello(procs)
+    read_line(rd)
+    ck = daemon.client.checkpoint(p.pid)
+    key = ck["external"][0]
+    p.wait(timeout=10)
+    os.close(rd)
+    r, w = os.pipe()
+    try:
+        # Expired.
+        h = daemon.client.send_fds([w], ttl_s=0.2)
+        assert h["count"] == 1 and h["expires_in_s"] == 0.2
+        time.sleep(0.5)
+        with pytest.raises(CriudClientError) as e:
+            daemon.client.restore(
+                ck["id"], inherit_fds=[{"key": key, "handle": h["handle"], "index": 0}]
+            )
+        assert e.value.code == "bad_fd_handle" and e.value.problem["reason"] == "expired"
+        # Bad index.
+        h = daemon.client.send_fds([w])
+        with pytest.raises(CriudClientError) as e:
+            daemon.client.restore(
+                ck["id"], inherit_fds=[{"key": key, "handle": h["handle"], "index": 5}]
+            )
+        assert e.value.code == "bad_fd_handle" and e.value.problem["reason"] == "bad_index"
+        # Consumed by a successful restore.
+        res = daemon.client.restore(
+            ck["id"], inherit_fds=[{"key": key, "handle": h["handle"], "index": 0}]
+        )
+        procs.adopt(res["pid"])
+        read_line(r)
+        assert h["handle"] not in {x["handle"] for x in daemon.client.fd_handles()}
+        with pytest.raises(CriudClientError) as e:
+            daemon.client.restore(
+                ck["id"], inherit_fds=[{"key": key, "handle": h["handle"], "index": 0}]
+            )
+        assert e.value.code == "bad_fd_handle" and e.value.problem["reason"] == "consumed"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+OTHER_UID_CLIENT = r"""
+import json, os, sys
+from criud.api.client import Client, CriudClientError
+c = Client(sys.argv[1], sys.argv[2])
+mode = sys.argv[3]
+if mode == "send":
+    r, w = os.pipe()
+    print(json.dumps(c.send_fds([w])))
+else:
+    try:
+        c.restore("whatever", inherit_fds=[{"key": "k", "handle": sys.argv[4], "index": 0}])
+    except CriudClientError as e:
+        print(json.dumps(e.problem))
+"""
+
+
+def _as_uid(uid: int, daemon: Daemon, *args: str) -> dict[str, object]:
+    # gid 0 lets the unprivileged user reach the 0660 root:root sockets.
+    out = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            "--regid=0",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            OTHER_UID_CLIENT,
+            str(daemon.socket),
+            str(daemon.fd_socket),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
+def test_handle_of_another_uid_is_refused(daemon: Daemon) -> None:
+    sent = _as_uid(65534, daemon, "send")
+    handles = {h["handle"]: h for h in daemon.client.fd_handles()}
+    assert handles[str(sent["handle"])]["owner_uid"] == 65534
+    problem = _as_uid(65533, daemon, "use", str(sent["handle"]))
+    assert problem["code"] == "bad_fd_handle" and problem["reason"] == "other_uid"
+    daemon.client.delete_fd_handle(str(sent["handle"]))
+    assert str(sent["handle"]) not in {h["handle"] for h in daemon.client.fd_handles()}
+
+
+def test_fd_handles_listing_describes_fds(daemon: Daemon) -> None:
+    r, w = os.pipe()
+    try:
+        h = daemon.client.send_fds([r, w], names=["stdout-r", "stdout-w"])
+        listed = {x["handle"]: x for x in daemon.client.fd_handles()}[h["handle"]]
+        assert listed["count"] == 2 and listed["owner_uid"] == 0
+        ino = os.fstat(r).st_ino
+        assert [(f["type"], f["inode"], f["mode"], f["name"]) for f in listed["fds"]] == [
+            ("pipe", ino, "r", "stdout-r"),
+            ("pipe", ino, "w", "stdout-w"),
+        ]
+        assert 0 < listed["expires_in_s"] <= 300
+        daemon.client.delete_fd_handle(h["handle"])
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_fd_socket_refusals_close_fds(daemon: Daemon) -> None:
+    base = daemon.fd_count()
+    r, w = os.pipe()
+    try:
+        assert send_raw(daemon.fd_socket, b"{}", [])["error"]["code"] == "no_fds"
+        assert send_raw(daemon.fd_socket, b"not json", [r])["error"]["code"] == "bad_payload"
+        assert (
+            send_raw(daemon.fd_socket, json.dumps({"ttl_s": -1}).encode(), [r])["error"]["code"]
+            == "bad_payload"
+        )
+        assert send_raw(daemon.fd_socket, b"{}", [r] * 65)["error"]["code"] == "too_many_fds"
+        assert (
+            send_raw(daemon.fd_socket, json.dumps({"names": ["a"]}).encode(), [r, w])["error"][
+                "code"
+            ]
+            == "bad_payload"
+        )
+    finally:
+        os.close(r)
+        os.close(w)
+    wait_for(lambda: daemon.fd_count() == base, 5, what="daemon fd count back to baseline")
+
+
+def test_thousand_expired_handles_leave_no_fds(daemon: Daemon) -> None:
+    base = daemon.fd_count()
+    r, w = os.pipe()
+    try:
+        for _ in range(1000):
+            assert "handle" in send_raw(daemon.fd_socket, b'{"ttl_s": 1}', [w])
+    finally:
+        os.close(r)
+        os.close(w)
+    assert daemon.fd_count() >= base + 1000
+    wait_for(lambda: daemon.fd_count() == base, 15, what="fds of expired handles to close")
+
+
+def test_received_fds_are_cloexec(daemon: Daemon) -> None:
+    r, w = os.pipe()
+    try:
+        h = daemon.client.send_fds([w])
+        ino = os.fstat(w).st_ino
+        checked = 0
+        for n in os.listdir(f"/proc/{daemon.pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{daemon.pid}/fd/{n}") != f"pipe:[{ino}]":
+                    continue
+            except OSError:
+                continue
+            with open(f"/proc/{daemon.pid}/fdinfo/{n}") as f:
+                flags = int(next(x for x in f if x.startswith("flags:")).split()[1], 8)
+            assert flags & 0o2000000, "O_CLOEXEC missing on a received fd"
+            checked += 1
+        assert checked == 1, "the daemon should hold exactly the one fd we sent"
+        daemon.client.delete_fd_handle(h["handle"])
+    finally:
+        os.close(r)
+        os.close(w)
