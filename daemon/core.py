@@ -469,6 +469,7 @@ class Core:
             # Keep a reference: the loop holds tasks only weakly.
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
+
         return on_exit
 
     async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
@@ -506,7 +507,8 @@ class Core:
                 h = self.handles.get(s.handle, caller.uid)
                 if not 0 <= s.index < len(h.fds):
                     raise BadFdHandle(
-                        f"fd handle {s.handle!r} has {len(h.fds)} fds; index {s.index} is out of range",
+                        f"fd handle {s.handle!r} has {len(h.fds)} fds; "
+                        f"index {s.index} is out of range",
                         handle=s.handle,
                         reason="bad_index",
                     )

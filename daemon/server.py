@@ -120,8 +120,16 @@ def systemd_sockets() -> dict[int, socket.socket]:
     count = int(os.environ.get("LISTEN_FDS", "0"))
     out: dict[int, socket.socket] = {}
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
-        os.set_inheritable(fd, False)
-        sock = socket.socket(fileno=fd)
+        try:
+            os.set_inheritable(fd, False)
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            raise StartupError(f"socket activation: fd {fd} is not a socket ({e.strerror})") from e
+        if sock.family != socket.AF_UNIX or sock.type in out:
+            raise StartupError(
+                f"socket activation: fd {fd} must be one unix stream (API) and one "
+                "unix seqpacket (fds) socket"
+            )
         out[sock.type] = sock
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)
@@ -129,6 +137,8 @@ def systemd_sockets() -> dict[int, socket.socket]:
 
 
 async def _serve(settings: Settings) -> None:
+    # Take systemd's sockets before anything else opens an fd.
+    activated = systemd_sockets()
     core = Core(settings)
     try:
         await core.start()
@@ -138,7 +148,6 @@ async def _serve(settings: Settings) -> None:
             "run deploy/install-criu (as root) or pass --criu PATH"
         ) from e
 
-    activated = systemd_sockets()
     gid = _group_id(settings.socket_group)
     bound: list[Path] = []
     api_sock = activated.get(socket.SOCK_STREAM)
