@@ -62,7 +62,7 @@ def parse_signal(value: int | str) -> int:
     if isinstance(value, int):
         return value
     text = value.strip().upper()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text)
     name = text if text.startswith("SIG") else f"SIG{text}"
     try:

@@ -49,7 +49,10 @@ class FdHandle:
     expires_at: float
     # Restores currently using the fds; expiry waits for them to finish.
     leases: int = 0
+    # Set once the handle may no longer be used (expired, consumed, deleted)
+    # while a lease still keeps its fds open; end_reason says why.
     expired: bool = False
+    end_reason: str = "expired"
     timer: asyncio.TimerHandle | None = None
 
     def fd(self, index: int) -> int:
@@ -124,7 +127,7 @@ class HandleStore:
         """Return a usable handle for uid, or raise a 4xx naming what is wrong."""
         h = self._handles.get(handle_id)
         if h is None or h.expired:
-            why = "expired" if h is not None else self._ended.get(handle_id, "unknown")
+            why = h.end_reason if h is not None else self._ended.get(handle_id, "unknown")
             raise BadFdHandle(f"fd handle {handle_id!r} is {why}", handle=handle_id, reason=why)
         if uid != 0 and h.owner_uid != uid:
             raise BadFdHandle(
@@ -139,12 +142,18 @@ class HandleStore:
         h.leases += 1
 
     def release(self, h: FdHandle, consumed: bool) -> None:
-        """End a restore's use of h; consume it if that restore succeeded."""
+        """End a restore's use of h; consume it if that restore succeeded.
+
+        Another restore may hold a lease on the same handle right now, about
+        to pass its fds to criu: the fds are closed only when the last lease
+        goes, and the handle is unusable from this moment on.
+        """
         h.leases -= 1
         if consumed:
-            self._end(h.id, "consumed")
-        elif h.expired and not h.leases:
-            self._end(h.id, "expired")
+            h.expired = True
+            h.end_reason = "consumed"
+        if h.expired and not h.leases:
+            self._end(h.id, h.end_reason)
 
     def delete(self, handle_id: str, uid: int) -> None:
         """Close a handle's fds now (DELETE /v1/fd-handles/{id})."""
@@ -155,6 +164,7 @@ class HandleStore:
             raise PermissionDenied(f"fd handle {handle_id!r} belongs to another uid")
         if h.leases:
             h.expired = True
+            h.end_reason = "deleted"
             return
         self._end(handle_id, "deleted")
 

@@ -82,10 +82,12 @@ def decode_message(buf: bytes) -> dict[int, list[Any]]:
             if pos + length > len(buf):
                 raise ImageError("truncated field")
             value, pos = buf[pos : pos + length], pos + length
-        elif wire == 5:
-            value, pos = struct.unpack_from("<I", buf, pos)[0], pos + 4
-        elif wire == 1:
-            value, pos = struct.unpack_from("<Q", buf, pos)[0], pos + 8
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            if pos + width > len(buf):
+                raise ImageError("truncated field")
+            value = struct.unpack_from("<Q" if wire == 1 else "<I", buf, pos)[0]
+            pos += width
         else:
             raise ImageError(f"unsupported wire type {wire}")
         fields.setdefault(number, []).append(value)

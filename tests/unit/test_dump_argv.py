@@ -1,0 +1,111 @@
+"""criud.dump.argv: the exact `criu dump` argument lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from criud.dump.argv import DUMP_LOG, dump_argv
+from criud.dump.options import DumpOptions
+
+D = Path("/var/lib/criud/checkpoints/0123456789abcdef01234567")
+BASE = ["dump", "--no-default-config", "-t", "42", "-D", str(D), "-o", "dump.log", "-v4"]
+
+
+def test_defaults_exact() -> None:
+    assert dump_argv(42, D, DumpOptions()) == BASE
+
+
+def test_log_name_constant() -> None:
+    assert DUMP_LOG == "dump.log"
+    argv = dump_argv(1, D, DumpOptions())
+    assert argv[argv.index("-o") + 1] == DUMP_LOG
+
+
+@pytest.mark.parametrize(
+    ("field", "flag"),
+    [
+        ("leave_running", "--leave-running"),
+        ("shell_job", "--shell-job"),
+        ("tcp_established", "--tcp-established"),
+        ("ext_unix_sk", "--ext-unix-sk"),
+        ("file_locks", "--file-locks"),
+    ],
+)
+def test_each_option_alone(field: str, flag: str) -> None:
+    argv = dump_argv(42, D, DumpOptions(**{field: True}))
+    assert argv == [*BASE, flag]
+
+
+def test_all_options_in_order() -> None:
+    opts = DumpOptions(
+        leave_running=True,
+        shell_job=True,
+        tcp_established=True,
+        ext_unix_sk=True,
+        file_locks=True,
+    )
+    assert dump_argv(42, D, opts, network_lock="nftables") == [
+        *BASE,
+        "--leave-running",
+        "--shell-job",
+        "--tcp-established",
+        "--ext-unix-sk",
+        "--file-locks",
+        "--network-lock",
+        "nftables",
+    ]
+
+
+def test_network_lock_only_with_tcp_established() -> None:
+    without = dump_argv(42, D, DumpOptions(), network_lock="nftables")
+    assert without == BASE
+    assert "--network-lock" not in without
+    with_tcp = dump_argv(42, D, DumpOptions(tcp_established=True), network_lock="nftables")
+    assert with_tcp[-3:] == ["--tcp-established", "--network-lock", "nftables"]
+
+
+def test_tcp_established_without_network_lock() -> None:
+    argv = dump_argv(42, D, DumpOptions(tcp_established=True), network_lock=None)
+    assert argv == [*BASE, "--tcp-established"]
+
+
+def test_external_unix_inodes() -> None:
+    argv = dump_argv(42, D, DumpOptions(ext_unix_sk=True), external_unix=(1234, 99))
+    assert argv == [
+        *BASE,
+        "--ext-unix-sk",
+        "--external",
+        "unix[1234]",
+        "--external",
+        "unix[99]",
+    ]
+
+
+def test_no_default_config_always_second() -> None:
+    for opts in (DumpOptions(), DumpOptions(leave_running=True, file_locks=True)):
+        argv = dump_argv(7, D, opts, external_unix=(5,), network_lock="iptables")
+        assert argv[:2] == ["dump", "--no-default-config"]
+        assert argv.count("--no-default-config") == 1
+
+
+def test_declared_external_keys_do_not_leak_into_argv() -> None:
+    # `external` (manifest keys) is handled through external_unix and the
+    # restore's --inherit-fd; it never becomes a dump flag by itself.
+    argv = dump_argv(42, D, DumpOptions(external=("pipe:[1]", "socket:[2]")))
+    assert argv == BASE
+
+
+def test_options_round_trip() -> None:
+    opts = DumpOptions(shell_job=True, external=("pipe:[5]", "tmp/x"))
+    d = opts.as_dict()
+    assert d["external"] == ["pipe:[5]", "tmp/x"]
+    assert d["shell_job"] is True
+    assert DumpOptions.from_dict(d) == opts
+
+
+def test_options_from_dict_ignores_unknown_and_defaults_external() -> None:
+    opts = DumpOptions.from_dict({"leave_running": True, "future_option": 1, "external": None})
+    assert opts == DumpOptions(leave_running=True)
+    assert opts.external == ()

@@ -1,0 +1,94 @@
+"""criud.restore.argv: the exact `criu restore` argument lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from criud.dump.options import DumpOptions
+from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
+
+D = Path("/var/lib/criud/checkpoints/0123456789abcdef01234567")
+BASE = [
+    "restore",
+    "--no-default-config",
+    "-d",
+    "--restore-sibling",
+    "-D",
+    str(D),
+    "-o",
+    "restore.log",
+    "-v4",
+    "--pidfile",
+    str(D / "restore.pid"),
+]
+
+
+def test_defaults_exact() -> None:
+    assert restore_argv(D, DumpOptions()) == BASE
+
+
+def test_log_and_pidfile_names() -> None:
+    argv = restore_argv(D, DumpOptions())
+    assert RESTORE_LOG == "restore.log"
+    assert argv[argv.index("-o") + 1] == RESTORE_LOG
+    assert argv[argv.index("--pidfile") + 1] == str(D / PIDFILE)
+
+
+@pytest.mark.parametrize(
+    ("field", "flag"),
+    [
+        ("shell_job", "--shell-job"),
+        ("tcp_established", "--tcp-established"),
+        ("ext_unix_sk", "--ext-unix-sk"),
+        ("file_locks", "--file-locks"),
+    ],
+)
+def test_each_option_alone(field: str, flag: str) -> None:
+    assert restore_argv(D, DumpOptions(**{field: True})) == [*BASE, flag]
+
+
+def test_leave_running_is_dump_only() -> None:
+    assert restore_argv(D, DumpOptions(leave_running=True)) == BASE
+
+
+def test_inherit_fd_pairs_in_order() -> None:
+    argv = restore_argv(D, DumpOptions(), [(3, "pipe:[123]"), (17, "tty[8800:19]"), (4, "tmp/f")])
+    assert argv == [
+        *BASE,
+        "--inherit-fd",
+        "fd[3]:pipe:[123]",
+        "--inherit-fd",
+        "fd[17]:tty[8800:19]",
+        "--inherit-fd",
+        "fd[4]:tmp/f",
+    ]
+
+
+def test_network_lock_only_with_tcp_established() -> None:
+    assert restore_argv(D, DumpOptions(), network_lock="nftables") == BASE
+    argv = restore_argv(D, DumpOptions(tcp_established=True), network_lock="nftables")
+    assert argv == [*BASE, "--tcp-established", "--network-lock", "nftables"]
+    argv = restore_argv(D, DumpOptions(tcp_established=True), network_lock=None)
+    assert argv == [*BASE, "--tcp-established"]
+
+
+def test_all_options_then_inherit() -> None:
+    opts = DumpOptions(
+        leave_running=True, shell_job=True, tcp_established=True, ext_unix_sk=True, file_locks=True
+    )
+    argv = restore_argv(D, opts, [(5, "socket:[9]")], network_lock="iptables")
+    assert argv == [
+        *BASE,
+        "--shell-job",
+        "--tcp-established",
+        "--network-lock",
+        "iptables",
+        "--ext-unix-sk",
+        "--file-locks",
+        "--inherit-fd",
+        "fd[5]:socket:[9]",
+    ]
+    assert argv.count("--no-default-config") == 1
+    assert argv[:2] == ["restore", "--no-default-config"]

@@ -1,0 +1,264 @@
+"""criud.daemon.store: SQLite records of checkpoints and restores."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from criud.daemon.names import new_id
+from criud.daemon.store import (
+    CHECKPOINT_TRANSITIONS,
+    RESTORE_TRANSITIONS,
+    CheckpointRecord,
+    NameConflict,
+    RestoreRecord,
+    Store,
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "criud.db")
+    s.open()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def ckpt(name: str | None = None, state: str = "dumping", t: float = 1.0) -> CheckpointRecord:
+    return CheckpointRecord(
+        id=new_id(),
+        name=name,
+        pid=4242,
+        state=state,
+        created_at=t,
+        options={"leave_running": True, "external": ["pipe:[1]"]},
+        labels={"app": "web"},
+        owner_uid=1000,
+    )
+
+
+def restore(ckpt_id: str, state: str = "restoring", t: float = 1.0) -> RestoreRecord:
+    return RestoreRecord(
+        id=new_id(), checkpoint_id=ckpt_id, state=state, started_at=t, owner_uid=1000
+    )
+
+
+def test_db_file_private(tmp_path: Path, store: Store) -> None:
+    assert (tmp_path / "criud.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_insert_get_by_id_and_name(store: Store) -> None:
+    rec = ckpt("web")
+    store.insert_checkpoint(rec)
+    assert store.get_checkpoint(rec.id) == rec
+    assert store.get_checkpoint("web") == rec
+    assert store.get_checkpoint("other") is None
+    assert store.get_checkpoint(new_id()) is None
+
+
+def test_json_fields_round_trip(store: Store) -> None:
+    rec = ckpt()
+    store.insert_checkpoint(rec)
+    manifest = {"tasks": [{"pid": 1, "fds": []}], "external": ["pipe:[2]"]}
+    store.update_checkpoint(
+        rec.id,
+        state="done",
+        finished_at=2.0,
+        size_bytes=1 << 33,
+        stats={"pages_written": 7},
+        manifest=manifest,
+        criu_version="4.2.1",
+    )
+    got = store.get_checkpoint(rec.id)
+    assert got is not None
+    assert got.state == "done"
+    assert got.options == rec.options
+    assert got.labels == {"app": "web"}
+    assert got.stats == {"pages_written": 7}
+    assert got.manifest == manifest
+    assert got.size_bytes == 1 << 33
+    assert got.criu_version == "4.2.1"
+    assert got.error is None
+
+
+def test_name_conflict(store: Store) -> None:
+    store.insert_checkpoint(ckpt("web"))
+    with pytest.raises(NameConflict):
+        store.insert_checkpoint(ckpt("web"))
+    # Unnamed checkpoints never conflict.
+    store.insert_checkpoint(ckpt(None))
+    store.insert_checkpoint(ckpt(None))
+    assert len(store.list_checkpoints()) == 3
+
+
+def test_name_freed_by_failure_update(store: Store) -> None:
+    rec = ckpt("web")
+    store.insert_checkpoint(rec)
+    store.update_checkpoint(rec.id, state="failed", name=None, error={"code": "criu_failed"})
+    store.insert_checkpoint(ckpt("web"))
+    failed = store.get_checkpoint(rec.id)
+    assert failed is not None and failed.name is None
+    assert failed.error == {"code": "criu_failed"}
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("dumping", "dumping"),
+        ("done", "failed"),
+        ("done", "dumping"),
+        ("failed", "done"),
+        ("interrupted", "done"),
+        ("dumping", "bogus"),
+    ],
+)
+def test_illegal_checkpoint_transition(store: Store, old: str, new: str) -> None:
+    rec = ckpt(state=old)
+    store.insert_checkpoint(rec)
+    with pytest.raises(AssertionError, match=f"{old} -> {new}"):
+        store.update_checkpoint(rec.id, state=new)
+    got = store.get_checkpoint(rec.id)
+    assert got is not None and got.state == old
+
+
+def test_legal_checkpoint_transitions(store: Store) -> None:
+    for new in CHECKPOINT_TRANSITIONS["dumping"]:
+        rec = ckpt()
+        store.insert_checkpoint(rec)
+        store.update_checkpoint(rec.id, state=new)
+        got = store.get_checkpoint(rec.id)
+        assert got is not None and got.state == new
+
+
+def test_update_unknown_id_state(store: Store) -> None:
+    with pytest.raises(AssertionError):
+        store.update_checkpoint(new_id(), state="done")
+    with pytest.raises(AssertionError):
+        store.update_restore(new_id(), state="running")
+
+
+def test_list_checkpoints_oldest_first_and_delete(store: Store) -> None:
+    recs = [ckpt(f"c{i}", t=t) for i, t in enumerate([3.0, 1.0, 2.0])]
+    for r in recs:
+        store.insert_checkpoint(r)
+    assert [r.name for r in store.list_checkpoints()] == ["c1", "c2", "c0"]
+    store.delete_checkpoint(recs[1].id)
+    assert store.get_checkpoint("c1") is None
+    assert [r.name for r in store.list_checkpoints()] == ["c2", "c0"]
+
+
+def test_restores(store: Store) -> None:
+    c = ckpt(state="done")
+    store.insert_checkpoint(c)
+    r1 = restore(c.id, t=2.0)
+    r2 = restore(c.id, t=1.0)
+    store.insert_restore(r1)
+    store.insert_restore(r2)
+    assert store.get_restore(r1.id) == r1
+    assert store.get_restore(new_id()) is None
+    assert [r.id for r in store.list_restores()] == [r2.id, r1.id]
+    store.update_restore(r1.id, state="running", pid=77, proc_start=123, stats={"x": 1})
+    store.update_restore(r1.id, state="exited", exit_code=0, finished_at=3.0)
+    got = store.get_restore(r1.id)
+    assert got is not None
+    assert (got.state, got.pid, got.exit_code, got.stats) == ("exited", 77, 0, {"x": 1})
+    assert [r.id for r in store.list_restores("restoring")] == [r2.id]
+    assert [r.id for r in store.list_restores("exited")] == [r1.id]
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("restoring", "exited"),
+        ("running", "failed"),
+        ("running", "restoring"),
+        ("exited", "running"),
+        ("failed", "running"),
+        ("interrupted", "running"),
+    ],
+)
+def test_illegal_restore_transition(store: Store, old: str, new: str) -> None:
+    assert new not in RESTORE_TRANSITIONS[old]
+    r = restore(new_id(), state=old)
+    store.insert_restore(r)
+    with pytest.raises(AssertionError, match=f"{old} -> {new}"):
+        store.update_restore(r.id, state=new)
+    got = store.get_restore(r.id)
+    assert got is not None and got.state == old
+
+
+def test_interrupt_unfinished(store: Store) -> None:
+    dumping = ckpt("busy")
+    done = ckpt("kept", state="done")
+    store.insert_checkpoint(dumping)
+    store.insert_checkpoint(done)
+    r_restoring = restore(done.id)
+    r_running = restore(done.id, state="running")
+    store.insert_restore(r_restoring)
+    store.insert_restore(r_running)
+
+    ck, rs = store.interrupt_unfinished()
+    assert ck == [dumping.id]
+    assert rs == [r_restoring.id]
+
+    got = store.get_checkpoint(dumping.id)
+    assert got is not None
+    assert got.state == "interrupted"
+    assert got.name is None
+    assert got.finished_at is not None
+    kept = store.get_checkpoint("kept")
+    assert kept is not None and kept.state == "done"
+    r = store.get_restore(r_restoring.id)
+    assert r is not None and r.state == "interrupted" and r.finished_at is not None
+    r = store.get_restore(r_running.id)
+    assert r is not None and r.state == "running"
+    # The interrupted dump's name is free again.
+    again = ckpt("busy")
+    store.insert_checkpoint(again)
+    assert store.get_checkpoint("busy") == again
+    # A second call finds only what is unfinished now.
+    assert store.interrupt_unfinished() == ([again.id], [])
+
+
+def test_persists_across_reopen(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    s.open()
+    rec = ckpt("p")
+    s.insert_checkpoint(rec)
+    s.close()
+    s2 = Store(tmp_path / "db")
+    s2.open()
+    try:
+        assert s2.get_checkpoint("p") == rec
+        mode = s2.db.execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+    finally:
+        s2.close()
+
+
+def test_run_uses_store_thread(store: Store) -> None:
+    rec = ckpt("async")
+
+    async def body() -> CheckpointRecord | None:
+        await store.run(store.insert_checkpoint, rec)
+        return await store.run(store.get_checkpoint, "async")
+
+    assert asyncio.run(asyncio.wait_for(body(), 10)) == rec
+    # The connection lives on one thread: the work ran there, not on ours.
+    names = asyncio.run(
+        asyncio.wait_for(store.run(lambda: __import__("threading").current_thread().name), 10)
+    )
+    assert names.startswith("criud-db")
+
+
+def test_closed_store_refuses(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    s.open()
+    s.close()
+    with pytest.raises(AssertionError, match="not open"):
+        s.get_checkpoint("x")
