@@ -1,0 +1,43 @@
+"""deploy/: the systemd units verify, and install-criu refuses non-root clearly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def test_systemd_units_verify() -> None:
+    out = subprocess.run(
+        ["bash", str(DEPLOY / "test-units.sh")], capture_output=True, text=True, timeout=120
+    )
+    if "skipped: systemd-analyze not installed" in out.stdout:
+        pytest.skip("systemd-analyze not installed")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ok:" in out.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_install_criu_refuses_non_root() -> None:
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "bash",
+            str(DEPLOY / "install-criu"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert out.returncode == 1
+    assert "must run as root" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
