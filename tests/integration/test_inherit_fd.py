@@ -507,3 +507,98 @@ def test_received_fds_are_cloexec(daemon: Daemon) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+# Echoes every line it reads on fd 0 (a unix socket) back, prefixed.
+ECHO_SOCK = r"""
+import os, socket
+s = socket.socket(fileno=0)
+while True:
+    data = s.recv(4096)
+    if not data:
+        break
+    s.sendall(b"echo " + data)
+"""
+
+
+def test_declared_external_unix_socket_gets_a_new_peer(daemon: Daemon, procs: Procs) -> None:
+    import socket
+
+    ours, theirs = socket.socketpair()
+    p = procs.python(ECHO_SOCK, stdin=theirs)
+    theirs.close()
+    ours.sendall(b"one\n")
+    assert ours.recv(100) == b"echo one\n"
+    ino = next(int(t.split("[")[1].rstrip("]")) for n, t in fd_table(p.pid).items() if n == 0)
+    key = f"socket:[{ino}]"
+    # Declared external: criud passes --external unix[ino] and the restore
+    # must hand in a replacement.
+    ck = daemon.client.checkpoint(p.pid, external=[key])
+    assert ck["external"] == [key]
+    assert ck["options"]["external"] == [key]
+    assert any(f["key"] == key and f["type"] == "unix" and f["external"] for f in ck["fds"])
+    p.wait(timeout=10)
+    ours.close()
+    with pytest.raises(CriudClientError) as e:
+        daemon.client.restore(ck["id"])
+    assert e.value.code == "missing_inherit_fd" and e.value.problem["keys"] == [key]
+
+    new_ours, new_theirs = socket.socketpair()
+    r = daemon.client.restore(ck["id"], fds={key: new_theirs})
+    new_theirs.close()
+    procs.adopt(r["pid"])
+    new_ours.settimeout(10)
+    new_ours.sendall(b"two\n")
+    assert new_ours.recv(100) == b"echo two\n"
+    new_ours.close()
+
+
+def test_unknown_external_key_refused_at_checkpoint(daemon: Daemon, procs: Procs) -> None:
+    p = procs.spawn(["sleep", "1000"])
+    with pytest.raises(CriudClientError) as e:
+        daemon.client.checkpoint(p.pid, external=["pipe:[1]"])
+    assert e.value.status == 422 and e.value.problem["keys"] == ["pipe:[1]"]
+    assert p.poll() is None
+
+
+def test_cli_external_and_inherit_path(daemon: Daemon, procs: Procs, tmp_path: Path) -> None:
+    old, new = tmp_path / "old.log", tmp_path / "new.log"
+    with open(old, "ab") as f:
+        p = procs.spawn(["sh", "-c", LOGGER], stdout=f)
+    wait_for(lambda: old.stat().st_size > 0, 10, what="old.log to grow")
+    key = str(old).lstrip("/")
+    base = [
+        sys.executable,
+        "-m",
+        "criud.daemon.cli",
+        "--socket",
+        str(daemon.socket),
+        "--fd-socket",
+        str(daemon.fd_socket),
+        "--json",
+    ]
+    out = subprocess.run(
+        [*base, "checkpoint", str(p.pid), "--external", key],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    ck = json.loads(out.stdout)
+    assert ck["external"] == [key]
+    p.wait(timeout=10)
+    out = subprocess.run([*base, "restore", ck["id"]], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and key in out.stderr  # the declared file must be supplied
+    out = subprocess.run(
+        [*base, "restore", ck["id"], "--inherit-path", f"{key}={new}:a"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    procs.adopt(json.loads(out.stdout)["pid"])
+    wait_for(
+        lambda: new.exists() and new.read_text().count("\n") >= 2,
+        10,
+        what="new.log to receive lines",
+    )
