@@ -81,7 +81,11 @@ def _group_id(group: str | None) -> int | None:
 
 def bind_unix(path: Path, kind: int, gid: int | None) -> socket.socket:
     """Bind a listening unix socket at path, mode 0660 (0600 while binding)."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The daemon's umask (077) would make it 0700 and lock out the socket
+        # group; the sockets' own 0660 mode is what guards access.
+        os.chmod(path.parent, 0o755)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
