@@ -5,17 +5,23 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from criud.api import checkpoints, fd_handles, health, problems, restores
+from criud.api.limits import LimitsMiddleware
 from criud.daemon.core import Core
 
 
-def create_app(core: Core) -> FastAPI:
-    """Build the HTTP app around a started (or starting) core."""
+def create_app(core: Core, token: str | None = None) -> FastAPI:
+    """Build the HTTP app around a started (or starting) core.
+
+    token, when set, is the bearer token TCP callers must present.
+    """
     app = FastAPI(
         title="criud",
         summary="Checkpoint/restore daemon for container engines",
         version=core.version()["criud"],
     )
     app.state.core = core
+    app.state.token = token
+    app.add_middleware(LimitsMiddleware)
     problems.install(app)
     for module in (health, checkpoints, restores, fd_handles):
         app.include_router(module.router)

@@ -9,7 +9,8 @@ from fastapi.responses import PlainTextResponse
 
 from criud.api.deps import caller, core
 from criud.api.models import Checkpoint, CheckpointRequest, FdEntry, Problem
-from criud.daemon.core import Caller, CheckpointSpec, Core
+from criud.daemon.caller import Caller
+from criud.daemon.core import CheckpointSpec, Core
 from criud.daemon.errors import InvalidRequest
 from criud.daemon.store import CheckpointRecord
 from criud.dump import manifest as mf

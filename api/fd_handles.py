@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Response
 
 from criud.api.deps import caller, core
 from criud.api.models import FdHandleModel, HandleFdModel, Problem
-from criud.daemon.core import Caller, Core
+from criud.daemon.caller import Caller
+from criud.daemon.core import Core
 
 router = APIRouter(prefix="/v1/fd-handles", tags=["fd-handles"])
 ERRORS: dict[int | str, dict[str, object]] = {s: {"model": Problem} for s in (403, 404)}

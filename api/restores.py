@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends
 
 from criud.api.deps import caller, core
 from criud.api.models import Problem, Restore, RestoreRequest, SignalRequest
-from criud.daemon.core import Caller, Core, RestoreSpec
+from criud.daemon.caller import Caller
+from criud.daemon.core import Core, RestoreSpec
 from criud.daemon.errors import InvalidRequest
 from criud.daemon.store import RestoreRecord
 from criud.restore.mappings import InheritSpec

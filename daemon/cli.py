@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="env CRIUD_LOG_LEVEL",
     )
     s.add_argument(
+        "--listen",
+        default=_env("LISTEN", None),
+        metavar="tcp://HOST:PORT",
+        help="also serve HTTP on TCP, e.g. tcp://127.0.0.1:8420; needs --token-file "
+        "(env CRIUD_LISTEN; off by default)",
+    )
+    s.add_argument(
+        "--token-file",
+        default=_env("TOKEN_FILE", None),
+        help="file holding the bearer token TCP clients must send (env CRIUD_TOKEN_FILE)",
+    )
+    s.add_argument(
         "--socket-group",
         default=_env("SOCKET_GROUP", None),
         help="group owning both sockets (env CRIUD_SOCKET_GROUP)",
@@ -124,6 +136,8 @@ def _settings(a: argparse.Namespace) -> Settings:
         criu=a.criu,
         log_level=a.log_level,
         socket_group=a.socket_group,
+        listen=a.listen,
+        token_file=Path(a.token_file) if a.token_file else None,
     )
 
 

@@ -20,6 +20,9 @@ class Settings:
     criu: str = "criu"
     log_level: str = "info"
     socket_group: str | None = None
+    # Optional TCP listener ("tcp://127.0.0.1:PORT"), token-authenticated.
+    listen: str | None = None
+    token_file: Path | None = None
     # How long a received fd handle lives when the client does not say.
     handle_ttl_s: float = 300.0
     handle_ttl_max_s: float = 3600.0

@@ -17,11 +17,13 @@ import platform
 import shutil
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from criud.daemon import names, procutil
+from criud.daemon.audit import AuditLog
+from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
 from criud.daemon.criu import Criu, CriuResult
 from criud.daemon.errors import (
@@ -54,35 +56,9 @@ from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
 from criud.restore.paths import open_as
 
 log = logging.getLogger("criud.core")
+T = TypeVar("T")
 
 TMP_PREFIX = ".tmp-"
-
-
-@dataclasses.dataclass(frozen=True)
-class Caller:
-    """Who is asking, from SO_PEERCRED."""
-
-    uid: int
-    gid: int
-    pid: int
-
-    @property
-    def is_root(self) -> bool:
-        return self.uid == 0
-
-    def groups(self) -> list[int]:
-        """The caller's supplementary groups, read from /proc."""
-        try:
-            with open(f"/proc/{self.pid}/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("Groups:"):
-                        return [int(g) for g in line.split()[1:]]
-        except OSError:
-            pass
-        return []
-
-
-ROOT = Caller(uid=0, gid=0, pid=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +96,7 @@ class Core:
         self.criu = Criu(settings.criu)
         self.handles = HandleStore()
         self.reaper = Reaper(self.criu.running)
+        self.audit = AuditLog(settings.state_dir / "audit.log")
         self.criu.spawn_guard = self.reaper.hold
         self.started_at = time.time()
         self._busy_pids: set[int] = set()
@@ -141,10 +118,12 @@ class Core:
         await self.criu.probe()
         await asyncio.to_thread(self.prepare_dirs)
         await asyncio.to_thread(self.store.open)
+        self.audit.start()
         ck, rs = await self.store.run(self.store.interrupt_unfinished)
         if ck or rs:
             log.warning("marked interrupted: checkpoints %s, restores %s", ck, rs)
         await asyncio.to_thread(self._remove_tmp_dirs)
+        await self._reconcile_dirs()
         self.reaper.start()
         await self._adopt_running()
 
@@ -152,6 +131,31 @@ class Core:
         for entry in os.scandir(self.settings.checkpoints_dir):
             if entry.name.startswith(TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
+
+    async def _reconcile_dirs(self) -> None:
+        """Make the checkpoints dir agree with the records after a crash.
+
+        A dir with no record (the daemon died between mkdir and insert, or a
+        record was deleted and the rmtree did not finish) is removed.  A
+        checkpoint that is not done keeps only its criu logs: its images were
+        never complete.
+        """
+        recs = {r.id: r for r in await self.store.run(self.store.list_checkpoints)}
+
+        def sweep() -> None:
+            for entry in os.scandir(self.settings.checkpoints_dir):
+                if entry.name.startswith(TMP_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                    continue
+                rec = recs.get(entry.name)
+                if rec is None:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                elif rec.state != "done":
+                    for f in os.scandir(entry.path):
+                        if f.name not in (DUMP_LOG, RESTORE_LOG):
+                            with contextlib.suppress(OSError):
+                                os.unlink(f.path)
+
+        await asyncio.to_thread(sweep)
 
     async def _adopt_running(self) -> None:
         """Watch again the restored trees a previous daemon left running."""
@@ -182,6 +186,7 @@ class Core:
         self.handles.close_all()
         await self.reaper.stop()
         await asyncio.to_thread(self.store.close)
+        await asyncio.to_thread(self.audit.stop)
 
     async def _operation(self, coro: Any) -> Any:
         """Run an operation as a task the shutdown path can wait for."""
@@ -194,6 +199,41 @@ class Core:
         # shield: a client that goes away must not cancel criu half-way; the
         # operation finishes and its record says how it ended.
         return await asyncio.shield(task)
+
+    def record(
+        self, action: str, caller: Caller, target: dict[str, Any], outcome: str, **extra: Any
+    ) -> None:
+        """Write one audit entry for a mutating call."""
+        self.audit.record(
+            action=action,
+            uid=caller.uid,
+            pid=caller.pid,
+            transport="tcp" if caller.via_tcp else "unix",
+            target=target,
+            outcome=outcome,
+            **extra,
+        )
+
+    async def _audited(
+        self,
+        action: str,
+        caller: Caller,
+        target: dict[str, Any],
+        coro: Awaitable[T],
+        result_id: Callable[[T], str] | None = None,
+    ) -> T:
+        """Await coro and record its outcome in the audit log."""
+        try:
+            result = await coro
+        except CriudError as e:
+            self.record(action, caller, target, e.code, detail=e.detail)
+            raise
+        except BaseException as e:
+            self.record(action, caller, target, "error", detail=type(e).__name__)
+            raise
+        extra = {"id": result_id(result)} if result_id is not None else {}
+        self.record(action, caller, target, "ok", **extra)
+        return result
 
     # -- info ---------------------------------------------------------------------
 
@@ -238,7 +278,9 @@ class Core:
 
     async def checkpoint(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
         """Dump the tree of spec.pid; return the done checkpoint or raise."""
-        return await self._operation(self._checkpoint(spec, caller))  # type: ignore[no-any-return]
+        target = {"pid": spec.pid, "name": spec.name}
+        op = self._operation(self._checkpoint(spec, caller))
+        return await self._audited("checkpoint", caller, target, op, lambda r: r.id)
 
     async def _checkpoint(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
         if spec.name is not None:
@@ -254,8 +296,6 @@ class Core:
             start = procutil.proc_start(pid)
             if start is None:
                 raise ProcessNotFound(f"no process with pid {pid}", pid=pid)
-            if not caller.is_root:
-                await asyncio.to_thread(self._check_owns_tree, pid, caller)
             if pid in self._busy_pids:
                 raise Busy(f"pid {pid} is being checkpointed already", pid=pid)
             self._busy_pids.add(pid)
@@ -266,21 +306,40 @@ class Core:
         finally:
             os.close(pidfd)
 
-    def _check_owns_tree(self, pid: int, caller: Caller) -> None:
+    @staticmethod
+    def _tree_uids(pid: int) -> dict[int, tuple[int, int]]:
+        """Real and effective uid of every task in the tree of pid."""
+        out: dict[int, tuple[int, int]] = {}
         for p in fdinfo.tree_pids(pid):
             try:
                 with open(f"/proc/{p}/status", encoding="ascii") as f:
                     for line in f:
                         if line.startswith("Uid:"):
                             real, eff = (int(x) for x in line.split()[1:3])
-                            if real != caller.uid or eff != caller.uid:
-                                raise PermissionDenied(
-                                    f"pid {p} in the tree of {pid} runs as uid {real}/{eff}, "
-                                    f"not {caller.uid}",
-                                    pid=p,
-                                )
+                            out[p] = (real, eff)
+                            break
             except FileNotFoundError:
                 continue
+        return out
+
+    @staticmethod
+    def _check_owner(uids: dict[int, tuple[int, int]], caller: Caller, what: str) -> None:
+        """A non-root caller may act only on trees whose every task is its own."""
+        if caller.is_root:
+            return
+        for p, (real, eff) in uids.items():
+            if real != caller.uid or eff != caller.uid:
+                raise PermissionDenied(
+                    f"{what}: pid {p} runs as uid {real}/{eff}, not {caller.uid}",
+                    pid=int(p),
+                )
+
+    def _run_as(self, uids: dict[int, tuple[int, int]], gid: int) -> tuple[int, int] | None:
+        """The uid/gid criu must run as for this tree (None: as root)."""
+        owners = {u for pair in uids.values() for u in pair}
+        if self.criu.unprivileged_for_users and len(owners) == 1 and 0 not in owners:
+            return (owners.pop(), gid)
+        return None
 
     async def _dump(self, spec: CheckpointSpec, caller: Caller, start: int) -> CheckpointRecord:
         pid, opts = spec.pid, spec.options
@@ -309,10 +368,18 @@ class Core:
             os.mkdir(tmp, 0o700)
             try:
                 tasks = await asyncio.to_thread(fdinfo.read_tree, pid)
-            except ProcessLookupError:
+                uids = await asyncio.to_thread(self._tree_uids, pid)
+                gid = os.stat(f"/proc/{pid}").st_gid
+            except (ProcessLookupError, FileNotFoundError):
                 raise ProcessNotFound(f"pid {pid} exited", pid=pid) from None
+            self._check_owner(uids, caller, f"checkpoint of pid {pid}")
             manifest = mf.build(tasks, opts.external)
             manifest["pids"] = sorted({tid for t in tasks for tid in [t.pid, *t.tids]})
+            manifest["uids"] = {str(p): list(u) for p, u in uids.items()}
+            run_as = self._run_as(uids, gid)
+            manifest["run_as"] = list(run_as) if run_as else None
+            if run_as is not None:
+                os.chown(tmp, *run_as)
             if procutil.proc_start(pid) != start:
                 raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
             argv = dump_argv(
@@ -321,8 +388,9 @@ class Core:
                 opts,
                 external_unix=tuple(mf.external_unix_inodes(manifest, opts.external)),
                 network_lock=self.network_lock(),
+                unprivileged=run_as is not None,
             )
-            result = await self.criu.run(argv, tmp / DUMP_LOG)
+            result = await self.criu.run(argv, tmp / DUMP_LOG, run_as=run_as)
             if not result.ok:
                 await asyncio.to_thread(self._keep_log_only, tmp, final, DUMP_LOG)
                 err = self._criu_error(f"dump of pid {pid}", result, ckpt_id, "dump")
@@ -395,6 +463,12 @@ class Core:
         )
 
     async def delete_checkpoint(self, ref: str, caller: Caller) -> None:
+        """Delete a checkpoint's images and record."""
+        await self._audited(
+            "delete_checkpoint", caller, {"checkpoint": ref}, self._delete_checkpoint(ref, caller)
+        )
+
+    async def _delete_checkpoint(self, ref: str, caller: Caller) -> None:
         rec = await self.get_checkpoint(ref, caller)
         if rec.state == "dumping" or rec.id in self._busy_ckpts:
             raise Busy(f"checkpoint {ref!r} is in use", checkpoint=rec.id)
@@ -431,6 +505,15 @@ class Core:
         return [r for r in recs if caller.is_root or r.owner_uid == caller.uid]
 
     async def signal_restore(self, restore_id: str, signo: int, caller: Caller) -> RestoreRecord:
+        """Signal a restored tree's root through a pidfd."""
+        return await self._audited(
+            "signal",
+            caller,
+            {"restore": restore_id, "signal": signo},
+            self._signal_restore(restore_id, signo, caller),
+        )
+
+    async def _signal_restore(self, restore_id: str, signo: int, caller: Caller) -> RestoreRecord:
         rec = await self.get_restore(restore_id, caller)
         if rec.state != "running" or rec.pid is None:
             raise NotRunning(f"restore {restore_id} is {rec.state}")
@@ -474,13 +557,16 @@ class Core:
 
     async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
         """Restore a checkpoint, handing in the mapped fds; return the running restore."""
-        return await self._operation(self._restore(spec, caller))  # type: ignore[no-any-return]
+        target = {"checkpoint": spec.checkpoint, "inherit_fds": len(spec.inherit)}
+        op = self._operation(self._restore(spec, caller))
+        return await self._audited("restore", caller, target, op, lambda r: r.id)
 
     async def _restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
         # Handles are checked first: an unusable handle (unknown, expired,
         # consumed, another uid's) is wrong whatever the checkpoint.
         for s in spec.inherit:
             if s.handle is not None:
+                self._no_tcp_handles(caller)
                 self.handles.get(s.handle, caller.uid)
         ckpt = await self.get_checkpoint(spec.checkpoint, caller)
         if ckpt.state != "done":
@@ -490,6 +576,12 @@ class Core:
                 f"checkpoint {spec.checkpoint!r} is being restored or deleted", checkpoint=ckpt.id
             )
         manifest = ckpt.manifest or {"tasks": [], "external": []}
+        # A non-root caller restores only trees that ran as itself.
+        self._check_owner(
+            {int(p): (u[0], u[1]) for p, u in (manifest.get("uids") or {}).items()},
+            caller,
+            f"restore of checkpoint {ckpt.id}",
+        )
         resolved = mappings.resolve(spec.inherit, manifest)
         self._busy_ckpts.add(ckpt.id)
         leased: list[FdHandle] = []
@@ -580,7 +672,15 @@ class Core:
         await self.store.run(self.store.insert_restore, rec)
         pidfile = images_dir / PIDFILE
         opts = DumpOptions.from_dict(ckpt.options)
-        argv = restore_argv(images_dir, opts, inherit, network_lock=self.network_lock())
+        run_as_list = (ckpt.manifest or {}).get("run_as")
+        run_as = (int(run_as_list[0]), int(run_as_list[1])) if run_as_list else None
+        argv = restore_argv(
+            images_dir,
+            opts,
+            inherit,
+            network_lock=self.network_lock(),
+            unprivileged=run_as is not None,
+        )
         stats_path = images_dir / "stats-restore"
         for stale in (pidfile, stats_path, images_dir / RESTORE_LOG):
             with contextlib.suppress(FileNotFoundError):
@@ -591,7 +691,10 @@ class Core:
         with self.reaper.hold():
             try:
                 result = await self.criu.run(
-                    argv, images_dir / RESTORE_LOG, pass_fds=[fd for fd, _ in inherit]
+                    argv,
+                    images_dir / RESTORE_LOG,
+                    pass_fds=[fd for fd, _ in inherit],
+                    run_as=run_as,
                 )
                 if not result.ok:
                     err = self._criu_error(
@@ -636,11 +739,25 @@ class Core:
 
     # -- fd handles ---------------------------------------------------------------
 
+    def _no_tcp_handles(self, caller: Caller) -> None:
+        if caller.via_tcp:
+            raise PermissionDenied(
+                "fd handles are only available over the unix socket (SCM_RIGHTS needs one)"
+            )
+
     def list_handles(self, caller: Caller) -> list[FdHandle]:
+        self._no_tcp_handles(caller)
         return self.handles.list(caller.uid)
 
     def delete_handle(self, handle_id: str, caller: Caller) -> None:
-        self.handles.delete(handle_id, caller.uid)
+        self._no_tcp_handles(caller)
+        target = {"handle": handle_id}
+        try:
+            self.handles.delete(handle_id, caller.uid)
+        except CriudError as e:
+            self.record("delete_handle", caller, target, e.code, detail=e.detail)
+            raise
+        self.record("delete_handle", caller, target, "ok")
 
 
 def names_taken(name: str | None) -> CriudError:

@@ -169,3 +169,9 @@ class ShuttingDown(CriudError):
     status = 503
     code = "shutting_down"
     title = "The daemon is shutting down"
+
+
+class Unauthorized(CriudError):
+    status = 401
+    code = "unauthorized"
+    title = "Authentication required"

@@ -14,11 +14,17 @@ import contextlib
 import json
 import logging
 import socket
+from collections.abc import Callable
+from typing import Any
 
+from criud.daemon.caller import Caller
 from criud.daemon.fdpass import FdPassError, parse_payload, peer_creds, recv_message
 from criud.daemon.handles import HandleStore
 
 log = logging.getLogger("criud.fdsock")
+
+# Called as audit(action, caller, target, outcome, **extra) for each message.
+AuditHook = Callable[..., None]
 
 # A client that connects and sends nothing is dropped after this long.
 RECV_TIMEOUT_S = 10.0
@@ -29,12 +35,18 @@ class FdSocketServer:
     """Accepts connections on a bound SOCK_SEQPACKET socket and fills a HandleStore."""
 
     def __init__(
-        self, sock: socket.socket, handles: HandleStore, default_ttl: float, max_ttl: float
+        self,
+        sock: socket.socket,
+        handles: HandleStore,
+        default_ttl: float,
+        max_ttl: float,
+        audit: AuditHook | None = None,
     ) -> None:
         self._sock = sock
         self._handles = handles
         self._default_ttl = default_ttl
         self._max_ttl = max_ttl
+        self._audit = audit
         self._task: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
 
@@ -85,24 +97,40 @@ class FdSocketServer:
         with conn:
             conn.setblocking(False)
             try:
-                pid, uid, _gid = peer_creds(conn)
-                await self._wait_readable(conn)
-                try:
-                    data, owned = recv_message(conn)
-                except BlockingIOError:
-                    return
-                try:
-                    ttl, names = parse_payload(data, len(owned), self._max_ttl)
-                except FdPassError:
-                    owned.close()
-                    raise
-                ttl = ttl or self._default_ttl
-                h = self._handles.add(uid, pid, owned, names, ttl)
-                reply = {"handle": h.id, "count": len(h.fds), "expires_in_s": ttl}
-                log.info("fd handle %s: %d fds from uid %d pid %d", h.id, len(h.fds), uid, pid)
-            except FdPassError as e:
-                reply = {"error": {"code": e.code, "message": e.message}}
-            except TimeoutError:
-                reply = {"error": {"code": "timeout", "message": "no message received in time"}}
+                pid, uid, gid = peer_creds(conn)
+            except OSError:
+                return
+            reply = await self._receive(conn, uid, pid)
+            if self._audit is not None:
+                err = reply.get("error")
+                self._audit(
+                    "send_fds",
+                    Caller(uid=uid, gid=gid, pid=pid),
+                    {"count": reply.get("count")},
+                    err["code"] if isinstance(err, dict) else "ok",
+                    **({"id": reply["handle"]} if "handle" in reply else {}),
+                )
             with contextlib.suppress(OSError):
                 conn.send(json.dumps(reply).encode())
+
+    async def _receive(self, conn: socket.socket, uid: int, pid: int) -> dict[str, Any]:
+        """Take one message off conn; return the reply to send."""
+        try:
+            await self._wait_readable(conn)
+            try:
+                data, owned = recv_message(conn)
+            except BlockingIOError:
+                raise FdPassError("empty", "nothing to read") from None
+            try:
+                ttl, names = parse_payload(data, len(owned), self._max_ttl)
+            except FdPassError:
+                owned.close()
+                raise
+        except FdPassError as e:
+            return {"error": {"code": e.code, "message": e.message}}
+        except TimeoutError:
+            return {"error": {"code": "timeout", "message": "no message received in time"}}
+        ttl = ttl or self._default_ttl
+        h = self._handles.add(uid, pid, owned, names, ttl)
+        log.info("fd handle %s: %d fds from uid %d pid %d", h.id, len(h.fds), uid, pid)
+        return {"handle": h.id, "count": len(h.fds), "expires_in_s": ttl}

@@ -28,8 +28,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from criud.api.app import create_app
 from criud.daemon import procutil
+from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
-from criud.daemon.core import Caller, Core
+from criud.daemon.core import Core
 from criud.daemon.errors import CriuUnavailable
 from criud.daemon.fdpass import peer_creds
 from criud.daemon.fdsock import FdSocketServer
@@ -55,11 +56,15 @@ class PeerCredProtocol(H11Protocol):
         super().connection_made(transport)
         sock: Any = transport.get_extra_info("socket")
         peer: Caller | None = None
+        tcp = False
         if sock is not None and sock.family == socket.AF_UNIX:
             with contextlib.suppress(OSError):
                 pid, uid, gid = peer_creds(sock)
                 peer = Caller(uid=uid, gid=gid, pid=pid)
-        self.app_state = {**self.app_state, "peer": peer}
+        elif sock is not None:
+            # TCP: no credentials to read; the bearer token decides (api.deps).
+            tcp = True
+        self.app_state = {**self.app_state, "peer": peer, "tcp": tcp}
 
 
 class Server(uvicorn.Server):
@@ -117,6 +122,42 @@ def bind_unix(path: Path, kind: int, gid: int | None) -> socket.socket:
     return sock
 
 
+def bind_tcp(listen: str) -> socket.socket:
+    """Bind the optional TCP listener given as tcp://HOST:PORT."""
+    if not listen.startswith("tcp://"):
+        raise StartupError(f"--listen {listen!r}: expected tcp://HOST:PORT")
+    host, sep, port = listen[len("tcp://") :].rpartition(":")
+    if not sep or not port.isdigit():
+        raise StartupError(f"--listen {listen!r}: expected tcp://HOST:PORT")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        raise StartupError(f"--listen {listen!r}: {e.strerror or e}") from e
+    return sock
+
+
+def read_token(path: Path | None) -> str:
+    """Read the TCP bearer token; refuse a missing, short or world-readable one."""
+    if path is None:
+        raise StartupError("--listen needs --token-file: the TCP listener is never open")
+    try:
+        st = os.stat(path)
+        token = path.read_text().strip()
+    except OSError as e:
+        raise StartupError(f"--token-file {path}: {e.strerror}") from e
+    if st.st_mode & 0o077:
+        raise StartupError(f"--token-file {path} is readable by others; chmod 600 it")
+    if len(token) < 16:
+        raise StartupError(f"--token-file {path}: the token must be at least 16 characters")
+    return token
+
+
 def systemd_sockets() -> dict[int, socket.socket]:
     """Sockets passed by systemd socket activation, keyed by SO_TYPE."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
@@ -163,12 +204,18 @@ async def _serve(settings: Settings) -> None:
         fd_sock = bind_unix(settings.fd_socket, socket.SOCK_SEQPACKET, gid)
         bound.append(settings.fd_socket)
 
+    tcp_sock: socket.socket | None = None
+    token: str | None = None
+    if settings.listen:
+        token = read_token(settings.token_file)
+        tcp_sock = bind_tcp(settings.listen)
+
     fd_server = FdSocketServer(
-        fd_sock, core.handles, settings.handle_ttl_s, settings.handle_ttl_max_s
+        fd_sock, core.handles, settings.handle_ttl_s, settings.handle_ttl_max_s, core.record
     )
     fd_server.start()
 
-    app = create_app(core)
+    app = create_app(core, token=token)
     config = uvicorn.Config(
         app,
         http=PeerCredProtocol,
@@ -200,12 +247,14 @@ async def _serve(settings: Settings) -> None:
         core.criu.path,
     )
     try:
-        await server.serve(sockets=[api_sock])
+        await server.serve(sockets=[api_sock, *([tcp_sock] if tcp_sock else [])])
     finally:
         await fd_server.stop()
         await core.stop()
         fd_sock.close()
         api_sock.close()
+        if tcp_sock is not None:
+            tcp_sock.close()
         for p in bound:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)

@@ -16,6 +16,7 @@ def dump_argv(
     *,
     external_unix: tuple[int, ...] = (),
     network_lock: str | None = None,
+    unprivileged: bool = False,
 ) -> list[str]:
     """Return the argv (without the criu binary) that dumps the tree of pid.
 
@@ -34,6 +35,8 @@ def dump_argv(
         DUMP_LOG,
         "-v4",
     ]
+    if unprivileged:
+        argv.append("--unprivileged")
     if opts.leave_running:
         argv.append("--leave-running")
     if opts.shell_job:

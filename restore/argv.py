@@ -17,6 +17,7 @@ def restore_argv(
     inherit: Sequence[tuple[int, str]] = (),
     *,
     network_lock: str | None = None,
+    unprivileged: bool = False,
 ) -> list[str]:
     """Return the argv (without the criu binary) that restores images_dir.
 
@@ -37,6 +38,8 @@ def restore_argv(
         "--pidfile",
         str(images_dir / PIDFILE),
     ]
+    if unprivileged:
+        argv.append("--unprivileged")
     # Options that shaped the dump must be repeated at restore.
     if opts.shell_job:
         argv.append("--shell-job")

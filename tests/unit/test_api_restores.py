@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from criud.api.app import create_app
 from criud.api.restores import parse_signal
-from criud.daemon.core import Caller
+from criud.daemon.caller import Caller
 from criud.daemon.errors import InvalidRequest, RestoreNotFound
 
 PROBLEM = "application/problem+json"

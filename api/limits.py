@@ -1,0 +1,110 @@
+"""Request limits applied before any route sees the body.
+
+A body larger than MAX_BODY gets 413, a JSON document nested deeper than
+MAX_DEPTH gets 422: Python's json module would otherwise recurse until it
+raised RecursionError, which is a 500.  Both answer problem+json.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+MAX_BODY = 1 << 20
+MAX_DEPTH = 32
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of [ and { in a JSON text, ignoring strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == 0x5C:  # backslash
+                escaped = True
+            elif ch == 0x22:  # quote
+                in_string = False
+        elif ch == 0x22:
+            in_string = True
+        elif ch in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+async def _problem(send: Send, status: int, code: str, title: str, detail: str) -> None:
+    body = json.dumps(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class LimitsMiddleware:
+    """Reads the whole body (bounded), checks it, then replays it to the app."""
+
+    def __init__(self, app: ASGIApp, max_body: int = MAX_BODY, max_depth: int = MAX_DEPTH) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.max_depth = max_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await _problem(
+                    send,
+                    413,
+                    "body_too_large",
+                    "Request body too large",
+                    f"request bodies are limited to {self.max_body} bytes",
+                )
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if json_depth(body) > self.max_depth:
+            await _problem(
+                send,
+                422,
+                "invalid_request",
+                "Invalid request",
+                f"JSON nested deeper than {self.max_depth} levels",
+            )
+            return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            message: Any = await receive()
+            return dict(message)
+
+        await self.app(scope, replay, send)
