@@ -67,6 +67,17 @@ class LimitsMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
             return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            # Refuse on the declared length, before reading a byte of it.
+            await _problem(
+                send,
+                413,
+                "body_too_large",
+                "Request body too large",
+                f"request bodies are limited to {self.max_body} bytes",
+            )
+            return
         chunks: list[bytes] = []
         size = 0
         more = True

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 # Linux pids are at most 2^22 (pid_max); anything beyond is refused early.
 PID_MAX = 4_194_304
+
+
+LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}")
+Key = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 
 
 class Strict(BaseModel):
@@ -22,12 +27,26 @@ class CheckpointRequest(Strict):
     tcp_established: bool = False
     ext_unix_sk: bool = False
     file_locks: bool = False
-    external: list[str] = Field(
+    external: list[Key] = Field(
         default_factory=list,
         max_length=64,
         description="Keys (as in the fd manifest) to treat as external",
     )
-    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="At most 64; keys [A-Za-z0-9][A-Za-z0-9_.-/]{0,62}, values up to 256 chars",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, val in v.items():
+            if LABEL_KEY.fullmatch(k) is None:
+                raise ValueError(f"label key {k[:70]!r} must match {LABEL_KEY.pattern}")
+            if len(val) > 256 or "\x00" in val:
+                raise ValueError(f"label {k!r}: values are at most 256 characters, no NUL")
+        return v
 
 
 class FdEntry(BaseModel):

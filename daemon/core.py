@@ -17,7 +17,7 @@ import platform
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,6 +81,26 @@ def _dir_size(path: Path) -> int:
         if entry.is_file(follow_symlinks=False):
             total += entry.stat(follow_symlinks=False).st_size
     return total
+
+
+@contextlib.contextmanager
+def _images_for(path: Path, run_as: tuple[int, int] | None) -> Iterator[tuple[Path, list[int]]]:
+    """The images dir as criu should name it, and the fds it must inherit.
+
+    As root, criu takes the path.  As a tree's owner it could not traverse
+    the 0700 state dir, so the dir (chowned to the owner) is handed over as
+    an open fd and named /proc/self/fd/N: a magic link, which needs no search
+    permission on the path it came from.
+    """
+    if run_as is None:
+        yield path, []
+        return
+    os.chown(path, *run_as)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        yield Path(f"/proc/self/fd/{fd}"), [fd]
+    finally:
+        os.close(fd)
 
 
 def _log_url(ckpt_id: str, op: str) -> str:
@@ -296,6 +316,9 @@ class Core:
             start = procutil.proc_start(pid)
             if start is None:
                 raise ProcessNotFound(f"no process with pid {pid}", pid=pid)
+            # Ownership first: a refused caller leaves no record behind.
+            uids = await asyncio.to_thread(self._tree_uids, pid)
+            self._check_owner(uids, caller, f"checkpoint of pid {pid}")
             if pid in self._busy_pids:
                 raise Busy(f"pid {pid} is being checkpointed already", pid=pid)
             self._busy_pids.add(pid)
@@ -368,6 +391,7 @@ class Core:
             os.mkdir(tmp, 0o700)
             try:
                 tasks = await asyncio.to_thread(fdinfo.read_tree, pid)
+                # Read again with the tree walk: a task may have forked since.
                 uids = await asyncio.to_thread(self._tree_uids, pid)
                 gid = os.stat(f"/proc/{pid}").st_gid
             except (ProcessLookupError, FileNotFoundError):
@@ -378,19 +402,18 @@ class Core:
             manifest["uids"] = {str(p): list(u) for p, u in uids.items()}
             run_as = self._run_as(uids, gid)
             manifest["run_as"] = list(run_as) if run_as else None
-            if run_as is not None:
-                os.chown(tmp, *run_as)
             if procutil.proc_start(pid) != start:
                 raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
-            argv = dump_argv(
-                pid,
-                tmp,
-                opts,
-                external_unix=tuple(mf.external_unix_inodes(manifest, opts.external)),
-                network_lock=self.network_lock(),
-                unprivileged=run_as is not None,
-            )
-            result = await self.criu.run(argv, tmp / DUMP_LOG, run_as=run_as)
+            with _images_for(tmp, run_as) as (images_arg, keep):
+                argv = dump_argv(
+                    pid,
+                    images_arg,
+                    opts,
+                    external_unix=tuple(mf.external_unix_inodes(manifest, opts.external)),
+                    network_lock=self.network_lock(),
+                    unprivileged=run_as is not None,
+                )
+                result = await self.criu.run(argv, tmp / DUMP_LOG, pass_fds=keep, run_as=run_as)
             if not result.ok:
                 await asyncio.to_thread(self._keep_log_only, tmp, final, DUMP_LOG)
                 err = self._criu_error(f"dump of pid {pid}", result, ckpt_id, "dump")
@@ -688,12 +711,20 @@ class Core:
         registered = False
         # Hold orphan sweeps from spawn until the restored root is watched:
         # it is our child from the moment criu forks it.
-        with self.reaper.hold():
+        with self.reaper.hold(), _images_for(images_dir, run_as) as (images_arg, keep):
+            if images_arg != images_dir:
+                argv = restore_argv(
+                    images_arg,
+                    opts,
+                    inherit,
+                    network_lock=self.network_lock(),
+                    unprivileged=True,
+                )
             try:
                 result = await self.criu.run(
                     argv,
                     images_dir / RESTORE_LOG,
-                    pass_fds=[fd for fd, _ in inherit],
+                    pass_fds=[*(fd for fd, _ in inherit), *keep],
                     run_as=run_as,
                 )
                 if not result.ok:

@@ -27,7 +27,9 @@ FEATURES = ("mem_dirty_track", "uffd-noncoop", "pidfd_store", "network_lock_nfta
 # Lines criu logs as "Error" on every run here that do not mean failure:
 # root lacks CAP_SYS_RESOURCE in this kind of VM.  Success is the exit status.
 _HARMLESS = (re.compile(r"RLIMIT_NOFILE"),)
-_ERROR_RE = re.compile(r"^\(\s*[\d.]+\)\s+(?:\d+:\s+)?Error \(([^)]*)\):\s*(.*)$")
+# "(00.012345) Error (file.c:12): msg"; before criu sets its log up the
+# timestamp is missing, and restorer lines carry "pie: PID: " in between.
+_ERROR_RE = re.compile(r"^(?:\(\s*[\d.]+\)\s+)?(?:pie:\s+)?(?:\d+:\s+)?Error \(([^)]*)\):\s*(.*)$")
 _VERSION_RE = re.compile(r"Version:\s*([0-9][0-9.]*)")
 
 
