@@ -476,9 +476,14 @@ class Core:
             return {}
 
     def _criu_error(self, what: str, result: CriuResult, ckpt_id: str, op: str) -> CriudError:
-        reason = result.first_error or f"criu exited {result.returncode} without an error line"
+        rc = result.returncode
+        if rc < 0:
+            how = f"criu was killed by {signal.Signals(-rc).name}"
+        else:
+            how = f"criu exited {rc}"
+        reason = result.first_error or "no error line in its log"
         return CriuFailed(
-            f"{what} failed: criu exited {result.returncode}: {reason}",
+            f"{what} failed: {how}: {reason}",
             criu_error=result.first_error,
             exit_code=result.returncode,
             log_tail=result.log_tail,
