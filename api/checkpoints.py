@@ -42,6 +42,7 @@ def to_model(rec: CheckpointRecord) -> Checkpoint:
         stats=rec.stats,
         fds=[FdEntry(**f) for f in mf.flat_fds(manifest)],
         external=list(manifest.get("external", [])),
+        namespaces=dict(manifest.get("namespaces") or {}),
         error=rec.error,
     )
 

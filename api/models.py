@@ -76,6 +76,10 @@ class Checkpoint(BaseModel):
     stats: dict[str, int] | None = None
     fds: list[FdEntry] = Field(default_factory=list)
     external: list[str] = Field(default_factory=list)
+    namespaces: dict[str, int] = Field(
+        default_factory=dict,
+        description="Namespaces of the tree that differ from the daemon's (dumped), by inode",
+    )
     error: dict[str, Any] | None = None
 
 
@@ -99,7 +103,10 @@ class RestoreRequest(Strict):
 class Restore(BaseModel):
     id: str
     checkpoint: str
-    pid: int | None
+    pid: int | None = Field(description="The restored root's pid on the host")
+    ns_pid: int | None = Field(
+        default=None, description="The restored root's pid inside its own pid namespace"
+    )
     state: str
     started_at: float
     finished_at: float | None = None

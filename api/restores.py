@@ -29,6 +29,7 @@ def to_model(rec: RestoreRecord) -> Restore:
         id=rec.id,
         checkpoint=rec.checkpoint_id,
         pid=rec.pid,
+        ns_pid=rec.ns_pid,
         state=rec.state,
         started_at=rec.started_at,
         finished_at=rec.finished_at,

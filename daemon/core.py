@@ -271,8 +271,15 @@ class Core:
             "features": dict(self.criu.features),
         }
 
-    def network_lock(self) -> str | None:
-        # iptables is often absent; nftables works where the kernel has it.
+    def network_lock(self, needed: bool) -> str | None:
+        """The --network-lock method to pass, chosen by probing.
+
+        criu's default lock runs iptables; where iptables is absent and the
+        kernel supports it, nftables is used instead.  None: pass nothing
+        (no network to lock, or the default works).
+        """
+        if not needed or shutil.which("iptables"):
+            return None
         return "nftables" if self.criu.features.get("network_lock_nftables") else None
 
     # -- checkpoints --------------------------------------------------------------
@@ -328,6 +335,13 @@ class Core:
                 self._busy_pids.discard(pid)
         finally:
             os.close(pidfd)
+
+    @staticmethod
+    def _own_namespaces(pid: int) -> dict[str, int]:
+        """Namespaces of the tree's root that differ from the daemon's: type -> inode."""
+        mine = procutil.namespaces("self")
+        theirs = procutil.namespaces(pid)
+        return {ns: ino for ns, ino in theirs.items() if mine.get(ns) != ino}
 
     @staticmethod
     def _tree_uids(pid: int) -> dict[int, tuple[int, int]]:
@@ -402,6 +416,13 @@ class Core:
             manifest["uids"] = {str(p): list(u) for p, u in uids.items()}
             run_as = self._run_as(uids, gid)
             manifest["run_as"] = list(run_as) if run_as else None
+            own_ns = self._own_namespaces(pid)
+            manifest["namespaces"] = own_ns
+            # The tree is the init of a pid namespace of its own: its image
+            # pids live in that namespace and never collide with the host's.
+            manifest["pidns_init"] = "pid" in own_ns and procutil.ns_pids(pid)[-1:] == [1]
+            lock = self.network_lock(opts.tcp_established or "net" in own_ns)
+            manifest["network_lock"] = lock
             if procutil.proc_start(pid) != start:
                 raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
             with _images_for(tmp, run_as) as (images_arg, keep):
@@ -410,7 +431,7 @@ class Core:
                     images_arg,
                     opts,
                     external_unix=tuple(mf.external_unix_inodes(manifest, opts.external)),
-                    network_lock=self.network_lock(),
+                    network_lock=lock,
                     unprivileged=run_as is not None,
                 )
                 result = await self.criu.run(argv, tmp / DUMP_LOG, pass_fds=keep, run_as=run_as)
@@ -477,10 +498,7 @@ class Core:
 
     def _criu_error(self, what: str, result: CriuResult, ckpt_id: str, op: str) -> CriudError:
         rc = result.returncode
-        if rc < 0:
-            how = f"criu was killed by {signal.Signals(-rc).name}"
-        else:
-            how = f"criu exited {rc}"
+        how = f"criu was killed by {signal.Signals(-rc).name}" if rc < 0 else f"criu exited {rc}"
         reason = result.first_error or "no error line in its log"
         return CriuFailed(
             f"{what} failed: {how}: {reason}",
@@ -687,7 +705,10 @@ class Core:
         except (OSError, images.ImageError) as e:
             raise CheckpointNotReady(f"checkpoint {ckpt.id} has no readable pstree.img: {e}") from e
         pids = sorted({p for t in tree for p in [t["pid"], *t["threads"]]})
-        await self._wait_pids_free(pids)
+        if not (ckpt.manifest or {}).get("pidns_init"):
+            # A tree in a pid namespace of its own gets a fresh namespace at
+            # restore: its pids cannot be taken.  Otherwise they must be free.
+            await self._wait_pids_free(pids)
 
         restore_id = names.new_id()
         rec = RestoreRecord(
@@ -700,13 +721,14 @@ class Core:
         await self.store.run(self.store.insert_restore, rec)
         pidfile = images_dir / PIDFILE
         opts = DumpOptions.from_dict(ckpt.options)
+        lock = (ckpt.manifest or {}).get("network_lock")
         run_as_list = (ckpt.manifest or {}).get("run_as")
         run_as = (int(run_as_list[0]), int(run_as_list[1])) if run_as_list else None
         argv = restore_argv(
             images_dir,
             opts,
             inherit,
-            network_lock=self.network_lock(),
+            network_lock=lock,
             unprivileged=run_as is not None,
         )
         stats_path = images_dir / "stats-restore"
@@ -722,7 +744,7 @@ class Core:
                     images_arg,
                     opts,
                     inherit,
-                    network_lock=self.network_lock(),
+                    network_lock=lock,
                     unprivileged=True,
                 )
             try:
@@ -754,6 +776,7 @@ class Core:
                     restore_id,
                     state="running",
                     pid=root,
+                    ns_pid=(procutil.ns_pids(root) or [root])[-1],
                     proc_start=start,
                     stats=stats,
                 )

@@ -66,3 +66,29 @@ def children(pid: int) -> list[int]:
         except OSError:
             continue
     return out
+
+
+NS_TYPES = ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts")
+
+
+def namespaces(pid: int | str) -> dict[str, int]:
+    """Namespace inode of each type for pid ("self" for the daemon)."""
+    out: dict[str, int] = {}
+    for ns in NS_TYPES:
+        try:
+            out[ns] = os.stat(f"/proc/{pid}/ns/{ns}").st_ino
+        except OSError:
+            continue
+    return out
+
+
+def ns_pids(pid: int) -> list[int]:
+    """pid as seen in each nested pid namespace, outermost first (NSpid)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(x) for x in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return []

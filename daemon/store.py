@@ -70,9 +70,12 @@ CREATE TABLE IF NOT EXISTS restores (
     stats TEXT,
     error TEXT,
     owner_uid INTEGER NOT NULL,
-    proc_start INTEGER
+    proc_start INTEGER,
+    ns_pid INTEGER
 );
 """
+# Columns added after the first release: (table, column, type).
+_MIGRATIONS = (("restores", "ns_pid", "INTEGER"),)
 
 
 class NameConflict(Exception):
@@ -111,6 +114,9 @@ class RestoreRecord:
     stats: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     proc_start: int | None = None
+    # The root's pid inside its own pid namespace (== pid on the host when
+    # the tree shares the daemon's).
+    ns_pid: int | None = None
 
 
 _JSON_FIELDS = {"options", "labels", "stats", "manifest", "error"}
@@ -158,6 +164,10 @@ class Store:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
+        for table, column, kind in _MIGRATIONS:
+            have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._db = db
 
     def close(self) -> None:

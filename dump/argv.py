@@ -22,7 +22,9 @@ def dump_argv(
 
     external_unix holds inodes of unix sockets whose peer lives outside the
     tree and which the caller declared external: criu dumps them as such and
-    the restore must hand in a replacement.
+    the restore must hand in a replacement.  network_lock is given when the
+    dump locks a network (TCP connections, or a network namespace of its
+    own) and criu's default (iptables) is not available.
     """
     argv = [
         "dump",
@@ -47,7 +49,7 @@ def dump_argv(
         argv.append("--ext-unix-sk")
     if opts.file_locks:
         argv.append("--file-locks")
-    if network_lock and opts.tcp_established:
+    if network_lock:
         argv += ["--network-lock", network_lock]
     for ino in external_unix:
         argv += ["--external", f"unix[{ino}]"]

@@ -45,8 +45,8 @@ def restore_argv(
         argv.append("--shell-job")
     if opts.tcp_established:
         argv.append("--tcp-established")
-        if network_lock:
-            argv += ["--network-lock", network_lock]
+    if network_lock:
+        argv += ["--network-lock", network_lock]
     if opts.ext_unix_sk:
         argv.append("--ext-unix-sk")
     if opts.file_locks:

@@ -58,10 +58,15 @@ def test_all_options_in_order() -> None:
     ]
 
 
-def test_network_lock_only_with_tcp_established() -> None:
-    without = dump_argv(42, D, DumpOptions(), network_lock="nftables")
-    assert without == BASE
-    assert "--network-lock" not in without
+def test_network_lock_passed_whenever_given() -> None:
+    # The core decides when a lock is needed (TCP, or a netns of the tree's
+    # own) and which; the builder passes what it is given.
+    assert dump_argv(42, D, DumpOptions(), network_lock=None) == BASE
+    assert dump_argv(42, D, DumpOptions(), network_lock="nftables") == [
+        *BASE,
+        "--network-lock",
+        "nftables",
+    ]
     with_tcp = dump_argv(42, D, DumpOptions(tcp_established=True), network_lock="nftables")
     assert with_tcp[-3:] == ["--tcp-established", "--network-lock", "nftables"]
 

@@ -66,8 +66,13 @@ def test_inherit_fd_pairs_in_order() -> None:
     ]
 
 
-def test_network_lock_only_with_tcp_established() -> None:
-    assert restore_argv(D, DumpOptions(), network_lock="nftables") == BASE
+def test_network_lock_passed_whenever_given() -> None:
+    assert restore_argv(D, DumpOptions(), network_lock=None) == BASE
+    assert restore_argv(D, DumpOptions(), network_lock="nftables") == [
+        *BASE,
+        "--network-lock",
+        "nftables",
+    ]
     argv = restore_argv(D, DumpOptions(tcp_established=True), network_lock="nftables")
     assert argv == [*BASE, "--tcp-established", "--network-lock", "nftables"]
     argv = restore_argv(D, DumpOptions(tcp_established=True), network_lock=None)
