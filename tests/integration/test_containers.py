@@ -61,7 +61,7 @@ def test_pid_uts_ipc_net_namespaced_tree(daemon: Daemon, procs: Procs) -> None:
     init = _ns_init(u)
     first = _num(read_line(r))
     with open(f"/proc/{init}/status") as f:
-        assert "NSpid:\t%d\t1\n" % init in f.read()
+        assert f"NSpid:\t{init}\t1\n" in f.read()
 
     ck = daemon.client.checkpoint(init, name="ns-tree")
     assert ck["state"] == "done"
