@@ -57,6 +57,7 @@ async def create_checkpoint(body: CheckpointRequest, c: CoreDep, who: CallerDep)
         ext_unix_sk=body.ext_unix_sk,
         file_locks=body.file_locks,
         external=tuple(body.external),
+        external_namespaces=tuple((n.type, n.key) for n in body.external_namespaces),
     )
     spec = CheckpointSpec(pid=body.pid, name=body.name, options=opts, labels=body.labels)
     return to_model(await c.checkpoint(spec, who))

@@ -19,6 +19,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ExternalNamespace(Strict):
+    type: Literal["net"] = Field(description="Namespace type (net)")
+    key: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
 class CheckpointRequest(Strict):
     pid: int = Field(ge=1, le=PID_MAX, description="Root of the process tree to dump")
     name: str | None = Field(default=None, max_length=128)
@@ -31,6 +36,11 @@ class CheckpointRequest(Strict):
         default_factory=list,
         max_length=64,
         description="Keys (as in the fd manifest) to treat as external",
+    )
+    external_namespaces: list[ExternalNamespace] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Namespaces to leave out of the image; the restore hands one in by key",
     )
     labels: dict[str, str] = Field(
         default_factory=dict,
@@ -98,6 +108,11 @@ class InheritFd(Strict):
 class RestoreRequest(Strict):
     checkpoint: str = Field(max_length=128)
     inherit_fds: list[InheritFd] = Field(default_factory=list, max_length=64)
+    cgroup: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Place the restored tree in this cgroup (beneath /criud/ by default)",
+    )
 
 
 class Restore(BaseModel):

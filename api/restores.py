@@ -44,7 +44,11 @@ def to_model(rec: RestoreRecord) -> Restore:
 async def create_restore(body: RestoreRequest, c: CoreDep, who: CallerDep) -> Restore:
     """Restore a checkpoint; inherit_fds name what each handed-in fd replaces."""
     inherit = tuple(InheritSpec(**m.model_dump()) for m in body.inherit_fds)
-    return to_model(await c.restore(RestoreSpec(checkpoint=body.checkpoint, inherit=inherit), who))
+    return to_model(
+        await c.restore(
+            RestoreSpec(checkpoint=body.checkpoint, inherit=inherit, cgroup=body.cgroup), who
+        )
+    )
 
 
 @router.get("", response_model=list[Restore], responses=ERRORS)

@@ -23,6 +23,9 @@ class Settings:
     # Optional TCP listener ("tcp://127.0.0.1:PORT"), token-authenticated.
     listen: str | None = None
     token_file: Path | None = None
+    # Restores may be placed only in cgroups beneath this one (in every
+    # hierarchy); it is created on demand.
+    cgroup_parent: str = "criud"
     # How long a received fd handle lives when the client does not say.
     handle_ttl_s: float = 300.0
     handle_ttl_max_s: float = 3600.0

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import time
@@ -33,6 +34,7 @@ from criud.daemon.errors import (
     CheckpointNotReady,
     CriudError,
     CriuFailed,
+    InvalidCgroup,
     InvalidRequest,
     LogNotFound,
     NotRunning,
@@ -41,6 +43,7 @@ from criud.daemon.errors import (
     ProcessNotFound,
     RestoreNotFound,
     ShuttingDown,
+    WrongFdType,
 )
 from criud.daemon.fdpass import OwnedFds
 from criud.daemon.handles import FdHandle, HandleStore
@@ -73,6 +76,24 @@ class CheckpointSpec:
 class RestoreSpec:
     checkpoint: str
     inherit: tuple[mappings.InheritSpec, ...] = ()
+    # A cgroup path beneath settings.cgroup_parent to place the tree in.
+    cgroup: str | None = None
+
+
+_CGROUP_RE = re.compile(r"/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*/?")
+
+
+def check_cgroup(path: str, parent: str) -> str:
+    """Normalise a restore's cgroup path; it must lie strictly beneath parent."""
+    if len(path) > 256 or _CGROUP_RE.fullmatch(path) is None:
+        raise InvalidCgroup(f"cgroup {path!r}: use names of [A-Za-z0-9_.-] joined by /")
+    parts = path.strip("/").split("/")
+    if any(p in (".", "..") for p in parts):
+        raise InvalidCgroup(f"cgroup {path!r}: no . or .. components")
+    base = parent.strip("/").split("/")
+    if parts[: len(base)] != base or len(parts) <= len(base):
+        raise InvalidCgroup(f"cgroup {path!r} must lie beneath /{'/'.join(base)}/")
+    return "/" + "/".join(parts)
 
 
 def _dir_size(path: Path) -> int:
@@ -337,6 +358,25 @@ class Core:
             os.close(pidfd)
 
     @staticmethod
+    def _external_namespaces(
+        pid: int, opts: DumpOptions, own_ns: dict[str, int], manifest: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Check the namespaces the caller wants left out; return them with inodes."""
+        out: list[dict[str, Any]] = []
+        fd_keys = mf.all_keys(manifest)
+        for ns_type, key in opts.external_namespaces:
+            if ns_type not in own_ns:
+                raise InvalidRequest(
+                    f"external namespace {key!r}: pid {pid} shares the daemon's {ns_type} "
+                    "namespace, so there is none of its own to leave out",
+                    key=key,
+                )
+            if key in fd_keys or any(n["key"] == key for n in out):
+                raise InvalidRequest(f"external namespace key {key!r} is used twice", key=key)
+            out.append({"type": ns_type, "key": key, "ino": own_ns[ns_type]})
+        return out
+
+    @staticmethod
     def _own_namespaces(pid: int) -> dict[str, int]:
         """Namespaces of the tree's root that differ from the daemon's: type -> inode."""
         mine = procutil.namespaces("self")
@@ -423,6 +463,8 @@ class Core:
             manifest["pidns_init"] = "pid" in own_ns and procutil.ns_pids(pid)[-1:] == [1]
             lock = self.network_lock(opts.tcp_established or "net" in own_ns)
             manifest["network_lock"] = lock
+            manifest["ext_namespaces"] = self._external_namespaces(pid, opts, own_ns, manifest)
+            manifest["external"] += [n["key"] for n in manifest["ext_namespaces"]]
             if procutil.proc_start(pid) != start:
                 raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
             with _images_for(tmp, run_as) as (images_arg, keep):
@@ -433,6 +475,9 @@ class Core:
                     external_unix=tuple(mf.external_unix_inodes(manifest, opts.external)),
                     network_lock=lock,
                     unprivileged=run_as is not None,
+                    external_ns=tuple(
+                        (n["type"], n["ino"], n["key"]) for n in manifest["ext_namespaces"]
+                    ),
                 )
                 result = await self.criu.run(argv, tmp / DUMP_LOG, pass_fds=keep, run_as=run_as)
             if not result.ok:
@@ -629,6 +674,7 @@ class Core:
             f"restore of checkpoint {ckpt.id}",
         )
         resolved = mappings.resolve(spec.inherit, manifest)
+        cgroup = check_cgroup(spec.cgroup, self.settings.cgroup_parent) if spec.cgroup else None
         self._busy_ckpts.add(ckpt.id)
         leased: list[FdHandle] = []
         opened = OwnedFds()
@@ -659,7 +705,8 @@ class Core:
                 opened = OwnedFds(fds)
                 path_keys = [r.key for r in resolved if r.spec.path is not None]
                 inherit.extend(zip(opened.fds, path_keys, strict=True))
-            rec = await self._run_restore(ckpt, inherit, caller)
+            self._check_fd_types(inherit, manifest)
+            rec = await self._run_restore(ckpt, inherit, caller, cgroup)
             ok = True
             return rec
         finally:
@@ -667,6 +714,22 @@ class Core:
             for h in leased:
                 self.handles.release(h, consumed=ok)
             self._busy_ckpts.discard(ckpt.id)
+
+    @staticmethod
+    def _check_fd_types(inherit: Sequence[tuple[int, str]], manifest: dict[str, Any]) -> None:
+        """A namespace key needs an fd of a namespace of its type, nothing else."""
+        for fd, key in inherit:
+            ns_type = mf.namespace_type(manifest, key)
+            if ns_type is None:
+                continue
+            got = procutil.ns_type_of(fd)
+            if got != ns_type:
+                what = f"a {got} namespace" if got else "no namespace"
+                raise WrongFdType(
+                    f"{key!r} needs an fd of a {ns_type} namespace; the fd given is {what}",
+                    key=key,
+                    got=got,
+                )
 
     def _open_paths(self, paths: Sequence[tuple[str, str]], caller: Caller) -> list[int]:
         out: list[int] = []
@@ -677,6 +740,21 @@ class Core:
         except BaseException:
             OwnedFds(out).close()
             raise
+        return out
+
+    @staticmethod
+    def _make_cgroups(cgroup: str) -> list[str]:
+        """Create cgroup in every hierarchy we place restores in; return its cgroup.procs."""
+        out: list[str] = []
+        for mount in procutil.cgroup_mounts():
+            d = Path(mount) / cgroup.lstrip("/")
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InvalidCgroup(f"cannot create cgroup {d}: {e.strerror}") from e
+            out.append(str(d / "cgroup.procs"))
+        if not out:
+            raise InvalidCgroup("no cgroup hierarchy with freezer, memory, pids or v2 is mounted")
         return out
 
     async def _wait_pids_free(self, pids: Sequence[int]) -> None:
@@ -697,7 +775,11 @@ class Core:
             await asyncio.sleep(0.05)
 
     async def _run_restore(
-        self, ckpt: CheckpointRecord, inherit: list[tuple[int, str]], caller: Caller
+        self,
+        ckpt: CheckpointRecord,
+        inherit: list[tuple[int, str]],
+        caller: Caller,
+        cgroup: str | None = None,
     ) -> RestoreRecord:
         images_dir = self.settings.checkpoints_dir / ckpt.id
         try:
@@ -724,12 +806,16 @@ class Core:
         lock = (ckpt.manifest or {}).get("network_lock")
         run_as_list = (ckpt.manifest or {}).get("run_as")
         run_as = (int(run_as_list[0]), int(run_as_list[1])) if run_as_list else None
+        procs_files: list[str] = []
+        if cgroup is not None:
+            procs_files = await asyncio.to_thread(self._make_cgroups, cgroup)
         argv = restore_argv(
             images_dir,
             opts,
             inherit,
             network_lock=lock,
             unprivileged=run_as is not None,
+            cgroup_root=cgroup,
         )
         stats_path = images_dir / "stats-restore"
         for stale in (pidfile, stats_path, images_dir / RESTORE_LOG):
@@ -746,6 +832,7 @@ class Core:
                     inherit,
                     network_lock=lock,
                     unprivileged=True,
+                    cgroup_root=cgroup,
                 )
             try:
                 result = await self.criu.run(
@@ -753,6 +840,7 @@ class Core:
                     images_dir / RESTORE_LOG,
                     pass_fds=[*(fd for fd, _ in inherit), *keep],
                     run_as=run_as,
+                    cgroup_procs=procs_files,
                 )
                 if not result.ok:
                     err = self._criu_error(

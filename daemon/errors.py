@@ -175,3 +175,77 @@ class Unauthorized(CriudError):
     status = 401
     code = "unauthorized"
     title = "Authentication required"
+
+
+# -- criu refused, by cause ------------------------------------------------------
+# criud.daemon.criu_errors maps criu's log to these codes; each is a CriuFailed,
+# so code that handles "criu failed" keeps working.  Two causes reuse existing
+# classes: pid_in_use (PidInUse) and permission_denied (PermissionDenied).
+
+
+class ExternalUnixSocket(CriuFailed):
+    status = 422
+    code = "external_unix_socket"
+    title = "A unix socket's peer is outside the tree"
+
+
+class TcpEstablishedNeeded(CriuFailed):
+    status = 422
+    code = "tcp_established_needed"
+    title = "The tree has established TCP connections"
+
+
+class ShellJobNeeded(CriuFailed):
+    status = 422
+    code = "shell_job_needed"
+    title = "The tree is a shell job"
+
+
+class FileLocksNeeded(CriuFailed):
+    status = 422
+    code = "file_locks_needed"
+    title = "The tree holds file locks"
+
+
+class GhostFileTooBig(CriuFailed):
+    status = 422
+    code = "ghost_file_too_big"
+    title = "A deleted open file is too big to dump"
+
+
+class PidNsNotRooted(CriuFailed):
+    status = 422
+    code = "pid_ns_not_rooted"
+    title = "The tree is not rooted at its pid namespace's init"
+
+
+class FileSizeChanged(CriuFailed):
+    status = 422
+    code = "file_size_changed"
+    title = "A file changed size since the checkpoint"
+
+
+class ProcessGone(CriuFailed):
+    """The target exited or was killed while criu worked on it."""
+
+    status = 409
+    code = "process_gone"
+    title = "The process went away during the operation"
+
+
+class NoSpace(CriuFailed):
+    status = 507
+    code = "no_space"
+    title = "No space left for the images"
+
+
+class WrongFdType(CriudError):
+    status = 422
+    code = "wrong_fd_type"
+    title = "The fd is not of the kind the key needs"
+
+
+class InvalidCgroup(CriudError):
+    status = 422
+    code = "invalid_cgroup"
+    title = "Invalid cgroup"

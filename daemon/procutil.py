@@ -92,3 +92,51 @@ def ns_pids(pid: int) -> list[int]:
     except (OSError, ValueError):
         pass
     return []
+
+
+# The v1 controllers a restore is placed in (besides the v2 hierarchy).
+CGROUP_V1_CONTROLLERS = ("freezer", "memory", "pids")
+
+
+def cgroup_mounts() -> list[str]:
+    """Mount points of the cgroup hierarchies a restore is placed in.
+
+    v1 hierarchies carrying freezer, memory or pids, and the v2 (unified)
+    hierarchy wherever it is mounted, read from /proc/self/mountinfo.
+    """
+    out: list[str] = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, _, options = [*right.split(), "", "", ""][:3]
+            mount_point = left.split()[4]
+            if fstype == "cgroup2" or (
+                fstype == "cgroup" and set(options.split(",")) & set(CGROUP_V1_CONTROLLERS)
+            ):
+                out.append(mount_point)
+    return out
+
+
+# ioctl(fd, NS_GET_NSTYPE) answers the CLONE_NEW* flag of a namespace fd,
+# however it was opened (/proc/PID/ns/net, or a bind mount like /run/netns/x).
+NS_GET_NSTYPE = 0xB703
+_CLONE_FLAGS = {
+    0x00020000: "mnt",
+    0x02000000: "cgroup",
+    0x04000000: "uts",
+    0x08000000: "ipc",
+    0x10000000: "user",
+    0x20000000: "pid",
+    0x40000000: "net",
+    0x00000080: "time",
+}
+
+
+def ns_type_of(fd: int) -> str | None:
+    """The namespace type behind fd, or None if it is not a namespace."""
+    import fcntl
+
+    try:
+        return _CLONE_FLAGS.get(fcntl.ioctl(fd, NS_GET_NSTYPE))
+    except OSError:
+        return None

@@ -17,6 +17,7 @@ def dump_argv(
     external_unix: tuple[int, ...] = (),
     network_lock: str | None = None,
     unprivileged: bool = False,
+    external_ns: tuple[tuple[str, int, str], ...] = (),
 ) -> list[str]:
     """Return the argv (without the criu binary) that dumps the tree of pid.
 
@@ -53,4 +54,8 @@ def dump_argv(
         argv += ["--network-lock", network_lock]
     for ino in external_unix:
         argv += ["--external", f"unix[{ino}]"]
+    # (type, inode, key): the namespace stays out of the image; a restore
+    # joins whatever namespace is handed in for the key.
+    for ns_type, ino, key in external_ns:
+        argv += ["--external", f"{ns_type}[{ino}]:{key}"]
     return argv

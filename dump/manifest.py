@@ -54,8 +54,18 @@ def external_unix_inodes(manifest: dict[str, Any], declared: Iterable[str]) -> l
 
 
 def all_keys(manifest: dict[str, Any]) -> set[str]:
-    """Every key some task held."""
-    return {f["key"] for t in manifest["tasks"] for f in t["fds"]}
+    """Every key a restore may map: fds some task held, and external namespaces."""
+    keys = {f["key"] for t in manifest["tasks"] for f in t["fds"]}
+    keys.update(n["key"] for n in manifest.get("ext_namespaces") or ())
+    return keys
+
+
+def namespace_type(manifest: dict[str, Any], key: str) -> str | None:
+    """The namespace type behind an external-namespace key, or None for fd keys."""
+    for n in manifest.get("ext_namespaces") or ():
+        if n["key"] == key:
+            return str(n["type"])
+    return None
 
 
 def key_of(manifest: dict[str, Any], pid: int, fd: int) -> str | None:

@@ -16,10 +16,14 @@ class DumpOptions:
     file_locks: bool = False
     # Keys (as in the manifest) the caller declares external.
     external: tuple[str, ...] = ()
+    # Namespaces left out of the image, as (type, key): the restore must hand
+    # in an fd of a namespace of that type for the key.
+    external_namespaces: tuple[tuple[str, str], ...] = ()
 
     def as_dict(self) -> dict[str, object]:
         d = dataclasses.asdict(self)
         d["external"] = list(self.external)
+        d["external_namespaces"] = [{"type": t, "key": k} for t, k in self.external_namespaces]
         return d
 
     @classmethod
@@ -27,4 +31,8 @@ class DumpOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw["external"] = tuple(kw.get("external") or ())  # type: ignore[arg-type]
+        kw["external_namespaces"] = tuple(
+            (str(n["type"]), str(n["key"]))
+            for n in kw.get("external_namespaces") or ()  # type: ignore[attr-defined]
+        )
         return cls(**kw)  # type: ignore[arg-type]

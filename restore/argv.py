@@ -18,6 +18,7 @@ def restore_argv(
     *,
     network_lock: str | None = None,
     unprivileged: bool = False,
+    cgroup_root: str | None = None,
 ) -> list[str]:
     """Return the argv (without the criu binary) that restores images_dir.
 
@@ -51,6 +52,11 @@ def restore_argv(
         argv.append("--ext-unix-sk")
     if opts.file_locks:
         argv.append("--file-locks")
+    if cgroup_root:
+        # Re-roots the cgroups an image carries; a tree dumped from criu's
+        # own cgroups carries none and inherits criu's (which the daemon
+        # places in the target cgroup before exec).
+        argv += ["--cgroup-root", cgroup_root]
     for fd, key in inherit:
         argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
     return argv
