@@ -8,13 +8,16 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 MYPY_TREE = build/mypy-src
 
-.PHONY: run test criu venv lint typecheck unit integration bench bench-quick soak clean
+.PHONY: run test test-deps criu venv lint typecheck unit integration bench bench-quick soak clean
 
 run: criu venv
 	$(VENV)/bin/criud serve
 
-test: criu venv lint typecheck
+test: criu test-deps venv lint typecheck
 	$(PY) -m pytest -q tests
+
+test-deps:
+	bash deploy/install-test-deps
 
 criu:
 	bash deploy/install-criu

@@ -59,7 +59,13 @@ async def create_checkpoint(body: CheckpointRequest, c: CoreDep, who: CallerDep)
         external=tuple(body.external),
         external_namespaces=tuple((n.type, n.key) for n in body.external_namespaces),
     )
-    spec = CheckpointSpec(pid=body.pid, name=body.name, options=opts, labels=body.labels)
+    spec = CheckpointSpec(
+        pid=body.pid,
+        name=body.name,
+        options=opts,
+        labels=body.labels,
+        oci_bundle=body.oci.bundle if body.oci else None,
+    )
     return to_model(await c.checkpoint(spec, who))
 
 

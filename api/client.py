@@ -146,12 +146,14 @@ class Client:
         fds: Mapping[InheritKey, FdLike] | None = None,
         paths: Mapping[str, tuple[str, str]] | None = None,
         inherit_fds: Sequence[dict[str, Any]] = (),
+        **fields: Any,
     ) -> dict[str, Any]:
         """Restore checkpoint, replacing external resources.
 
         fds maps a key or a (pid, fd) pair to a fresh fd; they are sent over
         the fd socket first.  paths maps a key to (path, mode) for the daemon
-        to open.  inherit_fds passes raw mappings through.
+        to open.  inherit_fds passes raw mappings through; other keyword
+        arguments (cgroup, oci) go into the request body as they are.
         """
         mappings: list[dict[str, Any]] = list(inherit_fds)
         if fds:
@@ -166,7 +168,7 @@ class Client:
                 mappings.append(m)
         for key, (path, mode) in (paths or {}).items():
             mappings.append({"key": key, "path": path, "mode": mode})
-        body = {"checkpoint": checkpoint, "inherit_fds": mappings}
+        body = {"checkpoint": checkpoint, "inherit_fds": mappings, **fields}
         return dict(self.request("POST", "/v1/restores", body)[1])
 
     def restores(self) -> list[dict[str, Any]]:

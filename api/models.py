@@ -24,6 +24,17 @@ class ExternalNamespace(Strict):
     key: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+class OciRef(Strict):
+    """A runc container's OCI bundle (the directory holding config.json)."""
+
+    bundle: str = Field(min_length=1, max_length=4096, pattern=r"^/")
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="At restore: the new container's name (its default cgroup is /NAME)",
+    )
+
+
 class CheckpointRequest(Strict):
     pid: int = Field(ge=1, le=PID_MAX, description="Root of the process tree to dump")
     name: str | None = Field(default=None, max_length=128)
@@ -36,6 +47,9 @@ class CheckpointRequest(Strict):
         default_factory=list,
         max_length=64,
         description="Keys (as in the fd manifest) to treat as external",
+    )
+    oci: OciRef | None = Field(
+        default=None, description="Derive criu options from this runc container's bundle"
     )
     external_namespaces: list[ExternalNamespace] = Field(
         default_factory=list,
@@ -112,6 +126,10 @@ class RestoreRequest(Strict):
         default=None,
         max_length=256,
         description="Place the restored tree in this cgroup (beneath /criud/ by default)",
+    )
+    oci: OciRef | None = Field(
+        default=None,
+        description="For an OCI container: the bundle to restore into (default: its own)",
     )
 
 

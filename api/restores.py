@@ -46,7 +46,14 @@ async def create_restore(body: RestoreRequest, c: CoreDep, who: CallerDep) -> Re
     inherit = tuple(InheritSpec(**m.model_dump()) for m in body.inherit_fds)
     return to_model(
         await c.restore(
-            RestoreSpec(checkpoint=body.checkpoint, inherit=inherit, cgroup=body.cgroup), who
+            RestoreSpec(
+                checkpoint=body.checkpoint,
+                inherit=inherit,
+                cgroup=body.cgroup,
+                oci_bundle=body.oci.bundle if body.oci else None,
+                oci_name=body.oci.name if body.oci else None,
+            ),
+            who,
         )
     )
 

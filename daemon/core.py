@@ -34,6 +34,7 @@ from criud.daemon.errors import (
     CheckpointNotReady,
     CriudError,
     CriuFailed,
+    InvalidBundle,
     InvalidCgroup,
     InvalidRequest,
     LogNotFound,
@@ -50,7 +51,7 @@ from criud.daemon.handles import FdHandle, HandleStore
 from criud.daemon.reaper import Reaper
 from criud.daemon.store import CheckpointRecord, NameConflict, RestoreRecord, Store
 from criud.dump import fds as fdinfo
-from criud.dump import images
+from criud.dump import images, oci
 from criud.dump import manifest as mf
 from criud.dump.argv import DUMP_LOG, dump_argv
 from criud.dump.options import DumpOptions
@@ -70,6 +71,9 @@ class CheckpointSpec:
     name: str | None
     options: DumpOptions
     labels: dict[str, str]
+    # The OCI bundle of a runc container whose init is pid: criu options
+    # are derived from its config.json as runc derives them.
+    oci_bundle: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +82,10 @@ class RestoreSpec:
     inherit: tuple[mappings.InheritSpec, ...] = ()
     # A cgroup path beneath settings.cgroup_parent to place the tree in.
     cgroup: str | None = None
+    # For a checkpoint of an OCI container: the bundle to restore into (the
+    # checkpoint's own when None) and the new container's name.
+    oci_bundle: str | None = None
+    oci_name: str | None = None
 
 
 _CGROUP_RE = re.compile(r"/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*/?")
@@ -344,6 +352,9 @@ class Core:
             start = procutil.proc_start(pid)
             if start is None:
                 raise ProcessNotFound(f"no process with pid {pid}", pid=pid)
+            if spec.oci_bundle is not None and not caller.is_root:
+                # Restoring a bundle writes mountpoints into its rootfs as root.
+                raise PermissionDenied("OCI bundles are for root callers only")
             # Ownership first: a refused caller leaves no record behind.
             uids = await asyncio.to_thread(self._tree_uids, pid)
             self._check_owner(uids, caller, f"checkpoint of pid {pid}")
@@ -356,6 +367,27 @@ class Core:
                 self._busy_pids.discard(pid)
         finally:
             os.close(pidfd)
+
+    @staticmethod
+    def _oci_probe(bundle: str, pid: int) -> dict[str, Any]:
+        """Read an OCI bundle and check pid is its container's init; return the record."""
+        try:
+            spec = oci.load_spec(bundle)
+            return oci.to_record(spec, oci.probe(spec, pid))
+        except oci.OciError as e:
+            raise InvalidBundle(str(e), bundle=bundle) from e
+
+    @staticmethod
+    def _oci_prepare(saved: dict[str, Any], bundle: str) -> tuple[oci.OciSpec, dict[str, str]]:
+        """Load the bundle to restore into, check it fits, create its mountpoints."""
+        try:
+            new_spec = oci.load_spec(bundle)
+            oci.check_compatible(saved, new_spec)
+            ns_files = oci.restore_ns_files(saved, new_spec)
+            oci.ensure_mountpoints(new_spec)
+        except oci.OciError as e:
+            raise InvalidBundle(str(e), bundle=bundle) from e
+        return new_spec, ns_files
 
     @staticmethod
     def _external_namespaces(
@@ -465,6 +497,12 @@ class Core:
             manifest["network_lock"] = lock
             manifest["ext_namespaces"] = self._external_namespaces(pid, opts, own_ns, manifest)
             manifest["external"] += [n["key"] for n in manifest["ext_namespaces"]]
+            oci_extra: tuple[str, ...] = ()
+            if spec.oci_bundle is not None:
+                manifest["oci"] = await asyncio.to_thread(self._oci_probe, spec.oci_bundle, pid)
+                # The bundle's arguments carry the network lock themselves.
+                oci_extra = tuple(oci.dump_args_from_record(manifest["oci"], network_lock=lock))
+                lock = None
             if procutil.proc_start(pid) != start:
                 raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
             with _images_for(tmp, run_as) as (images_arg, keep):
@@ -478,6 +516,7 @@ class Core:
                     external_ns=tuple(
                         (n["type"], n["ino"], n["key"]) for n in manifest["ext_namespaces"]
                     ),
+                    extra=oci_extra,
                 )
                 result = await self.criu.run(argv, tmp / DUMP_LOG, pass_fds=keep, run_as=run_as)
             if not result.ok:
@@ -675,6 +714,11 @@ class Core:
         )
         resolved = mappings.resolve(spec.inherit, manifest)
         cgroup = check_cgroup(spec.cgroup, self.settings.cgroup_parent) if spec.cgroup else None
+        saved_oci = manifest.get("oci")
+        if spec.oci_bundle is not None and saved_oci is None:
+            raise InvalidBundle(f"checkpoint {ckpt.id} is not of an OCI container")
+        if saved_oci is not None and not caller.is_root:
+            raise PermissionDenied("OCI bundles are for root callers only")
         self._busy_ckpts.add(ckpt.id)
         leased: list[FdHandle] = []
         opened = OwnedFds()
@@ -706,7 +750,34 @@ class Core:
                 path_keys = [r.key for r in resolved if r.spec.path is not None]
                 inherit.extend(zip(opened.fds, path_keys, strict=True))
             self._check_fd_types(inherit, manifest)
-            rec = await self._run_restore(ckpt, inherit, caller, cgroup)
+            extra: tuple[str, ...] = ()
+            if saved_oci is not None:
+                bundle = spec.oci_bundle or str(saved_oci["bundle"])
+                new_spec, ns_files = await asyncio.to_thread(self._oci_prepare, saved_oci, bundle)
+                ns_fds = {}
+                for key, path in ns_files.items():
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    opened = OwnedFds([*opened.fds, fd])
+                    ns_fds[key] = fd
+                try:
+                    oci_cgroup = cgroup or oci.restore_cgroup_root(new_spec, spec.oci_name)
+                    extra = tuple(
+                        oci.restore_args(
+                            saved_oci,
+                            new_spec,
+                            cgroup_root=oci_cgroup,
+                            ns_fds=ns_fds,
+                            network_lock=manifest.get("network_lock"),
+                        )
+                    )
+                except oci.OciError as e:
+                    raise InvalidBundle(str(e), bundle=bundle) from e
+                inherit_extra = list(ns_fds.values())
+                # The bundle's cgroup comes with its args; no criud placement.
+                cgroup = None
+            else:
+                inherit_extra = []
+            rec = await self._run_restore(ckpt, inherit, caller, cgroup, extra, inherit_extra)
             ok = True
             return rec
         finally:
@@ -780,6 +851,8 @@ class Core:
         inherit: list[tuple[int, str]],
         caller: Caller,
         cgroup: str | None = None,
+        extra: tuple[str, ...] = (),
+        extra_fds: Sequence[int] = (),
     ) -> RestoreRecord:
         images_dir = self.settings.checkpoints_dir / ckpt.id
         try:
@@ -813,9 +886,10 @@ class Core:
             images_dir,
             opts,
             inherit,
-            network_lock=lock,
+            network_lock=None if extra else lock,
             unprivileged=run_as is not None,
             cgroup_root=cgroup,
+            extra=extra,
         )
         stats_path = images_dir / "stats-restore"
         for stale in (pidfile, stats_path, images_dir / RESTORE_LOG):
@@ -833,12 +907,13 @@ class Core:
                     network_lock=lock,
                     unprivileged=True,
                     cgroup_root=cgroup,
+                    extra=extra,
                 )
             try:
                 result = await self.criu.run(
                     argv,
                     images_dir / RESTORE_LOG,
-                    pass_fds=[*(fd for fd, _ in inherit), *keep],
+                    pass_fds=[*(fd for fd, _ in inherit), *keep, *extra_fds],
                     run_as=run_as,
                     cgroup_procs=procs_files,
                 )

@@ -249,3 +249,9 @@ class InvalidCgroup(CriudError):
     status = 422
     code = "invalid_cgroup"
     title = "Invalid cgroup"
+
+
+class InvalidBundle(CriudError):
+    status = 422
+    code = "invalid_bundle"
+    title = "Unusable OCI bundle"

@@ -18,6 +18,7 @@ def dump_argv(
     network_lock: str | None = None,
     unprivileged: bool = False,
     external_ns: tuple[tuple[str, int, str], ...] = (),
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
     """Return the argv (without the criu binary) that dumps the tree of pid.
 
@@ -58,4 +59,6 @@ def dump_argv(
     # joins whatever namespace is handed in for the key.
     for ns_type, ino, key in external_ns:
         argv += ["--external", f"{ns_type}[{ino}]:{key}"]
+    # Derived elsewhere (an OCI bundle's root, mounts, cgroups), already checked.
+    argv += extra
     return argv

@@ -19,6 +19,7 @@ def restore_argv(
     network_lock: str | None = None,
     unprivileged: bool = False,
     cgroup_root: str | None = None,
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
     """Return the argv (without the criu binary) that restores images_dir.
 
@@ -57,6 +58,7 @@ def restore_argv(
         # own cgroups carries none and inherits criu's (which the daemon
         # places in the target cgroup before exec).
         argv += ["--cgroup-root", cgroup_root]
+    argv += extra
     for fd, key in inherit:
         argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
     return argv
