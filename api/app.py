@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from criud.api import checkpoints, fd_handles, health, problems, restores
+from criud.api import checkpoints, fd_handles, health, problems, processes, restores
 from criud.api.limits import LimitsMiddleware
 from criud.daemon.core import Core
 
@@ -23,6 +23,6 @@ def create_app(core: Core, token: str | None = None) -> FastAPI:
     app.state.token = token
     app.add_middleware(LimitsMiddleware)
     problems.install(app)
-    for module in (health, checkpoints, restores, fd_handles):
+    for module in (health, checkpoints, restores, fd_handles, processes):
         app.include_router(module.router)
     return app

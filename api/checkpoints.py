@@ -8,7 +8,14 @@ from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import PlainTextResponse
 
 from criud.api.deps import caller, core
-from criud.api.models import Checkpoint, CheckpointRequest, FdEntry, Problem
+from criud.api.models import (
+    Checkpoint,
+    CheckpointRequest,
+    FdEntry,
+    PreflightReport,
+    PreflightRequest,
+    Problem,
+)
 from criud.daemon.caller import Caller
 from criud.daemon.core import CheckpointSpec, Core
 from criud.daemon.errors import InvalidRequest
@@ -47,9 +54,7 @@ def to_model(rec: CheckpointRecord) -> Checkpoint:
     )
 
 
-@router.post("", status_code=201, response_model=Checkpoint, responses=ERRORS)
-async def create_checkpoint(body: CheckpointRequest, c: CoreDep, who: CallerDep) -> Checkpoint:
-    """Checkpoint the process tree rooted at pid; answers when the images are complete."""
+def _spec(body: CheckpointRequest) -> CheckpointSpec:
     opts = DumpOptions(
         leave_running=body.leave_running,
         shell_job=body.shell_job,
@@ -59,14 +64,29 @@ async def create_checkpoint(body: CheckpointRequest, c: CoreDep, who: CallerDep)
         external=tuple(body.external),
         external_namespaces=tuple((n.type, n.key) for n in body.external_namespaces),
     )
-    spec = CheckpointSpec(
+    return CheckpointSpec(
         pid=body.pid,
         name=body.name,
         options=opts,
         labels=body.labels,
         oci_bundle=body.oci.bundle if body.oci else None,
     )
-    return to_model(await c.checkpoint(spec, who))
+
+
+@router.post("", status_code=201, response_model=Checkpoint, responses=ERRORS)
+async def create_checkpoint(body: CheckpointRequest, c: CoreDep, who: CallerDep) -> Checkpoint:
+    """Checkpoint the process tree rooted at pid; answers when the images are complete."""
+    return to_model(await c.checkpoint(_spec(body), who))
+
+
+@router.post("/preflight", response_model=PreflightReport, responses=ERRORS)
+async def preflight(body: PreflightRequest, c: CoreDep, who: CallerDep) -> PreflightReport:
+    """What would block this checkpoint, and the option or mapping that resolves each.
+
+    Takes a checkpoint's body; freezes nothing and writes nothing.
+    """
+    report = await c.preflight(_spec(body), who, pre_dump=body.pre_dump)
+    return PreflightReport.model_validate(report)
 
 
 @router.get("", response_model=list[Checkpoint], responses=ERRORS)

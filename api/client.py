@@ -127,6 +127,14 @@ class Client:
             body["name"] = name
         return dict(self.request("POST", "/v1/checkpoints", body)[1])
 
+    def preflight(self, pid: int, **options: Any) -> dict[str, Any]:
+        """What would block a checkpoint of pid (options as for checkpoint, plus pre_dump)."""
+        return dict(self.request("POST", "/v1/checkpoints/preflight", {"pid": pid, **options})[1])
+
+    def inspect_pid(self, pid: int) -> dict[str, Any]:
+        """The process tree rooted at pid, with every fd classified."""
+        return dict(self.request("GET", f"/v1/processes/{pid}")[1])
+
     def checkpoints(self, labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
         q = "&".join(f"label={k}={v}" for k, v in (labels or {}).items())
         return list(self.request("GET", "/v1/checkpoints" + (f"?{q}" if q else ""))[1])

@@ -73,6 +73,33 @@ class CheckpointRequest(Strict):
         return v
 
 
+class PreflightRequest(CheckpointRequest):
+    """A checkpoint's body, plus whether a pre-dump (incremental) would be asked for."""
+
+    pre_dump: bool = Field(
+        default=False, description="Check that the kernel supports memory dirty tracking"
+    )
+
+
+class Finding(BaseModel):
+    code: str
+    task: int
+    fd: int | None = None
+    key: str | None = None
+    message: str
+    resolution: str
+    resolved: bool
+
+
+class PreflightReport(BaseModel):
+    ok: bool
+    blockers: list[Finding]
+    warnings: list[Finding]
+    estimated_image_bytes: int
+    free_bytes: int
+    restore_keys: list[str]
+
+
 class FdEntry(BaseModel):
     pid: int
     fd: int

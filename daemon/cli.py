@@ -34,6 +34,50 @@ def _when(ts: float | None) -> str | None:
     return None if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def _preflight_text(r: dict[str, Any]) -> str:
+    lines = [
+        f"{'ok' if r['ok'] else 'BLOCKED'}: estimated image {r['estimated_image_bytes']} bytes, "
+        f"{r['free_bytes']} free"
+    ]
+    for kind in ("blockers", "warnings"):
+        for f in r[kind]:
+            mark = "resolved" if f["resolved"] else kind[:-1]
+            where = f"pid {f['task']}" + (f" fd {f['fd']}" if f["fd"] is not None else "")
+            lines.append(f"  [{mark}] {f['code']} ({where}): {f['message']}")
+            lines.append(f"      fix: {f['resolution']}")
+    if r["restore_keys"]:
+        lines.append("  a restore must supply: " + ", ".join(r["restore_keys"]))
+    return "\n".join(lines)
+
+
+def _tree_text(tree: dict[str, Any]) -> str:
+    by_parent: dict[int, list[dict[str, Any]]] = {}
+    pids = {t["pid"] for t in tree["tasks"]}
+    for t in tree["tasks"]:
+        by_parent.setdefault(t["ppid"] if t["ppid"] in pids else 0, []).append(t)
+    lines: list[str] = []
+
+    def walk(task: dict[str, Any], depth: int) -> None:
+        pad = "  " * depth
+        cmd = " ".join(task.get("cmdline") or []) or task.get("comm", "?")
+        ns = [n for n, v in (task.get("namespaces") or {}).items() if v.get("differs")]
+        lines.append(
+            f"{pad}{task['pid']} {task['state']} {cmd[:60]}"
+            + (f"  [own ns: {','.join(ns)}]" if ns else "")
+        )
+        for f in task.get("fds") or []:
+            ext = " EXTERNAL" if f.get("external") else ""
+            lines.append(f"{pad}    fd {f['fd']:>3} {f['type']:<8} {f['mode']:<2} {f['key']}{ext}")
+        for child in by_parent.get(task["pid"], []):
+            walk(child, depth + 1)
+
+    for root in by_parent.get(0, []):
+        walk(root, 0)
+    if tree.get("external"):
+        lines.append("external: " + ", ".join(tree["external"]))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="criud", description="Checkpoint/restore daemon for container engines"
@@ -95,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="treat KEY (e.g. pipe:[123]) as external; repeatable",
     )
     c.add_argument("--label", action="append", default=[], metavar="K=V")
+    c.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="freeze nothing: say what would block the checkpoint and what resolves it",
+    )
+    ip = sub.add_parser("inspect-pid", help="show a process tree and its fds as criu sees them")
+    ip.add_argument("pid", type=int)
 
     r = sub.add_parser("restore", help="restore a checkpoint")
     r.add_argument("checkpoint")
@@ -146,7 +197,21 @@ def _run_client(a: argparse.Namespace) -> int:
 
     cl = Client(a.socket, a.fd_socket)
     out: Any
-    if a.cmd == "checkpoint":
+    if a.cmd == "checkpoint" and a.dry_run:
+        out = cl.preflight(
+            a.pid,
+            leave_running=a.leave_running,
+            shell_job=a.shell_job,
+            tcp_established=a.tcp_established,
+            ext_unix_sk=a.ext_unix_sk,
+            file_locks=a.file_locks,
+            external=a.external,
+        )
+        text = _preflight_text(out)
+    elif a.cmd == "inspect-pid":
+        out = cl.inspect_pid(a.pid)
+        text = _tree_text(out)
+    elif a.cmd == "checkpoint":
         labels = dict(item.split("=", 1) for item in a.label if "=" in item)
         out = cl.checkpoint(
             a.pid,

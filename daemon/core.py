@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon import names, procutil
+from criud.daemon import criu_errors, names, procutil
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
@@ -33,7 +33,6 @@ from criud.daemon.errors import (
     CheckpointNotFound,
     CheckpointNotReady,
     CriudError,
-    CriuFailed,
     InvalidBundle,
     InvalidCgroup,
     InvalidRequest,
@@ -52,7 +51,9 @@ from criud.daemon.reaper import Reaper
 from criud.daemon.store import CheckpointRecord, NameConflict, RestoreRecord, Store
 from criud.dump import fds as fdinfo
 from criud.dump import images, oci
+from criud.dump import inspect as proc_inspect
 from criud.dump import manifest as mf
+from criud.dump import preflight as dump_preflight
 from criud.dump.argv import DUMP_LOG, dump_argv
 from criud.dump.options import DumpOptions
 from criud.restore import mappings
@@ -153,6 +154,8 @@ class Core:
         self._ops: set[asyncio.Task[Any]] = set()
         self._bg: set[asyncio.Task[Any]] = set()
         self.accepting = True
+        # The daemon's own namespaces, read once: introspection compares with them.
+        self._daemon_ns = proc_inspect.own_namespaces()
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -310,6 +313,41 @@ class Core:
         if not needed or shutil.which("iptables"):
             return None
         return "nftables" if self.criu.features.get("network_lock_nftables") else None
+
+    # -- introspection ------------------------------------------------------------
+
+    async def inspect_process(self, pid: int, caller: Caller) -> proc_inspect.Tree:
+        """The tree rooted at pid with every fd classified, as the caller may see it."""
+        try:
+            tree = await asyncio.to_thread(proc_inspect.inspect_tree, pid, self._daemon_ns)
+        except ProcessLookupError:
+            raise ProcessNotFound(f"no process with pid {pid}", pid=pid) from None
+        if not caller.is_root:
+            visible = proc_inspect.visible_to(tree, caller.uid)
+            if visible is None:
+                # As if it did not exist: a caller learns nothing of others' trees.
+                raise ProcessNotFound(f"no process with pid {pid}", pid=pid)
+            tree = visible
+        return tree
+
+    async def preflight(
+        self, spec: CheckpointSpec, caller: Caller, pre_dump: bool = False
+    ) -> dump_preflight.Report:
+        """What would block a checkpoint of spec.pid, and which option resolves it.
+
+        Freezes nothing and writes nothing.
+        """
+        if spec.name is not None:
+            names.check_name(spec.name)
+        tree = await self.inspect_process(spec.pid, caller)
+
+        def free() -> int:
+            st = os.statvfs(self.settings.checkpoints_dir)
+            return st.f_bavail * st.f_frsize
+
+        return dump_preflight.preflight(
+            tree, spec.options, self.criu.features, await asyncio.to_thread(free), pre_dump
+        )
 
     # -- checkpoints --------------------------------------------------------------
 
@@ -520,8 +558,9 @@ class Core:
                 )
                 result = await self.criu.run(argv, tmp / DUMP_LOG, pass_fds=keep, run_as=run_as)
             if not result.ok:
+                # Classify while the log is still where criu wrote it.
+                err = await self._criu_error(f"dump of pid {pid}", result, ckpt_id, "dump")
                 await asyncio.to_thread(self._keep_log_only, tmp, final, DUMP_LOG)
-                err = self._criu_error(f"dump of pid {pid}", result, ckpt_id, "dump")
                 await self.store.run(
                     self.store.update_checkpoint,
                     ckpt_id,
@@ -580,13 +619,18 @@ class Core:
             log.warning("cannot read %s: %s", path, e)
             return {}
 
-    def _criu_error(self, what: str, result: CriuResult, ckpt_id: str, op: str) -> CriudError:
+    async def _criu_error(self, what: str, result: CriuResult, ckpt_id: str, op: str) -> CriudError:
+        """Turn a failed criu run into the error with the code and hint that name the fix."""
         rc = result.returncode
         how = f"criu was killed by {signal.Signals(-rc).name}" if rc < 0 else f"criu exited {rc}"
         reason = result.first_error or "no error line in its log"
-        return CriuFailed(
+        # The whole log, not only its first error line: some causes (a task
+        # killed mid-dump) show only in the lines after it.
+        code, hint = await asyncio.to_thread(criu_errors.classify_log, result.log_path, op)
+        return criu_errors.error_class(code)(
             f"{what} failed: {how}: {reason}",
             criu_error=result.first_error,
+            hint=hint,
             exit_code=result.returncode,
             log_tail=result.log_tail,
             log_url=_log_url(ckpt_id, op),
@@ -918,7 +962,7 @@ class Core:
                     cgroup_procs=procs_files,
                 )
                 if not result.ok:
-                    err = self._criu_error(
+                    err = await self._criu_error(
                         f"restore of checkpoint {ckpt.id}", result, ckpt.id, "restore"
                     )
                     await self.store.run(

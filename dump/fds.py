@@ -1,22 +1,32 @@
 """Reading a process tree's file descriptors and naming them as CRIU does.
 
 This is the one module that classifies fds: the dump-time manifest and the
-introspection API both use it.  It reads /proc directly (psutil does not
-expose fd targets, inodes and flags together) and is synchronous: callers
-run it in a thread.
+introspection API (criud.dump.inspect) both use it.  It reads /proc directly
+(psutil does not expose fd targets, inodes and flags together) and is
+synchronous: callers run it in a thread.
 
 The CRIU key of an fd is the string CRIU matches ``--inherit-fd fd[N]:KEY``
 against: ``pipe:[ino]`` and ``socket:[ino]`` as /proc shows them, a regular
 file's (or fifo's) path relative to the root, without the leading slash, and
 ``tty[rdev:dev]`` for terminals.
+
+Types: pipe, fifo, file (regular), deleted (a regular file unlinked while
+open), memfd, dir, device (a character or block device that is not a
+terminal), tty (terminals: pty slaves and masters, vt, serial, /dev/tty),
+unix, tcp, udp, netlink, packet, raw, socket (a socket no table names),
+eventfd, epoll, signalfd, timerfd, inotify, fanotify, pidfd, and other.
+
+Everything that costs a walk over /proc/net or /proc/locks is read once per
+walk (ProcScan) and, for sockets, once per network namespace.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
+import socket
 import stat
+import struct
 from collections.abc import Iterable
 
 from criud.dump import sockdiag
@@ -27,6 +37,46 @@ _ACCMODE = {os.O_RDONLY: "r", os.O_WRONLY: "w", os.O_RDWR: "rw"}
 # Character devices CRIU treats as terminals: pty slaves and masters, vt,
 # serial, /dev/tty and /dev/console.
 _TTY_MAJORS = {4, 5, 136, 137, 138, 139, 140, 141, 142, 143, 128, 129, 130, 131, 132, 133, 134, 135}
+
+_ANON_TYPES = {
+    "eventfd": "eventfd",
+    "eventpoll": "epoll",
+    "signalfd": "signalfd",
+    "timerfd": "timerfd",
+    "inotify": "inotify",
+    "pidfd": "pidfd",
+    "fanotify": "fanotify",
+}
+
+# include/net/tcp_states.h; /proc/net/{tcp,udp}* print these in hex.
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+}
+
+# /proc/net tables: (file, kind, inode column).  tcp/udp/raw rows are
+# "sl local remote st tx:rx tr:when retrnsmt uid timeout inode ..."; the
+# header splits differently, so the column is fixed here, not read from it.
+_NET_TABLES = (
+    ("tcp", "tcp", 9),
+    ("tcp6", "tcp", 9),
+    ("udp", "udp", 9),
+    ("udp6", "udp", 9),
+    ("raw", "raw", 9),
+    ("raw6", "raw", 9),
+    ("netlink", "netlink", 9),  # sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+    ("packet", "packet", 8),  # sk RefCnt Type Proto Iface R Rmem User Inode
+)
 
 
 @dataclasses.dataclass
@@ -43,9 +93,26 @@ class FdInfo:
     external: bool = False
     # For a unix socket: its peer's inode, when connected.
     peer: int | None = None
+    # Bytes, for regular, deleted and memfd files (what a dump may copy).
+    size: int | None = None
+    # unix: "stream", "dgram" or "seqpacket".
+    sock_type: str | None = None
+    # Sockets: the TCP state name (LISTEN, ESTABLISHED, CLOSE...); unix
+    # sockets use the same names (CLOSE: not connected).
+    state: str | None = None
+    # tcp/udp: "ip:port" ("[ip6]:port"); unix: the bound name, if any.
+    local: str | None = None
+    # tcp/udp: the remote "ip:port"; unix: the peer's bound name, if any.
+    remote: str | None = None
+    # File locks this fd holds, as "TYPE MODE MAJ:MIN:INODE" (the file's
+    # identity as /proc/locks prints it), e.g. "FLOCK WRITE fe:00:1234".
+    locks: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        # Every field is a scalar or a tuple of str: a shallow copy is a deep
+        # one, and dataclasses.asdict's recursion costs more than the whole
+        # /proc read of a 10 000-fd tree.
+        return dict(self.__dict__)
 
 
 @dataclasses.dataclass
@@ -58,6 +125,45 @@ class TaskInfo:
     fds: list[FdInfo]
 
 
+@dataclasses.dataclass(frozen=True)
+class InetSock:
+    """One row of /proc/net/{tcp,tcp6,udp,udp6}."""
+
+    proto: str  # "tcp" or "udp"
+    state: str
+    local: str
+    remote: str
+
+
+@dataclasses.dataclass
+class NetTables:
+    """The sockets of one network namespace, by inode."""
+
+    unix: dict[int, sockdiag.UnixSock]
+    inet: dict[int, InetSock]
+    # Every socket a /proc/net table lists: tcp, udp, raw, netlink, packet.
+    kinds: dict[int, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class FileLock:
+    """One held lock of /proc/locks (waiters, shown with "->", are left out)."""
+
+    type: str  # FLOCK, POSIX, OFDLCK, LEASE, DELEG
+    mode: str  # READ or WRITE
+    # The pid /proc/locks names: the lock's creator for FLOCK (the holder
+    # may be a child that inherited the fd), -1 for OFD locks.
+    pid: int
+    major: int
+    minor: int
+    inode: int
+
+    @property
+    def id(self) -> str:
+        """The file's identity as /proc/locks prints it: MAJ:MIN:INODE (hex, hex, decimal)."""
+        return f"{self.major:02x}:{self.minor:02x}:{self.inode}"
+
+
 def tty_key(st: os.stat_result) -> str:
     """Return CRIU's inherit key for a terminal: tty[rdev:dev], in hex."""
     return f"tty[{st.st_rdev & 0xFFFFFFFF:x}:{st.st_dev & 0xFFFFFFFF:x}]"
@@ -68,109 +174,328 @@ def path_key(path: str) -> str:
     return path.lstrip("/")
 
 
-def _read_flags(pid: int, fd: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("flags:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        return None
-    return None
+# -- /proc/net --------------------------------------------------------------------
+
+
+def inet_address(hexaddr: str) -> str:
+    """Turn /proc/net's "0100007F:1F90" into "127.0.0.1:8080" (IPv6 as "[::1]:8080")."""
+    ip, _, port = hexaddr.partition(":")
+    # The kernel prints the address as 32-bit words in host order (%08X of a
+    # __be32 read as a native int), so each word's bytes come out reversed.
+    raw = b"".join(struct.pack("=I", int(ip[i : i + 8], 16)) for i in range(0, len(ip), 8))
+    if len(raw) == 4:
+        return f"{socket.inet_ntop(socket.AF_INET, raw)}:{int(port, 16)}"
+    return f"[{socket.inet_ntop(socket.AF_INET6, raw)}]:{int(port, 16)}"
+
+
+def _read_net_tables(pid: int) -> tuple[dict[int, InetSock], dict[int, str]]:
+    inet: dict[int, InetSock] = {}
+    kinds: dict[int, str] = {}
+    for table, kind, col in _NET_TABLES:
+        try:
+            with open(f"/proc/{pid}/net/{table}", encoding="ascii", errors="replace") as f:
+                f.readline()
+                rows = f.readlines()
+        except OSError:
+            continue
+        for line in rows:
+            parts = line.split()
+            if len(parts) <= col:
+                continue
+            try:
+                ino = int(parts[col])
+            except ValueError:
+                continue
+            if ino == 0:
+                continue  # TIME_WAIT and request sockets belong to no fd
+            kinds[ino] = kind
+            if kind in ("tcp", "udp"):
+                try:
+                    inet[ino] = InetSock(
+                        proto=kind,
+                        state=TCP_STATES.get(int(parts[3], 16), parts[3]),
+                        local=inet_address(parts[1]),
+                        remote=inet_address(parts[2]),
+                    )
+                except (ValueError, OSError, struct.error):
+                    continue
+    return inet, kinds
 
 
 def _socket_kinds(pid: int) -> dict[int, str]:
     """Map socket inode -> kind, from the target's own network namespace."""
-    kinds: dict[int, str] = {}
-    tables = (
-        ("tcp", "tcp"),
-        ("tcp6", "tcp"),
-        ("udp", "udp"),
-        ("udp6", "udp"),
-        ("raw", "raw"),
-        ("raw6", "raw"),
-        ("netlink", "netlink"),
-        ("packet", "packet"),
-    )
-    for table, kind in tables:
+    return _read_net_tables(pid)[1]
+
+
+def net_tables(pid: int) -> NetTables:
+    """Read every socket table of pid's network namespace."""
+    inet, kinds = _read_net_tables(pid)
+    return NetTables(unix=sockdiag.unix_sockets(pid), inet=inet, kinds=kinds)
+
+
+# -- /proc/locks ------------------------------------------------------------------
+
+
+def parse_lock_line(line: str) -> FileLock | None:
+    """Parse one /proc/locks line (or an fdinfo "lock:" line); None for waiters and junk."""
+    if line.startswith("lock:"):
+        line = line[len("lock:") :]
+    parts = line.split()
+    # "1: POSIX ADVISORY WRITE 1234 fe:00:56 0 EOF"; a waiter has "->" after the number.
+    if len(parts) < 6 or parts[1] == "->":
+        return None
+    try:
+        major, minor, ino = parts[5].split(":")
+        return FileLock(
+            type=parts[1],
+            mode=parts[3],
+            pid=int(parts[4]),
+            major=int(major, 16),
+            minor=int(minor, 16),
+            inode=int(ino),
+        )
+    except ValueError:
+        return None
+
+
+def read_locks(path: str = "/proc/locks") -> list[FileLock]:
+    """Every lock held on this host, as /proc/locks lists them."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    return [lk for line in lines if (lk := parse_lock_line(line)) is not None]
+
+
+# -- one walk ---------------------------------------------------------------------
+
+
+class ProcScan:
+    """Caches for one walk over a tree: socket tables per netns, the host's locks.
+
+    Reading /proc/net and sock_diag costs far more than one task's fds, so a
+    walk reads them once for each network namespace it meets.
+    """
+
+    def __init__(self) -> None:
+        self._nets: dict[int, NetTables] = {}
+        self.locks = read_locks()
+        # (st_dev, st_ino) of every locked file, to compare with an fd's stat.
+        self.locked = {(os.makedev(lk.major, lk.minor), lk.inode) for lk in self.locks}
+
+    def net(self, pid: int) -> NetTables:
+        """The socket tables of pid's network namespace."""
+        ns = sockdiag._netns_inode(pid)
+        if ns is None:
+            # Not cached: the task is gone or hides its namespace.
+            return net_tables(pid)
+        tables = self._nets.get(ns)
+        if tables is None:
+            tables = self._nets[ns] = net_tables(pid)
+        return tables
+
+
+# -- classification ---------------------------------------------------------------
+
+
+def _read_fdinfo(pid: int, fd: int) -> tuple[int | None, list[str]]:
+    """Return (flags, lock lines) of /proc/<pid>/fdinfo/<fd>."""
+    # Raw os.open/os.read: a text-mode open() costs more than the read itself,
+    # and a walk may do this thousands of times.
+    try:
+        f = os.open(f"/proc/{pid}/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None, []
+    try:
+        data = os.read(f, 65536).decode("ascii", "replace")
+    except OSError:
+        return None, []
+    finally:
+        os.close(f)
+    flags: int | None = None
+    locks: list[str] = []
+    for line in data.splitlines():
+        if line.startswith("flags:"):
+            try:
+                flags = int(line.split()[1], 8)
+            except (ValueError, IndexError):
+                return None, []
+        elif line.startswith("lock:"):
+            locks.append(line)
+    return flags, locks
+
+
+def _read_flags(pid: int, fd: int) -> int | None:
+    return _read_fdinfo(pid, fd)[0]
+
+
+# The kernel sets an fd symlink's permission bits from the file's f_mode
+# (fs/proc/fd.c: read -> u+r, write -> u+w), so one lstat gives the access
+# mode without opening fdinfo.  O_PATH fds have neither bit: not in here.
+_LINK_MODES = {stat.S_IRUSR | stat.S_IWUSR: "rw", stat.S_IRUSR: "r", stat.S_IWUSR: "w"}
+
+
+def _link_mode(st_mode: int) -> str | None:
+    return _LINK_MODES.get(st_mode & (stat.S_IRUSR | stat.S_IWUSR))
+
+
+def _bracket_inode(target: str) -> int | None:
+    # "pipe:[123]" / "socket:[123]"
+    try:
+        return int(target[target.index("[") + 1 : -1])
+    except ValueError:
+        return None
+
+
+def _describe_socket(info: FdInfo, net: NetTables) -> None:
+    ino = info.inode
+    if ino is None:
+        info.type = "socket"
+        return
+    u = net.unix.get(ino)
+    if u is not None:
+        info.type = "unix"
+        info.peer = u.peer
+        info.sock_type = u.type
+        info.state = u.state
+        info.local = u.name
+        if u.peer is not None and u.peer in net.unix:
+            info.remote = net.unix[u.peer].name
+        return
+    i = net.inet.get(ino)
+    if i is not None:
+        info.type = i.proto
+        info.state, info.local, info.remote = i.state, i.local, i.remote
+        return
+    info.type = net.kinds.get(ino, "socket")
+
+
+def _classify_at(
+    dirfd: int, pid: int, fd: int, net: NetTables, locked: set[tuple[int, int]]
+) -> FdInfo | None:
+    """Describe fd of pid; dirfd is /proc/<pid>/fd, open.  None if fd closed meanwhile.
+
+    The hot loop of a walk (10 000 fds in a big tree): it does as few
+    syscalls as each kind allows, and reads fdinfo only when it must.
+    """
+    name = str(fd)
+    try:
+        target = os.readlink(name, dir_fd=dirfd)
+        if target.startswith("socket:["):
+            # A socket is always open read-write: no lstat for its mode; its
+            # inode is in the link's text.
+            info = FdInfo(fd, "socket", target, "rw", target, _bracket_inode(target))
+            _describe_socket(info, net)
+            return info
+        link_mode = _link_mode(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return None
+    info = FdInfo(fd, "other", target, link_mode or "?", target)
+    need_fdinfo = link_mode is None
+
+    if target.startswith("pipe:["):
+        info.type = "pipe"
+        info.inode = _bracket_inode(target)
+    else:
         try:
-            with open(f"/proc/{pid}/net/{table}", encoding="ascii") as f:
-                header = f.readline().split()
-                col = _inode_column(table, header)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > col:
-                        with contextlib.suppress(ValueError):
-                            kinds[int(parts[col])] = kind
+            st = os.stat(name, dir_fd=dirfd)
         except OSError:
-            continue
-    return kinds
+            return None
+        info.inode = st.st_ino
+        if target.startswith("anon_inode:"):
+            info.type = _ANON_TYPES.get(target[len("anon_inode:") :].strip("[]"), "other")
+        elif target.startswith("/memfd:"):
+            info.type = "memfd"
+            info.size = st.st_size
+        elif target.startswith("/"):
+            _describe_path(info, st)
+            # O_APPEND matters only for a file open for writing (criu
+            # size-checks every other file at restore), and only fdinfo
+            # shows it: skip it for read-only fds, the commonest kind.
+            if info.type in ("file", "deleted") and "w" in info.mode:
+                need_fdinfo = True
+        if locked and (st.st_dev, st.st_ino) in locked:
+            need_fdinfo = True  # fdinfo says whether this fd is the holder
+
+    if need_fdinfo:
+        flags, lock_lines = _read_fdinfo(pid, fd)
+        if flags is not None:
+            info.mode = _ACCMODE.get(flags & os.O_ACCMODE, "rw")
+            info.append = bool(flags & os.O_APPEND)
+        info.locks = tuple(
+            f"{lk.type} {lk.mode} {lk.id}" for line in lock_lines if (lk := parse_lock_line(line))
+        )
+    return info
 
 
-def _inode_column(table: str, header: list[str]) -> int:
-    if table == "netlink":
-        return 9  # sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
-    if table == "packet":
-        return 8  # sk RefCnt Type Proto Iface R Rmem User Inode
-    # tcp/udp/raw: the header splits "tx_queue rx_queue" and "tr tm->when",
-    # so count from the data lines' layout instead: inode is column 9.
-    return 9
+def _describe_path(info: FdInfo, st: os.stat_result) -> None:
+    target = info.target
+    if stat.S_ISFIFO(st.st_mode):
+        info.type = "fifo"
+    elif stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in _TTY_MAJORS:
+        info.type = "tty"
+        info.key = tty_key(st)
+        return
+    elif stat.S_ISREG(st.st_mode):
+        info.type = "deleted" if target.endswith(" (deleted)") else "file"
+        info.size = st.st_size
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = "dir"
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        info.type = "device"
+    info.key = path_key(target)
 
 
 def classify(
     pid: int, fd: int, unix_peers: dict[int, int | None], sock_kinds: dict[int, str]
 ) -> FdInfo | None:
-    """Describe fd of pid, or None if it closed meanwhile."""
-    base = f"/proc/{pid}/fd/{fd}"
+    """Describe fd of pid, or None if it closed meanwhile.
+
+    For one fd at a time; a walk over many uses read_fds with a ProcScan.
+    """
+    net = NetTables(
+        unix={ino: sockdiag.UnixSock(inode=ino, peer=p) for ino, p in unix_peers.items()},
+        inet={},
+        kinds=dict(sock_kinds),
+    )
     try:
-        target = os.readlink(base)
-        st = os.stat(base)
+        dirfd = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
-    flags = _read_flags(pid, fd)
-    mode = _ACCMODE.get((flags or 0) & os.O_ACCMODE, "rw") if flags is not None else "?"
-    append = bool(flags and flags & os.O_APPEND)
-    info = FdInfo(
-        fd=fd, type="other", key=target, mode=mode, target=target, inode=st.st_ino, append=append
-    )
+    try:
+        if fd == dirfd and pid == os.getpid():
+            # Our own fd table, and fd was free: the kernel gave its number to
+            # the directory we just opened.  fd itself is closed.
+            return None
+        return _classify_at(dirfd, pid, fd, net, set())
+    finally:
+        os.close(dirfd)
 
-    if target.startswith("pipe:["):
-        info.type = "pipe"
-    elif target.startswith("socket:["):
-        if st.st_ino in unix_peers:
-            info.type = "unix"
-            info.peer = unix_peers[st.st_ino]
-        else:
-            info.type = sock_kinds.get(st.st_ino, "socket")
-    elif target.startswith("anon_inode:"):
-        name = target[len("anon_inode:") :].strip("[]")
-        info.type = {
-            "eventfd": "eventfd",
-            "eventpoll": "epoll",
-            "signalfd": "signalfd",
-            "timerfd": "timerfd",
-            "inotify": "inotify",
-            "pidfd": "pidfd",
-            "fanotify": "fanotify",
-        }.get(name, "other")
-    elif target.startswith("/memfd:"):
-        info.type = "memfd"
-    elif target.startswith("/"):
-        deleted = target.endswith(" (deleted)")
-        if stat.S_ISFIFO(st.st_mode):
-            info.type = "fifo"
-        elif stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in _TTY_MAJORS:
-            info.type = "tty"
-            info.key = tty_key(st)
-        elif stat.S_ISREG(st.st_mode):
-            info.type = "deleted" if deleted else "file"
-        elif stat.S_ISDIR(st.st_mode):
-            info.type = "dir"
-        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            info.type = "device"
-        if info.type != "tty":
-            info.key = path_key(target)
-    return info
+
+def read_fds(pid: int, scan: ProcScan | None = None) -> list[FdInfo]:
+    """Every fd of pid, classified, in fd order; [] if pid is gone or hidden."""
+    scan = scan or ProcScan()
+    try:
+        dirfd = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        numbers = sorted(int(n) for n in os.listdir(dirfd))
+        if pid == os.getpid():
+            # Reading our own table: leave out the directory fd of this walk.
+            numbers = [n for n in numbers if n != dirfd]
+        if not numbers:
+            return []
+        net = scan.net(pid)
+        return [i for n in numbers if (i := _classify_at(dirfd, pid, n, net, scan.locked))]
+    except OSError:
+        return []
+    finally:
+        os.close(dirfd)
+
+
+# -- the tree ---------------------------------------------------------------------
 
 
 def _tids(pid: int) -> list[int]:
@@ -227,16 +552,14 @@ def read_tree(root: int) -> list[TaskInfo]:
     """
     if not os.path.exists(f"/proc/{root}/stat"):
         raise ProcessLookupError(root)
-    unix_peers = sockdiag.unix_peers(root)
-    sock_kinds = _socket_kinds(root)
+    scan = ProcScan()
     tasks: list[TaskInfo] = []
     for pid in tree_pids(root):
         try:
             ppid = _ppid(pid)
         except (OSError, ValueError):
             continue  # exited while we walked
-        fds = [i for n in _fd_numbers(pid) if (i := classify(pid, n, unix_peers, sock_kinds))]
-        tasks.append(TaskInfo(pid=pid, ppid=ppid, tids=_tids(pid), fds=fds))
+        tasks.append(TaskInfo(pid=pid, ppid=ppid, tids=_tids(pid), fds=read_fds(pid, scan)))
     mark_external(tasks)
     return tasks
 

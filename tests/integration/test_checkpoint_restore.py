@@ -164,7 +164,8 @@ def test_external_unix_socket_refused_with_criu_reason(daemon: Daemon, procs: Pr
             daemon.client.checkpoint(p.pid, name="extsk")
         err = e.value
         assert err.status == 422
-        assert err.code == "criu_failed"
+        assert err.code == "external_unix_socket"
+        assert "socket:[" in err.problem["hint"]
         assert "xternal" in err.detail or "unix" in err.detail.lower()
         assert err.problem["criu_error"]
         assert err.problem["criu_error"] in err.detail

@@ -213,9 +213,12 @@ def test_shell_job_roundtrip(daemon: Daemon, procs: Procs) -> None:
     if pid == 0:  # child: a session leader on the pty
         os.execvp("sleep", ["sleep", "1000"])
     try:
+        r = daemon.client.preflight(pid)
+        assert any(f["code"] == "shell_job_needed" and not f["resolved"] for f in r["blockers"])
+        assert daemon.client.preflight(pid, shell_job=True)["ok"] is True
         with pytest.raises(CriudClientError) as e:
             daemon.client.checkpoint(pid, leave_running=True)
-        assert e.value.code == "criu_failed"
+        assert e.value.code == "shell_job_needed" and "shell_job" in e.value.problem["hint"]
         ck = daemon.client.checkpoint(pid, leave_running=True, shell_job=True)
         assert ck["options"]["shell_job"] is True
         assert any(f["type"] == "tty" and f["key"].startswith("tty[") for f in ck["fds"])

@@ -266,7 +266,7 @@ def test_enospc_dump_fails_cleanly(procs: Procs, tmp_path: Path) -> None:
             try:
                 with pytest.raises(CriudClientError) as e:
                     d.client.checkpoint(p.pid, name="too-big")
-                assert e.value.code in ("no_space", "criu_failed")
+                assert e.value.status == 507 and e.value.code == "no_space"
                 assert "space" in (e.value.problem.get("criu_error") or e.value.detail).lower()
                 wait_for(lambda: running_untraced(p.pid), 15, what="target to run, untraced")
                 ckdir = d.state_dir / "checkpoints"

@@ -429,3 +429,218 @@ def test_ppid_with_parentheses_in_comm(tmp_path: Path) -> None:
 def _comm(pid: int) -> str:
     with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
         return f.read().rstrip("\n")
+
+
+# -- sockets in detail: states, addresses, names ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hexaddr", "expect"),
+    [
+        ("0100007F:1F90", "127.0.0.1:8080"),
+        ("00000000:0000", "0.0.0.0:0"),
+        ("00000000000000000000000001000000:0035", "[::1]:53"),
+        ("0000000000000000FFFF00000100007F:01BB", "[::ffff:127.0.0.1]:443"),
+    ],
+)
+def test_inet_address(hexaddr: str, expect: str) -> None:
+    assert fds.inet_address(hexaddr) == expect
+
+
+def _mine(fd: int) -> FdInfo:
+    got = [f for f in fds.read_fds(ME) if f.fd == fd]
+    assert len(got) == 1
+    return got[0]
+
+
+def test_tcp_listen_and_established_details() -> None:
+    srv = socket.socket()
+    with srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        cli = socket.create_connection(("127.0.0.1", port))
+        conn, peer = srv.accept()
+        with cli, conn:
+            lst = _mine(srv.fileno())
+            assert (lst.type, lst.state, lst.local, lst.remote) == (
+                "tcp",
+                "LISTEN",
+                f"127.0.0.1:{port}",
+                "0.0.0.0:0",
+            )
+            c = _mine(cli.fileno())
+            assert (c.state, c.local, c.remote) == (
+                "ESTABLISHED",
+                f"127.0.0.1:{peer[1]}",
+                f"127.0.0.1:{port}",
+            )
+            assert c.key == f"socket:[{os.fstat(cli.fileno()).st_ino}]"
+
+
+def test_tcp6_details() -> None:
+    try:
+        s = socket.socket(socket.AF_INET6)
+        s.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback: {e}")
+    with s:
+        s.listen()
+        got = _mine(s.fileno())
+        assert (got.type, got.state, got.local) == ("tcp", "LISTEN", f"[::1]:{s.getsockname()[1]}")
+
+
+def test_unix_types_and_names(tmp_path: Path) -> None:
+    path = str(tmp_path / "srv.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dg = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with srv, dg:
+        srv.bind(path)
+        srv.listen()
+        dg.bind(f"\0criud-test-{ME}")
+        cli = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with cli:
+            cli.connect(path)
+            conn, _ = srv.accept()
+            with conn:
+                s = _mine(srv.fileno())
+                assert (s.type, s.sock_type, s.state, s.local) == ("unix", "stream", "LISTEN", path)
+                c = _mine(cli.fileno())
+                assert (c.sock_type, c.state, c.local) == ("stream", "ESTABLISHED", None)
+                # The client's peer is the accepted socket, which has the server's name.
+                assert c.peer == os.fstat(conn.fileno()).st_ino
+                assert c.remote == path
+                d = _mine(dg.fileno())
+                assert (d.sock_type, d.state, d.local) == ("dgram", "CLOSE", f"@criud-test-{ME}")
+
+
+def test_seqpacket_pair() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        got = sockdiag.unix_sockets(ME)[os.fstat(a.fileno()).st_ino]
+        assert (got.type, got.state, got.peer, got.name) == (
+            "seqpacket",
+            "ESTABLISHED",
+            os.fstat(b.fileno()).st_ino,
+            None,
+        )
+
+
+def test_proc_unix_sockets_fallback_has_types_and_names(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with s:
+        s.bind(path)
+        got = sockdiag._proc_unix_sockets(ME)[os.fstat(s.fileno()).st_ino]
+        assert (got.type, got.name, got.peer) == ("dgram", path, None)
+
+
+# -- sizes, modes, locks ----------------------------------------------------------
+
+
+def test_sizes(tmp_path: Path, closing: list[int]) -> None:
+    f = tmp_path / "sized"
+    f.write_bytes(b"x" * 1234)
+    fd = os.open(f, os.O_RDONLY)
+    m = os.memfd_create("criud-size")
+    os.ftruncate(m, 8192)
+    r, w = os.pipe()
+    closing += [fd, m, r, w]
+    assert _mine(fd).size == 1234
+    assert _mine(m).size == 8192
+    assert _mine(r).size is None
+
+
+def test_o_path_fd_mode_falls_back_to_fdinfo(tmp_path: Path, closing: list[int]) -> None:
+    f = tmp_path / "p"
+    f.write_text("x")
+    fd = os.open(f, os.O_PATH)
+    closing.append(fd)
+    # An O_PATH fd's link has neither permission bit; fdinfo says O_RDONLY.
+    assert _mine(fd).mode == "r"
+
+
+def test_append_is_read_for_writable_files(tmp_path: Path, closing: list[int]) -> None:
+    f = tmp_path / "log"
+    f.write_text("")
+    wa = os.open(f, os.O_WRONLY | os.O_APPEND)
+    rwa = os.open(f, os.O_RDWR | os.O_APPEND)
+    closing += [wa, rwa]
+    assert (_mine(wa).mode, _mine(wa).append) == ("w", True)
+    assert (_mine(rwa).mode, _mine(rwa).append) == ("rw", True)
+
+
+def test_read_fds_of_self_leaves_out_its_own_dir_fd() -> None:
+    before = {int(n) for n in os.listdir("/proc/self/fd")}
+    listed = {f.fd for f in fds.read_fds(ME)}
+    # listdir's own fd shows in `before` but is closed by now.
+    assert listed <= before
+    assert all(f.target != f"/proc/{ME}/fd" for f in fds.read_fds(ME))
+
+
+def test_fd_locks(tmp_path: Path) -> None:
+    import fcntl
+
+    with open(tmp_path / "a", "w") as a, open(tmp_path / "b", "w") as b:
+        fcntl.flock(a, fcntl.LOCK_EX)
+        fcntl.lockf(b, fcntl.LOCK_EX)
+        st = os.fstat(a.fileno())
+        ida = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        assert _mine(a.fileno()).locks == (f"FLOCK WRITE {ida}",)
+        assert _mine(b.fileno()).locks[0].startswith("POSIX WRITE ")
+        held = {(lk.type, lk.id) for lk in fds.read_locks() if lk.pid == ME}
+        assert ("FLOCK", ida) in held
+    # Closing releases them: nothing of ours is left in /proc/locks.
+    assert not [lk for lk in fds.read_locks() if lk.pid == ME]
+
+
+@pytest.mark.parametrize(
+    ("line", "expect"),
+    [
+        (
+            "1: POSIX  ADVISORY  WRITE 19265 fe:00:2156919 128 128",
+            fds.FileLock("POSIX", "WRITE", 19265, 0xFE, 0, 2156919),
+        ),
+        (
+            "lock:\t2: FLOCK  ADVISORY  READ 7 00:1c:42 0 EOF",
+            fds.FileLock("FLOCK", "READ", 7, 0, 0x1C, 42),
+        ),
+        (
+            "3: OFDLCK ADVISORY  WRITE -1 08:01:5 0 EOF",
+            fds.FileLock("OFDLCK", "WRITE", -1, 8, 1, 5),
+        ),
+        ("4: -> FLOCK  ADVISORY  WRITE 8 00:1c:42 0 EOF", None),  # a waiter holds nothing
+        ("garbage", None),
+        ("5: POSIX ADVISORY WRITE x fe:00:1 0 EOF", None),
+    ],
+)
+def test_parse_lock_line(line: str, expect: fds.FileLock | None) -> None:
+    assert fds.parse_lock_line(line) == expect
+
+
+def test_lock_id_format() -> None:
+    assert fds.FileLock("POSIX", "READ", 1, 0xFE, 0, 12).id == "fe:00:12"
+    assert fds.FileLock("POSIX", "READ", 1, 259, 0x1AB, 12).id == "103:1ab:12"
+
+
+def test_read_locks_from_a_file(tmp_path: Path) -> None:
+    p = tmp_path / "locks"
+    p.write_text(
+        "1: POSIX  ADVISORY  WRITE 10 fe:00:1 0 EOF\n"
+        "1: -> POSIX  ADVISORY  WRITE 11 fe:00:1 0 EOF\n"
+    )
+    assert [lk.pid for lk in fds.read_locks(str(p))] == [10]
+    assert fds.read_locks(str(tmp_path / "none")) == []
+
+
+def test_scan_caches_tables_per_netns(tree: dict[str, int]) -> None:
+    scan = fds.ProcScan()
+    assert scan.net(ME) is scan.net(tree["child"])
+
+
+def test_as_dict_matches_dataclasses_asdict() -> None:
+    import dataclasses
+
+    f = FdInfo(3, "tcp", "socket:[1]", "rw", "socket:[1]", inode=1, state="LISTEN", locks=("x",))
+    assert f.as_dict() == dataclasses.asdict(f)
+    assert list(f.as_dict()) == [x.name for x in dataclasses.fields(FdInfo)]
