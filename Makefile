@@ -53,3 +53,23 @@ integration: criu venv
 
 clean:
 	rm -rf build $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# Benchmarks: criud against raw criu, one run (root, real criu; see
+# docs/benchmarks.md). `bench` rewrites docs/benchmarks.md and .png;
+# `bench-quick` (< 2 minutes) only prints and writes bench/results/.
+BENCH_STAMP = $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: criu $(BENCH_STAMP)
+	$(PY) bench/bench.py
+
+bench-quick: criu $(BENCH_STAMP)
+	$(PY) bench/bench.py --quick
+
+# Soak: 200 checkpoint/restore cycles, 8 clients at once; prints the daemon's
+# fd count and RSS before and after (`make test` runs a 16-cycle form).
+soak: criu venv
+	CRIUD_SOAK_CYCLES=200 $(PY) -m pytest -q -s tests/integration/test_soak.py

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon import criu_errors, names, procutil
+from criud.daemon import criu_errors, kdat, names, procutil
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
@@ -154,6 +154,7 @@ class Core:
         self._ops: set[asyncio.Task[Any]] = set()
         self._bg: set[asyncio.Task[Any]] = set()
         self.accepting = True
+        self.kdat_cache = False
         # The daemon's own namespaces, read once: introspection compares with them.
         self._daemon_ns = proc_inspect.own_namespaces()
 
@@ -167,6 +168,10 @@ class Core:
 
     async def start(self) -> None:
         """Probe criu, open the store, recover from a previous run, start reaping."""
+        # criu caches its kernel probe (~33 ms of every run here) only on a
+        # tmpfs at its build-time RUNDIR; mount one there before the first
+        # criu run (the start-up check writes the cache).  Never fatal.
+        self.kdat_cache = await asyncio.to_thread(kdat.ensure_kdat_tmpfs, kdat.KDAT_DIR)
         await self.criu.probe()
         await asyncio.to_thread(self.prepare_dirs)
         await asyncio.to_thread(self.store.open)
@@ -301,6 +306,7 @@ class Core:
             "criu": {"version": self.criu.version, "path": self.criu.path},
             "kernel": platform.release(),
             "features": dict(self.criu.features),
+            "kdat_cache": self.kdat_cache,
         }
 
     def network_lock(self, needed: bool) -> str | None:

@@ -41,3 +41,11 @@ def test_install_criu_refuses_non_root() -> None:
     assert out.returncode == 1
     assert "must run as root" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_kdat_dir_matches_the_criu_build() -> None:
+    # criu's RUNDIR is compiled in: install-criu must build with the very
+    # directory the daemon mounts its tmpfs on, or the cache never warms.
+    from criud.daemon import kdat
+
+    assert f"readonly KDAT_RUNDIR={kdat.KDAT_DIR}\n" in (DEPLOY / "install-criu").read_text()

@@ -1,0 +1,1157 @@
+"""criud against raw criu, in one run, interleaved side by side.
+
+    python bench/bench.py            # full run (make bench)
+    python bench/bench.py --quick    # < 2 minutes (make bench-quick)
+    python bench/bench.py --only small,api
+
+Runs the real daemon (``python -m criud.daemon.cli serve`` on temporary
+paths) and real criu, as root.  Sections:
+
+  small          a `sleep`, dump + restore: raw criu vs criud
+  memory         64 MiB .. 1 GiB of random data, images on tmpfs and on disk
+  concurrency    8 x 128 MiB checkpointed through criud at once vs one by one
+  api            GET /v1/checkpoints with 1,000 records, 50 keep-alive clients
+  fd             fd hand-off: fds sent -> first byte from the restored tree
+  introspection  a tree of 200 processes x 50 fds: GET /v1/processes/{pid}
+
+"Raw criu" runs the criu CLI with the argv criud builds (criud.dump.argv,
+criud.restore.argv), with images on the same filesystem as the daemon's
+state dir.  Two raw binaries are compared: the criu criud runs (built by
+deploy/install-criu with RUNDIR=/run/criud/kdat, so its kernel probe is
+cached on the tmpfs criud keeps there) and a default build (RUNDIR=/run,
+which is not a tmpfs on this machine, so it probes the kernel every run).
+Before starting any daemon the harness calls
+criud.daemon.kdat.ensure_kdat_tmpfs() itself, as the daemon does at start-up.
+
+Results: bench/results/<date>-<hostname>[-quick].json; a full run also
+rewrites the generated part of docs/benchmarks.md and docs/benchmarks.png.
+Times are wall clock as a caller sees them.  The machine is noisy: read
+medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import report
+import workloads
+
+from criud.api.client import Client, CriudClientError
+from criud.daemon import kdat, names, procutil
+from criud.daemon.criu import parse_version, read_log
+from criud.daemon.store import Store
+from criud.dump import fds as fdinfo
+from criud.dump.argv import DUMP_LOG, dump_argv
+from criud.dump.options import DumpOptions
+from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TMPFS_BASE = Path("/dev/shm")
+DISK_BASE = Path("/var/tmp")
+CODE_DIRS = ("daemon", "api", "dump", "restore")
+SECTIONS = ("small", "memory", "concurrency", "api", "fd", "introspection")
+
+# Full and quick sizes of every section.
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {
+        "small_rounds": 30,
+        "mem_sizes": [64, 256, 1024],
+        "mem_reps": 5,
+        "warm_gib": 4,
+        "conc_procs": 8,
+        "conc_mib": 128,
+        "conc_reps": 5,
+        "api_records": 1000,
+        "api_clients": 50,
+        "api_per_client": 100,
+        "api_seconds": 20.0,
+        "fd_pairs": 20,
+        "tree_procs": 200,
+        "tree_fds": 50,
+        "tree_reps": 10,
+    },
+    "quick": {
+        "small_rounds": 10,
+        "mem_sizes": [64, 256],
+        "mem_reps": 2,
+        "warm_gib": 2,
+        "conc_procs": 8,
+        "conc_mib": 128,
+        "conc_reps": 2,
+        "api_records": 1000,
+        "api_clients": 50,
+        "api_per_client": 20,
+        "api_seconds": 5.0,
+        "fd_pairs": 6,
+        "tree_procs": 200,
+        "tree_fds": 50,
+        "tree_reps": 5,
+    },
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- statistics ------------------------------------------------------------------
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) of values, linearly interpolated."""
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    k = (len(v) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def summary_ms(seconds: Sequence[float]) -> dict[str, Any]:
+    ms = [s * 1000 for s in seconds]
+    return {
+        "n": len(ms),
+        "median_ms": round(statistics.median(ms), 2),
+        "p90_ms": round(pct(ms, 0.9), 2),
+        "min_ms": round(min(ms), 2),
+        "samples_ms": [round(x, 2) for x in ms],
+    }
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3)
+
+
+# -- process hygiene -------------------------------------------------------------
+
+
+class Tracker:
+    """Processes this run started or restored: killed at exit, by pid, if still ours."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, int | None] = {}
+
+    def add(self, pid: int) -> None:
+        self._procs[pid] = procutil.proc_start(pid)
+
+    def done(self, pid: int) -> None:
+        self._procs.pop(pid, None)
+
+    def kill_all(self) -> None:
+        for pid, start in list(self._procs.items()):
+            if start is not None and procutil.proc_start(pid) == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                wait_gone(pid, 5, strict=False)
+            self._procs.pop(pid, None)
+
+
+TRACK = Tracker()
+
+
+def wait_gone(pid: int, timeout: float = 10.0, strict: bool = True) -> None:
+    """Wait until pid is gone (reaping it if it is our child)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if not os.path.exists(f"/proc/{pid}"):
+            return
+        if time.monotonic() > deadline:
+            if strict:
+                raise RuntimeError(f"pid {pid} still there after {timeout} s")
+            return
+        time.sleep(0.002)
+
+
+def kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    wait_gone(pid)
+    TRACK.done(pid)
+
+
+def start_workload(script: str, *args: str, stdout: int | None = None) -> int:
+    p = workloads.start(script, *args, stdout=stdout)
+    TRACK.add(p.pid)
+    return p.pid
+
+
+def spawn_sleep() -> int:
+    p = subprocess.Popen(
+        ["sleep", "1000"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+    TRACK.add(p.pid)
+    return p.pid
+
+
+def reap_dumped(pid: int) -> None:
+    """After a dump without --leave-running: the target is dead; reap it."""
+    wait_gone(pid)
+    TRACK.done(pid)
+
+
+# -- raw criu --------------------------------------------------------------------
+
+
+class CriuFailed(RuntimeError):
+    pass
+
+
+def drop_kdat() -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(kdat.KDAT_DIR / kdat.KDAT_FILE)
+
+
+def _run_criu(criu: str, argv: list[str], log_path: Path, pass_fds: Sequence[int] = ()) -> None:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        rc = subprocess.run(
+            [criu, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            pass_fds=tuple(pass_fds),
+            close_fds=True,
+        ).returncode
+    finally:
+        os.close(fd)
+    if rc != 0:
+        err, tail = read_log(log_path)
+        raise CriuFailed(f"criu {argv[0]} exited {rc}: {err or tail[-3:]}")
+
+
+def raw_dump(criu: str, pid: int, images: Path, opts: DumpOptions | None = None) -> float:
+    """`criu dump` with criud's argv; returns seconds."""
+    images.mkdir(mode=0o700)
+    argv = dump_argv(pid, images, opts or DumpOptions())
+    t0 = time.perf_counter()
+    _run_criu(criu, argv, images / DUMP_LOG)
+    return time.perf_counter() - t0
+
+
+def raw_restore(
+    criu: str, images: Path, inherit: Sequence[tuple[int, str]] = ()
+) -> tuple[float, int]:
+    """`criu restore` with criud's argv; returns (seconds, restored root pid)."""
+    with contextlib.suppress(FileNotFoundError):
+        (images / PIDFILE).unlink()
+    argv = restore_argv(images, DumpOptions(), inherit)
+    t0 = time.perf_counter()
+    _run_criu(criu, argv, images / RESTORE_LOG, pass_fds=[fd for fd, _ in inherit])
+    t = time.perf_counter() - t0
+    pid = int((images / PIDFILE).read_text().strip())
+    TRACK.add(pid)
+    return t, pid
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+
+
+def warm_memory(gib: int) -> float:
+    """Make the kernel (and the VM under it) hand out pages once: returns seconds.
+
+    On this VM the first touch of a page the guest never used is several
+    times slower than later ones (a 1 GiB dump to tmpfs: 4.9 s the first
+    time, 0.8 s after).  Allocating and freeing a tmpfs file of gib GiB
+    first keeps that one-time cost out of every section.
+    """
+    t0 = time.perf_counter()
+    path = TMPFS_BASE / f"criud-bench-warm-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, gib << 30)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return round(time.perf_counter() - t0, 2)
+
+
+# -- the daemon ------------------------------------------------------------------
+
+
+class Daemon:
+    """A real criud on temporary paths."""
+
+    def __init__(self, root: Path, criu: str, state_dir: Path | None = None) -> None:
+        self.root = root
+        self.criu = criu
+        root.mkdir(parents=True, exist_ok=True)
+        self.sock = root / "api.sock"
+        self.fd_sock = root / "fds.sock"
+        self.state_dir = state_dir or root / "state"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_in_s = 0.0
+
+    def start(self) -> Client:
+        logf = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - the child keeps it
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "criud.daemon.cli",
+                "--socket",
+                str(self.sock),
+                "--fd-socket",
+                str(self.fd_sock),
+                "serve",
+                "--state-dir",
+                str(self.state_dir),
+                "--criu",
+                self.criu,
+                "--log-level",
+                "warning",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            close_fds=True,
+        )
+        logf.close()
+        c = self.client()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                c.request("GET", "/healthz")
+                break
+            except (OSError, CriudClientError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (self.root / "daemon.log").read_text(errors="replace")[-2000:]
+                    self.stop()
+                    raise RuntimeError(f"criud did not start:\n{tail}") from None
+                time.sleep(0.02)
+        self.started_in_s = time.perf_counter() - t0
+        return c
+
+    def client(self) -> Client:
+        return Client(str(self.sock), str(self.fd_sock), timeout=600)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def running_daemon(root: Path, criu: str, state_dir: Path | None = None) -> Iterator[Daemon]:
+    d = Daemon(root, criu, state_dir)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def criud_restore_kill(c: Client, restore: dict[str, Any]) -> None:
+    """Kill a tree criud restored (it is the daemon's child) and wait until it is gone."""
+    pid = int(restore["pid"])
+    with contextlib.suppress(CriudClientError):
+        c.signal(restore["id"], "SIGKILL")
+    wait_gone(pid)
+    TRACK.done(pid)
+
+
+# -- 1. small process overhead ---------------------------------------------------
+
+
+def bench_small(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A sleep, dump + restore, 5 ways, interleaved (rotating order)."""
+    root = Path(tempfile.mkdtemp(prefix="small-", dir=base))
+    criu, criu_default = env["criu"], env["criu_default"]
+    sides = ["raw_default", "raw_cold", "raw_warm", "criud_cold", "criud_warm"]
+    if criu_default is None:
+        sides.remove("raw_default")
+    rows: dict[str, dict[str, list[float]]] = {
+        s: {"dump": [], "restore": [], "total": []} for s in sides
+    }
+    with running_daemon(root / "d", criu) as d:
+        c = d.client()
+        for i in range(cfg["small_rounds"]):
+            order = sides[i % len(sides) :] + sides[: i % len(sides)]
+            for side in order:
+                pid = spawn_sleep()
+                cold = side.endswith("cold") or side == "raw_default"
+                if side.startswith("raw"):
+                    binary = criu_default if side == "raw_default" else criu
+                    images = root / f"{side}-{i}"
+                    if cold:
+                        drop_kdat()
+                    td = raw_dump(binary, pid, images)
+                    reap_dumped(pid)
+                    if cold:
+                        drop_kdat()
+                    tr, rp = raw_restore(binary, images)
+                    kill(rp)
+                    shutil.rmtree(images)
+                else:
+                    if cold:
+                        drop_kdat()
+                    t0 = time.perf_counter()
+                    ck = c.checkpoint(pid)
+                    td = time.perf_counter() - t0
+                    reap_dumped(pid)
+                    if cold:
+                        drop_kdat()
+                    t0 = time.perf_counter()
+                    r = c.restore(ck["id"])
+                    tr = time.perf_counter() - t0
+                    TRACK.add(int(r["pid"]))
+                    criud_restore_kill(c, r)
+                    c.delete(ck["id"])
+                rows[side]["dump"].append(td)
+                rows[side]["restore"].append(tr)
+                rows[side]["total"].append(td + tr)
+        # Leave the cache warm for what follows.
+        c.request("GET", "/v1/version")
+    shutil.rmtree(root, ignore_errors=True)
+    out: dict[str, Any] = {"rounds": cfg["small_rounds"], "sides": {}}
+    for side in sides:
+        out["sides"][side] = {k: summary_ms(v) for k, v in rows[side].items()}
+    tot = {s: out["sides"][s]["total"] for s in sides}
+    out["criud_added_median_ms"] = round(
+        tot["criud_warm"]["median_ms"] - tot["raw_warm"]["median_ms"], 2
+    )
+    out["criud_added_p90_ms"] = round(tot["criud_warm"]["p90_ms"] - tot["raw_warm"]["p90_ms"], 2)
+    out["criud_added_cold_median_ms"] = round(
+        tot["criud_cold"]["median_ms"] - tot["raw_cold"]["median_ms"], 2
+    )
+    if "raw_default" in tot:
+        out["criud_vs_raw_default_ratio"] = round(
+            tot["criud_warm"]["median_ms"] / tot["raw_default"]["median_ms"], 3
+        )
+    return out
+
+
+# -- 2. memory scaling -----------------------------------------------------------
+
+
+def _mem_cycle(
+    side: str, mib: int, criu: str, c: Client, root: Path, tag: str
+) -> tuple[float, float, int]:
+    pid = start_workload(workloads.FILL, str(mib))
+    if side == "raw":
+        images = root / f"raw-{tag}"
+        td = raw_dump(criu, pid, images)
+        reap_dumped(pid)
+        size = dir_bytes(images)
+        tr, rp = raw_restore(criu, images)
+        kill(rp)
+        shutil.rmtree(images)
+    else:
+        t0 = time.perf_counter()
+        ck = c.checkpoint(pid)
+        td = time.perf_counter() - t0
+        reap_dumped(pid)
+        size = int(ck.get("size_bytes") or 0)
+        t0 = time.perf_counter()
+        r = c.restore(ck["id"])
+        tr = time.perf_counter() - t0
+        TRACK.add(int(r["pid"]))
+        criud_restore_kill(c, r)
+        c.delete(ck["id"])
+    return td, tr, size
+
+
+def bench_memory(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str, Any]:
+    criu = env["criu"]
+    out: dict[str, Any] = {
+        "reps": cfg["mem_reps"],
+        "sizes_mib": cfg["mem_sizes"],
+        "by_location": {},
+    }
+    for loc, loc_base in (("tmpfs", TMPFS_BASE), ("disk", DISK_BASE)):
+        root = Path(tempfile.mkdtemp(prefix="criud-bench-mem-", dir=loc_base))
+        res: dict[str, Any] = {"dir": str(loc_base)}
+        try:
+            with running_daemon(root / "d", criu) as d:
+                c = d.client()
+                # One untimed cycle first: the first pages a filesystem (and the
+                # VM under it) hands out are much slower than later ones.
+                warm = max(cfg["mem_sizes"])
+                log(f"memory/{loc}: warm-up cycle of {warm} MiB")
+                _mem_cycle("raw", warm, criu, c, root, "warmup")
+                for mib in cfg["mem_sizes"]:
+                    rows: dict[str, list[float]] = {
+                        "raw_dump": [],
+                        "raw_restore": [],
+                        "criud_dump": [],
+                        "criud_restore": [],
+                    }
+                    sizes: dict[str, int] = {}
+                    for rep in range(cfg["mem_reps"]):
+                        order = ["raw", "criud"] if rep % 2 == 0 else ["criud", "raw"]
+                        for side in order:
+                            td, tr, size = _mem_cycle(side, mib, criu, c, root, f"{mib}-{rep}")
+                            rows[f"{side}_dump"].append(td)
+                            rows[f"{side}_restore"].append(tr)
+                            sizes[side] = size
+                            if loc == "disk":
+                                os.sync()
+                    med = {k: statistics.median(v) for k, v in rows.items()}
+                    payload = mib << 20
+                    res[str(mib)] = {
+                        **{f"{k}_s": round(v, 3) for k, v in med.items()},
+                        **{f"{k}_gbps": gbps(payload, v) for k, v in med.items()},
+                        "dump_ratio": round(med["criud_dump"] / med["raw_dump"], 3),
+                        "restore_ratio": round(med["criud_restore"] / med["raw_restore"], 3),
+                        # Median of the per-rep ratios (each rep's two runs are
+                        # adjacent in time, so slow spells of the machine cancel).
+                        **{
+                            f"{op}_ratio_paired": round(
+                                statistics.median(
+                                    c / r
+                                    for c, r in zip(
+                                        rows[f"criud_{op}"], rows[f"raw_{op}"], strict=True
+                                    )
+                                ),
+                                3,
+                            )
+                            for op in ("dump", "restore")
+                        },
+                        "image_bytes": sizes,
+                        "samples_s": {k: [round(x, 4) for x in v] for k, v in rows.items()},
+                    }
+                    r = res[str(mib)]
+                    log(
+                        f"memory/{loc} {mib} MiB: dump raw {r['raw_dump_s']}s criud "
+                        f"{r['criud_dump_s']}s (x{r['dump_ratio']}); restore raw "
+                        f"{r['raw_restore_s']}s criud {r['criud_restore_s']}s "
+                        f"(x{r['restore_ratio']})"
+                    )
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        out["by_location"][loc] = res
+    return out
+
+
+# -- 3. concurrency --------------------------------------------------------------
+
+
+def _run_batch(jobs: list[Callable[[], float]], concurrent: bool) -> tuple[float, list[float]]:
+    lat: list[float] = [0.0] * len(jobs)
+    errors: list[BaseException] = []
+    if not concurrent:
+        t0 = time.perf_counter()
+        for i, job in enumerate(jobs):
+            lat[i] = job()
+        return time.perf_counter() - t0, lat
+    barrier = threading.Barrier(len(jobs) + 1)
+
+    def run(i: int, job: Callable[[], float]) -> None:
+        barrier.wait()
+        try:
+            lat[i] = job()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, j)) for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return wall, lat
+
+
+def _criud_job(d: Daemon, pid: int, made: list[tuple[Client, str]]) -> float:
+    cl = d.client()  # each thread its own client
+    t0 = time.perf_counter()
+    ck = cl.checkpoint(pid, leave_running=True)
+    t = time.perf_counter() - t0
+    made.append((cl, ck["id"]))  # list.append is atomic
+    return t
+
+
+def _raw_job(criu: str, pid: int, images: Path) -> float:
+    return raw_dump(criu, pid, images, DumpOptions(leave_running=True))
+
+
+def bench_concurrency(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str, Any]:
+    """N processes checkpointed (leave_running) through criud at once vs one by one."""
+    criu = env["criu"]
+    n, mib = cfg["conc_procs"], cfg["conc_mib"]
+    root = Path(tempfile.mkdtemp(prefix="conc-", dir=base))
+    pids = [start_workload(workloads.FILL, str(mib)) for _ in range(n)]
+    total = n * (mib << 20)
+    walls: dict[str, list[float]] = {
+        "criud_seq": [],
+        "criud_conc": [],
+        "raw_seq": [],
+        "raw_conc": [],
+    }
+    lats: dict[str, list[float]] = {k: [] for k in walls}
+    try:
+        with running_daemon(root / "d", criu) as d:
+            # Untimed: one concurrent round first (first-touch of tmpfs pages).
+            warm = d.client()
+            for p in pids:
+                warm.delete(warm.checkpoint(p, leave_running=True)["id"])
+            for rep in range(cfg["conc_reps"]):
+                modes = ["criud_seq", "criud_conc", "raw_seq", "raw_conc"]
+                if rep % 2:
+                    modes.reverse()
+                for mode in modes:
+                    made: list[tuple[Client, str]] = []
+                    if mode.startswith("criud"):
+                        jobs = [functools.partial(_criud_job, d, p, made) for p in pids]
+                    else:
+                        jobs = [
+                            functools.partial(_raw_job, criu, p, root / f"{mode}-{rep}-{k}")
+                            for k, p in enumerate(pids)
+                        ]
+                    wall, lat = _run_batch(jobs, concurrent=mode.endswith("conc"))
+                    walls[mode].append(wall)
+                    lats[mode].extend(lat)
+                    for cl, ck_id in made:
+                        cl.delete(ck_id)
+                    for k in range(n):
+                        shutil.rmtree(root / f"{mode}-{rep}-{k}", ignore_errors=True)
+                    log(f"concurrency {mode}: {wall:.2f} s for {n} x {mib} MiB")
+    finally:
+        for p in pids:
+            kill(p)
+        shutil.rmtree(root, ignore_errors=True)
+    out: dict[str, Any] = {"procs": n, "mib_each": mib, "reps": cfg["conc_reps"], "modes": {}}
+    for mode, w in walls.items():
+        wall = statistics.median(w)
+        out["modes"][mode] = {
+            "wall_s": round(wall, 3),
+            "gbps": gbps(total, wall),
+            "per_dump_median_s": round(statistics.median(lats[mode]), 3),
+            "walls_s": [round(x, 3) for x in w],
+        }
+    m = out["modes"]
+    out["criud_speedup"] = round(m["criud_seq"]["wall_s"] / m["criud_conc"]["wall_s"], 3)
+    out["raw_speedup"] = round(m["raw_seq"]["wall_s"] / m["raw_conc"]["wall_s"], 3)
+    return out
+
+
+# -- 4. API latency and memory ---------------------------------------------------
+
+
+class KeepAliveUnix(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 60) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(self.timeout)
+        s.connect(self._path)
+        self.sock = s
+
+
+def _seed_records(state_dir: Path, template_id: str, n: int) -> None:
+    """Insert n-1 copies of a real checkpoint record straight into the store."""
+    store = Store(state_dir / "criud.db")
+    store.open()
+    try:
+        # The connection allows any thread, and nothing else uses it now.
+        tmpl = store.get_checkpoint(template_id)
+        assert tmpl is not None
+        store.db.execute("BEGIN")
+        for i in range(n - 1):
+            rec = type(tmpl)(**{**tmpl.__dict__})
+            rec.id = names.new_id()
+            rec.name = f"bench-{i:05d}"
+            rec.created_at = tmpl.created_at + (i + 1) * 1e-3
+            rec.finished_at = rec.created_at
+            store.insert_checkpoint(rec)
+        store.db.execute("COMMIT")
+    finally:
+        store.close()
+
+
+def bench_api(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str, Any]:
+    criu = env["criu"]
+    root = Path(tempfile.mkdtemp(prefix="api-", dir=base))
+    n = cfg["api_records"]
+    out: dict[str, Any] = {"records": n, "clients": cfg["api_clients"]}
+    try:
+        # A fresh daemon's idle RSS, before it has served anything much.
+        d = Daemon(root / "d", criu)
+        d.start()
+        time.sleep(1.0)
+        out["rss_idle_empty_mib"] = d.rss_mib()
+        pid = start_workload(workloads.HOLD)
+        ck = d.client().checkpoint(pid, leave_running=True, labels={"bench": "api"})
+        kill(pid)
+        d.stop()
+        t0 = time.perf_counter()
+        _seed_records(d.state_dir, ck["id"], n)
+        out["seeded_s"] = round(time.perf_counter() - t0, 3)
+        out["seeding"] = (
+            f"1 real checkpoint (leave_running) + {n - 1} copies of its record inserted "
+            "with criud.daemon.store.Store while the daemon was stopped"
+        )
+        d.start()
+        c = d.client()
+        time.sleep(1.0)
+        out["rss_idle_mib"] = d.rss_mib()
+        status, body = c.request("GET", "/v1/checkpoints")
+        assert status == 200 and len(body) == n, (status, len(body))
+        out["response_bytes"] = len(json.dumps(body))
+        # Unloaded latency: one keep-alive client, one request at a time.
+        conn = KeepAliveUnix(str(d.sock))
+        single: list[float] = []
+        for _ in range(20):
+            t = time.perf_counter()
+            conn.request("GET", "/v1/checkpoints")
+            r = conn.getresponse()
+            r.read()
+            single.append(time.perf_counter() - t)
+        conn.close()
+        out["single_client"] = {k: v for k, v in summary_ms(single).items() if k != "samples_ms"}
+        # The load: N threads, each its own keep-alive connection.
+        nc, per, secs = cfg["api_clients"], cfg["api_per_client"], cfg["api_seconds"]
+        lat: list[list[float]] = [[] for _ in range(nc)]
+        errors: list[str] = []
+        barrier = threading.Barrier(nc + 1)
+        deadline: list[float] = [0.0]
+
+        def client(i: int) -> None:
+            cn = KeepAliveUnix(str(d.sock), timeout=120)
+            cn.connect()
+            barrier.wait()
+            try:
+                for _ in range(per):
+                    if time.perf_counter() > deadline[0]:
+                        break
+                    t = time.perf_counter()
+                    cn.request("GET", "/v1/checkpoints")
+                    r = cn.getresponse()
+                    r.read()
+                    if r.status != 200:
+                        errors.append(str(r.status))
+                    lat[i].append(time.perf_counter() - t)
+            except OSError as e:
+                errors.append(repr(e))
+            finally:
+                cn.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(nc)]
+        for t in threads:
+            t.start()
+        deadline[0] = time.perf_counter() + secs
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        allv = [x for v in lat for x in v]
+        out["load"] = {
+            "requests": len(allv),
+            "errors": len(errors),
+            "wall_s": round(wall, 3),
+            "rps": round(len(allv) / wall, 1),
+            "p50_ms": round(pct(allv, 0.5) * 1000, 2),
+            "p90_ms": round(pct(allv, 0.9) * 1000, 2),
+            "p99_ms": round(pct(allv, 0.99) * 1000, 2),
+            "max_ms": round(max(allv) * 1000, 2),
+            "per_client_cap": per,
+            "time_cap_s": secs,
+        }
+        out["rss_after_mib"] = d.rss_mib()
+        d.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+# -- 5. fd hand-off latency ------------------------------------------------------
+
+
+class FirstByte:
+    """A thread blocked on a pipe's read end; notes when the first byte arrives."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.at: float | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        if os.read(self.fd, 1):
+            self.at = time.perf_counter()
+
+    def wait(self, timeout: float = 30) -> float:
+        self.thread.join(timeout)
+        if self.at is None:
+            raise RuntimeError("no byte from the restored tree")
+        return self.at
+
+
+def _writer() -> tuple[int, int, str]:
+    """A WRITER whose stdout is a pipe we read; returns (pid, read end, its key)."""
+    r, w = os.pipe()
+    pid = start_workload(workloads.WRITER, stdout=w)
+    os.close(w)
+    key = f"pipe:[{os.fstat(r).st_ino}]"
+    assert os.read(r, 1) == b"x"
+    return pid, r, key
+
+
+def bench_fd(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str, Any]:
+    criu = env["criu"]
+    root = Path(tempfile.mkdtemp(prefix="fd-", dir=base))
+    rows: dict[str, list[float]] = {"raw": [], "criud": []}
+    call: dict[str, list[float]] = {"raw": [], "criud": []}
+    try:
+        with running_daemon(root / "d", criu) as d:
+            c = d.client()
+            for i in range(cfg["fd_pairs"]):
+                for side in ("raw", "criud") if i % 2 == 0 else ("criud", "raw"):
+                    pid, old_r, key = _writer()
+                    images = root / f"raw-{i}"
+                    if side == "raw":
+                        raw_dump(criu, pid, images)
+                    else:
+                        ck = c.checkpoint(pid)
+                    reap_dumped(pid)
+                    new_r, new_w = os.pipe()
+                    fb = FirstByte(new_r)
+                    if side == "raw":
+                        t0 = time.perf_counter()
+                        _, rp = raw_restore(criu, images, [(new_w, key)])
+                        t_call = time.perf_counter()
+                    else:
+                        t0 = time.perf_counter()
+                        r = c.restore(ck["id"], fds={key: new_w})
+                        t_call = time.perf_counter()
+                        rp = int(r["pid"])
+                        TRACK.add(rp)
+                    os.close(new_w)
+                    t1 = fb.wait()
+                    rows[side].append(t1 - t0)
+                    call[side].append(t_call - t0)
+                    if side == "raw":
+                        kill(rp)
+                        shutil.rmtree(images)
+                    else:
+                        criud_restore_kill(c, r)
+                        c.delete(ck["id"])
+                    os.close(old_r)
+                    os.close(new_r)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out: dict[str, Any] = {"pairs": cfg["fd_pairs"], "sides": {}}
+    for side in rows:
+        out["sides"][side] = {
+            "first_byte": summary_ms(rows[side]),
+            "call_returned": {k: v for k, v in summary_ms(call[side]).items() if k != "samples_ms"},
+        }
+    s = out["sides"]
+    out["criud_added_median_ms"] = round(
+        s["criud"]["first_byte"]["median_ms"] - s["raw"]["first_byte"]["median_ms"], 2
+    )
+    return out
+
+
+# -- 6. introspection ------------------------------------------------------------
+
+
+def bench_introspection(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str, Any]:
+    criu = env["criu"]
+    root = Path(tempfile.mkdtemp(prefix="tree-", dir=base))
+    scratch = workloads.scratch_dir(root, "files")
+    nprocs, nfds = cfg["tree_procs"], cfg["tree_fds"]
+    t0 = time.perf_counter()
+    pid = start_workload(workloads.TREE, str(nprocs), str(nfds), str(scratch))
+    out: dict[str, Any] = {
+        "procs": nprocs,
+        "fds_each": nfds,
+        "built_in_s": round(time.perf_counter() - t0, 2),
+    }
+    try:
+        tasks = fdinfo.read_tree(pid)
+        out["tasks_seen"] = len(tasks)
+        out["fds_seen"] = sum(len(t.fds) for t in tasks)
+        # In-process, for reference (and the fallback).
+        direct: list[float] = []
+        for _ in range(cfg["tree_reps"]):
+            t = time.perf_counter()
+            fdinfo.read_tree(pid)
+            direct.append(time.perf_counter() - t)
+        out["read_tree_in_process"] = summary_ms(direct)
+        fallback = "read_tree_in_process"
+        try:  # the function the endpoint is being built on, where it exists yet
+            from criud.dump.inspect import inspect_tree
+        except ImportError:
+            inspect_tree = None
+        if inspect_tree is not None:
+            timed: list[float] = []
+            for _ in range(cfg["tree_reps"]):
+                t = time.perf_counter()
+                inspect_tree(pid)
+                timed.append(time.perf_counter() - t)
+            out["inspect_tree_in_process"] = summary_ms(timed)
+            fallback = "inspect_tree_in_process"
+        with running_daemon(root / "d", criu) as d:
+            c = d.client()
+            path = f"/v1/processes/{pid}"
+            try:
+                status, body = c.request("GET", path)
+            except CriudClientError as e:
+                status, body = e.status, e.problem
+            out["endpoint_status"] = status
+            if status == 200:
+                api: list[float] = []
+                for _ in range(cfg["tree_reps"]):
+                    t = time.perf_counter()
+                    c.request("GET", path)
+                    api.append(time.perf_counter() - t)
+                out["endpoint"] = summary_ms(api)
+                out["measured"] = f"GET {path.replace(str(pid), '{pid}')} through the daemon"
+                out["response_bytes"] = len(json.dumps(body))
+            else:
+                out["endpoint_answer"] = body if isinstance(body, dict) else str(body)[:200]
+                fn = fallback.replace("_in_process", "")
+                mod = "criud.dump.inspect" if fn == "inspect_tree" else "criud.dump.fds"
+                out["measured"] = (
+                    f"{mod}.{fn}(pid) in-process, as GET /v1/processes/{{pid}} answered {status}"
+                )
+        key = "endpoint" if status == 200 else fallback
+        out["headline_ms"] = out[key]["median_ms"]
+        out["headline_p90_ms"] = out[key]["p90_ms"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        wait_gone(pid, 30, strict=False)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # its own session and group
+        TRACK.done(pid)
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+# -- environment and main --------------------------------------------------------
+
+
+def loadavg() -> list[float]:
+    """1, 5 and 15 minute load averages: how busy the machine was (we run on it too)."""
+    with contextlib.suppress(OSError):
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    return []
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def criu_version(path: str) -> str | None:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    return parse_version(out.stdout)
+
+
+def fs_of(path: Path) -> str:
+    return "tmpfs" if kdat.is_tmpfs(path) else "not tmpfs"
+
+
+def default_criu(version: str, build: bool) -> str | None:
+    """A criu built with the default RUNDIR (/run), as a stock install has."""
+    path = Path(f"/var/cache/criud/criu-{version}-default-rundir")
+    if path.exists():
+        return str(path)
+    if not build:
+        return None
+    log(f"building a default-RUNDIR criu {version} for the raw side (one-time, ~30 s)")
+    rc = subprocess.run(["bash", str(HERE / "build-default-criu"), str(path)]).returncode
+    return str(path) if rc == 0 and path.exists() else None
+
+
+def git_commit() -> str | None:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    return None
+
+
+def criud_source() -> dict[str, Any]:
+    """Which criud code runs: the work tree (and whether it differs from HEAD) or elsewhere.
+
+    PYTHONPATH=<dir with criud/{daemon,api,dump,restore}> benchmarks another
+    checkout (e.g. `git archive HEAD`) without touching the venv; the daemon
+    inherits it.
+    """
+    import criud.daemon
+
+    src = Path(criud.daemon.__file__).resolve().parent.parent
+    out: dict[str, Any] = {"path": str(src), "work_tree": src == REPO}
+    if src == REPO:
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            st = subprocess.run(
+                ["git", "-C", str(REPO), "status", "--porcelain", "--", *CODE_DIRS],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            out["uncommitted_changes"] = bool(st.strip())
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer reps and sizes: < 2 minutes")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    p.add_argument("--criu", default=shutil.which("criu") or "/usr/local/sbin/criu")
+    p.add_argument(
+        "--criu-default",
+        default=None,
+        help="default-RUNDIR criu for the raw side "
+        "(default: /var/cache/criud/criu-<v>-default-rundir, built if missing)",
+    )
+    p.add_argument("--no-build", action="store_true", help="never build the default criu")
+    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument(
+        "--docs",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="rewrite docs/benchmarks.md (generated part) and docs/benchmarks.png "
+        "(auto: after a full run of every section)",
+    )
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench: must run as root (criu needs it)", file=sys.stderr)
+        return 1
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        p.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    profile = "quick" if args.quick else "full"
+    cfg = PROFILES[profile]
+    started = time.perf_counter()
+
+    # The daemon will do this itself once wired in; until then, and to be
+    # sure, the harness mounts criu's kdat tmpfs before any daemon starts.
+    kdat_ok = kdat.ensure_kdat_tmpfs(kdat.KDAT_DIR)
+    version = criu_version(args.criu) or "unknown"
+    criu_default = args.criu_default or default_criu(version, build=not args.no_build)
+    env: dict[str, Any] = {"criu": args.criu, "criu_default": criu_default}
+    now = datetime.datetime.now(datetime.UTC)
+    meta = {
+        "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "hostname": socket.gethostname(),
+        "cpu_model": cpu_model(),
+        "cpus": os.cpu_count(),
+        "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "criu_version": version,
+        "criu": args.criu,
+        "criu_kdat_dir": str(kdat.KDAT_DIR) if kdat.built_with_kdat_dir(args.criu) else None,
+        "criu_default": criu_default,
+        "kdat_cache_usable": kdat_ok,
+        "run_fs": fs_of(Path("/run")),
+        "loadavg_start": loadavg(),
+        "criud_commit": git_commit(),
+        "criud_source": criud_source(),
+        "profile": profile,
+        "sections": only,
+    }
+    log(f"{profile} run of {', '.join(only)}; criu {version} at {args.criu}; kdat cache {kdat_ok}")
+    if {"memory", "concurrency"} & set(only):
+        meta["warm_memory_s"] = warm_memory(cfg["warm_gib"])
+        log(f"touched {cfg['warm_gib']} GiB of tmpfs pages first: {meta['warm_memory_s']} s")
+    results: dict[str, Any] = {"meta": meta}
+    base = Path(tempfile.mkdtemp(prefix="criud-bench-", dir=TMPFS_BASE))
+    fns = {
+        "small": bench_small,
+        "memory": bench_memory,
+        "concurrency": bench_concurrency,
+        "api": bench_api,
+        "fd": bench_fd,
+        "introspection": bench_introspection,
+    }
+    try:
+        for name in only:
+            log(f"section {name}")
+            t0 = time.perf_counter()
+            results[name] = fns[name](cfg, env, base)
+            results[name]["section_s"] = round(time.perf_counter() - t0, 1)
+            log(f"section {name} done in {results[name]['section_s']} s")
+    finally:
+        TRACK.kill_all()
+        shutil.rmtree(base, ignore_errors=True)
+    meta["duration_s"] = round(time.perf_counter() - started, 1)
+    meta["loadavg_end"] = loadavg()
+    results["targets"] = report.targets(results)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    out = args.out_dir / f"{now.strftime('%Y-%m-%d')}-{meta['hostname']}{suffix}.json"
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    md = report.markdown(results)
+    print(md)
+    log(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    full = not args.quick and set(only) == set(SECTIONS)
+    if args.docs == "yes" or (args.docs == "auto" and full):
+        report.update_docs(md, REPO / "docs" / "benchmarks.md", out)
+        if "memory" in results:
+            report.chart(results, REPO / "docs" / "benchmarks.png")
+        log("updated docs/benchmarks.md and docs/benchmarks.png")
+    log(f"total {meta['duration_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
