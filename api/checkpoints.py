@@ -33,8 +33,8 @@ CallerDep = Annotated[Caller, Depends(caller)]
 
 
 def to_model(rec: CheckpointRecord) -> Checkpoint:
-    """Shape a checkpoint record for the API."""
-    manifest = rec.manifest or {"tasks": [], "external": []}
+    """Shape a checkpoint record for the API (a list's records carry no manifest)."""
+    manifest = rec.manifest or {"tasks": [], "external": rec.external_keys or []}
     return Checkpoint(
         id=rec.id,
         name=rec.name,
@@ -95,7 +95,11 @@ async def list_checkpoints(
     who: CallerDep,
     label: Annotated[list[str] | None, Query(description="key=value; repeat to AND")] = None,
 ) -> list[Checkpoint]:
-    """List checkpoints, optionally those carrying every given label."""
+    """List checkpoints, optionally those carrying every given label.
+
+    A summary: `fds` and `namespaces` are left empty (GET one checkpoint for
+    its manifest); `external` is filled.
+    """
     wanted: dict[str, str] = {}
     for item in label or []:
         k, sep, v = item.partition("=")

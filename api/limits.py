@@ -12,30 +12,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from criud.daemon.jsonlimits import MAX_DEPTH, json_depth
+
 MAX_BODY = 1 << 20
-MAX_DEPTH = 32
-
-
-def json_depth(body: bytes) -> int:
-    """Deepest nesting of [ and { in a JSON text, ignoring strings."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in body:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == 0x5C:  # backslash
-                escaped = True
-            elif ch == 0x22:  # quote
-                in_string = False
-        elif ch == 0x22:
-            in_string = True
-        elif ch in (0x5B, 0x7B):  # [ {
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
 
 
 async def _problem(send: Send, status: int, code: str, title: str, detail: str) -> None:

@@ -63,7 +63,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    codes = {
+        400: "invalid_request",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "body_too_large",
+    }
     return problem(
         exc.status_code,
         codes.get(exc.status_code, "http_error"),

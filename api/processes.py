@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import asyncio
+import json
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Response
 
 from criud.api.deps import caller, core
 from criud.api.models import PID_MAX, Problem
@@ -17,10 +19,14 @@ CoreDep = Annotated[Core, Depends(core)]
 CallerDep = Annotated[Caller, Depends(caller)]
 
 
-@router.get("/{pid}", responses=ERRORS)
+@router.get(
+    "/{pid}",
+    responses={**ERRORS, 200: {"content": {"application/json": {"schema": {"type": "object"}}}}},
+    response_class=Response,
+)
 async def inspect_process(
     pid: Annotated[int, Path(ge=1, le=PID_MAX)], c: CoreDep, who: CallerDep
-) -> dict[str, Any]:
+) -> Response:
     """The tree rooted at pid: every task (ids, namespaces, cgroup, memory) and every fd.
 
     Each fd has its number, CRIU key, type, access mode, whether it is
@@ -28,4 +34,8 @@ async def inspect_process(
     TCP its state and addresses.  A caller who is not root sees only its own
     processes.
     """
-    return dict(await c.inspect_process(pid, who))
+    tree = await c.inspect_process(pid, who)
+    # A big tree is megabytes of JSON: encode it in a thread, and without a
+    # pydantic model per fd (that alone cost more than reading /proc).
+    body = await asyncio.to_thread(json.dumps, tree, separators=(",", ":"))
+    return Response(content=body, media_type="application/json")

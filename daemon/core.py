@@ -370,7 +370,7 @@ class Core:
     async def list_checkpoints(
         self, caller: Caller, labels: dict[str, str] | None = None
     ) -> list[CheckpointRecord]:
-        recs = await self.store.run(self.store.list_checkpoints)
+        recs = await self.store.run(self.store.list_checkpoints, summary=True)
         out = [r for r in recs if self._visible(r, caller)]
         if labels:
             out = [r for r in out if all(r.labels.get(k) == v for k, v in labels.items())]

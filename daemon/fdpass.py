@@ -17,6 +17,8 @@ import struct
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from criud.daemon.jsonlimits import MAX_DEPTH, json_depth
+
 MAX_FDS = 64
 MAX_PAYLOAD = 64 * 1024
 # Room for more than MAX_FDS so an over-long message is seen whole and refused
@@ -131,9 +133,12 @@ def parse_payload(data: bytes, count: int, max_ttl: float) -> tuple[float | None
     """Validate the JSON payload of an fd message: optional ttl_s and names."""
     if not data.strip():
         return None, None
+    if json_depth(data) > MAX_DEPTH:
+        # json.loads would recurse into a RecursionError, not a ValueError.
+        raise FdPassError("bad_payload", f"payload nested deeper than {MAX_DEPTH} levels")
     try:
         doc: Any = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FdPassError("bad_payload", f"payload is not JSON: {e}") from e
     if not isinstance(doc, dict):
         raise FdPassError("bad_payload", "payload must be a JSON object")

@@ -29,6 +29,9 @@ AuditHook = Callable[..., None]
 # A client that connects and sends nothing is dropped after this long.
 RECV_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 256
+BUSY_REPLY = json.dumps(
+    {"error": {"code": "busy", "message": "too many connections; retry shortly"}}
+).encode()
 
 
 class FdSocketServer:
@@ -73,6 +76,10 @@ class FdSocketServer:
                 await asyncio.sleep(0.05)
                 continue
             if len(self._conns) >= MAX_CONNECTIONS:
+                # Shed load with an answer rather than a silent close.
+                with contextlib.suppress(OSError):
+                    conn.setblocking(False)
+                    conn.send(BUSY_REPLY)
                 conn.close()
                 continue
             t = loop.create_task(self._serve(conn))
@@ -100,7 +107,12 @@ class FdSocketServer:
                 pid, uid, gid = peer_creds(conn)
             except OSError:
                 return
-            reply = await self._receive(conn, uid, pid)
+            try:
+                reply = await self._receive(conn, uid, pid)
+            except Exception:
+                # A bug, not the client's fault: still answer, never go silent.
+                log.exception("fd socket: unexpected error handling a message from pid %d", pid)
+                reply = {"error": {"code": "internal_error", "message": "unexpected error"}}
             if self._audit is not None:
                 err = reply.get("error")
                 self._audit(
@@ -123,7 +135,9 @@ class FdSocketServer:
                 raise FdPassError("empty", "nothing to read") from None
             try:
                 ttl, names = parse_payload(data, len(owned), self._max_ttl)
-            except FdPassError:
+            except BaseException:
+                # Whatever goes wrong, the fds received are closed: a hostile
+                # message must not be able to pin fds in the daemon.
                 owned.close()
                 raise
         except FdPassError as e:

@@ -75,7 +75,13 @@ CREATE TABLE IF NOT EXISTS restores (
 );
 """
 # Columns added after the first release: (table, column, type).
-_MIGRATIONS = (("restores", "ns_pid", "INTEGER"),)
+_MIGRATIONS = (("restores", "ns_pid", "INTEGER"), ("checkpoints", "external_keys", "TEXT"))
+# What a list of checkpoints reads: everything but the manifest, whose fd
+# tables can be large (json.loads of 1,000 of them dominated a list).
+_SUMMARY_COLUMNS = (
+    "id, name, pid, state, created_at, finished_at, size_bytes, options, labels, "
+    "criu_version, stats, error, owner_uid, external_keys"
+)
 
 
 class NameConflict(Exception):
@@ -98,6 +104,8 @@ class CheckpointRecord:
     stats: dict[str, Any] | None = None
     manifest: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    # The manifest's external keys, kept apart so a list need not parse it.
+    external_keys: list[str] | None = None
 
 
 @dataclasses.dataclass
@@ -119,7 +127,7 @@ class RestoreRecord:
     ns_pid: int | None = None
 
 
-_JSON_FIELDS = {"options", "labels", "stats", "manifest", "error"}
+_JSON_FIELDS = {"options", "labels", "stats", "manifest", "error", "external_keys"}
 
 
 def _dump(field: str, value: Any) -> Any:
@@ -208,6 +216,8 @@ class Store:
 
     def update_checkpoint(self, ckpt_id: str, **changes: Any) -> None:
         """Change fields of a checkpoint; a state change must be a legal one."""
+        if changes.get("manifest") is not None:
+            changes["external_keys"] = list(changes["manifest"].get("external", []))
         if "state" in changes:
             row = self.db.execute("SELECT state FROM checkpoints WHERE id=?", (ckpt_id,)).fetchone()
             assert row is not None, ckpt_id
@@ -228,9 +238,10 @@ class Store:
         ).fetchone()
         return CheckpointRecord(**_load(row)) if row is not None else None
 
-    def list_checkpoints(self) -> list[CheckpointRecord]:
-        """Every checkpoint record, oldest first."""
-        rows = self.db.execute("SELECT * FROM checkpoints ORDER BY created_at").fetchall()
+    def list_checkpoints(self, summary: bool = False) -> list[CheckpointRecord]:
+        """Every checkpoint record, oldest first; summary leaves the manifest out."""
+        cols = _SUMMARY_COLUMNS if summary else "*"
+        rows = self.db.execute(f"SELECT {cols} FROM checkpoints ORDER BY created_at").fetchall()
         return [CheckpointRecord(**_load(r)) for r in rows]
 
     def delete_checkpoint(self, ckpt_id: str) -> None:

@@ -27,7 +27,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from criud.dump import sockdiag
 
@@ -278,9 +278,13 @@ class ProcScan:
     walk reads them once for each network namespace it meets.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, locks: bool = True) -> None:
         self._nets: dict[int, NetTables] = {}
-        self.locks = read_locks()
+        # /proc/locks takes the kernel's global file_rwsem for writing and can
+        # wait a whole RCU grace period (~12 ms measured after a quiet spell):
+        # only introspection, which reports locks, reads it.  A dump leaves
+        # locks to criu (file_locks).
+        self.locks = read_locks() if locks else []
         # (st_dev, st_ino) of every locked file, to compare with an fd's stat.
         self.locked = {(os.makedev(lk.major, lk.minor), lk.inode) for lk in self.locks}
 
@@ -372,7 +376,11 @@ def _describe_socket(info: FdInfo, net: NetTables) -> None:
 
 
 def _classify_at(
-    dirfd: int, pid: int, fd: int, net: NetTables, locked: set[tuple[int, int]]
+    dirfd: int,
+    pid: int,
+    fd: int,
+    net: NetTables | Callable[[], NetTables],
+    locked: set[tuple[int, int]],
 ) -> FdInfo | None:
     """Describe fd of pid; dirfd is /proc/<pid>/fd, open.  None if fd closed meanwhile.
 
@@ -386,7 +394,7 @@ def _classify_at(
             # A socket is always open read-write: no lstat for its mode; its
             # inode is in the link's text.
             info = FdInfo(fd, "socket", target, "rw", target, _bracket_inode(target))
-            _describe_socket(info, net)
+            _describe_socket(info, net() if callable(net) else net)
             return info
         link_mode = _link_mode(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
     except OSError:
@@ -487,7 +495,15 @@ def read_fds(pid: int, scan: ProcScan | None = None) -> list[FdInfo]:
             numbers = [n for n in numbers if n != dirfd]
         if not numbers:
             return []
-        net = scan.net(pid)
+        # The socket tables (/proc/net/*, sock_diag: 2-6 ms each here) are
+        # read only once a socket turns up; most small trees have none.
+        cache: list[NetTables] = []
+
+        def net() -> NetTables:
+            if not cache:
+                cache.append(scan.net(pid))
+            return cache[0]
+
         return [i for n in numbers if (i := _classify_at(dirfd, pid, n, net, scan.locked))]
     except OSError:
         return []
@@ -552,7 +568,7 @@ def read_tree(root: int) -> list[TaskInfo]:
     """
     if not os.path.exists(f"/proc/{root}/stat"):
         raise ProcessLookupError(root)
-    scan = ProcScan()
+    scan = ProcScan(locks=False)
     tasks: list[TaskInfo] = []
     for pid in tree_pids(root):
         try:
