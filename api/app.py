@@ -21,6 +21,7 @@ def create_app(core: Core, token: str | None = None) -> FastAPI:
     )
     app.state.core = core
     app.state.token = token
+    app.state.list_cache = {}
     app.add_middleware(LimitsMiddleware)
     problems.install(app)
     for module in (health, checkpoints, restores, fd_handles, processes):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import asyncio
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import PlainTextResponse
+from pydantic import TypeAdapter
 
 from criud.api.deps import caller, core
 from criud.api.models import (
@@ -89,12 +91,22 @@ async def preflight(body: PreflightRequest, c: CoreDep, who: CallerDep) -> Prefl
     return PreflightReport.model_validate(report)
 
 
-@router.get("", response_model=list[Checkpoint], responses=ERRORS)
+_LIST = TypeAdapter(list[Checkpoint])
+_LIST_CACHE_SIZE = 64
+
+
+@router.get(
+    "",
+    response_model=list[Checkpoint],
+    responses=ERRORS,
+    response_class=Response,
+)
 async def list_checkpoints(
+    request: Request,
     c: CoreDep,
     who: CallerDep,
     label: Annotated[list[str] | None, Query(description="key=value; repeat to AND")] = None,
-) -> list[Checkpoint]:
+) -> Response:
     """List checkpoints, optionally those carrying every given label.
 
     A summary: `fds` and `namespaces` are left empty (GET one checkpoint for
@@ -106,7 +118,19 @@ async def list_checkpoints(
         if not sep or not k:
             raise InvalidRequest(f"label filter {item!r} is not key=value")
         wanted[k] = v
-    return [to_model(r) for r in await c.list_checkpoints(who, wanted)]
+    # The list changes only when a checkpoint does: its encoded form is
+    # cached per (write generation, caller, filter), so many clients polling
+    # a long list cost one encoding, not one each.
+    key = (c.store.generation, None if who.is_root else who.uid, tuple(sorted(wanted.items())))
+    cache: dict[Any, bytes] = request.app.state.list_cache
+    body = cache.get(key)
+    if body is None:
+        models = [to_model(r) for r in await c.list_checkpoints(who, wanted)]
+        body = await asyncio.to_thread(_LIST.dump_json, models)
+        if len(cache) >= _LIST_CACHE_SIZE or any(k[0] != key[0] for k in cache):
+            cache.clear()
+        cache[key] = body
+    return Response(content=body, media_type="application/json")
 
 
 @router.get("/{ref}", response_model=Checkpoint, responses=ERRORS)

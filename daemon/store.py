@@ -154,6 +154,9 @@ class Store:
             max_workers=1, thread_name_prefix="criud-db"
         )
         self._db: sqlite3.Connection | None = None
+        # Bumped on every write to checkpoints: lets readers cache what they
+        # derive from the list (only the store's thread writes it).
+        self.generation = 0
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -203,6 +206,7 @@ class Store:
 
     def insert_checkpoint(self, rec: CheckpointRecord) -> None:
         """Insert a new checkpoint record; NameConflict if its name is taken."""
+        self.generation += 1
         fields = dataclasses.asdict(rec)
         cols = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
@@ -216,6 +220,7 @@ class Store:
 
     def update_checkpoint(self, ckpt_id: str, **changes: Any) -> None:
         """Change fields of a checkpoint; a state change must be a legal one."""
+        self.generation += 1
         if changes.get("manifest") is not None:
             changes["external_keys"] = list(changes["manifest"].get("external", []))
         if "state" in changes:
@@ -246,10 +251,12 @@ class Store:
 
     def delete_checkpoint(self, ckpt_id: str) -> None:
         """Forget a checkpoint record."""
+        self.generation += 1
         self.db.execute("DELETE FROM checkpoints WHERE id=?", (ckpt_id,))
 
     def interrupt_unfinished(self) -> tuple[list[str], list[str]]:
         """Mark operations a previous daemon left half-done as interrupted."""
+        self.generation += 1
         now = time.time()
         ck = [r["id"] for r in self.db.execute("SELECT id FROM checkpoints WHERE state='dumping'")]
         rs = [r["id"] for r in self.db.execute("SELECT id FROM restores WHERE state='restoring'")]
