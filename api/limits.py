@@ -42,6 +42,15 @@ class LimitsMiddleware:
         self.max_body = max_body
         self.max_depth = max_depth
 
+    async def _too_large(self, send: Send) -> None:
+        await _problem(
+            send,
+            413,
+            "body_too_large",
+            "Request body too large",
+            f"request bodies are limited to {self.max_body} bytes",
+        )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
@@ -49,13 +58,7 @@ class LimitsMiddleware:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             # Refuse on the declared length, before reading a byte of it.
-            await _problem(
-                send,
-                413,
-                "body_too_large",
-                "Request body too large",
-                f"request bodies are limited to {self.max_body} bytes",
-            )
+            await self._too_large(send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -67,13 +70,7 @@ class LimitsMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                await _problem(
-                    send,
-                    413,
-                    "body_too_large",
-                    "Request body too large",
-                    f"request bodies are limited to {self.max_body} bytes",
-                )
+                await self._too_large(send)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)

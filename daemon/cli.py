@@ -192,38 +192,32 @@ def _settings(a: argparse.Namespace) -> Settings:
     )
 
 
+def _dump_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint options given on the command line, as the API names them."""
+    return {
+        "leave_running": a.leave_running,
+        "shell_job": a.shell_job,
+        "tcp_established": a.tcp_established,
+        "ext_unix_sk": a.ext_unix_sk,
+        "file_locks": a.file_locks,
+        "external": a.external,
+    }
+
+
 def _run_client(a: argparse.Namespace) -> int:
     from criud.api.client import Client
 
     cl = Client(a.socket, a.fd_socket)
     out: Any
     if a.cmd == "checkpoint" and a.dry_run:
-        out = cl.preflight(
-            a.pid,
-            leave_running=a.leave_running,
-            shell_job=a.shell_job,
-            tcp_established=a.tcp_established,
-            ext_unix_sk=a.ext_unix_sk,
-            file_locks=a.file_locks,
-            external=a.external,
-        )
+        out = cl.preflight(a.pid, **_dump_options(a))
         text = _preflight_text(out)
     elif a.cmd == "inspect-pid":
         out = cl.inspect_pid(a.pid)
         text = _tree_text(out)
     elif a.cmd == "checkpoint":
         labels = dict(item.split("=", 1) for item in a.label if "=" in item)
-        out = cl.checkpoint(
-            a.pid,
-            name=a.name,
-            leave_running=a.leave_running,
-            shell_job=a.shell_job,
-            tcp_established=a.tcp_established,
-            ext_unix_sk=a.ext_unix_sk,
-            file_locks=a.file_locks,
-            external=a.external,
-            labels=labels,
-        )
+        out = cl.checkpoint(a.pid, name=a.name, labels=labels, **_dump_options(a))
         text = (
             f"checkpoint {out['id']} ({out['name'] or 'unnamed'}) of pid {out['pid']}: "
             f"{out['state']}, {out['size_bytes']} bytes"

@@ -223,15 +223,21 @@ class Store:
         self.generation += 1
         if changes.get("manifest") is not None:
             changes["external_keys"] = list(changes["manifest"].get("external", []))
+        self._update("checkpoints", CHECKPOINT_TRANSITIONS, ckpt_id, changes)
+
+    def _update(
+        self, table: str, transitions: dict[str, set[str]], row_id: str, changes: dict[str, Any]
+    ) -> None:
+        """UPDATE one row; a state change must be one of the table's legal transitions."""
         if "state" in changes:
-            row = self.db.execute("SELECT state FROM checkpoints WHERE id=?", (ckpt_id,)).fetchone()
-            assert row is not None, ckpt_id
+            row = self.db.execute(f"SELECT state FROM {table} WHERE id=?", (row_id,)).fetchone()
+            assert row is not None, row_id
             old, new = row["state"], changes["state"]
-            assert new in CHECKPOINT_TRANSITIONS[old], f"checkpoint {ckpt_id}: {old} -> {new}"
+            assert new in transitions[old], f"{table} {row_id}: {old} -> {new}"
         sets = ", ".join(f"{k}=?" for k in changes)
         self.db.execute(
-            f"UPDATE checkpoints SET {sets} WHERE id=?",
-            [*(_dump(k, v) for k, v in changes.items()), ckpt_id],
+            f"UPDATE {table} SET {sets} WHERE id=?",
+            [*(_dump(k, v) for k, v in changes.items()), row_id],
         )
 
     def get_checkpoint(self, ref: str) -> CheckpointRecord | None:
@@ -285,16 +291,7 @@ class Store:
 
     def update_restore(self, restore_id: str, **changes: Any) -> None:
         """Change fields of a restore; a state change must be a legal one."""
-        if "state" in changes:
-            row = self.db.execute("SELECT state FROM restores WHERE id=?", (restore_id,)).fetchone()
-            assert row is not None, restore_id
-            old, new = row["state"], changes["state"]
-            assert new in RESTORE_TRANSITIONS[old], f"restore {restore_id}: {old} -> {new}"
-        sets = ", ".join(f"{k}=?" for k in changes)
-        self.db.execute(
-            f"UPDATE restores SET {sets} WHERE id=?",
-            [*(_dump(k, v) for k, v in changes.items()), restore_id],
-        )
+        self._update("restores", RESTORE_TRANSITIONS, restore_id, changes)
 
     def get_restore(self, restore_id: str) -> RestoreRecord | None:
         """Look a restore up by id."""

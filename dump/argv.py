@@ -43,14 +43,7 @@ def dump_argv(
         argv.append("--unprivileged")
     if opts.leave_running:
         argv.append("--leave-running")
-    if opts.shell_job:
-        argv.append("--shell-job")
-    if opts.tcp_established:
-        argv.append("--tcp-established")
-    if opts.ext_unix_sk:
-        argv.append("--ext-unix-sk")
-    if opts.file_locks:
-        argv.append("--file-locks")
+    argv += opts.criu_flags()
     if network_lock:
         argv += ["--network-lock", network_lock]
     for ino in external_unix:

@@ -20,6 +20,16 @@ class DumpOptions:
     # in an fd of a namespace of that type for the key.
     external_namespaces: tuple[tuple[str, str], ...] = ()
 
+    def criu_flags(self) -> list[str]:
+        """The flags that shape a dump and must be repeated at its restore."""
+        flags = {
+            "--shell-job": self.shell_job,
+            "--tcp-established": self.tcp_established,
+            "--ext-unix-sk": self.ext_unix_sk,
+            "--file-locks": self.file_locks,
+        }
+        return [flag for flag, on in flags.items() if on]
+
     def as_dict(self) -> dict[str, object]:
         d = dataclasses.asdict(self)
         d["external"] = list(self.external)

@@ -43,16 +43,9 @@ def restore_argv(
     if unprivileged:
         argv.append("--unprivileged")
     # Options that shaped the dump must be repeated at restore.
-    if opts.shell_job:
-        argv.append("--shell-job")
-    if opts.tcp_established:
-        argv.append("--tcp-established")
+    argv += opts.criu_flags()
     if network_lock:
         argv += ["--network-lock", network_lock]
-    if opts.ext_unix_sk:
-        argv.append("--ext-unix-sk")
-    if opts.file_locks:
-        argv.append("--file-locks")
     if cgroup_root:
         # Re-roots the cgroups an image carries; a tree dumped from criu's
         # own cgroups carries none and inherits criu's (which the daemon

@@ -75,6 +75,29 @@ def read_line(fd: int, timeout: float = 10.0) -> bytes:
     return buf
 
 
+def hello_num(line: bytes) -> int:
+    """N of a "hello N" line, the counting workloads' output."""
+    word, n = line.decode().split()
+    assert word == "hello", line
+    return int(n)
+
+
+def drain_hello(fd: int, last: int) -> int:
+    """Read what a dead writer left in a pipe, to EOF; return the last N seen.
+
+    Lines that are not "hello N" (a shell's or runc's chatter) are skipped.
+    """
+    data = b""
+    deadline = time.monotonic() + 10
+    while chunk := os.read(fd, 65536):
+        data += chunk
+        assert time.monotonic() < deadline, "pipe did not reach EOF"
+    for line in data.splitlines():
+        if line.startswith(b"hello "):
+            last = hello_num(line)
+    return last
+
+
 class Procs:
     """Processes a test started; killed by pid (and only those) at teardown."""
 

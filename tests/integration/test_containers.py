@@ -10,23 +10,9 @@ import time
 import pytest
 
 from criud.api.client import CriudClientError
-from tests.integration.helpers import Daemon, Procs, read_line, wait_for
+from tests.integration.helpers import Daemon, Procs, drain_hello, hello_num, read_line, wait_for
 
 LOOP = "i=0; while :; do echo hello $i; i=$((i+1)); sleep 0.1; done"
-
-
-def _num(line: bytes) -> int:
-    return int(line.split()[1])
-
-
-def _drain(fd: int, last: int) -> int:
-    """Read what a dead writer left, to EOF; return the last number seen."""
-    data = b""
-    while chunk := os.read(fd, 65536):
-        data += chunk
-    for line in data.splitlines():
-        last = _num(line)
-    return last
 
 
 def _ns_init(unshare: subprocess.Popen[bytes]) -> int:
@@ -63,7 +49,7 @@ def test_pid_uts_ipc_net_namespaced_tree(daemon: Daemon, procs: Procs) -> None:
     )
     os.close(w)
     init = _ns_init(u)
-    first = _num(read_line(r))
+    first = hello_num(read_line(r))
     with open(f"/proc/{init}/status") as f:
         assert f"NSpid:\t{init}\t1\n" in f.read()
 
@@ -73,7 +59,7 @@ def test_pid_uts_ipc_net_namespaced_tree(daemon: Daemon, procs: Procs) -> None:
     key = f"pipe:[{os.fstat(r).st_ino}]"
     assert ck["external"] == [key]
     u.wait(timeout=10)
-    last = _drain(r, first)
+    last = drain_hello(r, first)
     os.close(r)
 
     # The image's pids (1 and its child) live in the tree's own pid
@@ -87,7 +73,7 @@ def test_pid_uts_ipc_net_namespaced_tree(daemon: Daemon, procs: Procs) -> None:
     with open(f"/proc/{res['pid']}/status") as f:
         nspid = next(ln for ln in f if ln.startswith("NSpid:")).split()[1:]
     assert nspid == [str(res["pid"]), "1"]
-    assert _num(read_line(new_r)) == last + 1
+    assert hello_num(read_line(new_r)) == last + 1
     print(f"namespaced restore: {(time.monotonic() - t0) * 1000:.0f} ms")
     # The restored init is in fresh namespaces, not the host's.
     for ns in ("pid", "net", "uts", "ipc"):

@@ -16,7 +16,9 @@ from tests.integration.helpers import (
     CRIU,
     Daemon,
     Procs,
+    drain_hello,
     fd_table,
+    hello_num,
     pid_gone,
     read_line,
     send_raw,
@@ -51,12 +53,6 @@ while True:
 """
 
 
-def _num(line: bytes) -> int:
-    word, n = line.decode().split()
-    assert word == "hello"
-    return int(n)
-
-
 def _start_hello(
     procs: Procs, code: str = HELLO, *args: str
 ) -> tuple[subprocess.Popen[bytes], int]:
@@ -66,21 +62,9 @@ def _start_hello(
     return p, r
 
 
-def _drain(fd: int, last: int) -> int:
-    """Read what a dead writer left in the pipe, to EOF; return the last number."""
-    data = b""
-    deadline = time.monotonic() + 10
-    while chunk := os.read(fd, 65536):
-        data += chunk
-        assert time.monotonic() < deadline, "pipe did not reach EOF"
-    for line in data.splitlines():
-        last = _num(line)
-    return last
-
-
 def test_pipe_handoff_continues_counting(daemon: Daemon, procs: Procs) -> None:
     p, old_r = _start_hello(procs)
-    first = _num(read_line(old_r))
+    first = hello_num(read_line(old_r))
     assert first == 0
     ck = daemon.client.checkpoint(p.pid, name="hello-pipe")
     key = f"pipe:[{os.fstat(old_r).st_ino}]"
@@ -89,7 +73,7 @@ def test_pipe_handoff_continues_counting(daemon: Daemon, procs: Procs) -> None:
     assert stdout and stdout[0]["key"] == key and stdout[0]["external"] is True
     assert stdout[0]["type"] == "pipe" and stdout[0]["mode"] == "w"
     p.wait(timeout=10)
-    last = _drain(old_r, first)
+    last = drain_hello(old_r, first)
     os.close(old_r)
 
     new_r, new_w = os.pipe()
@@ -97,26 +81,26 @@ def test_pipe_handoff_continues_counting(daemon: Daemon, procs: Procs) -> None:
     r = daemon.client.restore("hello-pipe", fds={key: new_w})
     os.close(new_w)
     procs.adopt(r["pid"])
-    nxt = _num(read_line(new_r))
+    nxt = hello_num(read_line(new_r))
     elapsed = time.monotonic() - t0
     assert nxt == last + 1, (last, nxt)
-    assert _num(read_line(new_r)) == nxt + 1
+    assert hello_num(read_line(new_r)) == nxt + 1
     os.close(new_r)
     print(f"hand-off to first line: {elapsed * 1000:.1f} ms")
 
 
 def test_restore_by_original_fd(daemon: Daemon, procs: Procs) -> None:
     p, old_r = _start_hello(procs)
-    first = _num(read_line(old_r))
+    first = hello_num(read_line(old_r))
     ck = daemon.client.checkpoint(p.pid)
     p.wait(timeout=10)
-    last = _drain(old_r, first)
+    last = drain_hello(old_r, first)
     os.close(old_r)
     new_r, new_w = os.pipe()
     r = daemon.client.restore(ck["id"], fds={(p.pid, 1): new_w})
     os.close(new_w)
     procs.adopt(r["pid"])
-    assert _num(read_line(new_r)) == last + 1
+    assert hello_num(read_line(new_r)) == last + 1
     os.close(new_r)
 
 
@@ -160,13 +144,13 @@ def test_client_fd_number_clashes_with_restored_fd(
     mine = tmp_path / "mine.txt"
     mine.write_text("the restored process's own fd 3\n")
     p, old_r = _start_hello(procs, HELLO_FD3, str(mine))
-    first = _num(read_line(old_r))
+    first = hello_num(read_line(old_r))
     before = fd_table(p.pid)
     assert before[3] == str(mine)
     ck = daemon.client.checkpoint(p.pid)
     key = next(f["key"] for f in ck["fds"] if f["fd"] == 1)
     p.wait(timeout=10)
-    last = _drain(old_r, first)
+    last = drain_hello(old_r, first)
     os.close(old_r)
 
     new_r, new_w = os.pipe()
@@ -198,7 +182,7 @@ def test_client_fd_number_clashes_with_restored_fd(
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     procs.adopt(r["pid"])
-    assert _num(read_line(new_r)) == last + 1
+    assert hello_num(read_line(new_r)) == last + 1
     after = fd_table(r["pid"])
     assert after[3] == str(mine)
     assert after[1] == f"pipe:[{os.fstat(new_r).st_ino}]"
@@ -253,10 +237,10 @@ def _is_zombie(pid: int) -> bool:
 
 def test_two_consecutive_cycles(daemon: Daemon, procs: Procs) -> None:
     p, rd = _start_hello(procs)
-    first = _num(read_line(rd))
+    first = hello_num(read_line(rd))
     ck = daemon.client.checkpoint(p.pid)
     p.wait(timeout=10)
-    last = _drain(rd, first)
+    last = drain_hello(rd, first)
     os.close(rd)
     for cycle in range(2):
         new_r, new_w = os.pipe()
@@ -264,7 +248,7 @@ def test_two_consecutive_cycles(daemon: Daemon, procs: Procs) -> None:
         r = daemon.client.restore(ck["id"], fds={key: new_w})
         os.close(new_w)
         procs.adopt(r["pid"])
-        n = _num(read_line(new_r))
+        n = hello_num(read_line(new_r))
         assert n == last + 1, (cycle, last, n)
         # Checkpoint the restored tree: the manifest names the new pipe.
         ck = daemon.client.checkpoint(r["pid"])
@@ -272,7 +256,7 @@ def test_two_consecutive_cycles(daemon: Daemon, procs: Procs) -> None:
         wait_for(
             lambda pid=r["pid"]: pid_gone(pid), 10, what="restored tree to be dumped and reaped"
         )
-        last = _drain(new_r, n)
+        last = drain_hello(new_r, n)
         os.close(new_r)
 
 

@@ -10,25 +10,17 @@ import pytest
 
 from criud.api.client import CriudClientError
 from tests.integration import oci_helpers as oh
-from tests.integration.helpers import Daemon, Procs, read_line, temp_root, wait_for
+from tests.integration.helpers import (
+    Daemon,
+    Procs,
+    drain_hello,
+    hello_num,
+    read_line,
+    temp_root,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(oh.missing() is not None, reason=str(oh.missing()))
-
-
-def _num(line: bytes) -> int:
-    return int(line.split()[1])
-
-
-def _drain(fd: int, last: int) -> int:
-    data = b""
-    deadline = time.monotonic() + 10
-    while chunk := os.read(fd, 65536):
-        data += chunk
-        assert time.monotonic() < deadline
-    for line in data.splitlines():
-        if line.startswith(b"hello "):
-            last = _num(line)
-    return last
 
 
 def test_busybox_container_restored_under_a_new_name(daemon: Daemon, procs: Procs) -> None:
@@ -39,7 +31,7 @@ def test_busybox_container_restored_under_a_new_name(daemon: Daemon, procs: Proc
         r, w = os.pipe()
         init = runc.run_detached(bundle, "criud-b1", w)
         os.close(w)
-        first = _num(read_line(r))
+        first = hello_num(read_line(r))
 
         t0 = time.monotonic()
         ck = daemon.client.checkpoint(init, name="busybox", oci={"bundle": str(bundle)})
@@ -49,7 +41,7 @@ def test_busybox_container_restored_under_a_new_name(daemon: Daemon, procs: Proc
         assert set(ck["namespaces"]) >= {"pid", "mnt", "uts", "ipc"}
         key = ck["external"][0]
         wait_for(lambda: oh_gone(init), 10, what="the container's init to be gone")
-        last = _drain(r, first)
+        last = drain_hello(r, first)
         os.close(r)
 
         # A copy of the bundle under a new name: new rootfs dir, new bind source.
@@ -66,7 +58,7 @@ def test_busybox_container_restored_under_a_new_name(daemon: Daemon, procs: Proc
         procs.adopt(res["pid"])
         try:
             assert res["ns_pid"] == 1 and res["pid"] != init
-            assert _num(read_line(new_r)) == last + 1  # keeps printing into the new pipe
+            assert hello_num(read_line(new_r)) == last + 1  # keeps printing into the new pipe
             with open(f"/proc/{res['pid']}/mountinfo") as f:
                 mounts = f.read()
             assert str(bundle2 / "rootfs2") in mounts and str(data2) in mounts

@@ -88,10 +88,10 @@ def test_all_options_then_inherit() -> None:
         *BASE,
         "--shell-job",
         "--tcp-established",
-        "--network-lock",
-        "iptables",
         "--ext-unix-sk",
         "--file-locks",
+        "--network-lock",
+        "iptables",
         "--inherit-fd",
         "fd[5]:socket:[9]",
     ]
