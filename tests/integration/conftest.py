@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.helpers import CRIU, Daemon, Procs, temp_root
+from tests.integration.helpers import CRIU, Daemon, Procs, running_daemon
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -21,13 +21,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def daemon() -> Iterator[Daemon]:
-    with temp_root() as root:
-        d = Daemon(root).start()
-        try:
-            yield d
-        finally:
-            rc = d.stop()
-            assert rc == 0, f"daemon exited {rc} on SIGTERM: {d.log()}"
+    with running_daemon() as d:
+        yield d
 
 
 @pytest.fixture

@@ -260,6 +260,18 @@ def temp_root() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def running_daemon() -> Iterator[Daemon]:
+    """A daemon of its own on a temporary root; it must stop cleanly on SIGTERM."""
+    with temp_root() as root:
+        d = Daemon(root).start()
+        try:
+            yield d
+        finally:
+            rc = d.stop()
+            assert rc == 0, f"daemon exited {rc} on SIGTERM: {d.log()}"
+
+
 def send_raw(path: Path, payload: bytes, fds: Sequence[int]) -> dict[str, Any]:
     """Send one message to the fd socket and return the decoded reply."""
     import json

@@ -42,7 +42,7 @@ import pytest
 from criud.api.client import CriudClientError
 from criud.api.models import PID_MAX
 from criud.daemon.fdpass import MAX_FDS, MAX_PAYLOAD
-from tests.integration.helpers import Daemon, Procs, send_raw, temp_root, wait_for
+from tests.integration.helpers import Daemon, Procs, running_daemon, send_raw, temp_root, wait_for
 
 schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
@@ -80,13 +80,8 @@ FD_ERROR_CODES = {
 @pytest.fixture
 def fuzz_daemon() -> Iterator[Daemon]:
     """A daemon of the test's own: fuzzing never touches the session daemon's state."""
-    with temp_root() as root:
-        d = Daemon(root).start()
-        try:
-            yield d
-        finally:
-            rc = d.stop()
-            assert rc == 0, f"daemon exited {rc} on SIGTERM: {d.log()}"
+    with running_daemon() as d:
+        yield d
 
 
 def _full_log(d: Daemon) -> str:

@@ -36,7 +36,7 @@ from tests.integration.helpers import (
     pid_gone,
     proc_state,
     read_line,
-    temp_root,
+    running_daemon,
     wait_for,
 )
 
@@ -70,13 +70,8 @@ def vm_rss_kib(pid: int) -> int:
 @pytest.fixture
 def soak_daemon() -> Iterator[Daemon]:
     """A daemon of the soak's own, so its fd count and RSS are the soak's alone."""
-    with temp_root() as root:
-        d = Daemon(root).start()
-        try:
-            yield d
-        finally:
-            rc = d.stop()
-            assert rc == 0, f"daemon exited {rc} on SIGTERM: {d.log()}"
+    with running_daemon() as d:
+        yield d
 
 
 def _wait_exited(c: Client, restore_id: str) -> dict[str, Any]:
