@@ -796,9 +796,10 @@ class Core:
                 inherit.append((h.fd(s.index), r.key))
             if paths:
                 fds = await asyncio.to_thread(self._open_paths, paths, caller)
-                opened = OwnedFds(fds)
+                for fd in fds:
+                    opened.add(fd)
                 path_keys = [r.key for r in resolved if r.spec.path is not None]
-                inherit.extend(zip(opened.fds, path_keys, strict=True))
+                inherit.extend(zip(fds, path_keys, strict=True))
             self._check_fd_types(inherit, manifest)
             extra: tuple[str, ...] = ()
             if saved_oci is not None:
@@ -806,9 +807,7 @@ class Core:
                 new_spec, ns_files = await asyncio.to_thread(self._oci_prepare, saved_oci, bundle)
                 ns_fds = {}
                 for key, path in ns_files.items():
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                    opened = OwnedFds([*opened.fds, fd])
-                    ns_fds[key] = fd
+                    ns_fds[key] = opened.add(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
                 try:
                     oci_cgroup = cgroup or oci.restore_cgroup_root(new_spec, spec.oci_name)
                     extra = tuple(

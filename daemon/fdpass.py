@@ -49,6 +49,12 @@ class OwnedFds:
     def fds(self) -> list[int]:
         return list(self._fds)
 
+    def add(self, fd: int) -> int:
+        """Take ownership of one more fd; return it."""
+        assert not self.closed, "adding to closed OwnedFds"
+        self._fds.append(fd)
+        return fd
+
     def __len__(self) -> int:
         return len(self._fds)
 
