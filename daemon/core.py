@@ -807,7 +807,14 @@ class Core:
                 new_spec, ns_files = await asyncio.to_thread(self._oci_prepare, saved_oci, bundle)
                 ns_fds = {}
                 for key, path in ns_files.items():
-                    ns_fds[key] = opened.add(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                    try:
+                        ns_fds[key] = opened.add(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                    except OSError as e:
+                        raise InvalidBundle(
+                            f"cannot open {path} (namespace {key}) named by the bundle: "
+                            f"{e.strerror}",
+                            bundle=bundle,
+                        ) from e
                 try:
                     oci_cgroup = cgroup or oci.restore_cgroup_root(new_spec, spec.oci_name)
                     extra = tuple(
