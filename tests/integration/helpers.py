@@ -222,6 +222,19 @@ class Daemon:
         assert self.proc is not None
         return self.proc.pid
 
+    def cli(self, *args: str) -> list[str]:
+        """argv of the `criud` CLI talking to this daemon, then args."""
+        return [
+            sys.executable,
+            "-m",
+            "criud.daemon.cli",
+            "--socket",
+            str(self.socket),
+            "--fd-socket",
+            str(self.fd_socket),
+            *args,
+        ]
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-4000:]
@@ -258,6 +271,28 @@ def temp_root() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def run_python_as(
+    uid: int, code: str, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -c code args` as uid, in group 0 so the 0660 root:root sockets are reachable."""
+    return subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            "--regid=0",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+    )
 
 
 @contextlib.contextmanager

@@ -218,18 +218,9 @@ def test_name_taken(daemon: Daemon, procs: Procs) -> None:
 
 
 def test_cli_roundtrip(daemon: Daemon, procs: Procs) -> None:
-    import sys
 
     p = procs.spawn(SLEEP)
-    base = [
-        sys.executable,
-        "-m",
-        "criud.daemon.cli",
-        "--socket",
-        str(daemon.socket),
-        "--fd-socket",
-        str(daemon.fd_socket),
-    ]
+    base = daemon.cli()
     out = subprocess.run(
         [*base, "checkpoint", str(p.pid), "--name", "cli-1"],
         capture_output=True,

@@ -21,6 +21,7 @@ from tests.integration.helpers import (
     hello_num,
     pid_gone,
     read_line,
+    run_python_as,
     send_raw,
     temp_root,
     wait_for,
@@ -156,20 +157,7 @@ def test_client_fd_number_clashes_with_restored_fd(
     new_r, new_w = os.pipe()
     # The CLI sends its own fd 3 (the new pipe's write end) for the key, while
     # the restored process wants fd 3 for its file.
-    cli = [
-        sys.executable,
-        "-m",
-        "criud.daemon.cli",
-        "--socket",
-        str(daemon.socket),
-        "--fd-socket",
-        str(daemon.fd_socket),
-        "--json",
-        "restore",
-        ck["id"],
-        "--inherit-fd",
-        f"fd[3]:{key}",
-    ]
+    cli = daemon.cli("--json", "restore", ck["id"], "--inherit-fd", f"fd[3]:{key}")
     script = f'exec 3>&{new_w}; exec {new_w}>&-; exec "$@"'
     out = subprocess.run(
         ["bash", "-c", script, "bash", *cli],
@@ -383,25 +371,7 @@ else:
 
 
 def _as_uid(uid: int, daemon: Daemon, *args: str) -> dict[str, object]:
-    # gid 0 lets the unprivileged user reach the 0660 root:root sockets.
-    out = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={uid}",
-            "--regid=0",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            OTHER_UID_CLIENT,
-            str(daemon.socket),
-            str(daemon.fd_socket),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
-    )
+    out = run_python_as(uid, OTHER_UID_CLIENT, str(daemon.socket), str(daemon.fd_socket), *args)
     assert out.returncode == 0, out.stderr
     return dict(json.loads(out.stdout))
 
@@ -551,16 +521,7 @@ def test_cli_external_and_inherit_path(daemon: Daemon, procs: Procs, tmp_path: P
         p = procs.spawn(["sh", "-c", LOGGER], stdout=f)
     wait_for(lambda: old.stat().st_size > 0, 10, what="old.log to grow")
     key = str(old).lstrip("/")
-    base = [
-        sys.executable,
-        "-m",
-        "criud.daemon.cli",
-        "--socket",
-        str(daemon.socket),
-        "--fd-socket",
-        str(daemon.fd_socket),
-        "--json",
-    ]
+    base = daemon.cli("--json")
     out = subprocess.run(
         [*base, "checkpoint", str(p.pid), "--external", key],
         capture_output=True,

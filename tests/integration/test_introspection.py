@@ -7,14 +7,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from criud.api.client import CriudClientError
-from tests.integration.helpers import Daemon, Procs, proc_state, temp_root, wait_for
+from tests.integration.helpers import Daemon, Procs, proc_state, run_python_as, temp_root, wait_for
 
 # Holds: a pipe both ends, a pipe read end whose writer is outside (fd 0),
 # a socketpair both ends, a TCP connection to argv[1] (a port on loopback),
@@ -125,24 +124,7 @@ def test_inspect_missing_pid_and_other_users(daemon: Daemon, procs: Procs) -> No
         "    except CriudClientError as e: out.append(e.status)\n"
         "print(json.dumps(out))\n"
     )
-    out = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=0",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            code,
-            str(daemon.socket),
-            str(mine.pid),
-            str(root_p.pid),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
-    )
+    out = run_python_as(65534, code, str(daemon.socket), str(mine.pid), str(root_p.pid))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[1, 404]"
 

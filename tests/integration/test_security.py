@@ -7,15 +7,13 @@ import os
 import secrets
 import socket
 import stat
-import subprocess
-import sys
 import urllib.parse
 from typing import Any
 
 import pytest
 
 from criud.api.client import CriudClientError
-from tests.integration.helpers import Daemon, Procs, proc_state, temp_root, wait_for
+from tests.integration.helpers import Daemon, Procs, proc_state, run_python_as, temp_root, wait_for
 
 # Runs a list of API calls as whoever runs it; prints [[status, body], ...].
 CALLS = r"""
@@ -36,23 +34,8 @@ USER1, USER2 = 65534, 65533
 
 def as_user(uid: int, daemon: Daemon, calls: list[tuple[str, str, Any]]) -> list[Any]:
     """Make API calls as uid (gid 0, so the 0660 root:root socket is reachable)."""
-    out = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={uid}",
-            "--regid=0",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            CALLS,
-            str(daemon.socket),
-            str(daemon.fd_socket),
-            json.dumps(calls),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd="/",
+    out = run_python_as(
+        uid, CALLS, str(daemon.socket), str(daemon.fd_socket), json.dumps(calls), timeout=120
     )
     assert out.returncode == 0, out.stderr
     return list(json.loads(out.stdout))
