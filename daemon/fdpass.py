@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from criud.daemon.jsonlimits import MAX_DEPTH, json_depth
@@ -171,11 +171,3 @@ def send_fds(sock: socket.socket, payload: bytes, fds: Sequence[int]) -> None:
     """Send one message with fds (the client side)."""
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     sock.sendmsg([payload], anc)
-
-
-@contextlib.contextmanager
-def cloexec_guard(fds: Sequence[int]) -> Iterator[None]:
-    """Assert (debug aid) that fds are close-on-exec while inside."""
-    for fd in fds:
-        assert not os.get_inheritable(fd), fd
-    yield

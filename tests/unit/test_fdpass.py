@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -14,7 +15,6 @@ from criud.daemon.fdpass import (
     MAX_PAYLOAD,
     FdPassError,
     OwnedFds,
-    cloexec_guard,
     parse_payload,
     peer_creds,
     recv_message,
@@ -215,6 +215,14 @@ def test_owned_fds_close_tolerates_already_closed(fd_leak_check) -> None:
     OwnedFds([r, w]).close()  # no EBADF escapes
     with pytest.raises(OSError):
         os.fstat(w)
+
+
+@contextlib.contextmanager
+def cloexec_guard(fds: Sequence[int]) -> Iterator[None]:
+    """Assert that fds are close-on-exec while inside."""
+    for fd in fds:
+        assert not os.get_inheritable(fd), fd
+    yield
 
 
 def test_cloexec_guard_catches_inheritable(fd_leak_check) -> None:
