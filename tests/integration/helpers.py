@@ -273,17 +273,51 @@ def temp_root() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+_SHARED_SRC: list[Path] = []
+
+
+def _shared_src() -> Path:
+    """A world-readable copy of the criud packages, made once per test run.
+
+    The checkout (and the venv inside it) may sit in a 0700 directory, as a
+    CI clone into mktemp -d does, where another uid can read none of it.
+    The client is stdlib-only, so a copy of the sources is all it needs.
+    """
+    if not _SHARED_SRC:
+        import atexit
+
+        import criud.api
+
+        root = Path(tempfile.mkdtemp(prefix="criud-src-", dir="/tmp"))
+        repo = Path(criud.api.__file__).resolve().parents[1]
+        for pkg in ("api", "daemon", "dump", "restore"):
+            shutil.copytree(
+                repo / pkg, root / "criud" / pkg, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        for d, _, files in os.walk(root):
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
+        atexit.register(shutil.rmtree, root, True)
+        _SHARED_SRC.append(root)
+    return _SHARED_SRC[0]
+
+
 def run_python_as(
     uid: int, code: str, *args: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -c code args` as uid, in group 0 so the 0660 root:root sockets are reachable."""
+    """Run `python -c code args` as uid, in group 0 so the 0660 root:root sockets are reachable.
+
+    It runs the venv's base interpreter (the venv's own link may be out of
+    uid's reach) on a readable copy of criud's sources.
+    """
     return subprocess.run(
         [
             "setpriv",
             f"--reuid={uid}",
             "--regid=0",
             "--clear-groups",
-            sys.executable,
+            os.path.realpath(sys.executable),
             "-c",
             code,
             *args,
@@ -292,6 +326,7 @@ def run_python_as(
         text=True,
         timeout=timeout,
         cwd="/",
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(_shared_src())},
     )
 
 
