@@ -42,8 +42,11 @@ def as_user(uid: int, daemon: Daemon, calls: list[tuple[str, str, Any]]) -> list
 
 
 def user_sleep(procs: Procs, uid: int) -> int:
+    # cwd /: the user's process must be able to reach its own cwd, or criu,
+    # restoring as that user, cannot reopen it (pytest's cwd may be a 0700 dir).
     p = procs.spawn(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "sleep", "1000"]
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "sleep", "1000"],
+        cwd="/",
     )
     wait_for(lambda: _uid(p.pid) == uid, 10, what="setpriv to drop to the user")
     return p.pid
