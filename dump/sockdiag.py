@@ -19,11 +19,11 @@ namespace.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import socket
 import struct
 import threading
+from typing import NamedTuple
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -37,10 +37,16 @@ UNIX_DIAG_NAME = 0
 UNIX_DIAG_PEER = 2
 CLONE_NEWNET = 0x40000000
 
+# Loaded once, here: dlopen() takes a loader lock, and a child forked from
+# the daemon (criud.daemon.forkmap) must not need a lock another thread of
+# the daemon may have held at the fork.
+_libc = ctypes.CDLL(None, use_errno=True)
+
 _NLMSGHDR = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBHIII8x")  # family, protocol, pad, states, ino, show, cookie
 _MSG = struct.Struct("=BBBBI8x")  # family, type, state, pad, ino, cookie
 _RTA = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
 
 # sock_diag reports a unix socket's state with the TCP state numbers.
 _DIAG_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 7: "CLOSE", 10: "LISTEN"}
@@ -53,9 +59,13 @@ _TYPES: dict[int, str] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class UnixSock:
-    """One unix socket as the kernel describes it."""
+class UnixSock(NamedTuple):
+    """One unix socket as the kernel describes it.
+
+    A NamedTuple, not a frozen dataclass: a dump of a busy namespace builds
+    thousands of these, and a frozen dataclass's __init__ costs several times
+    as much.
+    """
 
     inode: int
     # "stream", "dgram" or "seqpacket"; None when unknown.
@@ -66,10 +76,6 @@ class UnixSock:
     peer: int | None = None
     # The bound address: a path, "@name" for an abstract name, None if unbound.
     name: str | None = None
-
-
-def _align(n: int) -> int:
-    return (n + 3) & ~3
 
 
 def _decode_name(raw: bytes) -> str:
@@ -103,42 +109,48 @@ def _dump(nl: socket.socket) -> dict[int, UnixSock]:
         _NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
     )
     nl.sendto(hdr + req, (0, 0))
+    # The hot loop of a big namespace (thousands of sockets): locals, and
+    # one unpack per header.
+    hdr_at, msg_at, rta_at, u32_at = (
+        _NLMSGHDR.unpack_from,
+        _MSG.unpack_from,
+        _RTA.unpack_from,
+        _U32.unpack_from,
+    )
+    types, states = _TYPES, _DIAG_STATES
+    hsize, msize, rsize = _NLMSGHDR.size, _MSG.size, _RTA.size
     while True:
         data = nl.recv(1 << 16)
         if not data:
             return out
         off = 0
-        while off + _NLMSGHDR.size <= len(data):
-            length, mtype, _, _, _ = _NLMSGHDR.unpack_from(data, off)
+        end_all = len(data)
+        while off + hsize <= end_all:
+            length, mtype, _, _, _ = hdr_at(data, off)
             if mtype == NLMSG_DONE:
                 return out
             if mtype == NLMSG_ERROR:
-                (err,) = struct.unpack_from("=i", data, off + _NLMSGHDR.size)
+                (err,) = struct.unpack_from("=i", data, off + hsize)
                 raise OSError(-err, os.strerror(-err))
-            body = off + _NLMSGHDR.size
-            _, stype, state, _, ino = _MSG.unpack_from(data, body)
-            peer: int | None = None
+            body = off + hsize
+            _, stype, state, _, ino = msg_at(data, body)
+            peer = 0
             name: str | None = None
-            a = body + _MSG.size
-            while a + _RTA.size <= off + length:
-                alen, atype = _RTA.unpack_from(data, a)
-                if alen < _RTA.size:
+            a = body + msize
+            end = off + length
+            while a + rsize <= end:
+                alen, atype = rta_at(data, a)
+                if alen < rsize:
                     break
                 if atype == UNIX_DIAG_PEER:
-                    (peer,) = struct.unpack_from("=I", data, a + _RTA.size)
-                elif atype == UNIX_DIAG_NAME and alen > _RTA.size:
-                    name = _decode_name(data[a + _RTA.size : a + alen])
-                a += _align(alen)
-            out[ino] = UnixSock(
-                inode=ino,
-                type=_TYPES.get(stype),
-                state=_DIAG_STATES.get(state),
-                peer=peer or None,
-                name=name,
-            )
+                    (peer,) = u32_at(data, a + rsize)
+                elif atype == UNIX_DIAG_NAME and alen > rsize:
+                    name = _decode_name(data[a + rsize : a + alen])
+                a += (alen + 3) & ~3
+            out[ino] = UnixSock(ino, types.get(stype), states.get(state), peer or None, name)
             if length == 0:
                 break
-            off += _align(length)
+            off += (length + 3) & ~3
 
 
 def _netns_inode(pid: int | str) -> int | None:
@@ -164,8 +176,7 @@ def _netlink_in_netns_of(pid: int) -> socket.socket:
     failed: list[OSError] = []
 
     def enter() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if int(libc.setns(nsfd, CLONE_NEWNET)) != 0:
+        if int(_libc.setns(nsfd, CLONE_NEWNET)) != 0:
             err = ctypes.get_errno()
             failed.append(OSError(err, f"setns into the netns of {pid}: {os.strerror(err)}"))
             return
