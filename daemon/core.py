@@ -325,7 +325,10 @@ class Core:
     async def inspect_process(self, pid: int, caller: Caller) -> proc_inspect.Tree:
         """The tree rooted at pid with every fd classified, as the caller may see it."""
         try:
-            tree = await asyncio.to_thread(proc_inspect.inspect_tree, pid, self._daemon_ns)
+            # A big tree is read partly by a forked child of ours: the orphan
+            # sweep must leave that child to inspect_tree to reap.
+            with self.reaper.hold():
+                tree = await asyncio.to_thread(proc_inspect.inspect_tree, pid, self._daemon_ns)
         except ProcessLookupError:
             raise ProcessNotFound(f"no process with pid {pid}", pid=pid) from None
         if not caller.is_root:

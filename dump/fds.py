@@ -22,12 +22,14 @@ walk (ProcScan) and, for sockets, once per network namespace.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import socket
 import stat
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from criud.dump import sockdiag
 
@@ -79,6 +81,10 @@ _NET_TABLES = (
 )
 
 
+# FdInfo fields that only sockets have, left out of as_compact() when unset.
+_SOCKET_FIELDS = ("peer", "sock_type", "state", "local", "remote")
+
+
 @dataclasses.dataclass
 class FdInfo:
     """One fd of one task."""
@@ -108,11 +114,56 @@ class FdInfo:
     # identity as /proc/locks prints it), e.g. "FLOCK WRITE fe:00:1234".
     locks: tuple[str, ...] = ()
 
+    @classmethod
+    def of(cls, d: Mapping[str, Any]) -> FdInfo:
+        """The FdInfo of an fd in its JSON form (as_dict's or as_compact's)."""
+        return cls(**d)
+
     def as_dict(self) -> dict[str, object]:
+        """Every field, unset ones as None."""
         # Every field is a scalar or a tuple of str: a shallow copy is a deep
         # one, and dataclasses.asdict's recursion costs more than the whole
         # /proc read of a 10 000-fd tree.
         return dict(self.__dict__)
+
+    def as_compact(self) -> dict[str, object]:
+        """The fields that apply to this fd: the form a walk produces (read_fds).
+
+        fd, type, key, mode, target and external always; inode when known;
+        append and locks only when set; the size of a file, and a socket's
+        peer, type, state and addresses, only when there is one.  A pipe's
+        entry is 90 bytes of JSON instead of 230: a 10 000-fd tree is half the
+        megabytes to encode, send and decode.
+        """
+        d: dict[str, object] = {
+            "fd": self.fd,
+            "type": self.type,
+            "key": self.key,
+            "mode": self.mode,
+            "target": self.target,
+            "external": self.external,
+        }
+        if self.inode is not None:
+            d["inode"] = self.inode
+        if self.append:
+            d["append"] = True
+        if self.locks:
+            d["locks"] = self.locks
+        if self.size is not None:
+            d["size"] = self.size
+        if self.type != "pipe":  # the commonest kind has none of these
+            for k in _SOCKET_FIELDS:
+                v = self.__dict__[k]
+                if v is not None:
+                    d[k] = v
+        return d
+
+
+# An fd in its JSON form, FdInfo.as_dict() or .as_compact(): what a tree is
+# made of once read.
+# Whole trees travel in this form (to the manifest, the API, and from a
+# forked reader, criud.daemon.forkmap), so the tree-wide steps work on it.
+Fd = dict[str, Any]
 
 
 @dataclasses.dataclass
@@ -122,7 +173,7 @@ class TaskInfo:
     pid: int
     ppid: int
     tids: list[int]
-    fds: list[FdInfo]
+    fds: list[Fd]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,14 +186,47 @@ class InetSock:
     remote: str
 
 
-@dataclasses.dataclass
 class NetTables:
-    """The sockets of one network namespace, by inode."""
+    """The sockets of one network namespace, by inode.
 
-    unix: dict[int, sockdiag.UnixSock]
-    inet: dict[int, InetSock]
-    # Every socket a /proc/net table lists: tcp, udp, raw, netlink, packet.
-    kinds: dict[int, str]
+    unix comes from sock_diag; inet and kinds from the /proc/net tables of
+    pid, read only when a socket is not a unix one (a tree of socketpairs
+    never needs them: 4 ms saved per walk).
+    """
+
+    def __init__(
+        self,
+        unix: dict[int, sockdiag.UnixSock],
+        inet: dict[int, InetSock] | None = None,
+        kinds: dict[int, str] | None = None,
+        pid: int | None = None,
+    ) -> None:
+        self.unix = unix
+        self._inet = inet
+        self._kinds = kinds
+        self._pid = pid
+
+    def _load(self) -> None:
+        if self._pid is None:
+            self._inet, self._kinds = self._inet or {}, self._kinds or {}
+        else:
+            self._inet, self._kinds = _read_net_tables(self._pid)
+
+    @property
+    def inet(self) -> dict[int, InetSock]:
+        """tcp and udp sockets, with their state and addresses."""
+        if self._inet is None:
+            self._load()
+        assert self._inet is not None
+        return self._inet
+
+    @property
+    def kinds(self) -> dict[int, str]:
+        """Every socket a /proc/net table lists: tcp, udp, raw, netlink, packet."""
+        if self._kinds is None:
+            self._load()
+        assert self._kinds is not None
+        return self._kinds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,9 +312,8 @@ def _socket_kinds(pid: int) -> dict[int, str]:
 
 
 def net_tables(pid: int) -> NetTables:
-    """Read every socket table of pid's network namespace."""
-    inet, kinds = _read_net_tables(pid)
-    return NetTables(unix=sockdiag.unix_sockets(pid), inet=inet, kinds=kinds)
+    """The socket tables of pid's network namespace (the /proc/net ones on first use)."""
+    return NetTables(unix=sockdiag.unix_sockets(pid), pid=pid)
 
 
 # -- /proc/locks ------------------------------------------------------------------
@@ -283,10 +366,25 @@ class ProcScan:
         # /proc/locks takes the kernel's global file_rwsem for writing and can
         # wait a whole RCU grace period (~12 ms measured after a quiet spell):
         # only introspection, which reports locks, reads it.  A dump leaves
-        # locks to criu (file_locks).
-        self.locks = read_locks() if locks else []
-        # (st_dev, st_ino) of every locked file, to compare with an fd's stat.
-        self.locked = {(os.makedev(lk.major, lk.minor), lk.inode) for lk in self.locks}
+        # locks to criu (file_locks).  Read on first use, so that the two
+        # halves of a split walk (criud.daemon.forkmap) each wait for it
+        # side by side rather than one after the other.
+        self._want_locks = locks
+        self._locks: list[FileLock] | None = None
+        self._locked: set[tuple[int, int]] | None = None
+
+    @property
+    def locks(self) -> list[FileLock]:
+        if self._locks is None:
+            self._locks = read_locks() if self._want_locks else []
+        return self._locks
+
+    @property
+    def locked(self) -> set[tuple[int, int]]:
+        """(st_dev, st_ino) of every locked file, to compare with an fd's stat."""
+        if self._locked is None:
+            self._locked = {(os.makedev(lk.major, lk.minor), lk.inode) for lk in self.locks}
+        return self._locked
 
     def net(self, pid: int) -> NetTables:
         """The socket tables of pid's network namespace."""
@@ -330,18 +428,13 @@ def _read_fdinfo(pid: int, fd: int) -> tuple[int | None, list[str]]:
     return flags, locks
 
 
-def _read_flags(pid: int, fd: int) -> int | None:
-    return _read_fdinfo(pid, fd)[0]
-
-
 # The kernel sets an fd symlink's permission bits from the file's f_mode
 # (fs/proc/fd.c: read -> u+r, write -> u+w), so one lstat gives the access
 # mode without opening fdinfo.  O_PATH fds have neither bit: not in here.
 _LINK_MODES = {stat.S_IRUSR | stat.S_IWUSR: "rw", stat.S_IRUSR: "r", stat.S_IWUSR: "w"}
 
 
-def _link_mode(st_mode: int) -> str | None:
-    return _LINK_MODES.get(st_mode & (stat.S_IRUSR | stat.S_IWUSR))
+_USER_RW = stat.S_IRUSR | stat.S_IWUSR
 
 
 def _bracket_inode(target: str) -> int | None:
@@ -352,27 +445,28 @@ def _bracket_inode(target: str) -> int | None:
         return None
 
 
-def _describe_socket(info: FdInfo, net: NetTables) -> None:
-    ino = info.inode
-    if ino is None:
-        info.type = "socket"
-        return
+def _describe_socket(d: Fd, ino: int, net: NetTables) -> None:
     u = net.unix.get(ino)
     if u is not None:
-        info.type = "unix"
-        info.peer = u.peer
-        info.sock_type = u.type
-        info.state = u.state
-        info.local = u.name
-        if u.peer is not None and u.peer in net.unix:
-            info.remote = net.unix[u.peer].name
+        d["type"] = "unix"
+        if u.peer is not None:
+            d["peer"] = u.peer
+            peer = net.unix.get(u.peer)
+            if peer is not None and peer.name is not None:
+                d["remote"] = peer.name
+        if u.type is not None:
+            d["sock_type"] = u.type
+        if u.state is not None:
+            d["state"] = u.state
+        if u.name is not None:
+            d["local"] = u.name
         return
     i = net.inet.get(ino)
     if i is not None:
-        info.type = i.proto
-        info.state, info.local, info.remote = i.state, i.local, i.remote
+        d["type"] = i.proto
+        d["state"], d["local"], d["remote"] = i.state, i.local, i.remote
         return
-    info.type = net.kinds.get(ino, "socket")
+    d["type"] = net.kinds.get(ino, "socket")
 
 
 def _classify_at(
@@ -381,11 +475,13 @@ def _classify_at(
     fd: int,
     net: NetTables | Callable[[], NetTables],
     locked: set[tuple[int, int]],
-) -> FdInfo | None:
+) -> Fd | None:
     """Describe fd of pid; dirfd is /proc/<pid>/fd, open.  None if fd closed meanwhile.
 
     The hot loop of a walk (10 000 fds in a big tree): it does as few
-    syscalls as each kind allows, and reads fdinfo only when it must.
+    syscalls as each kind allows, reads fdinfo only when it must, and builds
+    the compact form (FdInfo.as_compact) directly: a dataclass per fd, then a
+    dict of it, cost more than the syscalls.
     """
     name = str(fd)
     try:
@@ -393,35 +489,56 @@ def _classify_at(
         if target.startswith("socket:["):
             # A socket is always open read-write: no lstat for its mode; its
             # inode is in the link's text.
-            info = FdInfo(fd, "socket", target, "rw", target, _bracket_inode(target))
-            _describe_socket(info, net() if callable(net) else net)
-            return info
-        link_mode = _link_mode(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+            d: Fd = {
+                "fd": fd,
+                "type": "socket",
+                "key": target,
+                "mode": "rw",
+                "target": target,
+                "external": False,
+            }
+            ino = _bracket_inode(target)
+            if ino is not None:
+                d["inode"] = ino
+                _describe_socket(d, ino, net() if callable(net) else net)
+            return d
+        link_mode = _LINK_MODES.get(
+            os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode & _USER_RW
+        )
     except OSError:
         return None
-    info = FdInfo(fd, "other", target, link_mode or "?", target)
+    d = {
+        "fd": fd,
+        "type": "other",
+        "key": target,
+        "mode": link_mode or "?",
+        "target": target,
+        "external": False,
+    }
     need_fdinfo = link_mode is None
 
     if target.startswith("pipe:["):
-        info.type = "pipe"
-        info.inode = _bracket_inode(target)
+        d["type"] = "pipe"
+        ino = _bracket_inode(target)
+        if ino is not None:
+            d["inode"] = ino
     else:
         try:
             st = os.stat(name, dir_fd=dirfd)
         except OSError:
             return None
-        info.inode = st.st_ino
+        d["inode"] = st.st_ino
         if target.startswith("anon_inode:"):
-            info.type = _ANON_TYPES.get(target[len("anon_inode:") :].strip("[]"), "other")
+            d["type"] = _ANON_TYPES.get(target[len("anon_inode:") :].strip("[]"), "other")
         elif target.startswith("/memfd:"):
-            info.type = "memfd"
-            info.size = st.st_size
+            d["type"] = "memfd"
+            d["size"] = st.st_size
         elif target.startswith("/"):
-            _describe_path(info, st)
+            _describe_path(d, st)
             # O_APPEND matters only for a file open for writing (criu
             # size-checks every other file at restore), and only fdinfo
             # shows it: skip it for read-only fds, the commonest kind.
-            if info.type in ("file", "deleted") and "w" in info.mode:
+            if (d["type"] == "file" or d["type"] == "deleted") and "w" in d["mode"]:
                 need_fdinfo = True
         if locked and (st.st_dev, st.st_ino) in locked:
             need_fdinfo = True  # fdinfo says whether this fd is the holder
@@ -429,30 +546,33 @@ def _classify_at(
     if need_fdinfo:
         flags, lock_lines = _read_fdinfo(pid, fd)
         if flags is not None:
-            info.mode = _ACCMODE.get(flags & os.O_ACCMODE, "rw")
-            info.append = bool(flags & os.O_APPEND)
-        info.locks = tuple(
+            d["mode"] = _ACCMODE.get(flags & os.O_ACCMODE, "rw")
+            if flags & os.O_APPEND:
+                d["append"] = True
+        held = tuple(
             f"{lk.type} {lk.mode} {lk.id}" for line in lock_lines if (lk := parse_lock_line(line))
         )
-    return info
+        if held:
+            d["locks"] = held
+    return d
 
 
-def _describe_path(info: FdInfo, st: os.stat_result) -> None:
-    target = info.target
+def _describe_path(d: Fd, st: os.stat_result) -> None:
+    target = d["target"]
     if stat.S_ISFIFO(st.st_mode):
-        info.type = "fifo"
+        d["type"] = "fifo"
     elif stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in _TTY_MAJORS:
-        info.type = "tty"
-        info.key = tty_key(st)
+        d["type"] = "tty"
+        d["key"] = tty_key(st)
         return
     elif stat.S_ISREG(st.st_mode):
-        info.type = "deleted" if target.endswith(" (deleted)") else "file"
-        info.size = st.st_size
+        d["type"] = "deleted" if target.endswith(" (deleted)") else "file"
+        d["size"] = st.st_size
     elif stat.S_ISDIR(st.st_mode):
-        info.type = "dir"
+        d["type"] = "dir"
     elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        info.type = "device"
-    info.key = path_key(target)
+        d["type"] = "device"
+    d["key"] = path_key(target)
 
 
 def classify(
@@ -476,13 +596,14 @@ def classify(
             # Our own fd table, and fd was free: the kernel gave its number to
             # the directory we just opened.  fd itself is closed.
             return None
-        return _classify_at(dirfd, pid, fd, net, set())
+        d = _classify_at(dirfd, pid, fd, net, set())
+        return None if d is None else FdInfo.of(d)
     finally:
         os.close(dirfd)
 
 
-def read_fds(pid: int, scan: ProcScan | None = None) -> list[FdInfo]:
-    """Every fd of pid, classified, in fd order; [] if pid is gone or hidden."""
+def read_fds(pid: int, scan: ProcScan | None = None) -> list[Fd]:
+    """Every fd of pid, classified (FdInfo.as_compact's form), in fd order; [] if pid is gone."""
     scan = scan or ProcScan()
     try:
         dirfd = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -531,21 +652,31 @@ def _ppid(pid: int) -> int:
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     for tid in _tids(pid):
+        # os.open/os.read: a text-mode open() costs more than the read, and a
+        # big tree does this for every task.
         try:
-            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
-                out.extend(int(c) for c in f.read().split())
+            f = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue
+        try:
+            chunks = []
+            while b := os.read(f, 65536):
+                chunks.append(b)
+        except OSError:
+            continue
+        finally:
+            os.close(f)
+        out.extend(int(c) for c in b"".join(chunks).split())
     return out
 
 
 def tree_pids(root: int) -> list[int]:
     """Return root and its descendants, parents before children."""
     order: list[int] = []
-    queue = [root]
+    queue = collections.deque([root])
     seen: set[int] = set()
     while queue:
-        pid = queue.pop(0)
+        pid = queue.popleft()
         if pid in seen:
             continue
         seen.add(pid)
@@ -576,29 +707,40 @@ def read_tree(root: int) -> list[TaskInfo]:
         except (OSError, ValueError):
             continue  # exited while we walked
         tasks.append(TaskInfo(pid=pid, ppid=ppid, tids=_tids(pid), fds=read_fds(pid, scan)))
-    mark_external(tasks)
+    mark_external([t.fds for t in tasks])
     return tasks
 
 
-def mark_external(tasks: Iterable[TaskInfo]) -> None:
-    """Flag fds whose other end the tree does not hold.
+def mark_external(tree: Iterable[Sequence[Fd]]) -> list[str]:
+    """Flag fds whose other end the tree does not hold; return their keys.
 
-    A pipe or fifo is external when the tree holds only its read end or only
-    its write end; a unix socket when its peer's inode is not held by the tree.
+    tree is the fds of each task.  A pipe or fifo is external when the tree
+    holds only its read end or only its write end; a unix socket when its
+    peer's inode is not held by the tree.  The keys come once each, in the
+    order the walk meets them.
     """
-    tasks = list(tasks)
-    ends: dict[str, set[str]] = {}
+    tree = list(tree)
+    ends: dict[str, str] = {}
     sockets_held: set[int] = set()
-    for t in tasks:
-        for f in t.fds:
-            if f.type in ("pipe", "fifo"):
-                ends.setdefault(f.key, set()).update(f.mode if f.mode != "?" else "")
-            elif f.inode is not None and f.target.startswith("socket:["):
-                sockets_held.add(f.inode)
-    for t in tasks:
-        for f in t.fds:
-            if f.type in ("pipe", "fifo"):
-                held = ends.get(f.key, set())
-                f.external = not ("r" in held and "w" in held)
-            elif f.type == "unix" and f.peer:
-                f.external = f.peer not in sockets_held
+    # Two passes over every fd of the tree (10 000 in a big one): plain
+    # loops, and the rarer kinds skipped with one comparison.
+    for fds in tree:
+        for f in fds:
+            t = f["type"]
+            if t == "pipe" or t == "fifo":
+                k = f["key"]
+                ends[k] = ends.get(k, "") + f["mode"]
+            elif f["target"].startswith("socket:[") and f.get("inode") is not None:
+                sockets_held.add(f["inode"])
+    external: dict[str, None] = {}
+    for fds in tree:
+        for f in fds:
+            t = f["type"]
+            if t == "pipe" or t == "fifo":
+                held = ends[f["key"]]
+                f["external"] = not ("r" in held and "w" in held)
+            elif t == "unix" and f.get("peer"):
+                f["external"] = f["peer"] not in sockets_held
+            if f["external"]:
+                external[f["key"]] = None
+    return list(external)

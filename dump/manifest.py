@@ -18,7 +18,7 @@ from criud.dump.fds import TaskInfo
 def build(tasks: Sequence[TaskInfo], declared_external: Iterable[str]) -> dict[str, Any]:
     """Build the manifest; raise InvalidRequest for a declared key the tree does not hold."""
     declared = list(dict.fromkeys(declared_external))
-    held = {f.key for t in tasks for f in t.fds}
+    held = {f["key"] for t in tasks for f in t.fds}
     unknown = [k for k in declared if k not in held]
     if unknown:
         raise InvalidRequest(
@@ -29,15 +29,12 @@ def build(tasks: Sequence[TaskInfo], declared_external: Iterable[str]) -> dict[s
     external: list[str] = []
     for t in tasks:
         for f in t.fds:
-            if f.key in declared_set:
-                f.external = True
-            if f.external and f.key not in external:
-                external.append(f.key)
+            if f["key"] in declared_set:
+                f["external"] = True
+            if f["external"] and f["key"] not in external:
+                external.append(f["key"])
     return {
-        "tasks": [
-            {"pid": t.pid, "ppid": t.ppid, "tids": t.tids, "fds": [f.as_dict() for f in t.fds]}
-            for t in tasks
-        ],
+        "tasks": [{"pid": t.pid, "ppid": t.ppid, "tids": t.tids, "fds": t.fds} for t in tasks],
         "external": external,
     }
 

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from criud.api.client import CriudClientError
+from criud.dump.fds import tree_pids
+from criud.dump.inspect import SPLIT_MIN_TASKS
 from tests.integration.helpers import Daemon, Procs, proc_state, run_python_as, temp_root, wait_for
 
 # Holds: a pipe both ends, a pipe read end whose writer is outside (fd 0),
@@ -297,3 +299,52 @@ def test_code_process_gone(daemon: Daemon, procs: Procs, tmp_path: Path) -> None
 # runs criu as the tree's owner in exactly that case, so a real process can
 # no longer provoke it through the daemon here; tests/unit/test_criu_errors.py
 # checks the mapping on the real log excerpt captured on this machine.
+
+
+# A parent and n-1 children, each holding a pipe (both ends) and a socketpair.
+TREE = r"""
+import os, signal, socket, sys
+n = int(sys.argv[1])
+for _ in range(n - 1):
+    if os.fork() == 0:
+        keep = os.pipe(), socket.socketpair()
+        signal.pause()
+        os._exit(0)
+print("ready", flush=True)
+signal.pause()
+"""
+
+
+def _children_of(pid: int) -> list[int]:
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def test_inspect_a_big_tree_through_the_daemon(daemon: Daemon, procs: Procs) -> None:
+    # Above 32 tasks the daemon reads the tree with a forked helper child
+    # (criud.daemon.forkmap): the answer must be whole, concurrent requests
+    # must all be answered, and no child may be left behind.
+    n = SPLIT_MIN_TASKS * 2
+    p = procs.python(TREE, str(n), stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+    wait_for(lambda: len(tree_pids(p.pid)) == n, 30, what=f"{n} tasks")
+    expected = tree_pids(p.pid)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        trees = list(pool.map(lambda _: daemon.client.inspect_pid(p.pid), range(4)))
+    for tree in trees:
+        assert [t["pid"] for t in tree["tasks"]] == expected
+        kids = tree["tasks"][1:]
+        # Each child: stdio, the pipe's two ends, the socketpair's two ends;
+        # all internal, so the only external key is stdout (ours).
+        assert all(len(t["fds"]) >= 7 for t in kids)
+        assert all({"pipe", "unix"} <= {f["type"] for f in t["fds"]} for t in kids), (
+            "a task without its pipe or socketpair"
+        )
+        assert tree["external"] == [f"pipe:[{os.fstat(p.stdout.fileno()).st_ino}]"]
+        # The compact form: a pipe carries no socket fields.
+        pipe = next(f for f in kids[0]["fds"] if f["type"] == "pipe")
+        assert not {"peer", "sock_type", "state", "local", "remote"} & pipe.keys()
+    wait_for(lambda: _children_of(daemon.pid) == [], 10, what="the daemon to reap its helper")

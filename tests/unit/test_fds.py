@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from criud.dump import fds, sockdiag
-from criud.dump.fds import FdInfo, TaskInfo, classify, mark_external, path_key, tty_key
+from criud.dump.fds import FdInfo, classify, mark_external, path_key, tty_key
 
 from ._helpers import proc_state, wait_until
 
@@ -248,34 +248,27 @@ def test_as_dict_round_trip() -> None:
 # -- mark_external on synthetic trees ---------------------------------------------
 
 
-def _fdi(fd: int, type_: str, key: str, mode: str, inode: int, peer: int | None = None) -> FdInfo:
-    return FdInfo(fd, type_, key, mode, key, inode=inode, peer=peer)
+def _fdi(
+    fd: int, type_: str, key: str, mode: str, inode: int, peer: int | None = None
+) -> dict[str, object]:
+    return FdInfo(fd, type_, key, mode, key, inode=inode, peer=peer).as_dict()
 
 
 def test_mark_external_pipes_and_sockets() -> None:
-    t1 = TaskInfo(
-        1,
-        0,
-        [1],
-        [
-            _fdi(0, "pipe", "pipe:[10]", "r", 10),  # both ends held (other in t2)
-            _fdi(1, "pipe", "pipe:[11]", "w", 11),  # only the write end
-            _fdi(2, "unix", "socket:[20]", "rw", 20, peer=21),  # peer held by t2
-            _fdi(3, "unix", "socket:[30]", "rw", 30, peer=31),  # peer outside
-            _fdi(4, "unix", "socket:[40]", "rw", 40, peer=None),  # unconnected
-            _fdi(5, "fifo", "tmp/f", "r", 50),  # fifo, read only
-            _fdi(6, "file", "tmp/x", "w", 60),
-            _fdi(7, "pipe", "pipe:[12]", "?", 12),  # unknown mode
-        ],
-    )
-    t2 = TaskInfo(
-        2,
-        1,
-        [2],
-        [_fdi(0, "pipe", "pipe:[10]", "w", 10), _fdi(1, "unix", "socket:[21]", "rw", 21, 20)],
-    )
-    mark_external([t1, t2])
-    ext = {(t.pid, f.fd): f.external for t in (t1, t2) for f in t.fds}
+    t1 = [
+        _fdi(0, "pipe", "pipe:[10]", "r", 10),  # both ends held (other in t2)
+        _fdi(1, "pipe", "pipe:[11]", "w", 11),  # only the write end
+        _fdi(2, "unix", "socket:[20]", "rw", 20, peer=21),  # peer held by t2
+        _fdi(3, "unix", "socket:[30]", "rw", 30, peer=31),  # peer outside
+        _fdi(4, "unix", "socket:[40]", "rw", 40, peer=None),  # unconnected
+        _fdi(5, "fifo", "tmp/f", "r", 50),  # fifo, read only
+        _fdi(6, "file", "tmp/x", "w", 60),
+        _fdi(7, "pipe", "pipe:[12]", "?", 12),  # unknown mode
+        _fdi(8, "pipe", "pipe:[11]", "w", 11),  # the same end again: one key
+    ]
+    t2 = [_fdi(0, "pipe", "pipe:[10]", "w", 10), _fdi(1, "unix", "socket:[21]", "rw", 21, 20)]
+    keys = mark_external([t1, t2])
+    ext = {(pid, f["fd"]): f["external"] for pid, t in ((1, t1), (2, t2)) for f in t}
     assert ext == {
         (1, 0): False,
         (1, 1): True,
@@ -285,15 +278,54 @@ def test_mark_external_pipes_and_sockets() -> None:
         (1, 5): True,
         (1, 6): False,
         (1, 7): True,
+        (1, 8): True,
         (2, 0): False,
         (2, 1): False,
     }
+    # Each external key once, in the order the walk met them.
+    assert keys == ["pipe:[11]", "socket:[30]", "tmp/f", "pipe:[12]"]
+
+
+def test_mark_external_takes_compact_fds() -> None:
+    # Introspection's form leaves out what does not apply (no peer, no inode).
+    pipe = FdInfo(0, "pipe", "pipe:[10]", "r", "pipe:[10]").as_compact()
+    lone = FdInfo(1, "unix", "socket:[20]", "rw", "socket:[20]", inode=20).as_compact()
+    gone = FdInfo(2, "unix", "socket:[30]", "rw", "socket:[30]", inode=30, peer=31).as_compact()
+    assert "peer" not in lone and "inode" not in pipe
+    assert mark_external([[pipe, lone, gone]]) == ["pipe:[10]", "socket:[30]"]
+    assert lone["external"] is False
+
+
+def test_as_compact_leaves_out_what_does_not_apply() -> None:
+    f = FdInfo(3, "pipe", "pipe:[1]", "r", "pipe:[1]", inode=1)
+    assert f.as_compact() == {
+        "fd": 3,
+        "type": "pipe",
+        "key": "pipe:[1]",
+        "mode": "r",
+        "target": "pipe:[1]",
+        "external": False,
+        "inode": 1,
+    }
+    tcp = FdInfo(4, "tcp", "socket:[2]", "rw", "socket:[2]", inode=2, state="LISTEN")
+    tcp.local, tcp.locks, tcp.append = "127.0.0.1:80", ("FLOCK WRITE 00:01:2",), True
+    c = tcp.as_compact()
+    assert (c["state"], c["local"], c["locks"], c["append"]) == (
+        "LISTEN",
+        "127.0.0.1:80",
+        ("FLOCK WRITE 00:01:2",),
+        True,
+    )
+    assert "remote" not in c and "peer" not in c and "size" not in c
+    # Nothing as_dict has is lost, only its unset fields.
+    full = tcp.as_dict()
+    assert all(full[k] == v for k, v in c.items())
 
 
 def test_mark_external_rw_fifo_is_internal() -> None:
-    t = TaskInfo(1, 0, [1], [_fdi(0, "fifo", "tmp/f", "rw", 5)])
-    mark_external([t])
-    assert t.fds[0].external is False
+    t = [_fdi(0, "fifo", "tmp/f", "rw", 5)]
+    assert mark_external([t]) == []
+    assert t[0]["external"] is False
 
 
 # -- real process trees -----------------------------------------------------------
@@ -375,26 +407,30 @@ def test_read_tree(tree: dict[str, int]) -> None:
     assert grandchild.ppid == tree["child"]
     assert child.tids == [tree["child"]]
 
-    by_key = {f.key: f for f in child.fds}
+    by_key = {f["key"]: f for f in child.fds}
     a = by_key[f"pipe:[{tree['a']}]"]
-    assert (a.fd, a.type, a.mode, a.external) == (tree["fd_a"], "pipe", "r", False)
+    assert (a["fd"], a["type"], a["mode"], a["external"]) == (tree["fd_a"], "pipe", "r", False)
     b = by_key[f"pipe:[{tree['b']}]"]
-    assert (b.fd, b.type, b.mode, b.external) == (tree["fd_b"], "pipe", "r", True)
+    assert (b["fd"], b["type"], b["mode"], b["external"]) == (tree["fd_b"], "pipe", "r", True)
     c = by_key[f"socket:[{tree['c1']}]"]
-    assert (c.fd, c.type, c.external) == (tree["fd_c"], "unix", True)
-    assert c.peer is not None
+    assert (c["fd"], c["type"], c["external"]) == (tree["fd_c"], "unix", True)
+    assert c["peer"] is not None
     for d in ("d1", "d2"):
         f = by_key[f"socket:[{tree[d]}]"]
-        assert (f.type, f.external) == ("unix", False)
+        assert (f["type"], f["external"]) == ("unix", False)
     # stdin is /dev/null; stdout is a pipe whose read end we hold: external.
-    by_fd = {f.fd: f for f in child.fds}
-    assert (by_fd[0].type, by_fd[0].key, by_fd[0].external) == ("device", "dev/null", False)
+    by_fd = {f["fd"]: f for f in child.fds}
+    assert (by_fd[0]["type"], by_fd[0]["key"], by_fd[0]["external"]) == (
+        "device",
+        "dev/null",
+        False,
+    )
     out = by_fd[1]
-    assert (out.type, out.mode, out.external) == ("pipe", "w", True)
+    assert (out["type"], out["mode"], out["external"]) == ("pipe", "w", True)
 
-    gc_keys = {f.key: f for f in grandchild.fds}
+    gc_keys = {f["key"]: f for f in grandchild.fds}
     ga = gc_keys[f"pipe:[{tree['a']}]"]
-    assert (ga.mode, ga.external) == ("w", False)
+    assert (ga["mode"], ga["external"]) == ("w", False)
 
 
 def test_tree_pids_order(tree: dict[str, int]) -> None:
@@ -448,9 +484,9 @@ def test_inet_address(hexaddr: str, expect: str) -> None:
 
 
 def _mine(fd: int) -> FdInfo:
-    got = [f for f in fds.read_fds(ME) if f.fd == fd]
+    got = [f for f in fds.read_fds(ME) if f["fd"] == fd]
     assert len(got) == 1
-    return got[0]
+    return FdInfo.of(got[0])
 
 
 def test_tcp_listen_and_established_details() -> None:
@@ -572,10 +608,10 @@ def test_append_is_read_for_writable_files(tmp_path: Path, closing: list[int]) -
 
 def test_read_fds_of_self_leaves_out_its_own_dir_fd() -> None:
     before = {int(n) for n in os.listdir("/proc/self/fd")}
-    listed = {f.fd for f in fds.read_fds(ME)}
+    listed = {f["fd"] for f in fds.read_fds(ME)}
     # listdir's own fd shows in `before` but is closed by now.
     assert listed <= before
-    assert all(f.target != f"/proc/{ME}/fd" for f in fds.read_fds(ME))
+    assert all(f["target"] != f"/proc/{ME}/fd" for f in fds.read_fds(ME))
 
 
 def test_fd_locks(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from criud.dump import manifest as mf
 from criud.dump.argv import DUMP_LOG, dump_argv
 from criud.dump.inspect import (
     NAMESPACES,
+    SPLIT_MIN_TASKS,
     Tree,
     _tty,
     inspect_tree,
@@ -517,3 +518,49 @@ def test_preflight_agrees_with_criu_on_a_pty(tmp_path: Path) -> None:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(master)
+
+
+BIG_TREE = r"""
+import os, signal, sys, time
+n = int(sys.argv[1])
+r, w = os.pipe()
+for _ in range(n - 1):
+    if os.fork() == 0:
+        a, b = os.pipe()  # both ends here: internal
+        signal.pause()
+        os._exit(0)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_big_tree_read_in_two_halves_reads_as_in_one() -> None:
+    # Above SPLIT_MIN_TASKS, half the tree is read in a forked child
+    # (criud.daemon.forkmap); the answer must not depend on it.
+    n = SPLIT_MIN_TASKS + 8
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BIG_TREE, str(n)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        assert wait_until(lambda: len(fdmod.tree_pids(proc.pid)) == n)
+        ns = own_namespaces()
+        split = inspect_tree(proc.pid, ns)
+        whole = inspect_tree(proc.pid, ns, split=False)
+        assert split == whole
+        assert [t["pid"] for t in split["tasks"]] == fdmod.tree_pids(proc.pid)
+        # Every task has its fds, from whichever half read it.  The pipe each
+        # task made holds both ends: internal; only stdout, whose read end is
+        # ours, is external.
+        assert all(len(t["fds"]) >= 5 for t in split["tasks"])
+        stdout = f"pipe:[{os.fstat(proc.stdout.fileno()).st_ino}]"
+        assert split["external"] == [stdout]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

@@ -16,9 +16,9 @@ def _tasks() -> list[TaskInfo]:
             ppid=1,
             tids=[10, 11],
             fds=[
-                FdInfo(0, "device", "dev/null", "r", "/dev/null", inode=5),
-                FdInfo(1, "pipe", "pipe:[7]", "w", "pipe:[7]", inode=7, external=True),
-                FdInfo(3, "unix", "socket:[30]", "rw", "socket:[30]", inode=30, peer=31),
+                FdInfo(0, "device", "dev/null", "r", "/dev/null", inode=5).as_dict(),
+                FdInfo(1, "pipe", "pipe:[7]", "w", "pipe:[7]", inode=7, external=True).as_dict(),
+                FdInfo(3, "unix", "socket:[30]", "rw", "socket:[30]", inode=30, peer=31).as_dict(),
             ],
         ),
         TaskInfo(
@@ -26,9 +26,9 @@ def _tasks() -> list[TaskInfo]:
             ppid=10,
             tids=[12],
             fds=[
-                FdInfo(1, "pipe", "pipe:[7]", "w", "pipe:[7]", inode=7, external=True),
-                FdInfo(4, "file", "tmp/a", "w", "/tmp/a", inode=40),
-                FdInfo(5, "unix", "socket:[30]", "rw", "socket:[30]", inode=30, peer=31),
+                FdInfo(1, "pipe", "pipe:[7]", "w", "pipe:[7]", inode=7, external=True).as_dict(),
+                FdInfo(4, "file", "tmp/a", "w", "/tmp/a", inode=40).as_dict(),
+                FdInfo(5, "unix", "socket:[30]", "rw", "socket:[30]", inode=30, peer=31).as_dict(),
             ],
         ),
     ]
