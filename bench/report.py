@@ -232,10 +232,17 @@ def markdown(r: dict[str, Any]) -> str:
         ref = f" (read_tree in-process: {i['read_tree_in_process']['median_ms']} ms)"
         if i.get("endpoint_status") != 200 and "inspect_tree_in_process" not in i:
             ref = ""
+        dec = ""
+        if "client_json_decode" in i:
+            dec = (
+                f"; the answer is {round(i['response_bytes'] / 1e6, 2)} MB of JSON, which "
+                f"Python's json module decodes in another {i['client_json_decode']['median_ms']}"
+                f" ms (median with decoding: {i['endpoint_with_decode_median_ms']} ms)"
+            )
         out += [
             f"**6. Introspection**: a tree of {i['procs']} processes x {i['fds_each']} fds "
             f"({i['tasks_seen']} tasks, {i['fds_seen']} fds seen); {i['measured']}: "
-            f"median {i['headline_ms']} ms, p90 {i['headline_p90_ms']} ms{ref}.",
+            f"median {i['headline_ms']} ms, p90 {i['headline_p90_ms']} ms{ref}{dec}.",
             "",
         ]
     return "\n".join(out)
