@@ -158,6 +158,11 @@ def _child(fn: Callable[[T], R], items: Sequence[T], q: int, w: int) -> None:
         # asyncio's signal wake-up fd is the parent's: a signal meant for
         # this child must not be reported to the parent's event loop.
         signal.set_wakeup_fd(-1)
+        # The daemon's handlers would only flag the child's copy of the
+        # server to stop; a stop meant for the child (systemd's, say)
+        # should end it.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
         # The child lives for one answer: collecting garbage it is about to
         # throw away whole would only cost time (and copy-on-write pages).
         gc.disable()

@@ -131,3 +131,24 @@ def test_decode_stops_at_a_frame_cut_short() -> None:
     assert forkmap._decode(data, 3) == {0: "a", 2: [1, 2]}
     # Indices out of range and junk are not taken.
     assert forkmap._decode(frame(7, "x") + b"\xff\xff", 3) == {}
+
+
+def test_the_child_dies_of_sigterm_and_its_share_is_redone() -> None:
+    import signal
+
+    # Handlers of ours (as the daemon's asyncio ones) must not keep the child
+    # alive: a SIGTERM ends it, and we compute what it took.
+    old = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+
+        def fn(x: int) -> int:
+            if os.getpid() != ME:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+            return x * 3
+
+        t0 = time.monotonic()
+        assert forkmap.map_split(fn, [1, 2, 3, 4], timeout=20) == [3, 6, 9, 12]
+        assert time.monotonic() - t0 < 10
+    finally:
+        signal.signal(signal.SIGTERM, old)
