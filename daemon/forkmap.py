@@ -78,8 +78,8 @@ def map_split(fn: Callable[[T], R], items: Sequence[T], timeout: float = 60.0) -
     if q is None:
         return [fn(x) for x in items]
     r, w = os.pipe2(os.O_CLOEXEC)
-    # We read the child's results once the queue is empty: with room for
-    # them (a 100-task half is ~0.7 MB), it never waits for us to.
+    # With room for the child's results (a 100-task half is ~0.7 MB), it
+    # never waits for us to read.
     with contextlib.suppress(OSError):
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     try:
@@ -93,16 +93,25 @@ def map_split(fn: Callable[[T], R], items: Sequence[T], timeout: float = 60.0) -
     os.close(w)
     deadline = time.monotonic() + timeout
     out: dict[int, Any] = {}
+    theirs = _Frames(n)
     try:
+        # Between our items, decode what the child has sent so far: work
+        # done while the queue still has items is shared (the child takes
+        # more of them), work done after is not.
+        os.set_blocking(r, False)
         for i in _take(q):
             out[i] = fn(items[i])
-        data = _read_until_eof(r, deadline)
-        if data is not None:
-            out.update(_decode(data, n))
+            theirs.pump(r)
+        while not theirs.eof:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                break
+            theirs.pump(r)
     finally:
         os.close(q)
         os.close(r)
         _reap(child, deadline)
+    out.update(theirs.results)
     # Indices the child took but did not deliver (it failed, or timed out).
     return [out[i] if i in out else fn(items[i]) for i in range(n)]
 
@@ -132,24 +141,51 @@ def _take(q: int) -> Iterator[int]:
         yield int.from_bytes(b, "little")
 
 
-def _decode(data: bytes, n: int) -> dict[int, Any]:
-    """The child's frames: a 4-byte length, then marshal of (index, result)."""
-    out: dict[int, Any] = {}
-    view = memoryview(data)
-    off = 0
-    while off + _INDEX <= len(view):
-        size = int.from_bytes(view[off : off + _INDEX], "little")
-        off += _INDEX
-        if off + size > len(view):
-            break  # cut short: the child died mid-write
+class _Frames:
+    """The child's results as they arrive: frames of a 4-byte length, then
+    marshal of (index, result)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.results: dict[int, Any] = {}
+        self.eof = False
+        self._buf = bytearray()
+        self._broken = False
+
+    def pump(self, fd: int) -> None:
+        """Read what fd has without blocking, and decode the whole frames in it."""
+        while not self.eof:
+            try:
+                b = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                break
+            if not b:
+                self.eof = True
+                break
+            self.feed(b)
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        if self._broken:
+            return
+        view = memoryview(self._buf)
+        off = 0
         try:
-            entry = marshal.loads(view[off : off + size])
-        except (ValueError, EOFError, TypeError):
-            break
-        off += size
-        if isinstance(entry, tuple) and len(entry) == 2 and entry[0] in range(n):
-            out[entry[0]] = entry[1]
-    return out
+            while off + _INDEX <= len(view):
+                size = int.from_bytes(view[off : off + _INDEX], "little")
+                if off + _INDEX + size > len(view):
+                    break  # the rest of this frame is still on its way
+                try:
+                    entry = marshal.loads(view[off + _INDEX : off + _INDEX + size])
+                except (ValueError, EOFError, TypeError):
+                    self._broken = True  # junk: keep what came before it
+                    break
+                off += _INDEX + size
+                if isinstance(entry, tuple) and len(entry) == 2 and entry[0] in range(self.n):
+                    self.results[entry[0]] = entry[1]
+        finally:
+            view.release()
+        del self._buf[:off]
 
 
 def _child(fn: Callable[[T], R], items: Sequence[T], q: int, w: int) -> None:
@@ -180,22 +216,6 @@ def _child(fn: Callable[[T], R], items: Sequence[T], q: int, w: int) -> None:
         pass
     finally:
         os._exit(code)
-
-
-def _read_until_eof(fd: int, deadline: float) -> bytes | None:
-    """Everything until EOF; None if the deadline passes first."""
-    chunks: list[bytes] = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            return None
-        b = os.read(fd, 1 << 20)
-        if not b:
-            return b"".join(chunks)
-        chunks.append(b)
 
 
 def _reap(pid: int, deadline: float) -> None:

@@ -118,9 +118,9 @@ def test_fork_refused_means_all_here(monkeypatch: pytest.MonkeyPatch) -> None:
     assert forkmap.map_split(lambda x: x * 2, [1, 2, 3]) == [2, 4, 6]
 
 
-def test_decode_stops_at_a_frame_cut_short() -> None:
-    # A child killed mid-write leaves half a frame: what came whole is kept,
-    # the rest is redone by the caller.
+def test_frames_cut_short_or_split_anywhere() -> None:
+    # Frames arrive in pieces of any size; a child killed mid-write leaves
+    # half a frame: what came whole is kept, the rest is redone by the caller.
     import marshal
 
     def frame(i: int, v: object) -> bytes:
@@ -128,9 +128,15 @@ def test_decode_stops_at_a_frame_cut_short() -> None:
         return len(body).to_bytes(4, "little") + body
 
     data = frame(0, "a") + frame(2, [1, 2]) + frame(1, "b")[:-2]
-    assert forkmap._decode(data, 3) == {0: "a", 2: [1, 2]}
-    # Indices out of range and junk are not taken.
-    assert forkmap._decode(frame(7, "x") + b"\xff\xff", 3) == {}
+    for step in (1, 3, 7, len(data)):
+        f = forkmap._Frames(3)
+        for k in range(0, len(data), step):
+            f.feed(data[k : k + step])
+        assert f.results == {0: "a", 2: [1, 2]}
+    # Indices out of range are not taken; junk ends the decoding.
+    f = forkmap._Frames(3)
+    f.feed(frame(7, "x") + b"\x02\x00\x00\x00\xff\xff" + frame(1, "late"))
+    assert f.results == {}
 
 
 def test_the_child_dies_of_sigterm_and_its_share_is_redone() -> None:
