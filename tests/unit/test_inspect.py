@@ -535,7 +535,7 @@ time.sleep(600)
 
 
 def test_a_big_tree_read_in_two_halves_reads_as_in_one() -> None:
-    # Above SPLIT_MIN_TASKS, half the tree is read in a forked child
+    # Above SPLIT_MIN_TASKS, part of the tree is read by a forked child
     # (criud.daemon.forkmap); the answer must not depend on it.
     n = SPLIT_MIN_TASKS + 8
     proc = subprocess.Popen(
