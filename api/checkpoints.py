@@ -6,7 +6,7 @@ import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import TypeAdapter
 
 from criud.api.deps import caller, core
@@ -95,11 +95,22 @@ _LIST = TypeAdapter(list[Checkpoint])
 _LIST_CACHE_SIZE = 64
 
 
+class _EncodedJSON(JSONResponse):
+    """JSON this route encoded itself (and cached), sent as is.
+
+    A JSONResponse, so that the OpenAPI document gives the list's schema.
+    """
+
+    def render(self, content: Any) -> bytes:
+        assert isinstance(content, bytes)
+        return content
+
+
 @router.get(
     "",
     response_model=list[Checkpoint],
     responses=ERRORS,
-    response_class=Response,
+    response_class=_EncodedJSON,
 )
 async def list_checkpoints(
     request: Request,
@@ -130,7 +141,7 @@ async def list_checkpoints(
         if len(cache) >= _LIST_CACHE_SIZE or any(k[0] != key[0] for k in cache):
             cache.clear()
         cache[key] = body
-    return Response(content=body, media_type="application/json")
+    return _EncodedJSON(content=body)
 
 
 @router.get("/{ref}", response_model=Checkpoint, responses=ERRORS)

@@ -8,6 +8,7 @@ single error path.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -16,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from criud.api.models import Problem
 from criud.daemon.errors import CriudError
 
 log = logging.getLogger("criud.api")
@@ -90,8 +92,40 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    """Register the problem handlers on app."""
+    """Register the problem handlers on app, and document errors as they are sent."""
     app.add_exception_handler(CriudError, _criud_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_schema(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def problem_schema(doc: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite an OpenAPI document so every 4xx/5xx is problem+json, as sent.
+
+    FastAPI documents each error response as application/json, and its own
+    422 with HTTPValidationError, a body our handler never sends: a client
+    generated from the document would expect the wrong type and shape.
+    """
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault("Problem", Problem.model_json_schema())
+    ref = {"$ref": "#/components/schemas/Problem"}
+    for ops in doc.get("paths", {}).values():
+        for op in ops.values():
+            for status, resp in op.get("responses", {}).items():
+                if str(status)[:1] in ("4", "5"):
+                    resp["content"] = {PROBLEM: {"schema": ref}}
+    # FastAPI's validation-error models, now referred to by nothing.
+    used = json.dumps(doc["paths"])
+    if '"#/components/schemas/HTTPValidationError"' not in used:
+        schemas.pop("HTTPValidationError", None)
+        if '"#/components/schemas/ValidationError"' not in used:
+            schemas.pop("ValidationError", None)
+    return doc

@@ -224,3 +224,39 @@ def test_error_keeps_detail_and_extra() -> None:
     assert e.detail == "bad"
     assert e.extra == {"handle": "h", "reason": "expired"}
     assert isinstance(e, Exception)
+
+
+def test_openapi_documents_errors_as_problem_json() -> None:
+    # Clients generated from /openapi.json must expect what is sent.
+    from criud.api.app import create_app
+
+    from .test_api_restores import FakeCore
+
+    doc = create_app(FakeCore()).openapi()  # type: ignore[arg-type]
+    errors = [
+        (path, method, status, resp)
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+        for status, resp in op["responses"].items()
+        if status[0] in "45"
+    ]
+    assert len(errors) > 20
+    for path, method, status, resp in errors:
+        assert resp["content"] == {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}, (
+            path,
+            method,
+            status,
+        )
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["Problem"]["required"]) >= {"title", "status", "detail", "code"}
+    assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas
+    # Success responses keep their own type.
+    ok = doc["paths"]["/v1/checkpoints"]["get"]["responses"]["200"]["content"]
+    assert "application/json" in ok
+
+
+def test_openapi_of_an_app_without_a_problem_model() -> None:
+    doc = make_app().openapi()
+    assert "Problem" in doc["components"]["schemas"]
+    resp = doc["paths"]["/body"]["post"]["responses"]["422"]
+    assert list(resp["content"]) == [PROBLEM]
