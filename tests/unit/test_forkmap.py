@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -31,11 +32,22 @@ def no_child_left() -> Iterator[None]:
 
 
 def test_both_processes_work_and_results_come_back_in_order() -> None:
-    def fn(x: int) -> tuple[int, int]:
-        time.sleep(0.005)  # long enough that the child gets its share
-        return x * x, os.getpid()
+    # Our first item waits (bounded) until the child has taken one, so both
+    # processes surely work, however slowly the child starts.
+    took_r, took_w = os.pipe()
+    try:
 
-    got = forkmap.map_split(fn, list(range(40)))
+        def fn(x: int) -> tuple[int, int]:
+            if os.getpid() != ME:
+                os.write(took_w, b"c")
+            elif x == 0:
+                select.select([took_r], [], [], 10)
+            return x * x, os.getpid()
+
+        got = forkmap.map_split(fn, list(range(40)))
+    finally:
+        os.close(took_r)
+        os.close(took_w)
     assert [v for v, _ in got] == [x * x for x in range(40)]
     pids = {pid for _, pid in got}
     assert ME in pids and len(pids) == 2
