@@ -1,9 +1,11 @@
-"""criud.daemon.forkmap: half the work in a forked child, the same answer either way."""
+"""criud.daemon.forkmap: work shared with a forked child, the same answer either way."""
 
 from __future__ import annotations
 
+import marshal
 import os
 import select
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -27,27 +29,47 @@ def _children() -> list[int]:
 def no_child_left() -> Iterator[None]:
     before = set(_children())
     yield
-    # Every child map_halves forked was reaped before it returned.
+    # Every child map_split forked was reaped before it returned.
     assert set(_children()) <= before
 
 
-def test_both_processes_work_and_results_come_back_in_order() -> None:
-    # Our first item waits (bounded) until the child has taken one, so both
-    # processes surely work, however slowly the child starts.
-    took_r, took_w = os.pipe()
-    try:
+class Gate:
+    """Makes sure the child takes an item: the child says so on a pipe, and
+    our first item waits (at most 10 s) to hear it.  Without it, a child
+    slow to start could find the queue empty and a test pass untested."""
 
-        def fn(x: int) -> tuple[int, int]:
-            if os.getpid() != ME:
-                os.write(took_w, b"c")
-            elif x == 0:
-                select.select([took_r], [], [], 10)
-            return x * x, os.getpid()
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        self.waited = False
 
-        got = forkmap.map_split(fn, list(range(40)))
-    finally:
-        os.close(took_r)
-        os.close(took_w)
+    def here(self) -> bool:
+        """True in the child (after telling us); in this process, wait once."""
+        if os.getpid() != ME:
+            os.write(self.w, b"c")
+            return False
+        if not self.waited:
+            self.waited = True
+            assert select.select([self.r], [], [], 10)[0], "the child took no item"
+        return True
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    g = Gate()
+    yield g
+    g.close()
+
+
+def test_both_processes_work_and_results_come_back_in_order(gate: Gate) -> None:
+    def fn(x: int) -> tuple[int, int]:
+        gate.here()
+        return x * x, os.getpid()
+
+    got = forkmap.map_split(fn, list(range(40)))
     assert [v for v, _ in got] == [x * x for x in range(40)]
     pids = {pid for _, pid in got}
     assert ME in pids and len(pids) == 2
@@ -57,8 +79,8 @@ def test_both_processes_work_and_results_come_back_in_order() -> None:
 
 def test_each_item_is_computed_once() -> None:
     # The queue hands each index to one process only.
-    counts = forkmap.map_split(lambda x: (x, os.getpid()), list(range(500)))
-    assert sorted(x for x, _ in counts) == list(range(500))
+    got = forkmap.map_split(lambda x: (x, os.getpid()), list(range(500)))
+    assert [x for x, _ in got] == list(range(500))
 
 
 def test_a_queue_too_big_for_the_pipe_means_all_here(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,39 +89,44 @@ def test_a_queue_too_big_for_the_pipe_means_all_here(monkeypatch: pytest.MonkeyP
     assert set(got) == {ME}
 
 
-def test_works_from_a_worker_thread() -> None:
+def test_works_from_a_worker_thread(gate: Gate) -> None:
     # The daemon calls it from asyncio.to_thread, with other threads about.
     sleeper = threading.Thread(target=time.sleep, args=(0.5,), daemon=True)
     sleeper.start()
-    out: list[list[int]] = []
-    t = threading.Thread(target=lambda: out.append(forkmap.map_split(abs, [-1, -2, -3])))
+    out: list[list[tuple[int, bool]]] = []
+
+    def run() -> None:
+        out.append(forkmap.map_split(lambda x: (-x, gate.here()), [1, 2, 3, 4]))
+
+    t = threading.Thread(target=run)
     t.start()
     t.join(timeout=30)
-    assert out == [[1, 2, 3]]
+    assert [v for v, _ in out[0]] == [-1, -2, -3, -4]
+    assert {here for _, here in out[0]} == {True, False}
 
 
-def test_a_failing_child_is_redone_here() -> None:
+def test_a_failing_child_is_redone_here(gate: Gate) -> None:
     def fn(x: int) -> int:
-        if os.getpid() != ME:
+        if not gate.here():
             raise RuntimeError("only in the child")
         return x + 1
 
     assert forkmap.map_split(fn, [1, 2, 3, 4]) == [2, 3, 4, 5]
 
 
-def test_results_marshal_cannot_carry_are_computed_here() -> None:
-    got = forkmap.map_split(lambda x: {x} if os.getpid() == ME else object(), [1, 2, 3])
+def test_results_marshal_cannot_carry_are_computed_here(gate: Gate) -> None:
+    got = forkmap.map_split(lambda x: {x} if gate.here() else object(), [1, 2, 3])
     assert got == [{1}, {2}, {3}]
 
 
-def test_a_child_past_the_deadline_is_killed_and_its_half_redone() -> None:
+def test_a_child_past_the_deadline_is_killed_and_its_share_redone(gate: Gate) -> None:
     def fn(x: int) -> int:
-        if os.getpid() != ME:
+        if not gate.here():
             time.sleep(60)
         return -x
 
     t0 = time.monotonic()
-    assert forkmap.map_split(fn, [1, 2, 3], timeout=0.5) == [-1, -2, -3]
+    assert forkmap.map_split(fn, [1, 2, 3], timeout=2) == [-1, -2, -3]
     assert time.monotonic() - t0 < 10
 
 
@@ -111,6 +138,25 @@ def test_an_exception_here_still_reaps_the_child() -> None:
 
     with pytest.raises(ValueError, match="ours"):
         forkmap.map_split(fn, [0, 1], timeout=5)
+
+
+def test_the_child_dies_of_sigterm_and_its_share_is_redone(gate: Gate) -> None:
+    # Handlers of ours (as the daemon's asyncio ones) must not keep the child
+    # alive: a SIGTERM ends it, and we compute what it took.
+    old = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+
+        def fn(x: int) -> int:
+            if not gate.here():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+            return x * 3
+
+        t0 = time.monotonic()
+        assert forkmap.map_split(fn, [1, 2, 3, 4], timeout=20) == [3, 6, 9, 12]
+        assert time.monotonic() - t0 < 10
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def test_fewer_than_two_items_need_no_child(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,8 +179,6 @@ def test_fork_refused_means_all_here(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_frames_cut_short_or_split_anywhere() -> None:
     # Frames arrive in pieces of any size; a child killed mid-write leaves
     # half a frame: what came whole is kept, the rest is redone by the caller.
-    import marshal
-
     def frame(i: int, v: object) -> bytes:
         body = marshal.dumps((i, v))
         return len(body).to_bytes(4, "little") + body
@@ -149,24 +193,3 @@ def test_frames_cut_short_or_split_anywhere() -> None:
     f = forkmap._Frames(3)
     f.feed(frame(7, "x") + b"\x02\x00\x00\x00\xff\xff" + frame(1, "late"))
     assert f.results == {}
-
-
-def test_the_child_dies_of_sigterm_and_its_share_is_redone() -> None:
-    import signal
-
-    # Handlers of ours (as the daemon's asyncio ones) must not keep the child
-    # alive: a SIGTERM ends it, and we compute what it took.
-    old = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-
-        def fn(x: int) -> int:
-            if os.getpid() != ME:
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(30)
-            return x * 3
-
-        t0 = time.monotonic()
-        assert forkmap.map_split(fn, [1, 2, 3, 4], timeout=20) == [3, 6, 9, 12]
-        assert time.monotonic() - t0 < 10
-    finally:
-        signal.signal(signal.SIGTERM, old)
