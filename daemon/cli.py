@@ -121,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="file holding the bearer token TCP clients must send (env CRIUD_TOKEN_FILE)",
     )
     s.add_argument(
+        "--criu-timeout",
+        type=float,
+        default=float(_env("CRIU_TIMEOUT", "1800") or 1800),
+        metavar="SECONDS",
+        help="kill a criu run that takes longer (env CRIUD_CRIU_TIMEOUT; 0: never; "
+        "default %(default)s)",
+    )
+    s.add_argument(
+        "--criu-gone-grace",
+        type=float,
+        default=float(_env("CRIU_GONE_GRACE", "10") or 10),
+        metavar="SECONDS",
+        help="kill a dump's criu this long after its process died, if it has not "
+        "finished (env CRIUD_CRIU_GONE_GRACE; default %(default)s)",
+    )
+    s.add_argument(
         "--socket-group",
         default=_env("SOCKET_GROUP", None),
         help="group owning both sockets (env CRIUD_SOCKET_GROUP)",
@@ -189,6 +205,8 @@ def _settings(a: argparse.Namespace) -> Settings:
         socket_group=a.socket_group,
         listen=a.listen,
         token_file=Path(a.token_file) if a.token_file else None,
+        criu_timeout_s=a.criu_timeout,
+        criu_gone_grace_s=a.criu_gone_grace,
     )
 
 

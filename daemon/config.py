@@ -34,6 +34,13 @@ class Settings:
     pid_wait_s: float = 3.0
     # How long SIGTERM lets in-flight operations run before they are aborted.
     shutdown_grace_s: float = 30.0
+    # The longest one criu run may take before it is killed (0: no bound).
+    # A dump copies about 1 GB/s here: half an hour is far beyond any sane
+    # dump, and still ends a criu that hangs.
+    criu_timeout_s: float = 1800.0
+    # How long a dump's criu may go on once the process it dumps has died
+    # before it is killed (a target killed mid-dump can leave criu hanging).
+    criu_gone_grace_s: float = 10.0
 
     @property
     def checkpoints_dir(self) -> Path:

@@ -33,6 +33,7 @@ from criud.daemon.errors import (
     CheckpointNotFound,
     CheckpointNotReady,
     CriudError,
+    CriuTimeout,
     InvalidBundle,
     InvalidCgroup,
     InvalidRequest,
@@ -40,6 +41,7 @@ from criud.daemon.errors import (
     NotRunning,
     PermissionDenied,
     PidInUse,
+    ProcessGone,
     ProcessNotFound,
     RestoreNotFound,
     ShuttingDown,
@@ -143,7 +145,8 @@ class Core:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store(settings.db_path)
-        self.criu = Criu(settings.criu)
+        self.criu = Criu(settings.criu, timeout_s=settings.criu_timeout_s or None)
+        self.criu.gone_grace_s = settings.criu_gone_grace_s
         self.handles = HandleStore()
         self.reaper = Reaper(self.criu.running)
         self.audit = AuditLog(settings.state_dir / "audit.log")
@@ -565,7 +568,9 @@ class Core:
                     ),
                     extra=oci_extra,
                 )
-                result = await self.criu.run(argv, tmp / DUMP_LOG, pass_fds=keep, run_as=run_as)
+                result = await self.criu.run(
+                    argv, tmp / DUMP_LOG, pass_fds=keep, run_as=run_as, watch_pid=pid
+                )
             if not result.ok:
                 # Classify while the log is still where criu wrote it.
                 err = await self._criu_error(f"dump of pid {pid}", result, ckpt_id, "dump")
@@ -633,10 +638,26 @@ class Core:
         rc = result.returncode
         how = f"criu was killed by {signal.Signals(-rc).name}" if rc < 0 else f"criu exited {rc}"
         reason = result.first_error or "no error line in its log"
-        # The whole log, not only its first error line: some causes (a task
-        # killed mid-dump) show only in the lines after it.
-        code, hint = await asyncio.to_thread(criu_errors.classify_log, result.log_path, op)
-        return criu_errors.error_class(code)(
+        cls: type[CriudError]
+        if result.stopped == "target_gone":
+            how = (
+                "the process went away, and criu, still running "
+                f"{self.criu.gone_grace_s:g} s later, was killed"
+            )
+            cls, hint = ProcessGone, criu_errors.hint_of("process_gone")
+        elif result.stopped == "timeout":
+            how = f"criu ran longer than --criu-timeout ({self.criu.timeout_s:g} s) and was killed"
+            cls = CriuTimeout
+            hint = (
+                "criu hung, or the dump needs longer than the timeout allows: read the log, "
+                "and raise --criu-timeout if criu was still working"
+            )
+        else:
+            # The whole log, not only its first error line: some causes (a
+            # task killed mid-dump) show only in the lines after it.
+            code, hint = await asyncio.to_thread(criu_errors.classify_log, result.log_path, op)
+            cls = criu_errors.error_class(code)
+        return cls(
             f"{what} failed: {how}: {reason}",
             criu_error=result.first_error,
             hint=hint,

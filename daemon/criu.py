@@ -15,13 +15,17 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from criud.daemon.errors import CriuUnavailable
+
+log = logging.getLogger("criud.criu")
 
 FEATURES = ("mem_dirty_track", "uffd-noncoop", "pidfd_store", "network_lock_nftables", "timens")
 
@@ -42,6 +46,9 @@ class CriuResult:
     log_path: Path
     first_error: str | None
     log_tail: list[str]
+    # Why criud killed this criu, if it did: "target_gone" (the dumped
+    # process died and criu did not finish), or "timeout".
+    stopped: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -141,9 +148,17 @@ def _join_cgroups(procs_files: tuple[str, ...]) -> None:
 class Criu:
     """Spawns criu.  One instance per daemon."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout_s: float | None = None) -> None:
         resolved = shutil.which(path) if os.sep not in path else path
         self.path = resolved or path
+        # The longest a criu run may take (None: no bound); then it is killed.
+        self.timeout_s = timeout_s
+        # How long criu may go on once the process it dumps has died.  criu
+        # kills a tree itself when a dump without leave_running is done, and
+        # exits at once; a target killed mid-dump can leave criu waiting
+        # forever (seen once here, in a CI run; criu issues 162 and 2618
+        # report such hangs in wait4).
+        self.gone_grace_s = 10.0
         self.version: str | None = None
         self.setpriv = shutil.which("setpriv")
         # Without CAP_SYS_RESOURCE (some VMs drop it from the bounding set),
@@ -202,8 +217,12 @@ class Criu:
         pass_fds: Sequence[int] = (),
         run_as: tuple[int, int] | None = None,
         cgroup_procs: Sequence[str] = (),
+        watch_pid: int | None = None,
     ) -> CriuResult:
         """Run `criu *argv`, logging to log_path, handing over exactly pass_fds.
+
+        watch_pid is the process a dump works on: once it is gone, criu gets
+        gone_grace_s to finish before it is killed (CriuResult.stopped).
 
         The child's stdin is /dev/null and its stdout/stderr go to the same log
         criu writes with -o, so nothing criu prints is lost.  close_fds=True
@@ -218,6 +237,12 @@ class Criu:
         if run_as is not None:
             # criu reopens its -o log by path, as the tree's owner.
             os.fchown(log_fd, *run_as)
+        # Opened before criu starts, so a pid reused later cannot be mistaken
+        # for the target; a target already gone is criu's to report.
+        target: int | None = None
+        if watch_pid is not None:
+            with contextlib.suppress(OSError):
+                target = os.pidfd_open(watch_pid)
         cmd = wrap_argv(self.setpriv, self.path, argv, run_as)
         extra: dict[str, object] = {}
         if cgroup_procs:
@@ -237,12 +262,16 @@ class Criu:
                     **extra,  # type: ignore[arg-type]
                 )
             except OSError as e:
+                if target is not None:
+                    os.close(target)
                 raise CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}") from e
             finally:
                 os.close(log_fd)
             self.running.add(proc.pid)
         try:
-            rc = await proc.wait()
+            stopped = await self._wait(proc, target)
+            rc = proc.returncode
+            assert rc is not None
         except asyncio.CancelledError:
             # The caller gave up (shutdown, client gone): never leave a criu
             # behind.  A killed dump leaves its target running (measured).
@@ -252,9 +281,59 @@ class Criu:
             raise
         finally:
             self.running.discard(proc.pid)
+            if target is not None:
+                os.close(target)
         if rc == 0:
             # A -v4 log of a 1 GiB dump is ~17,000 lines (866 KB): only a
             # failure needs it read.
             return CriuResult(returncode=rc, log_path=log_path, first_error=None, log_tail=[])
         err, tail = await asyncio.to_thread(read_log, log_path)
-        return CriuResult(returncode=rc, log_path=log_path, first_error=err, log_tail=tail)
+        return CriuResult(
+            returncode=rc, log_path=log_path, first_error=err, log_tail=tail, stopped=stopped
+        )
+
+    async def _wait(self, proc: asyncio.subprocess.Process, target: int | None) -> str | None:
+        """Wait for criu; kill it past the timeout, or past the grace once target died.
+
+        Returns why it was killed ("timeout", "target_gone"), or None.
+        """
+        loop = asyncio.get_running_loop()
+        exited = asyncio.ensure_future(proc.wait())
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def on_gone() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        if target is not None:
+            loop.add_reader(target, on_gone)
+        deadline = None if self.timeout_s is None else loop.time() + self.timeout_s
+        why: str | None = None
+        try:
+            waiting: set[asyncio.Future[Any]] = {exited, gone}
+            while not exited.done():
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait(
+                    waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                if exited in done:
+                    break
+                if gone in done:
+                    waiting = {exited}
+                    grace = loop.time() + self.gone_grace_s
+                    deadline = grace if deadline is None else min(deadline, grace)
+                    why = "target_gone"
+                    continue
+                # The deadline passed (the overall one, or the grace).
+                why = why or "timeout"
+                log.warning("criu pid %d: killed (%s)", proc.pid, why)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await exited
+                return why
+            return None
+        finally:
+            if target is not None:
+                loop.remove_reader(target)
+            if not exited.done():
+                exited.cancel()

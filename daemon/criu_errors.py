@@ -246,6 +246,14 @@ def status_of(code: str) -> int:
     return STATUS.get(code, STATUS[FALLBACK])
 
 
+def hint_of(code: str) -> str:
+    """The hint of the first rule with this code (the fallback's if none)."""
+    for rule in RULES:
+        if rule.code == code:
+            return rule.hint
+    return _fallback_hint(None)
+
+
 def error_class(code: str) -> type[errors.CriudError]:
     """The criud error class to raise for a code (CriuFailed for unknown codes)."""
     return _CLASSES.get(code, errors.CriuFailed)

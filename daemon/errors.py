@@ -233,6 +233,14 @@ class ProcessGone(CriuFailed):
     title = "The process went away during the operation"
 
 
+class CriuTimeout(CriuFailed):
+    """criu ran longer than the daemon allows (--criu-timeout) and was killed."""
+
+    status = 504
+    code = "criu_timeout"
+    title = "criu took too long"
+
+
 class NoSpace(CriuFailed):
     status = 507
     code = "no_space"

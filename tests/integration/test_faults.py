@@ -6,13 +6,22 @@ import concurrent.futures
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from criud.api.client import CriudClientError
-from tests.integration.helpers import Daemon, Procs, pid_gone, proc_state, temp_root, wait_for
+from tests.integration.helpers import (
+    CRIU,
+    Daemon,
+    Procs,
+    pid_gone,
+    proc_state,
+    temp_root,
+    wait_for,
+)
 
 FILL = r"""
 import os, sys, time
@@ -277,3 +286,76 @@ def test_enospc_dump_fails_cleanly(procs: Procs, tmp_path: Path) -> None:
                 assert d.stop() == 0
         finally:
             subprocess.run(["umount", str(state)], check=True, timeout=30)
+
+
+# A criu whose dumps hang (as a real one can, once its target is killed at a
+# bad moment); everything else goes to the real criu.  The mark tells the
+# test the dump has started.
+HANGING_CRIU = """#!/bin/sh
+for a in "$@"; do
+    if [ "$a" = dump ]; then
+        : > {mark}
+        exec sleep 600
+    fi
+done
+exec {criu} "$@"
+"""
+
+
+def _hanging_daemon(root: Path, *args: str) -> Daemon:
+    wrapper = root / "criu-hangs"
+    wrapper.write_text(HANGING_CRIU.format(mark=root / "dump-started", criu=CRIU))
+    wrapper.chmod(0o755)
+    return Daemon(root, criu=str(wrapper), args=args).start()
+
+
+def _criu_children(d: Daemon) -> list[int]:
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{d.pid}/task"):
+        with open(f"/proc/{d.pid}/task/{tid}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def test_a_criu_past_its_timeout_is_killed(procs: Procs) -> None:
+    with temp_root() as root:
+        d = _hanging_daemon(root, "--criu-timeout", "2")
+        try:
+            p = procs.spawn(["sleep", "1000"])
+            t0 = time.monotonic()
+            with pytest.raises(CriudClientError) as e:
+                d.client.checkpoint(p.pid, name="hangs")
+            took = time.monotonic() - t0
+            assert e.value.status == 504 and e.value.code == "criu_timeout", e.value.problem
+            assert "--criu-timeout" in e.value.problem["hint"]
+            assert 2 <= took < 30
+            # Nothing left behind: the target runs on, criu is gone, and the
+            # checkpoint says it failed.
+            assert running_untraced(p.pid)
+            wait_for(lambda: _criu_children(d) == [], 10, what="the killed criu to be reaped")
+            ck_id = e.value.problem["log_url"].split("/")[3]
+            assert d.client.inspect(ck_id)["state"] == "failed"
+        finally:
+            assert d.stop() == 0, d.log()
+
+
+def test_a_dump_whose_process_died_is_not_waited_for(procs: Procs) -> None:
+    # The overall timeout is long; the process's death ends the wait.
+    with temp_root() as root:
+        d = _hanging_daemon(root, "--criu-timeout", "600", "--criu-gone-grace", "1")
+        try:
+            p = procs.spawn(["sleep", "1000"])
+            with concurrent.futures.ThreadPoolExecutor(1) as ex:
+                fut = ex.submit(call, d.client.checkpoint, p.pid)
+                wait_for((root / "dump-started").exists, 30, what="the dump to start")
+                t0 = time.monotonic()
+                os.kill(p.pid, signal.SIGKILL)
+                err = fut.result(timeout=60)
+            took = time.monotonic() - t0
+            assert isinstance(err, CriudClientError), err
+            assert err.status == 409 and err.code == "process_gone", err.problem
+            assert "went away" in err.problem["detail"]
+            assert 1 <= took < 30
+            wait_for(lambda: _criu_children(d) == [], 10, what="the killed criu to be reaped")
+        finally:
+            assert d.stop() == 0, d.log()
