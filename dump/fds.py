@@ -31,6 +31,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from criud.daemon import procutil
 from criud.dump import sockdiag
 
 # Access modes as criud reports them.
@@ -649,27 +650,6 @@ def _ppid(pid: int) -> int:
     return int(data[data.rindex(")") + 2 :].split()[1])
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for tid in _tids(pid):
-        # os.open/os.read: a text-mode open() costs more than the read, and a
-        # big tree does this for every task.
-        try:
-            f = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            chunks = []
-            while b := os.read(f, 65536):
-                chunks.append(b)
-        except OSError:
-            continue
-        finally:
-            os.close(f)
-        out.extend(int(c) for c in b"".join(chunks).split())
-    return out
-
-
 def tree_pids(root: int) -> list[int]:
     """Return root and its descendants, parents before children."""
     order: list[int] = []
@@ -681,7 +661,7 @@ def tree_pids(root: int) -> list[int]:
             continue
         seen.add(pid)
         order.append(pid)
-        queue.extend(_children(pid))
+        queue.extend(procutil.children(pid))
     return order
 
 

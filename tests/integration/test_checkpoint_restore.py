@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from criud.api.client import CriudClientError
+from criud.daemon.procutil import children
 from tests.integration.helpers import Daemon, Procs, pid_gone, proc_state, wait_for
 
 SLEEP = ["sleep", "1000"]
@@ -124,7 +125,7 @@ def test_256mib_memory_checksum_survives(daemon: Daemon, procs: Procs, tmp_path:
 def test_parent_and_two_children_keep_their_pids(daemon: Daemon, procs: Procs) -> None:
     p = procs.spawn(["sh", "-c", "sleep 1000 & sleep 1000 & wait"])
     kids = wait_for(
-        lambda: _children(p.pid) if len(_children(p.pid)) == 2 else None, 10, what="two children"
+        lambda: children(p.pid) if len(children(p.pid)) == 2 else None, 10, what="two children"
     )
     ck = daemon.client.checkpoint(p.pid)
     assert sorted(t["pid"] for t in _tasks(daemon, ck["id"])) == sorted([p.pid, *kids])
@@ -134,7 +135,7 @@ def test_parent_and_two_children_keep_their_pids(daemon: Daemon, procs: Procs) -
     for k in kids:
         procs.adopt(k)
     assert r["pid"] == p.pid
-    assert sorted(_children(r["pid"])) == sorted(kids)
+    assert sorted(children(r["pid"])) == sorted(kids)
     for k in kids:
         with open(f"/proc/{k}/cmdline", "rb") as f:
             assert f.read().startswith(b"sleep\0")
@@ -244,14 +245,6 @@ def test_cli_roundtrip(daemon: Daemon, procs: Procs) -> None:
     bad = subprocess.run([*base, "inspect", "no-such"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 1
     assert "No such checkpoint" in bad.stderr
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out
 
 
 def _tasks(daemon: Daemon, ck_id: str) -> list[dict[str, int]]:

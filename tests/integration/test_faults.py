@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from criud.api.client import CriudClientError
+from criud.daemon.procutil import children
 from tests.integration.helpers import (
     CRIU,
     Daemon,
@@ -309,14 +310,6 @@ def _hanging_daemon(root: Path, *args: str) -> Daemon:
     return Daemon(root, criu=str(wrapper), args=args).start()
 
 
-def _criu_children(d: Daemon) -> list[int]:
-    out: list[int] = []
-    for tid in os.listdir(f"/proc/{d.pid}/task"):
-        with open(f"/proc/{d.pid}/task/{tid}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out
-
-
 def test_a_criu_past_its_timeout_is_killed(procs: Procs) -> None:
     with temp_root() as root:
         d = _hanging_daemon(root, "--criu-timeout", "2")
@@ -332,7 +325,7 @@ def test_a_criu_past_its_timeout_is_killed(procs: Procs) -> None:
             # Nothing left behind: the target runs on, criu is gone, and the
             # checkpoint says it failed.
             assert running_untraced(p.pid)
-            wait_for(lambda: _criu_children(d) == [], 10, what="the killed criu to be reaped")
+            wait_for(lambda: children(d.pid) == [], 10, what="the killed criu to be reaped")
             ck_id = e.value.problem["log_url"].split("/")[3]
             assert d.client.inspect(ck_id)["state"] == "failed"
         finally:
@@ -356,6 +349,6 @@ def test_a_dump_whose_process_died_is_not_waited_for(procs: Procs) -> None:
             assert err.status == 409 and err.code == "process_gone", err.problem
             assert "went away" in err.problem["detail"]
             assert 1 <= took < 30
-            wait_for(lambda: _criu_children(d) == [], 10, what="the killed criu to be reaped")
+            wait_for(lambda: children(d.pid) == [], 10, what="the killed criu to be reaped")
         finally:
             assert d.stop() == 0, d.log()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from criud.api.client import CriudClientError
+from criud.daemon.procutil import children
 from criud.dump.fds import tree_pids
 from criud.dump.inspect import SPLIT_MIN_TASKS
 from tests.integration.helpers import Daemon, Procs, proc_state, run_python_as, temp_root, wait_for
@@ -315,14 +316,6 @@ signal.pause()
 """
 
 
-def _children_of(pid: int) -> list[int]:
-    out: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out
-
-
 def test_inspect_a_big_tree_through_the_daemon(daemon: Daemon, procs: Procs) -> None:
     # Above 32 tasks the daemon reads the tree with a forked helper child
     # (criud.daemon.forkmap): the answer must be whole, concurrent requests
@@ -347,4 +340,4 @@ def test_inspect_a_big_tree_through_the_daemon(daemon: Daemon, procs: Procs) -> 
         # The compact form: a pipe carries no socket fields.
         pipe = next(f for f in kids[0]["fds"] if f["type"] == "pipe")
         assert not {"peer", "sock_type", "state", "local", "remote"} & pipe.keys()
-    wait_for(lambda: _children_of(daemon.pid) == [], 10, what="the daemon to reap its helper")
+    wait_for(lambda: children(daemon.pid) == [], 10, what="the daemon to reap its helper")
