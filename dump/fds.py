@@ -82,10 +82,6 @@ _NET_TABLES = (
 )
 
 
-# FdInfo fields that only sockets have, left out of as_compact() when unset.
-_SOCKET_FIELDS = ("peer", "sock_type", "state", "local", "remote")
-
-
 @dataclasses.dataclass
 class FdInfo:
     """One fd of one task."""
@@ -117,7 +113,7 @@ class FdInfo:
 
     @classmethod
     def of(cls, d: Mapping[str, Any]) -> FdInfo:
-        """The FdInfo of an fd in its JSON form (as_dict's or as_compact's)."""
+        """The FdInfo of an fd in its JSON form: as_dict's, or a walk's (read_fds)."""
         return cls(**d)
 
     def as_dict(self) -> dict[str, object]:
@@ -127,41 +123,13 @@ class FdInfo:
         # /proc read of a 10 000-fd tree.
         return dict(self.__dict__)
 
-    def as_compact(self) -> dict[str, object]:
-        """The fields that apply to this fd: the form a walk produces (read_fds).
 
-        fd, type, key, mode, target and external always; inode when known;
-        append and locks only when set; the size of a file, and a socket's
-        peer, type, state and addresses, only when there is one.  A pipe's
-        entry is 90 bytes of JSON instead of 230: a 10 000-fd tree is half the
-        megabytes to encode, send and decode.
-        """
-        d: dict[str, object] = {
-            "fd": self.fd,
-            "type": self.type,
-            "key": self.key,
-            "mode": self.mode,
-            "target": self.target,
-            "external": self.external,
-        }
-        if self.inode is not None:
-            d["inode"] = self.inode
-        if self.append:
-            d["append"] = True
-        if self.locks:
-            d["locks"] = self.locks
-        if self.size is not None:
-            d["size"] = self.size
-        if self.type != "pipe":  # the commonest kind has none of these
-            for k in _SOCKET_FIELDS:
-                v = self.__dict__[k]
-                if v is not None:
-                    d[k] = v
-        return d
-
-
-# An fd in its JSON form, FdInfo.as_dict() or .as_compact(): what a tree is
-# made of once read.
+# An fd in its JSON form: what a tree is made of once read.  A walk
+# (read_fds) gives the compact form, with only the fields that apply: fd,
+# type, key, mode, target and external always; inode when known; append and
+# locks only when set; a file's size, and a socket's peer, sock_type, state,
+# local and remote, only when there is one.  A pipe is 90 bytes of JSON
+# instead of 230.  FdInfo.of() turns either form into the typed view.
 # Whole trees travel in this form (to the manifest, the API, and from a
 # forked reader, criud.daemon.forkmap), so the tree-wide steps work on it.
 Fd = dict[str, Any]
@@ -207,27 +175,23 @@ class NetTables:
         self._kinds = kinds
         self._pid = pid
 
-    def _load(self) -> None:
-        if self._pid is None:
-            self._inet, self._kinds = self._inet or {}, self._kinds or {}
-        else:
-            self._inet, self._kinds = _read_net_tables(self._pid)
+    def _proc_net(self) -> tuple[dict[int, InetSock], dict[int, str]]:
+        if self._inet is None or self._kinds is None:
+            if self._pid is None:
+                self._inet, self._kinds = self._inet or {}, self._kinds or {}
+            else:
+                self._inet, self._kinds = _read_net_tables(self._pid)
+        return self._inet, self._kinds
 
     @property
     def inet(self) -> dict[int, InetSock]:
         """tcp and udp sockets, with their state and addresses."""
-        if self._inet is None:
-            self._load()
-        assert self._inet is not None
-        return self._inet
+        return self._proc_net()[0]
 
     @property
     def kinds(self) -> dict[int, str]:
         """Every socket a /proc/net table lists: tcp, udp, raw, netlink, packet."""
-        if self._kinds is None:
-            self._load()
-        assert self._kinds is not None
-        return self._kinds
+        return self._proc_net()[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,8 +445,8 @@ def _classify_at(
 
     The hot loop of a walk (10 000 fds in a big tree): it does as few
     syscalls as each kind allows, reads fdinfo only when it must, and builds
-    the compact form (FdInfo.as_compact) directly: a dataclass per fd, then a
-    dict of it, cost more than the syscalls.
+    the compact form (see Fd) directly: a dataclass per fd, then a dict of
+    it, cost more than the syscalls.
     """
     name = str(fd)
     try:
@@ -604,7 +568,7 @@ def classify(
 
 
 def read_fds(pid: int, scan: ProcScan | None = None) -> list[Fd]:
-    """Every fd of pid, classified (FdInfo.as_compact's form), in fd order; [] if pid is gone."""
+    """Every fd of pid, classified (Fd's compact form), in fd order; [] if pid is gone."""
     scan = scan or ProcScan()
     try:
         dirfd = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

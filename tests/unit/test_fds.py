@@ -287,39 +287,46 @@ def test_mark_external_pipes_and_sockets() -> None:
 
 
 def test_mark_external_takes_compact_fds() -> None:
-    # Introspection's form leaves out what does not apply (no peer, no inode).
-    pipe = FdInfo(0, "pipe", "pipe:[10]", "r", "pipe:[10]").as_compact()
-    lone = FdInfo(1, "unix", "socket:[20]", "rw", "socket:[20]", inode=20).as_compact()
-    gone = FdInfo(2, "unix", "socket:[30]", "rw", "socket:[30]", inode=30, peer=31).as_compact()
-    assert "peer" not in lone and "inode" not in pipe
-    assert mark_external([[pipe, lone, gone]]) == ["pipe:[10]", "socket:[30]"]
-    assert lone["external"] is False
+    # A walk's form leaves out what does not apply (no peer, no inode).
+    pipe = {"fd": 0, "type": "pipe", "key": "pipe:[10]", "mode": "r", "target": "pipe:[10]"}
+    lone = {"fd": 1, "type": "unix", "key": "socket:[20]", "mode": "rw", "target": "socket:[20]"}
+    gone = {**lone, "fd": 2, "key": "socket:[30]", "target": "socket:[30]", "peer": 31}
+    tree = [[{**f, "external": False} for f in (pipe, lone, gone)]]
+    tree[0][1]["inode"], tree[0][2]["inode"] = 20, 30
+    assert mark_external(tree) == ["pipe:[10]", "socket:[30]"]
+    assert tree[0][1]["external"] is False
 
 
-def test_as_compact_leaves_out_what_does_not_apply() -> None:
-    f = FdInfo(3, "pipe", "pipe:[1]", "r", "pipe:[1]", inode=1)
-    assert f.as_compact() == {
-        "fd": 3,
-        "type": "pipe",
-        "key": "pipe:[1]",
-        "mode": "r",
-        "target": "pipe:[1]",
-        "external": False,
-        "inode": 1,
-    }
-    tcp = FdInfo(4, "tcp", "socket:[2]", "rw", "socket:[2]", inode=2, state="LISTEN")
-    tcp.local, tcp.locks, tcp.append = "127.0.0.1:80", ("FLOCK WRITE 00:01:2",), True
-    c = tcp.as_compact()
-    assert (c["state"], c["local"], c["locks"], c["append"]) == (
-        "LISTEN",
-        "127.0.0.1:80",
-        ("FLOCK WRITE 00:01:2",),
-        True,
-    )
-    assert "remote" not in c and "peer" not in c and "size" not in c
-    # Nothing as_dict has is lost, only its unset fields.
-    full = tcp.as_dict()
-    assert all(full[k] == v for k, v in c.items())
+def test_read_fds_leaves_out_what_does_not_apply() -> None:
+    r, w = os.pipe()
+    srv = socket.socket()
+    try:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        by_fd = {f["fd"]: f for f in fds.read_fds(ME)}
+        ino = os.fstat(r).st_ino
+        assert by_fd[r] == {
+            "fd": r,
+            "type": "pipe",
+            "key": f"pipe:[{ino}]",
+            "mode": "r",
+            "target": f"pipe:[{ino}]",
+            "external": False,
+            "inode": ino,
+        }
+        tcp = by_fd[srv.fileno()]
+        assert (tcp["type"], tcp["state"], tcp["local"]) == (
+            "tcp",
+            "LISTEN",
+            f"127.0.0.1:{srv.getsockname()[1]}",
+        )
+        assert not {"peer", "sock_type", "size", "append", "locks"} & tcp.keys()
+        # FdInfo.of fills what was left out with the defaults.
+        assert FdInfo.of(by_fd[w]).peer is None and FdInfo.of(by_fd[w]).append is False
+    finally:
+        srv.close()
+        os.close(r)
+        os.close(w)
 
 
 def test_mark_external_rw_fifo_is_internal() -> None:
