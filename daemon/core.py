@@ -145,8 +145,11 @@ class Core:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store(settings.db_path)
-        self.criu = Criu(settings.criu, timeout_s=settings.criu_timeout_s or None)
-        self.criu.gone_grace_s = settings.criu_gone_grace_s
+        self.criu = Criu(
+            settings.criu,
+            timeout_s=settings.criu_timeout_s or None,
+            gone_grace_s=settings.criu_gone_grace_s,
+        )
         self.handles = HandleStore()
         self.reaper = Reaper(self.criu.running)
         self.audit = AuditLog(settings.state_dir / "audit.log")

@@ -148,7 +148,9 @@ def _join_cgroups(procs_files: tuple[str, ...]) -> None:
 class Criu:
     """Spawns criu.  One instance per daemon."""
 
-    def __init__(self, path: str, timeout_s: float | None = None) -> None:
+    def __init__(
+        self, path: str, timeout_s: float | None = None, gone_grace_s: float = 10.0
+    ) -> None:
         resolved = shutil.which(path) if os.sep not in path else path
         self.path = resolved or path
         # The longest a criu run may take (None: no bound); then it is killed.
@@ -158,7 +160,7 @@ class Criu:
         # exits at once; a target killed mid-dump can leave criu waiting
         # forever (seen once here, in a CI run; criu issues 162 and 2618
         # report such hangs in wait4).
-        self.gone_grace_s = 10.0
+        self.gone_grace_s = gone_grace_s
         self.version: str | None = None
         self.setpriv = shutil.which("setpriv")
         # Without CAP_SYS_RESOURCE (some VMs drop it from the bounding set),

@@ -165,9 +165,9 @@ class _Frames:
             self.feed(b)
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
         if self._broken:
-            return
+            return  # junk came before: nothing after it is trusted
+        self._buf += data
         view = memoryview(self._buf)
         off = 0
         try:
