@@ -319,7 +319,12 @@ class PathOpener:
                 + err.decode("utf-8", "replace")[-300:].strip()
             ) from None
         with owned:
-            doc: dict[str, Any] = json.loads(data) if data else {}
+            try:
+                doc: Any = json.loads(data) if data else {}
+            except ValueError:
+                doc = {}
+            if not isinstance(doc, dict):
+                doc = {}
             if "ok" in doc and doc["ok"] == len(requests) == len(owned):
                 return owned.detach()
         raise _error(doc.get("error"), requests, rc)

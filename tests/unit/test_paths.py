@@ -255,7 +255,9 @@ def test_cancellation_kills_the_child(tmp_path: Path, fd_leak_check) -> None:
 
 @needs_root
 def test_a_child_that_answers_nothing_is_a_clear_error(fd_leak_check) -> None:
-    for program in ("import sys; sys.exit(7)", "raise SystemExit('boom')"):
+    garbage = "import socket; socket.socket(fileno=1).send(b'not json')"
+    too_few = "import socket; socket.socket(fileno=1).send(b'{\"ok\": 1}')"
+    for program in ("import sys; sys.exit(7)", "raise SystemExit('boom')", garbage, too_few):
         with pytest.raises(InheritOpenerFailed) as ei:
             open_paths([PathRequest("/dev/null")], opener=PathOpener(5.0, set(), program=program))
         assert ei.value.status == 503
