@@ -144,6 +144,11 @@ class InheritFd(Strict):
     index: int | None = Field(default=None, ge=0, le=63)
     path: str | None = Field(default=None, max_length=4096)
     mode: Literal["r", "w", "a", "r+"] | None = None
+    type: Literal["fifo"] | None = Field(
+        default=None,
+        description='Path form only: "fifo" to accept a FIFO (refused otherwise); '
+        "mode w needs a reader already",
+    )
 
 
 class RestoreRequest(Strict):

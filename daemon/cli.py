@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         "finished (env CRIUD_CRIU_GONE_GRACE; default %(default)s)",
     )
     s.add_argument(
+        "--path-open-timeout",
+        type=float,
+        default=float(_env("PATH_OPEN_TIMEOUT", "5") or 5),
+        metavar="SECONDS",
+        help="give up opening a restore's inherit paths after this long "
+        "(env CRIUD_PATH_OPEN_TIMEOUT; default %(default)s)",
+    )
+    s.add_argument(
         "--socket-group",
         default=_env("SOCKET_GROUP", None),
         help="group owning both sockets (env CRIUD_SOCKET_GROUP)",
@@ -207,6 +215,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         token_file=Path(a.token_file) if a.token_file else None,
         criu_timeout_s=a.criu_timeout,
         criu_gone_grace_s=a.criu_gone_grace,
+        path_open_timeout_s=a.path_open_timeout,
     )
 
 

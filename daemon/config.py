@@ -41,6 +41,9 @@ class Settings:
     # How long a dump's criu may go on once the process it dumps has died
     # before it is killed (a target killed mid-dump can leave criu hanging).
     criu_gone_grace_s: float = 10.0
+    # The longest the opening of a restore's inherit paths may take (a
+    # caller's path on a hung filesystem) before its opener child is killed.
+    path_open_timeout_s: float = 5.0
 
     @property
     def checkpoints_dir(self) -> Path:

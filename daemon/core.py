@@ -60,7 +60,7 @@ from criud.dump.argv import DUMP_LOG, dump_argv
 from criud.dump.options import DumpOptions
 from criud.restore import mappings
 from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
-from criud.restore.paths import open_as
+from criud.restore.paths import Creds, PathOpener, PathRequest
 
 log = logging.getLogger("criud.core")
 T = TypeVar("T")
@@ -154,6 +154,8 @@ class Core:
         self.reaper = Reaper(self.criu.running)
         self.audit = AuditLog(settings.state_dir / "audit.log")
         self.criu.spawn_guard = self.reaper.hold
+        # Its children share criu's "running" set: the orphan sweep leaves them alone.
+        self.paths = PathOpener(settings.path_open_timeout_s, self.criu.running, self.reaper.hold)
         self.started_at = time.time()
         self._busy_pids: set[int] = set()
         self._busy_ckpts: set[str] = set()
@@ -802,11 +804,11 @@ class Core:
         ok = False
         try:
             inherit: list[tuple[int, str]] = []
-            paths: list[tuple[str, str]] = []
+            paths: list[PathRequest] = []
             for r in resolved:
                 s = r.spec
                 if s.path is not None:
-                    paths.append((s.path, s.mode or "r"))
+                    paths.append(PathRequest(s.path, s.mode or "r", s.type))
                     continue
                 assert s.handle is not None and s.index is not None
                 h = self.handles.get(s.handle, caller.uid)
@@ -822,7 +824,7 @@ class Core:
                     leased.append(h)
                 inherit.append((h.fd(s.index), r.key))
             if paths:
-                fds = await asyncio.to_thread(self._open_paths, paths, caller)
+                fds = await self._open_paths(paths, caller)
                 for fd in fds:
                     opened.add(fd)
                 path_keys = [r.key for r in resolved if r.spec.path is not None]
@@ -885,16 +887,12 @@ class Core:
                     got=got,
                 )
 
-    def _open_paths(self, paths: Sequence[tuple[str, str]], caller: Caller) -> list[int]:
-        out: list[int] = []
-        try:
-            groups = caller.groups() if not caller.is_root else []
-            for path, mode in paths:
-                out.append(open_as(path, mode, caller.uid, caller.gid, groups))
-        except BaseException:
-            OwnedFds(out).close()
-            raise
-        return out
+    async def _open_paths(self, paths: Sequence[PathRequest], caller: Caller) -> list[int]:
+        """Open path-form inherits in a child with the caller's uid, gid and connect-time groups.
+
+        Root too: no caller's path is ever resolved in the daemon's own process.
+        """
+        return await self.paths.open(paths, Creds(caller.uid, caller.gid, caller.groups))
 
     @staticmethod
     def _make_cgroups(cgroup: str) -> list[str]:

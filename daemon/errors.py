@@ -70,6 +70,36 @@ class InheritPathError(CriudError):
     title = "Cannot open the inherit path"
 
 
+class InheritPathWrongType(CriudError):
+    """A path names a dir, socket, block device, or a FIFO without "type": "fifo"."""
+
+    status = 422
+    code = "inherit_path_wrong_type"
+    title = "The inherit path is not a kind of file that can be inherited"
+
+
+class FifoNoReader(CriudError):
+    """A FIFO asked for writing has no reader: opening it would block."""
+
+    status = 409
+    code = "fifo_no_reader"
+    title = "Nobody reads the FIFO"
+
+
+class InheritPathTimeout(CriudError):
+    status = 504
+    code = "inherit_path_timeout"
+    title = "Opening the inherit path took too long"
+
+
+class InheritOpenerFailed(CriudError):
+    """The child that opens caller paths could not run or gave no answer."""
+
+    status = 503
+    code = "inherit_opener_failed"
+    title = "The path opener failed"
+
+
 # -- 403 / 404 -----------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -55,6 +56,11 @@ class OwnedFds:
         self._fds.append(fd)
         return fd
 
+    def detach(self) -> list[int]:
+        """Give up ownership: return the fds, which the caller now closes."""
+        fds, self._fds = self._fds, []
+        return fds
+
     def __len__(self) -> int:
         return len(self._fds)
 
@@ -72,6 +78,40 @@ class OwnedFds:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups as they were
+# when it connected.  Python names no constant for it.
+SO_PEERGROUPS = 59
+# Python's getsockopt takes at most 1024 bytes: 256 groups.  Beyond that,
+# libc's getsockopt with room for NGROUPS_MAX (65536).
+_GROUPS_FAST = 1024
+_NGROUPS_MAX = 65536
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The supplementary groups of a connected unix socket's peer, captured at connect."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _GROUPS_FAST)
+    except OSError as e:
+        if e.errno != errno.ERANGE:
+            raise
+        raw = _peer_groups_big(sock.fileno())
+    arr = array.array("I")
+    arr.frombytes(raw[: len(raw) - len(raw) % arr.itemsize])
+    return tuple(arr)
+
+
+def _peer_groups_big(fd: int) -> bytes:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(_NGROUPS_MAX * 4)
+    size = ctypes.c_uint32(len(buf))
+    if libc.getsockopt(fd, socket.SOL_SOCKET, SO_PEERGROUPS, buf, ctypes.byref(size)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return buf.raw[: size.value]
 
 
 def peer_creds(sock: socket.socket) -> tuple[int, int, int]:
@@ -171,3 +211,35 @@ def send_fds(sock: socket.socket, payload: bytes, fds: Sequence[int]) -> None:
     """Send one message with fds (the client side)."""
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     sock.sendmsg([payload], anc)
+
+
+def recv_reply(sock: socket.socket, max_fds: int = MAX_FDS) -> tuple[bytes, OwnedFds]:
+    """Receive one message with 0 to max_fds fds (a reply of our own child).
+
+    Checked as strictly as a client's: MSG_CTRUNC, MSG_TRUNC, or anything
+    but SCM_RIGHTS refuses it with every fd it carried closed.  At EOF the
+    data is empty.  Raises BlockingIOError if nothing is there yet.
+    """
+    try:
+        data, ancdata, flags, _ = sock.recvmsg(
+            MAX_PAYLOAD + 1, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+        )
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        raise FdPassError("recv_failed", f"recvmsg failed: {e.strerror}") from e
+    fds, others = _collect_fds(ancdata)
+    owned = OwnedFds(fds)
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise FdPassError("truncated", "ancillary data was truncated")
+        if flags & socket.MSG_TRUNC or len(data) > MAX_PAYLOAD:
+            raise FdPassError("payload_too_large", f"payload larger than {MAX_PAYLOAD} bytes")
+        if others:
+            raise FdPassError("bad_ancillary", f"only SCM_RIGHTS is accepted, got {others}")
+        if len(fds) > max_fds:
+            raise FdPassError("too_many_fds", f"{len(fds)} fds; at most {max_fds}")
+    except FdPassError:
+        owned.close()
+        raise
+    return data, owned

@@ -17,8 +17,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from criud.daemon.caller import Caller
-from criud.daemon.fdpass import FdPassError, parse_payload, peer_creds, recv_message
+from criud.daemon.caller import peer_caller
+from criud.daemon.fdpass import FdPassError, parse_payload, recv_message
 from criud.daemon.handles import HandleStore
 
 log = logging.getLogger("criud.fdsock")
@@ -104,9 +104,10 @@ class FdSocketServer:
         with conn:
             conn.setblocking(False)
             try:
-                pid, uid, gid = peer_creds(conn)
+                who = peer_caller(conn)
             except OSError:
                 return
+            pid, uid = who.pid, who.uid
             try:
                 reply = await self._receive(conn, uid, pid)
             except Exception:
@@ -117,7 +118,7 @@ class FdSocketServer:
                 err = reply.get("error")
                 self._audit(
                     "send_fds",
-                    Caller(uid=uid, gid=gid, pid=pid),
+                    who,
                     {"count": reply.get("count")},
                     err["code"] if isinstance(err, dict) else "ok",
                     **({"id": reply["handle"]} if "handle" in reply else {}),

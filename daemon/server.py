@@ -29,11 +29,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from criud.api.app import create_app
 from criud.daemon import procutil
-from criud.daemon.caller import Caller
+from criud.daemon.caller import Caller, peer_caller
 from criud.daemon.config import Settings
 from criud.daemon.core import Core
 from criud.daemon.errors import CriuUnavailable
-from criud.daemon.fdpass import peer_creds
 from criud.daemon.fdsock import FdSocketServer
 
 log = logging.getLogger("criud")
@@ -60,8 +59,8 @@ class PeerCredProtocol(H11Protocol):
         tcp = False
         if sock is not None and sock.family == socket.AF_UNIX:
             with contextlib.suppress(OSError):
-                pid, uid, gid = peer_creds(sock)
-                peer = Caller(uid=uid, gid=gid, pid=pid)
+                # Identity and groups as of connect(), never re-read later.
+                peer = peer_caller(sock)
         elif sock is not None:
             # TCP: no credentials to read; the bearer token decides (api.deps).
             tcp = True

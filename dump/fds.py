@@ -34,7 +34,7 @@ from typing import Any
 from criud.daemon import procutil
 from criud.dump import sockdiag
 
-# Access modes as criud reports them.
+# Access modes as criud reports them; an O_PATH fd's is "path".
 _ACCMODE = {os.O_RDONLY: "r", os.O_WRONLY: "w", os.O_RDWR: "rw"}
 
 # Character devices CRIU treats as terminals: pty slaves and masters, vt,
@@ -511,7 +511,9 @@ def _classify_at(
     if need_fdinfo:
         flags, lock_lines = _read_fdinfo(pid, fd)
         if flags is not None:
-            d["mode"] = _ACCMODE.get(flags & os.O_ACCMODE, "rw")
+            # An O_PATH fd's access bits read as O_RDONLY, yet it can read
+            # nothing: it names a file, and says so.
+            d["mode"] = "path" if flags & os.O_PATH else _ACCMODE.get(flags & os.O_ACCMODE, "rw")
             if flags & os.O_APPEND:
                 d["append"] = True
         held = tuple(

@@ -21,6 +21,7 @@ from criud.daemon.errors import (
 from criud.dump import manifest as mf
 
 MODES = ("r", "w", "a", "r+")
+TYPES = ("fifo",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,8 @@ class InheritSpec:
     index: int | None = None
     path: str | None = None
     mode: str | None = None
+    # Path form only: "fifo" lets the path be a FIFO (and only a FIFO).
+    type: str | None = None
 
     @property
     def form(self) -> str:
@@ -58,10 +61,14 @@ def _check_shape(i: int, s: InheritSpec) -> None:
         if s.key is None:
             raise InvalidRequest(f"{where}: the path form needs the key it replaces")
         if s.handle is not None or s.index is not None or s.pid is not None or s.fd is not None:
-            raise InvalidRequest(f"{where}: the path form takes key, path and mode only")
+            raise InvalidRequest(f"{where}: the path form takes key, path, mode and type only")
         if s.mode is not None and s.mode not in MODES:
             raise InvalidRequest(f"{where}: mode must be one of {', '.join(MODES)}")
+        if s.type is not None and s.type not in TYPES:
+            raise InvalidRequest(f"{where}: type must be one of {', '.join(TYPES)}")
         return
+    if s.type is not None:
+        raise InvalidRequest(f"{where}: type goes with the path form only")
     if s.handle is None or s.index is None:
         raise InvalidRequest(f"{where}: give handle and index (or path and key)")
     if s.mode is not None:

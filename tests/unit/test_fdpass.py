@@ -309,3 +309,66 @@ def test_name_of_256_chars_ok() -> None:
         None,
         ["x" * 256],
     )
+
+
+def test_peer_groups_are_the_connect_time_ones(fd_leak_check) -> None:
+    # SO_PEERGROUPS: what the peer had when the pair was made, not later.
+    from criud.daemon.caller import peer_caller
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        who = peer_caller(a)
+        assert who.pid == os.getpid() and who.uid == os.getuid()
+        assert sorted(who.groups) == sorted(os.getgroups())
+    if os.geteuid() != 0:
+        return
+    saved = os.getgroups()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.setgroups([4321, 4322])
+        a2, b2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    finally:
+        os.setgroups(saved)
+    with a, b, a2, b2:
+        assert sorted(peer_caller(a).groups) == sorted(saved)
+        assert sorted(peer_caller(a2).groups) == [4321, 4322]
+
+
+def test_peer_groups_beyond_python_getsockopt_limit(fd_leak_check) -> None:
+    # More than 256 groups do not fit Python's 1024-byte getsockopt buffer.
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from criud.daemon.fdpass import peer_groups
+
+    many = list(range(50000, 50400))
+    saved = os.getgroups()
+    try:
+        os.setgroups(many)
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    finally:
+        os.setgroups(saved)
+    with a, b:
+        assert sorted(peer_groups(a)) == many
+
+
+def test_recv_reply_takes_zero_or_more_fds(pair: tuple[socket.socket, socket.socket]) -> None:
+    from criud.daemon.fdpass import recv_reply
+
+    client, server = pair
+    client.send(b'{"error": 1}')
+    data, owned = recv_reply(server)
+    assert data == b'{"error": 1}' and len(owned) == 0
+    r, w = os.pipe()
+    try:
+        send_fds(client, b"{}", [r, w])
+    finally:
+        os.close(r)
+        os.close(w)
+    data, owned = recv_reply(server)
+    with owned:
+        assert len(owned) == 2
+        assert all(not os.get_inheritable(fd) for fd in owned.fds)
+    with pytest.raises(BlockingIOError):
+        recv_reply(server)
+    client.close()
+    assert recv_reply(server)[0] == b""

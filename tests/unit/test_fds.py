@@ -168,6 +168,19 @@ def test_regular_file_modes(tmp_path: Path, closing: list[int]) -> None:
     assert not a.key.startswith("/")
 
 
+def test_o_path_fd_is_mode_path(tmp_path: Path, closing: list[int]) -> None:
+    # Its access bits read as O_RDONLY, but an O_PATH fd reads nothing.
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    a = os.open(f, os.O_PATH)
+    b = os.open(fifo, os.O_PATH)
+    closing += [a, b]
+    assert (info(a).type, info(a).mode) == ("file", "path")
+    assert (info(b).type, info(b).mode) == ("fifo", "path")
+
+
 def test_deleted_file(tmp_path: Path, closing: list[int]) -> None:
     f = tmp_path / "gone"
     f.write_text("x")
@@ -599,8 +612,9 @@ def test_o_path_fd_mode_falls_back_to_fdinfo(tmp_path: Path, closing: list[int])
     f.write_text("x")
     fd = os.open(f, os.O_PATH)
     closing.append(fd)
-    # An O_PATH fd's link has neither permission bit; fdinfo says O_RDONLY.
-    assert _mine(fd).mode == "r"
+    # An O_PATH fd's link has neither permission bit; fdinfo says O_PATH
+    # (and O_RDONLY, which it is not: it reads nothing).
+    assert _mine(fd).mode == "path"
 
 
 def test_append_is_read_for_writable_files(tmp_path: Path, closing: list[int]) -> None:
