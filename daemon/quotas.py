@@ -104,8 +104,11 @@ class FdBudget:
         if self._measured_at is None or now - self._measured_at >= REBASE_INTERVAL_S:
             # The fds that are not callers' are counted, not assumed: they
             # include restored trees' pidfds and whatever criu runs hold.
-            self._base = max(0, self._measure() - held)
             self._measured_at = now
+            try:
+                self._base = max(0, self._measure() - held)
+            except OSError:
+                return False  # not even /proc/self/fd could be opened: no room
         return self._base + held + n <= self.ceiling(root)
 
 

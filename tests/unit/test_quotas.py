@@ -69,6 +69,13 @@ def test_budget_counts_the_daemons_other_fds_again_after_a_while() -> None:
     assert b.room(0, 300, root=False)
 
 
+def test_budget_without_a_count_has_no_room() -> None:
+    def full() -> int:
+        raise OSError(24, "Too many open files")
+
+    assert not FdBudget(1000, measure=full, clock=Clock()).room(0, 1, root=True)
+
+
 def test_connections_per_uid_and_for_all_non_root() -> None:
     q = quotas(max_conns_per_uid=2, max_conns_nonroot=3)
     bob = [q.connect("api", BOB) for _ in range(2)]
