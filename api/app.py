@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from criud.api import checkpoints, fd_handles, health, problems, processes, restores
+from criud.api.deps import TcpTokenGate
 from criud.api.limits import LimitsMiddleware
 from criud.daemon.core import Core
 
@@ -23,6 +24,8 @@ def create_app(core: Core, token: str | None = None) -> FastAPI:
     app.state.token = token
     app.state.list_cache = {}
     app.add_middleware(LimitsMiddleware)
+    # Added last, so outermost: TCP requests show the token before anything.
+    app.add_middleware(TcpTokenGate, token=token)
     problems.install(app)
     for module in (health, checkpoints, restores, fd_handles, processes):
         app.include_router(module.router)

@@ -13,6 +13,7 @@ pairs as they were at dump time; values are fds or objects with fileno().
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -108,7 +109,10 @@ class Client:
             if self.timeout is not None:
                 s.settimeout(self.timeout)
             s.connect(self.fd_socket_path)
-            send_fds(s, json.dumps(payload).encode(), [_fileno(f) for f in fds])
+            # Refused on connect (over its quota), the daemon answers and
+            # closes before our message goes: its answer is still queued.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                send_fds(s, json.dumps(payload).encode(), [_fileno(f) for f in fds])
             reply = json.loads(s.recv(65536) or b"{}")
         if "error" in reply:
             err = reply["error"]

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from criud.api.models import Problem
-from criud.daemon.errors import CriudError
+from criud.daemon.errors import CriudError, out_of_fds
 
 log = logging.getLogger("criud.api")
 
@@ -80,6 +80,16 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _os_error(request: Request, exc: Exception) -> JSONResponse:
+    # EMFILE/ENFILE wherever they rose: a clear 503 out_of_fds, never a 500
+    # (nor, caught on the way as "no such file", a 404).
+    mapped = out_of_fds(exc)
+    if mapped is not None:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return await _criud_error(request, mapped)
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem(
@@ -96,6 +106,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(CriudError, _criud_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OSError, _os_error)
     app.add_exception_handler(Exception, _unexpected)
     generate = app.openapi
 

@@ -21,6 +21,17 @@ def _env(name: str, default: str | None) -> str | None:
     return os.environ.get(f"CRIUD_{name}", default)
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number, 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return n
+
+
 def _table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
     cells = [[str(c).upper() for c in cols]]
     cells += [["-" if r.get(c) is None else str(r.get(c)) for c in cols] for r in rows]
@@ -136,6 +147,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="kill a dump's criu this long after its process died, if it has not "
         "finished (env CRIUD_CRIU_GONE_GRACE; default %(default)s)",
     )
+    # Quotas (criud.daemon.quotas); the rest of them are Settings fields.
+    s.add_argument(
+        "--header-timeout",
+        type=float,
+        default=float(_env("HEADER_TIMEOUT", "10") or 10),
+        metavar="SECONDS",
+        help="close a connection whose request head is not complete in this time "
+        "(env CRIUD_HEADER_TIMEOUT; default %(default)s)",
+    )
+    s.add_argument(
+        "--max-conns-per-uid",
+        type=_count,
+        default=int(_env("MAX_CONNS_PER_UID", "32") or 32),
+        metavar="N",
+        help="connections one non-root uid may hold on each unix socket "
+        "(env CRIUD_MAX_CONNS_PER_UID; default %(default)s)",
+    )
+    s.add_argument(
+        "--max-ops-per-uid",
+        type=_count,
+        default=int(_env("MAX_OPS_PER_UID", "4") or 4),
+        metavar="N",
+        help="checkpoints and restores one non-root uid may have in flight "
+        "(env CRIUD_MAX_OPS_PER_UID; default %(default)s)",
+    )
+    s.add_argument(
+        "--max-handle-fds-per-uid",
+        type=_count,
+        default=int(_env("MAX_HANDLE_FDS_PER_UID", "1024") or 1024),
+        metavar="N",
+        help="fds one non-root uid's fd handles may hold together "
+        "(env CRIUD_MAX_HANDLE_FDS_PER_UID; default %(default)s)",
+    )
+    s.add_argument(
+        "--fd-reserve",
+        type=_count,
+        default=int(_env("FD_RESERVE", "0") or 0),
+        metavar="N",
+        help="fds kept from callers: root's stop at the fd limit - N, others' at the "
+        "limit - 2N (env CRIUD_FD_RESERVE; default 0: an eighth of the limit, 32..1024)",
+    )
     s.add_argument(
         "--path-open-timeout",
         type=float,
@@ -216,6 +268,11 @@ def _settings(a: argparse.Namespace) -> Settings:
         criu_timeout_s=a.criu_timeout,
         criu_gone_grace_s=a.criu_gone_grace,
         path_open_timeout_s=a.path_open_timeout,
+        header_timeout_s=a.header_timeout,
+        max_conns_per_uid=a.max_conns_per_uid,
+        max_ops_per_uid=a.max_ops_per_uid,
+        max_handle_fds_per_uid=a.max_handle_fds_per_uid,
+        fd_reserve=a.fd_reserve,
     )
 
 

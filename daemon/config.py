@@ -45,6 +45,28 @@ class Settings:
     # caller's path on a hung filesystem) before its opener child is killed.
     path_open_timeout_s: float = 5.0
 
+    # -- what one caller may pin in the daemon (criud.daemon.quotas) ------------
+    # Root is held to none of the per-uid caps; it has the room others leave.
+    # A connection whose request head is not complete this long after it
+    # opened (or after its previous response) is closed with 408.
+    header_timeout_s: float = 10.0
+    # Connections per uid on each unix socket (API, fd socket), and of all
+    # non-root uids together on each: root always finds room.
+    max_conns_per_uid: int = 32
+    max_conns_nonroot: int = 256
+    # The TCP listener's own pool: per remote address, and in total.
+    max_tcp_conns_per_addr: int = 16
+    max_tcp_conns: int = 64
+    # fd handles per uid, and the fds they hold together.
+    max_handles_per_uid: int = 64
+    max_handle_fds_per_uid: int = 1024
+    # Checkpoints and restores in flight per uid.
+    max_ops_per_uid: int = 4
+    # fds kept back from callers: root's handles and connections stop at
+    # RLIMIT_NOFILE - fd_reserve, everyone else's at RLIMIT_NOFILE - 2 x
+    # fd_reserve.  0: an eighth of the limit (at least 32, at most 1024).
+    fd_reserve: int = 0
+
     @property
     def checkpoints_dir(self) -> Path:
         return self.state_dir / "checkpoints"

@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import time
@@ -49,6 +50,7 @@ from criud.daemon.errors import (
 )
 from criud.daemon.fdpass import OwnedFds
 from criud.daemon.handles import FdHandle, HandleStore
+from criud.daemon.quotas import FdBudget, Quotas
 from criud.daemon.reaper import Reaper
 from criud.daemon.store import CheckpointRecord, NameConflict, RestoreRecord, Store
 from criud.dump import fds as fdinfo
@@ -151,6 +153,11 @@ class Core:
             gone_grace_s=settings.criu_gone_grace_s,
         )
         self.handles = HandleStore()
+        self.quotas = Quotas(
+            settings,
+            FdBudget(resource.getrlimit(resource.RLIMIT_NOFILE)[0], settings.fd_reserve),
+            self.handles.usage,
+        )
         self.reaper = Reaper(self.criu.running)
         self.audit = AuditLog(settings.state_dir / "audit.log")
         self.criu.spawn_guard = self.reaper.hold
@@ -253,14 +260,22 @@ class Core:
         await asyncio.to_thread(self.store.close)
         await asyncio.to_thread(self.audit.stop)
 
-    async def _operation(self, coro: Any) -> Any:
-        """Run an operation as a task the shutdown path can wait for."""
+    async def _operation(self, coro: Any, caller: Caller) -> Any:
+        """Run an operation as a task the shutdown path can wait for (caller's quota permitting)."""
         if not self.accepting:
             coro.close()
             raise ShuttingDown("the daemon is shutting down; retry against the next one")
+        try:
+            self.quotas.begin_op(caller.uid)
+        except CriudError:
+            coro.close()
+            raise
         task = asyncio.ensure_future(coro)
         self._ops.add(task)
         task.add_done_callback(self._ops.discard)
+        # Counted until the task ends, not the request: a client that goes
+        # away leaves its operation running, and in its quota.
+        task.add_done_callback(lambda _: self.quotas.end_op(caller.uid))
         # shield: a client that goes away must not cancel criu half-way; the
         # operation finishes and its record says how it ended.
         return await asyncio.shield(task)
@@ -390,7 +405,7 @@ class Core:
     async def checkpoint(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
         """Dump the tree of spec.pid; return the done checkpoint or raise."""
         target = {"pid": spec.pid, "name": spec.name}
-        op = self._operation(self._checkpoint(spec, caller))
+        op = self._operation(self._checkpoint(spec, caller), caller)
         return await self._audited("checkpoint", caller, target, op, lambda r: r.id)
 
     async def _checkpoint(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
@@ -767,7 +782,7 @@ class Core:
     async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
         """Restore a checkpoint, handing in the mapped fds; return the running restore."""
         target = {"checkpoint": spec.checkpoint, "inherit_fds": len(spec.inherit)}
-        op = self._operation(self._restore(spec, caller))
+        op = self._operation(self._restore(spec, caller), caller)
         return await self._audited("restore", caller, target, op, lambda r: r.id)
 
     async def _restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from criud.daemon.errors import CriuUnavailable
+from criud.daemon.errors import CriuUnavailable, out_of_fds
 
 log = logging.getLogger("criud.criu")
 
@@ -189,7 +189,10 @@ class Criu:
                     close_fds=True,
                 )
             except OSError as e:
-                raise CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}") from e
+                raise (
+                    out_of_fds(e)
+                    or CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}")
+                ) from e
             self.running.add(proc.pid)
         try:
             out, _ = await proc.communicate()
@@ -266,7 +269,10 @@ class Criu:
             except OSError as e:
                 if target is not None:
                     os.close(target)
-                raise CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}") from e
+                raise (
+                    out_of_fds(e)
+                    or CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}")
+                ) from e
             finally:
                 os.close(log_fd)
             self.running.add(proc.pid)

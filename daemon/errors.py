@@ -8,6 +8,7 @@ Nothing here imports FastAPI, so dump/restore code stays usable without it.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 
@@ -205,6 +206,69 @@ class Unauthorized(CriudError):
     status = 401
     code = "unauthorized"
     title = "Authentication required"
+
+
+# -- resource limits: one caller must not exhaust the daemon --------------------
+# A caller over its own share gets 429; the daemon out of room (its fd
+# budget, a connection pool) answers 503.  Both say "retry later".
+
+
+class TooManyOperations(CriudError):
+    status = 429
+    code = "too_many_operations"
+    title = "Too many operations in flight for this caller"
+
+
+class TooManyHandles(CriudError):
+    status = 429
+    code = "too_many_handles"
+    title = "Too many fd handles held by this caller"
+
+
+class TooManyHeldFds(CriudError):
+    status = 429
+    code = "too_many_held_fds"
+    title = "Too many fds held by this caller's handles"
+
+
+class TooManyConnections(CriudError):
+    status = 503
+    code = "too_many_connections"
+    title = "Too many connections"
+
+
+class OutOfFds(CriudError):
+    """The daemon's fd table is (or would be) full: EMFILE/ENFILE, or its own budget."""
+
+    status = 503
+    code = "out_of_fds"
+    title = "The daemon is out of file descriptors"
+
+
+class HeaderTimeout(CriudError):
+    status = 408
+    code = "header_timeout"
+    title = "The request head did not arrive in time"
+
+
+# errnos that mean "no fd could be allocated", whoever's table is full.
+FD_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def out_of_fds(e: BaseException) -> OutOfFds | None:
+    """The OutOfFds that e means, if it is EMFILE or ENFILE; None otherwise.
+
+    The one place where fd exhaustion becomes an answer: the API's OSError
+    handler and the few places that would otherwise turn an OSError into
+    another error (criu "unavailable", a process "not found") ask it first.
+    """
+    if not isinstance(e, OSError) or e.errno not in FD_EXHAUSTION:
+        return None
+    which = "the daemon's" if e.errno == errno.EMFILE else "the system's"
+    return OutOfFds(
+        f"{which} file descriptor table is full ({e.strerror}); retry shortly",
+        errno=errno.errorcode.get(e.errno or 0, str(e.errno)),
+    )
 
 
 # -- criu refused, by cause ------------------------------------------------------

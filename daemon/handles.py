@@ -18,6 +18,7 @@ import time
 
 from criud.daemon.errors import BadFdHandle, FdHandleNotFound, PermissionDenied
 from criud.daemon.fdpass import OwnedFds
+from criud.daemon.quotas import HandleUsage
 from criud.dump import fds as fdinfo
 
 # How many ended handles we remember, to tell "expired" from "never existed".
@@ -74,6 +75,8 @@ class HandleStore:
 
     def __init__(self) -> None:
         self._handles: dict[str, FdHandle] = {}
+        # What the live handles hold, per uid: the quotas read it.
+        self.usage = HandleUsage()
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     def __len__(self) -> int:
@@ -95,6 +98,7 @@ class HandleStore:
             expires_at=now + ttl,
         )
         self._handles[h.id] = h
+        self.usage.add(owner_uid, len(h.fds))
         h.timer = asyncio.get_running_loop().call_later(ttl, self._expire, h.id)
         return h
 
@@ -109,6 +113,7 @@ class HandleStore:
         if h.timer is not None:
             h.timer.cancel()
         h.owned.close()
+        self.usage.remove(h.owner_uid, len(h.fds))
         self._ended[handle_id] = why
         while len(self._ended) > _TOMBSTONES:
             self._ended.popitem(last=False)

@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import os
 
+from criud.daemon.errors import FD_EXHAUSTION
+
 PR_SET_CHILD_SUBREAPER = 36
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -57,14 +59,18 @@ def children(pid: int) -> list[int]:
     out: list[int] = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+    except OSError as e:
+        if e.errno in FD_EXHAUSTION:
+            raise
         return out
     for tid in tids:
         # os.open/os.read: a text-mode open() costs more than the read, and
         # introspecting a big tree does this for every task.
         try:
             f = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+        except OSError as e:
+            if e.errno in FD_EXHAUSTION:
+                raise  # our fd table is full: a tree cut short would look whole
             continue
         try:
             chunks = []

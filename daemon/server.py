@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import gc
 import grp
+import http
+import json
 import logging
 import os
 import signal
@@ -32,8 +34,9 @@ from criud.daemon import procutil
 from criud.daemon.caller import Caller, peer_caller
 from criud.daemon.config import Settings
 from criud.daemon.core import Core
-from criud.daemon.errors import CriuUnavailable
+from criud.daemon.errors import CriudError, CriuUnavailable, HeaderTimeout
 from criud.daemon.fdsock import FdSocketServer
+from criud.daemon.quotas import Pool, Quotas, Ticket, raise_nofile
 
 log = logging.getLogger("criud")
 
@@ -44,16 +47,49 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
+def raw_problem(e: CriudError) -> bytes:
+    """A whole HTTP/1.1 problem+json answer for a connection that has no request to answer.
+
+    A refused connection, or a head that never completed, has no request
+    cycle in uvicorn (and h11 will not send a response before a request), so
+    the bytes are written as they are, and the connection closed after them.
+    """
+    body = json.dumps(
+        {"type": "about:blank", "title": e.title, "status": e.status, "detail": e.detail}
+        | {"code": e.code, **e.extra}
+    ).encode()
+    reason = http.HTTPStatus(e.status).phrase
+    head = (
+        f"HTTP/1.1 {e.status} {reason}\r\n"
+        "content-type: application/problem+json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n" + ("retry-after: 1\r\n" if e.status in (429, 503) else "") + "\r\n"
+    )
+    return head.encode() + body
+
+
 class PeerCredProtocol(H11Protocol):
     """H11 protocol that puts the peer's SO_PEERCRED into every request's state.
 
     uvicorn copies ``app_state`` into each request's scope["state"]; giving
     each connection its own copy with the caller in it makes the credentials
     available as request.state.peer without touching the ASGI app.
+
+    It also admits the connection into its pool (criud.daemon.quotas) and
+    bounds how long a request head may take: uvicorn's h11 protocol has no
+    such timeout, and its keep-alive timer stops at the first byte of the
+    next head, so a head that never ends would hold the connection forever.
     """
+
+    # Set on the subclass protocol_for() makes for a running daemon.
+    quotas: Quotas | None = None
+    header_timeout_s: float = 10.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._ticket: Ticket | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
         sock: Any = transport.get_extra_info("socket")
         peer: Caller | None = None
         tcp = False
@@ -65,6 +101,82 @@ class PeerCredProtocol(H11Protocol):
             # TCP: no credentials to read; the bearer token decides (api.deps).
             tcp = True
         self.app_state = {**self.app_state, "peer": peer, "tcp": tcp}
+        if self.quotas is not None:
+            # A unix peer without credentials is no one's: it counts as non-root.
+            pool: Pool = "tcp" if tcp else "api"
+            key: int | str = peer.uid if peer is not None else -1
+            if tcp:
+                key = self.client[0] if self.client else "?"
+            try:
+                self._ticket = self.quotas.connect(pool, key)
+            except CriudError as e:
+                self._refuse(e)
+                return
+        self._arm_head_timer()
+
+    def _refuse(self, e: CriudError) -> None:
+        """Answer e on this connection and close it; nothing more is read from it."""
+        self._refused = True
+        self._cancel_head_timer()
+        if not self.transport.is_closing():
+            self.transport.write(raw_problem(e))
+            self.transport.close()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        if self.header_timeout_s > 0:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is being answered: not a head any more
+        self._refuse(
+            HeaderTimeout(
+                f"the request head was not complete within {self.header_timeout_s:g} s",
+                timeout_s=self.header_timeout_s,
+            )
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:
+            # A whole head arrived and its request started.
+            self._cancel_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            # The next head on this kept-alive connection gets its own time.
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        if self.quotas is not None and self._ticket is not None:
+            self.quotas.disconnect(self._ticket)
+        super().connection_lost(exc)
+
+
+def protocol_for(quotas: Quotas, header_timeout_s: float) -> type[PeerCredProtocol]:
+    """The protocol class for a daemon with these quotas and header timeout."""
+
+    class Bound(PeerCredProtocol):
+        pass
+
+    Bound.quotas = quotas
+    Bound.header_timeout_s = header_timeout_s
+    return Bound
 
 
 class Server(uvicorn.Server):
@@ -211,20 +323,31 @@ async def _serve(settings: Settings) -> None:
         tcp_sock = bind_tcp(settings.listen)
 
     fd_server = FdSocketServer(
-        fd_sock, core.handles, settings.handle_ttl_s, settings.handle_ttl_max_s, core.record
+        fd_sock,
+        core.handles,
+        settings.handle_ttl_s,
+        settings.handle_ttl_max_s,
+        core.quotas,
+        core.record,
     )
     fd_server.start()
 
     app = create_app(core, token=token)
     config = uvicorn.Config(
         app,
-        http=PeerCredProtocol,
+        http=protocol_for(core.quotas, settings.header_timeout_s),
         lifespan="off",
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
         ws="none",
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-        limit_concurrency=1024,
+        # No limit_concurrency: it counts every connection alike, so one
+        # caller's idle connections made everyone's requests 503.  The pools
+        # of criud.daemon.quotas bound each caller instead.  A small backlog:
+        # asyncio accepts up to this many at a time, each an fd until the
+        # pools close the excess ones.
+        limit_concurrency=None,
+        backlog=128,
     )
     server = Server(config)
 
@@ -279,6 +402,10 @@ def serve(settings: Settings) -> int:
         return 1
     # Everything the daemon creates is private unless chmod'ed on purpose.
     os.umask(0o077)
+    # Each connection and each handed-in fd is one of ours: take all the
+    # room the hard limit gives (the budget in criud.daemon.quotas keeps
+    # callers from using it up).
+    log.info("fd limit (RLIMIT_NOFILE): %d", raise_nofile())
     procutil.set_child_subreaper()
     try:
         asyncio.run(_serve(settings))

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from criud.daemon import procutil
+from criud.daemon.errors import FD_EXHAUSTION
 from criud.dump import sockdiag
 
 # Access modes as criud reports them; an O_PATH fd's is "path".
@@ -574,7 +575,9 @@ def read_fds(pid: int, scan: ProcScan | None = None) -> list[Fd]:
     scan = scan or ProcScan()
     try:
         dirfd = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
+    except OSError as e:
+        if e.errno in FD_EXHAUSTION:
+            raise  # our own fd table is full: the task's fds are not "none"
         return []
     try:
         numbers = sorted(int(n) for n in os.listdir(dirfd))

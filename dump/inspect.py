@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import TypedDict
 
 from criud.daemon import forkmap
+from criud.daemon.errors import FD_EXHAUSTION
 from criud.dump import fds as fdmod
 
 # The namespaces criu cares about, as named under /proc/<pid>/ns.
@@ -186,7 +187,9 @@ def _read_task(pid: int, daemon_ns: Mapping[str, int]) -> Task | None:
     """One task's description, without fds; None if it exited meanwhile."""
     try:
         dirfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
+    except OSError as e:
+        if e.errno in FD_EXHAUSTION:
+            raise  # our fd table is full, not the task gone: never a 404
         return None
     try:
         stat = _read_at(dirfd, "stat").decode("utf-8", "replace")
@@ -218,7 +221,11 @@ def _read_task(pid: int, daemon_ns: Mapping[str, int]) -> Task | None:
             tids = [pid]
         else:
             tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except (OSError, ValueError):
+    except OSError as e:
+        if e.errno in FD_EXHAUSTION:
+            raise
+        return None
+    except ValueError:
         return None
     finally:
         os.close(dirfd)

@@ -164,6 +164,7 @@ class Daemon:
         criu: str = CRIU,
         extra_env: dict[str, str] | None = None,
         args: Sequence[str] = (),
+        prefix: Sequence[str] = (),
     ) -> None:
         self.root = root
         self.socket = root / "api.sock"
@@ -173,6 +174,8 @@ class Daemon:
         self.criu = criu
         self.extra_env = extra_env or {}
         self.args = list(args)
+        # A command that execs the daemon in its own pid, e.g. prlimit ... --.
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = Client(str(self.socket), str(self.fd_socket), timeout=120)
 
@@ -182,6 +185,7 @@ class Daemon:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     sys.executable,
                     "-m",
                     "criud.daemon.cli",

@@ -45,3 +45,28 @@ def test_kdat_dir_matches_the_criu_build() -> None:
     from criud.daemon import kdat
 
     assert f"readonly KDAT_RUNDIR={kdat.KDAT_DIR}\n" in (DEPLOY / "install-criu").read_text()
+
+
+def _unit_setting(unit: str, key: str) -> list[str]:
+    values = []
+    for line in (DEPLOY / unit).read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.strip() == key:
+            values.append(value.strip())
+    return values
+
+
+def test_service_sets_an_fd_limit_above_the_budgets() -> None:
+    # The daemon raises its soft limit to the hard one, and keeps its quotas
+    # below it: the unit must give it a hard limit worth raising to, larger
+    # than the default reserve (1024) twice over plus every non-root uid's
+    # share of handed-in fds (1024 each) for a few users.
+    from criud.daemon.config import Settings
+    from criud.daemon.quotas import auto_reserve
+
+    (limit,) = _unit_setting("criud.service", "LimitNOFILE")
+    soft, _, hard = limit.partition(":")
+    n = int(hard or soft)
+    assert int(soft) == n, "soft and hard the same: criud raises soft to hard anyway"
+    s = Settings()
+    assert n - 2 * auto_reserve(n) >= 16 * s.max_handle_fds_per_uid

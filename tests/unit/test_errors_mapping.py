@@ -60,6 +60,14 @@ def make_app() -> FastAPI:
     async def boom() -> None:
         raise RuntimeError("kaboom")
 
+    @app.get("/oserror/{name}")
+    def oserror(name: str) -> None:
+        import errno
+        import os
+
+        n = getattr(errno, name)
+        raise OSError(n, os.strerror(n))
+
     @app.get("/ok")
     async def ok() -> dict[str, str]:
         return {"ok": "yes"}
@@ -199,6 +207,20 @@ def test_unexpected_exception(client: TestClient, caplog: pytest.LogCaptureFixtu
     assert body["detail"] == "RuntimeError: kaboom"
     assert body["instance"] == "/boom"
     assert any("unhandled error on GET /boom" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("name", ["EMFILE", "ENFILE"])
+def test_fd_exhaustion_is_503_out_of_fds(client: TestClient, name: str) -> None:
+    # Wherever it rises, a full fd table is a clear "retry later", not a bug.
+    body = _problem(client.get(f"/oserror/{name}"), 503)
+    assert body["code"] == "out_of_fds"
+    assert body["errno"] == name
+    assert "retry" in body["detail"]
+
+
+def test_other_oserror_stays_internal(client: TestClient) -> None:
+    body = _problem(client.get("/oserror/EIO"), 500)
+    assert body["code"] == "internal_error"
 
 
 def test_success_untouched(client: TestClient) -> None:

@@ -564,3 +564,29 @@ def test_a_big_tree_read_in_two_halves_reads_as_in_one() -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("opener", ["task", "fds"])
+def test_fd_exhaustion_is_not_a_missing_process(
+    monkeypatch: pytest.MonkeyPatch, opener: str
+) -> None:
+    # With our fd table full, /proc/<pid> cannot be opened: that must rise as
+    # EMFILE (503 out_of_fds at the API), not read as "no such process"
+    # (404) nor as a task without fds.
+    import errno
+
+    from criud.dump import inspect as proc_inspect
+
+    real_open = os.open
+    target = f"/proc/{os.getpid()}" if opener == "task" else f"/proc/{os.getpid()}/fd"
+
+    def full(path: Any, *a: Any, **kw: Any) -> int:
+        if path == target:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", full)
+    with pytest.raises(OSError) as info:
+        proc_inspect.inspect_tree(os.getpid(), split=False)
+    assert info.value.errno == errno.EMFILE
+    assert not isinstance(info.value, ProcessLookupError)
