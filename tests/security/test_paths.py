@@ -283,10 +283,13 @@ def test_fifo_paths_never_hang_the_daemon(
                 prober.join(timeout=30)
             for st, doc, took in results:
                 adopt_if_restored(procs, st, doc)
-                assert 400 <= st < 500 and doc["code"] == code, (st, doc)
+                # The per-uid cap on operations in flight may refuse some of
+                # the eight first (429): a quick refusal too, never a wait.
+                assert 400 <= st < 500 and doc["code"] in (code, "too_many_operations"), (st, doc)
                 assert took < 10, f"{code}: took {took:.1f}s"
+            assert any(doc["code"] == code for _, doc, _ in results), results
             if code == "inherit_path_wrong_type":
-                assert all(st == 422 for st, _, _ in results)
+                assert all(st in (422, 429) for st, _, _ in results)
             assert slow and max(slow) < 5, f"root's GET took up to {max(slow or [0]):.1f}s"
         # No daemon fd or thread is left waiting on the FIFO.
         assert not holders(fifo, exclude={os.getpid()})
