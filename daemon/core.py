@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import platform
+import pwd
 import re
 import shutil
 import signal
@@ -133,6 +134,16 @@ def _images_for(path: Path, run_as: tuple[int, int] | None) -> Iterator[tuple[Pa
         yield Path(f"/proc/self/fd/{fd}"), [fd]
     finally:
         os.close(fd)
+
+
+def _uid_of(owner: str) -> int | None:
+    """The uid an owner names: a number as it is, a user name looked up (None: no such user)."""
+    if owner.isdigit():
+        return int(owner)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        return None
 
 
 def _log_url(ckpt_id: str, op: str) -> str:
@@ -369,11 +380,35 @@ class Core:
     def _visible(self, rec: CheckpointRecord, caller: Caller) -> bool:
         return caller.is_root or rec.owner_uid == caller.uid
 
-    async def get_checkpoint(self, ref: str, caller: Caller) -> CheckpointRecord:
-        names.check_ref(ref)
-        rec = await self.store.run(self.store.get_checkpoint, ref)
+    async def get_checkpoint(
+        self, ref: str, caller: Caller, owner: str | None = None
+    ) -> CheckpointRecord:
+        """A checkpoint by id, by the caller's own name, or by "owner/name".
+
+        Names are unique per owner, and a bare name is always the caller's
+        own (root's too): another user's checkpoint takes its id or its
+        owner, given as "owner/ref" or as owner (a path's ?owner=).  A
+        caller who may not see it gets the same 404 as for one that does
+        not exist.
+        """
+        if owner is None:
+            owner, ref = names.split_ref(ref)
+        else:
+            names.check_owner(owner)
+            names.check_ref(ref)
+        shown = ref if owner is None else f"{owner}/{ref}"
+        missing = CheckpointNotFound(f"no checkpoint {shown!r}")
+        if owner is None:
+            uid: int | None = caller.uid
+        else:
+            uid = await asyncio.to_thread(_uid_of, owner)
+            if uid is None or not (caller.is_root or uid == caller.uid):
+                raise missing
+        # Root's bare id reaches anyone's checkpoint; a name never does.
+        id_owner = None if caller.is_root and owner is None else uid
+        rec = await self.store.run(self.store.find_checkpoint, ref, uid, id_owner)
         if rec is None or not self._visible(rec, caller):
-            raise CheckpointNotFound(f"no checkpoint {ref!r}")
+            raise missing
         return rec
 
     async def list_checkpoints(
@@ -669,14 +704,15 @@ class Core:
             log_url=_log_url(ckpt_id, op),
         )
 
-    async def delete_checkpoint(self, ref: str, caller: Caller) -> None:
+    async def delete_checkpoint(self, ref: str, caller: Caller, owner: str | None = None) -> None:
         """Delete a checkpoint's images and record."""
+        target = {"checkpoint": ref, **({"owner": owner} if owner is not None else {})}
         await self._audited(
-            "delete_checkpoint", caller, {"checkpoint": ref}, self._delete_checkpoint(ref, caller)
+            "delete_checkpoint", caller, target, self._delete_checkpoint(ref, caller, owner)
         )
 
-    async def _delete_checkpoint(self, ref: str, caller: Caller) -> None:
-        rec = await self.get_checkpoint(ref, caller)
+    async def _delete_checkpoint(self, ref: str, caller: Caller, owner: str | None) -> None:
+        rec = await self.get_checkpoint(ref, caller, owner)
         if rec.state == "dumping" or rec.id in self._busy_ckpts:
             raise Busy(f"checkpoint {ref!r} is in use", checkpoint=rec.id)
         self._busy_ckpts.add(rec.id)
@@ -686,8 +722,10 @@ class Core:
         finally:
             self._busy_ckpts.discard(rec.id)
 
-    async def checkpoint_log(self, ref: str, op: str, caller: Caller) -> str:
-        rec = await self.get_checkpoint(ref, caller)
+    async def checkpoint_log(
+        self, ref: str, op: str, caller: Caller, owner: str | None = None
+    ) -> str:
+        rec = await self.get_checkpoint(ref, caller, owner)
         if op not in ("dump", "restore"):
             raise InvalidRequest("op must be dump or restore")
         name = DUMP_LOG if op == "dump" else RESTORE_LOG
