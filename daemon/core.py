@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import platform
@@ -39,6 +40,7 @@ from criud.daemon.errors import (
     InvalidCgroup,
     InvalidRequest,
     LogNotFound,
+    NoSpace,
     NotRunning,
     PermissionDenied,
     PidInUse,
@@ -67,6 +69,9 @@ log = logging.getLogger("criud.core")
 T = TypeVar("T")
 
 TMP_PREFIX = ".tmp-"
+# Below this much free space, a criu failure without a recognisable error
+# line is taken for a full disk (criu cannot write that line either).
+_FULL_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +175,8 @@ class Core:
         self._busy_ckpts: set[str] = set()
         self._ops: set[asyncio.Task[Any]] = set()
         self._bg: set[asyncio.Task[Any]] = set()
+        # Record updates a full disk refused, retried until they land.
+        self._settling: set[asyncio.Task[None]] = set()
         self.accepting = True
         self.kdat_cache = False
         # The daemon's own namespaces, read once: introspection compares with them.
@@ -259,6 +266,11 @@ class Core:
             await asyncio.gather(*pending, return_exceptions=True)
         self.handles.close_all()
         await self.reaper.stop()
+        # What is still unsettled is left as dumping/restoring: the next
+        # start marks it interrupted.
+        for t in self._settling:
+            t.cancel()
+        await asyncio.gather(*self._settling, return_exceptions=True)
         await asyncio.to_thread(self.store.close)
         await asyncio.to_thread(self.audit.stop)
 
@@ -298,7 +310,16 @@ class Core:
     ) -> T:
         """Await coro and record its outcome in the audit log."""
         try:
-            result = await coro
+            try:
+                result = await coro
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # The daemon's own writes (dirs, logs, renames) in its state dir.
+                raise NoSpace(
+                    f"{action} failed: {e.strerror} ({e.filename or 'state dir'})",
+                    hint="free space in the daemon's state dir and retry",
+                ) from e
         except CriudError as e:
             self.record(action, caller, target, e.code, detail=e.detail)
             raise
@@ -613,7 +634,7 @@ class Core:
                 # Classify while the log is still where criu wrote it.
                 err = await self._criu_error(f"dump of pid {pid}", result, ckpt_id, "dump")
                 await asyncio.to_thread(self._keep_log_only, tmp, final, DUMP_LOG)
-                await self.store.run(
+                await self._settle(
                     self.store.update_checkpoint,
                     ckpt_id,
                     state="failed",
@@ -644,7 +665,7 @@ class Core:
                 # away and say so in the record; never list it as done.
                 await asyncio.to_thread(shutil.rmtree, tmp, True)
                 with contextlib.suppress(Exception):
-                    await self.store.run(
+                    await self._settle(
                         self.store.update_checkpoint,
                         ckpt_id,
                         state="failed",
@@ -694,6 +715,9 @@ class Core:
             # The whole log, not only its first error line: some causes (a
             # task killed mid-dump) show only in the lines after it.
             code, hint = await asyncio.to_thread(criu_errors.classify_log, result.log_path, op)
+            if code == criu_errors.FALLBACK and await asyncio.to_thread(self._state_dir_full):
+                # criu could not even write its log's error line.
+                code, hint = "no_space", criu_errors.hint_of("no_space")
             cls = criu_errors.error_class(code)
         return cls(
             f"{what} failed: {how}: {reason}",
@@ -703,6 +727,14 @@ class Core:
             log_tail=result.log_tail,
             log_url=_log_url(ckpt_id, op),
         )
+
+    def _state_dir_full(self) -> bool:
+        """Whether the images' filesystem is (all but) full, as after a dump it filled."""
+        try:
+            st = os.statvfs(self.settings.checkpoints_dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < _FULL_BYTES or (st.f_files > 0 and st.f_favail == 0)
 
     async def delete_checkpoint(self, ref: str, caller: Caller, owner: str | None = None) -> None:
         """Delete a checkpoint's images and record."""
@@ -780,11 +812,44 @@ class Core:
             os.close(pidfd)
         return rec
 
+    async def _settle(self, update: Callable[..., None], row_id: str, **changes: Any) -> None:
+        """Record how an operation ended, now, or as soon as the disk has room.
+
+        A record left "dumping" would hold its name and refuse deletion
+        until a restart: when a full disk refuses the update, it is retried
+        in the background (backing off to 2 s) until it lands.
+        """
+        try:
+            await self.store.run(update, row_id, **changes)
+        except NoSpace:
+            log.warning(
+                "%s %s: disk full; retrying the update in the background", update.__name__, row_id
+            )
+            task = asyncio.get_running_loop().create_task(
+                self._settle_later(update, row_id, changes)
+            )
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle_later(
+        self, update: Callable[..., None], row_id: str, changes: dict[str, Any]
+    ) -> None:
+        delay = 0.1
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.store.run(update, row_id, **changes)
+            except NoSpace:
+                delay = min(delay * 2, 2.0)
+                continue
+            log.info("%s %s: settled after the disk had room", update.__name__, row_id)
+            return
+
     def _exit_callback(self, restore_id: str) -> Any:
         def on_exit(code: int | None, sig: int | None) -> None:
             log.info("restore %s exited: code %s signal %s", restore_id, code, sig)
             task = asyncio.get_running_loop().create_task(
-                self.store.run(
+                self._settle(
                     self.store.update_restore,
                     restore_id,
                     state="exited",
@@ -1042,7 +1107,7 @@ class Core:
                     err = await self._criu_error(
                         f"restore of checkpoint {ckpt.id}", result, ckpt.id, "restore"
                     )
-                    await self.store.run(
+                    await self._settle(
                         self.store.update_restore,
                         restore_id,
                         state="failed",
@@ -1069,7 +1134,7 @@ class Core:
             finally:
                 if not registered:
                     with contextlib.suppress(Exception):
-                        await self.store.run(
+                        await self._settle(
                             self.store.update_restore,
                             restore_id,
                             state="failed",
