@@ -238,9 +238,9 @@ def classify(first_error: str | None, log_lines: Sequence[str], op: str) -> tupl
     line of the log matches it.
     """
     for rule in RULES:
-        if rule.any_line and (rule.ops is None or op in rule.ops):
-            if any(rule.pattern.search(line) for line in log_lines):
-                return rule.code, _hint(rule, log_lines)
+        applies = rule.any_line and (rule.ops is None or op in rule.ops)
+        if applies and any(rule.pattern.search(line) for line in log_lines):
+            return rule.code, _hint(rule, log_lines)
     if first_error:
         found = _match(first_error, op, log_lines)
         if found:
