@@ -32,6 +32,16 @@ ERRORS: dict[int | str, dict[str, object]] = {
 
 CoreDep = Annotated[Core, Depends(core)]
 CallerDep = Annotated[Caller, Depends(caller)]
+# A path cannot carry "owner/name" ({ref} holds no slash), so the owner of
+# someone else's checkpoint comes as a query parameter.
+OwnerQuery = Annotated[
+    str | None,
+    Query(
+        max_length=40,
+        description="The owner (uid or user name) whose checkpoint {ref} names; "
+        "without it a name is the caller's own",
+    ),
+]
 
 
 def to_model(rec: CheckpointRecord) -> Checkpoint:
@@ -40,6 +50,7 @@ def to_model(rec: CheckpointRecord) -> Checkpoint:
     return Checkpoint(
         id=rec.id,
         name=rec.name,
+        owner_uid=rec.owner_uid,
         pid=rec.pid,
         state=rec.state,
         created_at=rec.created_at,
@@ -145,15 +156,19 @@ async def list_checkpoints(
 
 
 @router.get("/{ref}", response_model=Checkpoint, responses=ERRORS)
-async def get_checkpoint(ref: str, c: CoreDep, who: CallerDep) -> Checkpoint:
+async def get_checkpoint(
+    ref: str, c: CoreDep, who: CallerDep, owner: OwnerQuery = None
+) -> Checkpoint:
     """One checkpoint by id or name, with its fd manifest."""
-    return to_model(await c.get_checkpoint(ref, who))
+    return to_model(await c.get_checkpoint(ref, who, owner))
 
 
 @router.delete("/{ref}", status_code=204, responses=ERRORS)
-async def delete_checkpoint(ref: str, c: CoreDep, who: CallerDep) -> Response:
+async def delete_checkpoint(
+    ref: str, c: CoreDep, who: CallerDep, owner: OwnerQuery = None
+) -> Response:
     """Delete a checkpoint and its images."""
-    await c.delete_checkpoint(ref, who)
+    await c.delete_checkpoint(ref, who, owner)
     return Response(status_code=204)
 
 
@@ -163,6 +178,7 @@ async def checkpoint_log(
     c: CoreDep,
     who: CallerDep,
     op: Literal["dump", "restore"] = "dump",
+    owner: OwnerQuery = None,
 ) -> PlainTextResponse:
     """criu's dump.log or (latest) restore.log of a checkpoint."""
-    return PlainTextResponse(await c.checkpoint_log(ref, op, who))
+    return PlainTextResponse(await c.checkpoint_log(ref, op, who, owner))

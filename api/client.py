@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import json
 import socket
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -55,6 +56,21 @@ class _UnixConnection(http.client.HTTPConnection):
             sock.settimeout(self.timeout)
         sock.connect(self._path)
         self.sock = sock
+
+
+def _checkpoint_path(ref: str, tail: str = "", query: Mapping[str, str] | None = None) -> str:
+    """The path of a checkpoint; "owner/name" becomes name?owner=owner.
+
+    A path segment cannot carry the slash (the server would route on it).
+    """
+    owner, sep, name = ref.partition("/")
+    q = dict(query or {})
+    if sep:
+        q["owner"] = owner
+    else:
+        name = ref
+    path = f"/v1/checkpoints/{urllib.parse.quote(name, safe='')}{tail}"
+    return path + (f"?{urllib.parse.urlencode(q)}" if q else "")
 
 
 def _fileno(f: FdLike) -> int:
@@ -144,13 +160,14 @@ class Client:
         return list(self.request("GET", "/v1/checkpoints" + (f"?{q}" if q else ""))[1])
 
     def inspect(self, ref: str) -> dict[str, Any]:
-        return dict(self.request("GET", f"/v1/checkpoints/{ref}")[1])
+        """One checkpoint: ref is an id, a name of the caller's own, or "owner/name"."""
+        return dict(self.request("GET", _checkpoint_path(ref))[1])
 
     def delete(self, ref: str) -> None:
-        self.request("DELETE", f"/v1/checkpoints/{ref}")
+        self.request("DELETE", _checkpoint_path(ref))
 
     def log(self, ref: str, op: str = "dump") -> str:
-        return str(self.request("GET", f"/v1/checkpoints/{ref}/log?op={op}")[1])
+        return str(self.request("GET", _checkpoint_path(ref, "/log", {"op": op}))[1])
 
     def restore(
         self,

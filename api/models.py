@@ -116,6 +116,7 @@ class FdEntry(BaseModel):
 class Checkpoint(BaseModel):
     id: str
     name: str | None
+    owner_uid: int = Field(description="Who made it; names are unique per owner")
     pid: int
     state: str
     created_at: float
@@ -152,7 +153,10 @@ class InheritFd(Strict):
 
 
 class RestoreRequest(Strict):
-    checkpoint: str = Field(max_length=128)
+    checkpoint: str = Field(
+        max_length=192,
+        description='An id, a name of the caller\'s own, or "owner/name" (owner: uid or user name)',
+    )
     inherit_fds: list[InheritFd] = Field(default_factory=list, max_length=64)
     cgroup: str | None = Field(
         default=None,

@@ -75,6 +75,10 @@ def parse_signal(value: int | str) -> int:
     if isinstance(value, int):
         return value
     text = value.strip().upper()
+    # No signal name or number is longer; int() of a long digit string
+    # would raise ValueError past Python's int-digits limit (a 500).
+    if len(text) > 16:
+        raise InvalidRequest(f"unknown signal {value[:16]!r}... ({len(value)} characters)")
     if text.isascii() and text.isdigit():
         return int(text)
     name = text if text.startswith("SIG") else f"SIG{text}"

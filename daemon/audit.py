@@ -7,7 +7,9 @@ that a slow disk never stalls the API.
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import queue
 import threading
@@ -16,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 _STOP = object()
+# Entries kept while the disk is full; beyond that the oldest are dropped.
+_MAX_PENDING = 10_000
+log = logging.getLogger("criud.audit")
 
 
 class AuditLog:
@@ -44,12 +49,32 @@ class AuditLog:
 
     def _writer(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # Lines a full disk refused, oldest first: written before the next
+        # one, so a full disk delays entries (in order) instead of losing them.
+        pending: collections.deque[bytes] = collections.deque(maxlen=_MAX_PENDING)
         try:
             while True:
                 item = self._q.get()
+                if item is not _STOP:
+                    pending.append((json.dumps(item, sort_keys=True, default=str) + "\n").encode())
+                self._flush(fd, pending)
                 if item is _STOP:
                     return
-                line = json.dumps(item, sort_keys=True, default=str) + "\n"
-                os.write(fd, line.encode())
         finally:
             os.close(fd)
+
+    def _flush(self, fd: int, pending: collections.deque[bytes]) -> None:
+        while pending:
+            line = pending[0]
+            try:
+                # O_APPEND: a short write is ENOSPC half-way; write the rest.
+                written = os.write(fd, line)
+            except OSError as e:
+                log.warning(
+                    "audit log %s: %s; %d entries wait", self.path, e.strerror, len(pending)
+                )
+                return
+            if written < len(line):
+                pending[0] = line[written:]
+            else:
+                pending.popleft()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import re
 import sys
 import time
@@ -43,6 +44,14 @@ def _table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
 
 def _when(ts: float | None) -> str | None:
     return None if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _user_name(uid: int) -> str:
+    """A uid's user name, or the number when it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _preflight_text(r: dict[str, Any]) -> str:
@@ -223,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     ip = sub.add_parser("inspect-pid", help="show a process tree and its fds as criu sees them")
     ip.add_argument("pid", type=int)
 
+    ref_help = "id, name (your own), or OWNER/NAME with OWNER a uid or user name"
     r = sub.add_parser("restore", help="restore a checkpoint")
-    r.add_argument("checkpoint")
+    r.add_argument("checkpoint", help=ref_help)
     r.add_argument(
         "--inherit-fd",
         action="append",
@@ -242,11 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("ls", help="list checkpoints")
     i = sub.add_parser("inspect", help="show one checkpoint")
-    i.add_argument("ref")
+    i.add_argument("ref", help=ref_help)
     d = sub.add_parser("rm", help="delete a checkpoint")
-    d.add_argument("ref")
+    d.add_argument("ref", help=ref_help)
     lg = sub.add_parser("log", help="print a checkpoint's criu log")
-    lg.add_argument("ref")
+    lg.add_argument("ref", help=ref_help)
     lg.add_argument("--op", choices=["dump", "restore"], default="dump")
     sub.add_parser("ps", help="list restores")
     k = sub.add_parser("kill", help="signal a restored tree")
@@ -329,8 +339,16 @@ def _run_client(a: argparse.Namespace) -> int:
         text = f"restore {out['id']}: pid {out['pid']} {out['state']}"
     elif a.cmd == "ls":
         out = cl.checkpoints()
-        rows = [{**r, "created": _when(r["created_at"]), "size": r["size_bytes"]} for r in out]
-        text = _table(rows, ["id", "name", "pid", "state", "size", "created"])
+        rows = [
+            {
+                **r,
+                "owner": _user_name(r["owner_uid"]),
+                "created": _when(r["created_at"]),
+                "size": r["size_bytes"],
+            }
+            for r in out
+        ]
+        text = _table(rows, ["id", "owner", "name", "pid", "state", "size", "created"])
     elif a.cmd == "inspect":
         out = cl.inspect(a.ref)
         text = json.dumps(out, indent=2)

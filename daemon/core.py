@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import platform
+import pwd
 import re
 import resource
 import shutil
@@ -39,6 +41,7 @@ from criud.daemon.errors import (
     InvalidCgroup,
     InvalidRequest,
     LogNotFound,
+    NoSpace,
     NotRunning,
     PermissionDenied,
     PidInUse,
@@ -68,6 +71,9 @@ log = logging.getLogger("criud.core")
 T = TypeVar("T")
 
 TMP_PREFIX = ".tmp-"
+# Below this much free space, a criu failure without a recognisable error
+# line is taken for a full disk (criu cannot write that line either).
+_FULL_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +143,16 @@ def _images_for(path: Path, run_as: tuple[int, int] | None) -> Iterator[tuple[Pa
         os.close(fd)
 
 
+def _uid_of(owner: str) -> int | None:
+    """The uid an owner names: a number as it is, a user name looked up (None: no such user)."""
+    if owner.isdigit():
+        return int(owner)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        return None
+
+
 def _log_url(ckpt_id: str, op: str) -> str:
     return f"/v1/checkpoints/{ckpt_id}/log?op={op}"
 
@@ -168,6 +184,8 @@ class Core:
         self._busy_ckpts: set[str] = set()
         self._ops: set[asyncio.Task[Any]] = set()
         self._bg: set[asyncio.Task[Any]] = set()
+        # Record updates a full disk refused, retried until they land.
+        self._settling: set[asyncio.Task[None]] = set()
         self.accepting = True
         self.kdat_cache = False
         # The daemon's own namespaces, read once: introspection compares with them.
@@ -257,6 +275,11 @@ class Core:
             await asyncio.gather(*pending, return_exceptions=True)
         self.handles.close_all()
         await self.reaper.stop()
+        # What is still unsettled is left as dumping/restoring: the next
+        # start marks it interrupted.
+        for t in self._settling:
+            t.cancel()
+        await asyncio.gather(*self._settling, return_exceptions=True)
         await asyncio.to_thread(self.store.close)
         await asyncio.to_thread(self.audit.stop)
 
@@ -304,7 +327,16 @@ class Core:
     ) -> T:
         """Await coro and record its outcome in the audit log."""
         try:
-            result = await coro
+            try:
+                result = await coro
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # The daemon's own writes (dirs, logs, renames) in its state dir.
+                raise NoSpace(
+                    f"{action} failed: {e.strerror} ({e.filename or 'state dir'})",
+                    hint="free space in the daemon's state dir and retry",
+                ) from e
         except CriudError as e:
             self.record(action, caller, target, e.code, detail=e.detail)
             raise
@@ -386,11 +418,35 @@ class Core:
     def _visible(self, rec: CheckpointRecord, caller: Caller) -> bool:
         return caller.is_root or rec.owner_uid == caller.uid
 
-    async def get_checkpoint(self, ref: str, caller: Caller) -> CheckpointRecord:
-        names.check_ref(ref)
-        rec = await self.store.run(self.store.get_checkpoint, ref)
+    async def get_checkpoint(
+        self, ref: str, caller: Caller, owner: str | None = None
+    ) -> CheckpointRecord:
+        """A checkpoint by id, by the caller's own name, or by "owner/name".
+
+        Names are unique per owner, and a bare name is always the caller's
+        own (root's too): another user's checkpoint takes its id or its
+        owner, given as "owner/ref" or as owner (a path's ?owner=).  A
+        caller who may not see it gets the same 404 as for one that does
+        not exist.
+        """
+        if owner is None:
+            owner, ref = names.split_ref(ref)
+        else:
+            names.check_owner(owner)
+            names.check_ref(ref)
+        shown = ref if owner is None else f"{owner}/{ref}"
+        missing = CheckpointNotFound(f"no checkpoint {shown!r}")
+        if owner is None:
+            uid: int | None = caller.uid
+        else:
+            uid = await asyncio.to_thread(_uid_of, owner)
+            if uid is None or not (caller.is_root or uid == caller.uid):
+                raise missing
+        # Root's bare id reaches anyone's checkpoint; a name never does.
+        id_owner = None if caller.is_root and owner is None else uid
+        rec = await self.store.run(self.store.find_checkpoint, ref, uid, id_owner)
         if rec is None or not self._visible(rec, caller):
-            raise CheckpointNotFound(f"no checkpoint {ref!r}")
+            raise missing
         return rec
 
     async def list_checkpoints(
@@ -595,7 +651,7 @@ class Core:
                 # Classify while the log is still where criu wrote it.
                 err = await self._criu_error(f"dump of pid {pid}", result, ckpt_id, "dump")
                 await asyncio.to_thread(self._keep_log_only, tmp, final, DUMP_LOG)
-                await self.store.run(
+                await self._settle(
                     self.store.update_checkpoint,
                     ckpt_id,
                     state="failed",
@@ -626,7 +682,7 @@ class Core:
                 # away and say so in the record; never list it as done.
                 await asyncio.to_thread(shutil.rmtree, tmp, True)
                 with contextlib.suppress(Exception):
-                    await self.store.run(
+                    await self._settle(
                         self.store.update_checkpoint,
                         ckpt_id,
                         state="failed",
@@ -676,6 +732,9 @@ class Core:
             # The whole log, not only its first error line: some causes (a
             # task killed mid-dump) show only in the lines after it.
             code, hint = await asyncio.to_thread(criu_errors.classify_log, result.log_path, op)
+            if code == criu_errors.FALLBACK and await asyncio.to_thread(self._state_dir_full):
+                # criu could not even write its log's error line.
+                code, hint = "no_space", criu_errors.hint_of("no_space")
             cls = criu_errors.error_class(code)
         return cls(
             f"{what} failed: {how}: {reason}",
@@ -686,14 +745,23 @@ class Core:
             log_url=_log_url(ckpt_id, op),
         )
 
-    async def delete_checkpoint(self, ref: str, caller: Caller) -> None:
+    def _state_dir_full(self) -> bool:
+        """Whether the images' filesystem is (all but) full, as after a dump it filled."""
+        try:
+            st = os.statvfs(self.settings.checkpoints_dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < _FULL_BYTES or (st.f_files > 0 and st.f_favail == 0)
+
+    async def delete_checkpoint(self, ref: str, caller: Caller, owner: str | None = None) -> None:
         """Delete a checkpoint's images and record."""
+        target = {"checkpoint": ref, **({"owner": owner} if owner is not None else {})}
         await self._audited(
-            "delete_checkpoint", caller, {"checkpoint": ref}, self._delete_checkpoint(ref, caller)
+            "delete_checkpoint", caller, target, self._delete_checkpoint(ref, caller, owner)
         )
 
-    async def _delete_checkpoint(self, ref: str, caller: Caller) -> None:
-        rec = await self.get_checkpoint(ref, caller)
+    async def _delete_checkpoint(self, ref: str, caller: Caller, owner: str | None) -> None:
+        rec = await self.get_checkpoint(ref, caller, owner)
         if rec.state == "dumping" or rec.id in self._busy_ckpts:
             raise Busy(f"checkpoint {ref!r} is in use", checkpoint=rec.id)
         self._busy_ckpts.add(rec.id)
@@ -703,8 +771,10 @@ class Core:
         finally:
             self._busy_ckpts.discard(rec.id)
 
-    async def checkpoint_log(self, ref: str, op: str, caller: Caller) -> str:
-        rec = await self.get_checkpoint(ref, caller)
+    async def checkpoint_log(
+        self, ref: str, op: str, caller: Caller, owner: str | None = None
+    ) -> str:
+        rec = await self.get_checkpoint(ref, caller, owner)
         if op not in ("dump", "restore"):
             raise InvalidRequest("op must be dump or restore")
         name = DUMP_LOG if op == "dump" else RESTORE_LOG
@@ -759,11 +829,44 @@ class Core:
             os.close(pidfd)
         return rec
 
+    async def _settle(self, update: Callable[..., None], row_id: str, **changes: Any) -> None:
+        """Record how an operation ended, now, or as soon as the disk has room.
+
+        A record left "dumping" would hold its name and refuse deletion
+        until a restart: when a full disk refuses the update, it is retried
+        in the background (backing off to 2 s) until it lands.
+        """
+        try:
+            await self.store.run(update, row_id, **changes)
+        except NoSpace:
+            log.warning(
+                "%s %s: disk full; retrying the update in the background", update.__name__, row_id
+            )
+            task = asyncio.get_running_loop().create_task(
+                self._settle_later(update, row_id, changes)
+            )
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle_later(
+        self, update: Callable[..., None], row_id: str, changes: dict[str, Any]
+    ) -> None:
+        delay = 0.1
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.store.run(update, row_id, **changes)
+            except NoSpace:
+                delay = min(delay * 2, 2.0)
+                continue
+            log.info("%s %s: settled after the disk had room", update.__name__, row_id)
+            return
+
     def _exit_callback(self, restore_id: str) -> Any:
         def on_exit(code: int | None, sig: int | None) -> None:
             log.info("restore %s exited: code %s signal %s", restore_id, code, sig)
             task = asyncio.get_running_loop().create_task(
-                self.store.run(
+                self._settle(
                     self.store.update_restore,
                     restore_id,
                     state="exited",
@@ -1017,7 +1120,7 @@ class Core:
                     err = await self._criu_error(
                         f"restore of checkpoint {ckpt.id}", result, ckpt.id, "restore"
                     )
-                    await self.store.run(
+                    await self._settle(
                         self.store.update_restore,
                         restore_id,
                         state="failed",
@@ -1044,7 +1147,7 @@ class Core:
             finally:
                 if not registered:
                     with contextlib.suppress(Exception):
-                        await self.store.run(
+                        await self._settle(
                             self.store.update_restore,
                             restore_id,
                             state="failed",

@@ -42,6 +42,10 @@ class Rule:
     # A pattern of the log's other lines whose group 1 replaces INODE in the
     # hint, so it names the very key to declare.
     inode: re.Pattern[str] | None = None
+    # Searched in every line of the log (warnings too) before any error line
+    # is looked at: for a cause criu logs only as a warning, whose
+    # consequence is the first error line.
+    any_line: bool = False
 
 
 _DUMPS = frozenset({"dump", "pre-dump"})
@@ -56,9 +60,26 @@ _EXT_UNIX_HINT = (
     "has a name"
 )
 
+# ptrace(PTRACE_SEIZE) refused with EPERM: the task is not ptraceable by
+# criu's uid (a setgid task, or one whose saved uid differs, is not
+# dumpable).  compel logs it as a warning, treats the task as gone, and
+# criu's first error is "Unable to detach from N: No such process", which
+# would read as process_gone.
+_SEIZE_EPERM = re.compile(
+    r"(?:Unable to interrupt task|SEIZE \d+: can't interrupt task):.*Operation not permitted"
+)
+
 # Order matters only between rules that can match the same line: the first
 # rule that matches the earliest error line wins.
 RULES: tuple[Rule, ...] = (
+    Rule(
+        "permission_denied",
+        _SEIZE_EPERM,
+        "criu may not trace a task of the tree (ptrace refused: a setgid task, or one whose "
+        "saved or filesystem uid differs from its owner's): checkpoint trees whose tasks "
+        "run with one uid and one gid throughout",
+        any_line=True,
+    ),
     Rule(
         "external_unix_socket",
         re.compile(r"External socket is used"),
@@ -213,8 +234,13 @@ def classify(first_error: str | None, log_lines: Sequence[str], op: str) -> tupl
     decides: criu logs the cause first and its consequences after
     ("Dumping FAILED.").  op is "dump", "pre-dump" or "restore": the same
     errno means different things in each (ESRCH during a dump is a process
-    that went away).
+    that went away).  A rule marked any_line wins over all of that when any
+    line of the log matches it.
     """
+    for rule in RULES:
+        applies = rule.any_line and (rule.ops is None or op in rule.ops)
+        if applies and any(rule.pattern.search(line) for line in log_lines):
+            return rule.code, _hint(rule, log_lines)
     if first_error:
         found = _match(first_error, op, log_lines)
         if found:

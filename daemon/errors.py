@@ -336,9 +336,12 @@ class CriuTimeout(CriuFailed):
 
 
 class NoSpace(CriuFailed):
+    """The state dir's filesystem is full: criu's images, or the daemon's own
+    records (SQLite's SQLITE_FULL) and files (ENOSPC) could not be written."""
+
     status = 507
     code = "no_space"
-    title = "No space left for the images"
+    title = "No space left in the state dir"
 
 
 class WrongFdType(CriudError):

@@ -16,6 +16,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # Ids are 24 lowercase hex digits; a distinct shape from most names, and never
 # anything a path could be built from unsafely.
 ID_RE = re.compile(r"[0-9a-f]{24}")
+# The owner part of "owner/name": a uid, or a user name as useradd allows it.
+UID_RE = re.compile(r"[0-9]{1,10}")
+USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?")
 
 
 def new_id() -> str:
@@ -43,3 +46,23 @@ def check_ref(value: str) -> str:
     if is_id(value):
         return value
     return check_name(value)
+
+
+def check_owner(value: str) -> str:
+    """Return value if it can name an owner (a uid or a user name), else raise InvalidName."""
+    # All digits is a uid (useradd refuses numeric user names).
+    pattern = UID_RE if value.isdigit() else USER_RE
+    if pattern.fullmatch(value) is None:
+        raise InvalidName(f"invalid owner {value!r}: give a uid or a user name")
+    return value
+
+
+def split_ref(value: str) -> tuple[str | None, str]:
+    """Validate a checkpoint reference of a request body: "ref" or "owner/ref".
+
+    Returns (owner or None, id-or-name).
+    """
+    owner, sep, ref = value.partition("/")
+    if not sep:
+        return None, check_ref(value)
+    return check_owner(owner), check_ref(ref)

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 from collections.abc import Generator
@@ -37,6 +38,7 @@ from criud.daemon.core import Core
 from criud.daemon.errors import CriudError, CriuUnavailable, HeaderTimeout
 from criud.daemon.fdsock import FdSocketServer
 from criud.daemon.quotas import Pool, Quotas, Ticket, raise_nofile
+from criud.daemon.store import StoreError
 
 log = logging.getLogger("criud")
 
@@ -304,6 +306,11 @@ async def _serve(settings: Settings) -> None:
             f"{e.detail}\ncriud needs criu >= 4.2 passing `criu check`; "
             "run deploy/install-criu (as root) or pass --criu PATH"
         ) from e
+    except StoreError as e:
+        raise StartupError(f"{e}; move it away to start with an empty one") from e
+    except sqlite3.DatabaseError as e:
+        # Damage past the header shows only once the first query reads it.
+        raise StartupError(f"the database {settings.db_path} is unusable: {e}") from e
 
     gid = _group_id(settings.socket_group)
     bound: list[Path] = []

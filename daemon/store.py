@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from criud.daemon.errors import NoSpace
+
 T = TypeVar("T")
 
 # Checkpoint states: dumping -> done | failed | interrupted.
@@ -40,8 +42,15 @@ RESTORE_TRANSITIONS: dict[str, set[str]] = {
     "interrupted": set(),
 }
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS checkpoints (
+# -- schema, by version ---------------------------------------------------------
+# The database carries its schema version in PRAGMA user_version.  MIGRATIONS[v]
+# takes a database from version v to v + 1, in one transaction; SCHEMA_VERSION
+# is where they end.  A schema change appends one step here (and a test that
+# opens the previous release's database): never edit a step that shipped.
+
+# The tables as releases before versioning (user_version 0) created them.
+_V1_TABLES = (
+    """CREATE TABLE IF NOT EXISTS checkpoints (
     id TEXT PRIMARY KEY,
     name TEXT,
     pid INTEGER NOT NULL,
@@ -56,9 +65,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     manifest TEXT,
     error TEXT,
     owner_uid INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS checkpoints_name ON checkpoints(name) WHERE name IS NOT NULL;
-CREATE TABLE IF NOT EXISTS restores (
+)""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS checkpoints_name ON checkpoints(name) "
+    "WHERE name IS NOT NULL",
+    """CREATE TABLE IF NOT EXISTS restores (
     id TEXT PRIMARY KEY,
     checkpoint_id TEXT NOT NULL,
     pid INTEGER,
@@ -72,10 +82,39 @@ CREATE TABLE IF NOT EXISTS restores (
     owner_uid INTEGER NOT NULL,
     proc_start INTEGER,
     ns_pid INTEGER
-);
-"""
-# Columns added after the first release: (table, column, type).
-_MIGRATIONS = (("restores", "ns_pid", "INTEGER"), ("checkpoints", "external_keys", "TEXT"))
+)""",
+)
+# Columns those releases added to older databases: (table, column, type).
+_V1_COLUMNS = (("restores", "ns_pid", "INTEGER"), ("checkpoints", "external_keys", "TEXT"))
+
+
+def _add_column(db: sqlite3.Connection, table: str, column: str, kind: str) -> None:
+    """ALTER TABLE ADD COLUMN, unless the column is there already."""
+    have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+    if column not in have:
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
+def _v0_to_v1(db: sqlite3.Connection) -> None:
+    """An empty file, or a database of a release before versioning: that release's schema."""
+    for statement in _V1_TABLES:
+        db.execute(statement)
+    for table, column, kind in _V1_COLUMNS:
+        _add_column(db, table, column, kind)
+
+
+def _v1_to_v2(db: sqlite3.Connection) -> None:
+    """Names are unique per owner, no longer across users (one user's name hid another's)."""
+    db.execute("DROP INDEX IF EXISTS checkpoints_name")
+    db.execute(
+        "CREATE UNIQUE INDEX checkpoints_owner_name ON checkpoints(owner_uid, name) "
+        "WHERE name IS NOT NULL"
+    )
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1, _v1_to_v2)
+SCHEMA_VERSION = len(MIGRATIONS)
+
 # What a list of checkpoints reads: everything but the manifest, whose fd
 # tables can be large (json.loads of 1,000 of them dominated a list).
 _SUMMARY_COLUMNS = (
@@ -85,7 +124,11 @@ _SUMMARY_COLUMNS = (
 
 
 class NameConflict(Exception):
-    """The unique name index refused an insert."""
+    """The unique (owner, name) index refused an insert."""
+
+
+class StoreError(Exception):
+    """The database cannot be used: not a database, or of a newer schema."""
 
 
 @dataclasses.dataclass
@@ -171,15 +214,50 @@ class Store:
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            # Read before anything writes: a database we cannot use is left
+            # exactly as it was (switching to WAL writes its header).
+            self._check_version(db)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate(db)
+        except sqlite3.DatabaseError as e:
+            db.close()
+            raise StoreError(f"the database {self._path} is unusable: {e}") from e
+        except BaseException:
+            db.close()
+            raise
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        for table, column, kind in _MIGRATIONS:
-            have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._db = db
+
+    def _check_version(self, db: sqlite3.Connection) -> int:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database {self._path} has schema version {version}, newer than this "
+                f"criud's {SCHEMA_VERSION}: run the criud that wrote it, or a newer one"
+            )
+        return version
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring the schema to SCHEMA_VERSION, one step per transaction."""
+        while True:
+            # IMMEDIATE: the version read and the step are one write
+            # transaction, so two openers never run the same step twice.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._check_version(db)
+                if version == SCHEMA_VERSION:
+                    db.execute("COMMIT")
+                    return
+                MIGRATIONS[version](db)
+                # PRAGMA takes no parameters; version is our own int.
+                db.execute(f"PRAGMA user_version = {version + 1}")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         """Close the database and stop its thread."""
@@ -193,9 +271,21 @@ class Store:
         self._pool.shutdown(wait=True)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a store method on the store's thread, off the event loop."""
+        """Run a store method on the store's thread, off the event loop.
+
+        A full disk is the caller's 507, not a 500: SQLite rolls the failed
+        statement back, so nothing half-written stays behind.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode & 0xFF != sqlite3.SQLITE_FULL:
+                raise
+            raise NoSpace(
+                f"the daemon's database ({self._path}) cannot grow: its filesystem is full",
+                hint="free space in the daemon's state dir and retry",
+            ) from e
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -240,12 +330,23 @@ class Store:
             [*(_dump(k, v) for k, v in changes.items()), row_id],
         )
 
-    def get_checkpoint(self, ref: str) -> CheckpointRecord | None:
-        """Look a checkpoint up by id, then by name."""
+    def get_checkpoint(self, ckpt_id: str) -> CheckpointRecord | None:
+        """Look a checkpoint up by id."""
+        row = self.db.execute("SELECT * FROM checkpoints WHERE id=?", (ckpt_id,)).fetchone()
+        return CheckpointRecord(**_load(row)) if row is not None else None
+
+    def find_checkpoint(
+        self, ref: str, name_owner: int, id_owner: int | None = None
+    ) -> CheckpointRecord | None:
+        """Look a checkpoint up by id (id_owner's, or anyone's if None), then by name.
+
+        A name is looked up among name_owner's checkpoints only: names are
+        unique per owner, and one user's name never stands for another's.
+        """
         row = self.db.execute(
-            "SELECT * FROM checkpoints WHERE id=? UNION ALL "
-            "SELECT * FROM checkpoints WHERE name=? LIMIT 1",
-            (ref, ref),
+            "SELECT * FROM checkpoints WHERE id=?1 AND (?2 IS NULL OR owner_uid=?2) "
+            "UNION ALL SELECT * FROM checkpoints WHERE owner_uid=?3 AND name=?1 LIMIT 1",
+            (ref, id_owner, name_owner),
         ).fetchone()
         return CheckpointRecord(**_load(row)) if row is not None else None
 

@@ -52,6 +52,14 @@ def test_parse_signal_unicode_digits(value: str) -> None:
         parse_signal(value)
 
 
+@pytest.mark.parametrize("value", ["9" * 5000, "0" * 17, "SIG" + "X" * 5000])
+def test_parse_signal_too_long(value: str) -> None:
+    # int() of 5,000 digits raises ValueError (Python's digit limit): a 500.
+    with pytest.raises(InvalidRequest) as ei:
+        parse_signal(value)
+    assert ei.value.status == 422 and len(ei.value.detail) < 100
+
+
 # -- the real app with a stand-in core ------------------------------------------
 
 

@@ -62,6 +62,8 @@ def test_real_logs(path: Path) -> None:
         ("file_size_changed", "inherit_fds"),
         ("permission_denied", "another uid"),
         ("permission_denied-read_only", "read-only"),
+        ("permission_denied-ptrace_setgid", "setgid"),
+        ("permission_denied-ptrace_saved_uid0", "saved"),
     ],
 )
 def test_hints_name_the_fix(path: str, needle: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from criud.daemon.errors import InvalidName
-from criud.daemon.names import check_name, check_ref, is_id, new_id
+from criud.daemon.names import check_name, check_ref, is_id, new_id, split_ref
 
 
 @pytest.mark.parametrize(
@@ -89,3 +89,24 @@ def test_id_with_newline_is_not_an_id() -> None:
     assert not is_id("0123456789abcdef01234567\n")
     with pytest.raises(InvalidName):
         check_ref("0123456789abcdef01234567\n")
+
+
+@pytest.mark.parametrize(
+    ("ref", "want"),
+    [
+        ("web", (None, "web")),
+        ("1000/web", ("1000", "web")),
+        ("alice/web", ("alice", "web")),
+        ("svc_x$/0123456789abcdef01234567", ("svc_x$", "0123456789abcdef01234567")),
+    ],
+)
+def test_split_ref(ref: str, want: tuple[str | None, str]) -> None:
+    assert split_ref(ref) == want
+
+
+@pytest.mark.parametrize(
+    "ref", ["/web", "alice/", "a/b/c", "../web", "./web", "alice/..", "-x/web", "1" * 11 + "/web"]
+)
+def test_split_ref_refuses(ref: str) -> None:
+    with pytest.raises(InvalidName):
+        split_ref(ref)

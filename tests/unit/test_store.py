@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from criud.daemon.errors import NoSpace
 from criud.daemon.names import new_id
 from criud.daemon.store import (
     CHECKPOINT_TRANSITIONS,
@@ -56,8 +58,8 @@ def test_insert_get_by_id_and_name(store: Store) -> None:
     rec = ckpt("web")
     store.insert_checkpoint(rec)
     assert store.get_checkpoint(rec.id) == rec
-    assert store.get_checkpoint("web") == rec
-    assert store.get_checkpoint("other") is None
+    assert store.find_checkpoint("web", 1000) == rec
+    assert store.find_checkpoint("other", 1000) is None
     assert store.get_checkpoint(new_id()) is None
 
 
@@ -94,6 +96,21 @@ def test_name_conflict(store: Store) -> None:
     store.insert_checkpoint(ckpt(None))
     store.insert_checkpoint(ckpt(None))
     assert len(store.list_checkpoints()) == 3
+
+
+def test_names_are_unique_per_owner(store: Store) -> None:
+    mine, theirs = ckpt("web"), dataclasses.replace(ckpt("web"), owner_uid=2000)
+    store.insert_checkpoint(mine)
+    store.insert_checkpoint(theirs)
+    assert store.find_checkpoint("web", 1000) == mine
+    assert store.find_checkpoint("web", 2000) == theirs
+    # root's bare name is root's own: none here.
+    assert store.find_checkpoint("web", 0) is None
+    # An id is found for any owner, or only for id_owner when given.
+    assert store.find_checkpoint(theirs.id, 0) == theirs
+    assert store.find_checkpoint(theirs.id, 1000, id_owner=1000) is None
+    with pytest.raises(NameConflict):
+        store.insert_checkpoint(dataclasses.replace(ckpt("web"), owner_uid=2000))
 
 
 def test_name_freed_by_failure_update(store: Store) -> None:
@@ -148,7 +165,7 @@ def test_list_checkpoints_oldest_first_and_delete(store: Store) -> None:
         store.insert_checkpoint(r)
     assert [r.name for r in store.list_checkpoints()] == ["c1", "c2", "c0"]
     store.delete_checkpoint(recs[1].id)
-    assert store.get_checkpoint("c1") is None
+    assert store.find_checkpoint("c1", 1000) is None
     assert [r.name for r in store.list_checkpoints()] == ["c2", "c0"]
 
 
@@ -211,7 +228,7 @@ def test_interrupt_unfinished(store: Store) -> None:
     assert got.state == "interrupted"
     assert got.name is None
     assert got.finished_at is not None
-    kept = store.get_checkpoint("kept")
+    kept = store.find_checkpoint("kept", 1000)
     assert kept is not None and kept.state == "done"
     r = store.get_restore(r_restoring.id)
     assert r is not None and r.state == "interrupted" and r.finished_at is not None
@@ -220,7 +237,7 @@ def test_interrupt_unfinished(store: Store) -> None:
     # The interrupted dump's name is free again.
     again = ckpt("busy")
     store.insert_checkpoint(again)
-    assert store.get_checkpoint("busy") == again
+    assert store.find_checkpoint("busy", 1000) == again
     # A second call finds only what is unfinished now.
     assert store.interrupt_unfinished() == ([again.id], [])
 
@@ -234,7 +251,7 @@ def test_persists_across_reopen(tmp_path: Path) -> None:
     s2 = Store(tmp_path / "db")
     s2.open()
     try:
-        assert s2.get_checkpoint("p") == rec
+        assert s2.find_checkpoint("p", 1000) == rec
         mode = s2.db.execute("PRAGMA journal_mode").fetchone()[0]
         assert mode == "wal"
     finally:
@@ -246,7 +263,7 @@ def test_run_uses_store_thread(store: Store) -> None:
 
     async def body() -> CheckpointRecord | None:
         await store.run(store.insert_checkpoint, rec)
-        return await store.run(store.get_checkpoint, "async")
+        return await store.run(store.find_checkpoint, "async", 1000)
 
     assert asyncio.run(asyncio.wait_for(body(), 10)) == rec
     # The connection lives on one thread: the work ran there, not on ours.
@@ -262,3 +279,22 @@ def test_closed_store_refuses(tmp_path: Path) -> None:
     s.close()
     with pytest.raises(AssertionError, match="not open"):
         s.get_checkpoint("x")
+
+
+def test_full_database_is_no_space(store: Store) -> None:
+    # max_page_count makes SQLite answer SQLITE_FULL as a full disk does.
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count = {pages}")
+    big = dataclasses.replace(ckpt("big"), labels={"x": "y" * 100_000})
+
+    async def body() -> None:
+        await store.run(store.insert_checkpoint, big)
+
+    with pytest.raises(NoSpace) as e:
+        asyncio.run(asyncio.wait_for(body(), 10))
+    assert (e.value.status, e.value.code) == (507, "no_space")
+    # Nothing half-written, and the store still works.
+    assert store.get_checkpoint(big.id) is None
+    store.db.execute("PRAGMA max_page_count = 1073741823")
+    store.insert_checkpoint(big)
+    assert store.get_checkpoint(big.id) == big
