@@ -212,6 +212,9 @@ class Core:
                 detail += f"; killed the tasks it left: pids {', '.join(map(str, killed))}"
                 if left:
                     detail += f" (not yet reaped: {', '.join(map(str, left))})"
+            elif not info:
+                # Made by the previous release, which recorded nothing to look for.
+                detail += "; no pids were recorded for it, so nothing it left was looked for"
             elif info.get("pidns"):
                 detail += (
                     "; its tree had a pid namespace of its own, whose host pids were never "
@@ -949,7 +952,11 @@ class Core:
         # A tree in its own pid namespace gets host pids nobody knows yet.
         return orphans.plan([] if pidns else pids, uids, pidns)
 
-    def _criu_spawned(self, restore_id: str, plan: dict[str, Any]) -> Callable[[int], Any]:
+    def _criu_spawned(
+        self, restore_id: str, plan: dict[str, Any]
+    ) -> Callable[[int], Awaitable[None]]:
+        """on_spawn for a restore's criu: add its pid and start to the record."""
+
         async def record(criu_pid: int) -> None:
             # Restored tasks are forked by criu, never before it started.
             info = {**plan, "criu_pid": criu_pid, "criu_start": procutil.proc_start(criu_pid)}
