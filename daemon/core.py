@@ -25,11 +25,11 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon import criu_errors, kdat, names, procutil
+from criud.daemon import creds, criu_errors, kdat, names, orphans, procutil
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
-from criud.daemon.criu import Criu, CriuResult
+from criud.daemon.criu import Criu, CriuResult, RunAs
 from criud.daemon.errors import (
     BadFdHandle,
     Busy,
@@ -124,7 +124,7 @@ def _dir_size(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _images_for(path: Path, run_as: tuple[int, int] | None) -> Iterator[tuple[Path, list[int]]]:
+def _images_for(path: Path, run_as: RunAs | None) -> Iterator[tuple[Path, list[int]]]:
     """The images dir as criu should name it, and the fds it must inherit.
 
     As root, criu takes the path.  As a tree's owner it could not traverse
@@ -135,7 +135,7 @@ def _images_for(path: Path, run_as: tuple[int, int] | None) -> Iterator[tuple[Pa
     if run_as is None:
         yield path, []
         return
-    os.chown(path, *run_as)
+    os.chown(path, run_as.uid, run_as.gid)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         yield Path(f"/proc/self/fd/{fd}"), [fd]
@@ -209,9 +209,10 @@ class Core:
         await asyncio.to_thread(self.prepare_dirs)
         await asyncio.to_thread(self.store.open)
         self.audit.start()
-        ck, rs = await self.store.run(self.store.interrupt_unfinished)
-        if ck or rs:
-            log.warning("marked interrupted: checkpoints %s, restores %s", ck, rs)
+        ck = await self.store.run(self.store.interrupt_unfinished)
+        if ck:
+            log.warning("marked interrupted: checkpoints %s", ck)
+        await self._fail_unfinished_restores()
         await asyncio.to_thread(self._remove_tmp_dirs)
         await self._reconcile_dirs()
         self.reaper.start()
@@ -221,6 +222,41 @@ class Core:
         for entry in os.scandir(self.settings.checkpoints_dir):
             if entry.name.startswith(TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
+
+    async def _fail_unfinished_restores(self) -> None:
+        """Kill what restores a killed daemon left half-done, and fail their records.
+
+        See criud.daemon.orphans for how the tasks are recognised and what is
+        not covered (trees rooted in their own pid namespace).
+        """
+        for r in await self.store.run(self.store.list_restores, "restoring"):
+            info = r.tree_pids or {}
+            killed, left = await asyncio.to_thread(
+                orphans.kill_leftovers, info, max(self.settings.pid_wait_s, 5.0)
+            )
+            detail = f"the daemon restarted while criu restored checkpoint {r.checkpoint_id}"
+            if killed:
+                detail += f"; killed the tasks it left: pids {', '.join(map(str, killed))}"
+                if left:
+                    detail += f" (not yet reaped: {', '.join(map(str, left))})"
+            elif not info:
+                # Made by the previous release, which recorded nothing to look for.
+                detail += "; no pids were recorded for it, so nothing it left was looked for"
+            elif info.get("pidns"):
+                detail += (
+                    "; its tree had a pid namespace of its own, whose host pids were never "
+                    "reported: any task left behind cannot be identified and was not killed"
+                )
+            else:
+                detail += "; it left no task behind"
+            log.warning("restore %s: %s", r.id, detail)
+            await self.store.run(
+                self.store.update_restore,
+                r.id,
+                state="failed",
+                finished_at=time.time(),
+                error={"code": "daemon_restarted", "detail": detail, "killed_pids": killed},
+            )
 
     async def _reconcile_dirs(self) -> None:
         """Make the checkpoints dir agree with the records after a crash.
@@ -481,9 +517,9 @@ class Core:
             if spec.oci_bundle is not None and not caller.is_root:
                 # Restoring a bundle writes mountpoints into its rootfs as root.
                 raise PermissionDenied("OCI bundles are for root callers only")
-            # Ownership first: a refused caller leaves no record behind.
-            uids = await asyncio.to_thread(self._tree_uids, pid)
-            self._check_owner(uids, caller, f"checkpoint of pid {pid}")
+            # Ownership (and uniform ids) first: a refused caller leaves no
+            # record behind, and nothing is frozen.
+            await self._tree_creds(pid, caller)
             if pid in self._busy_pids:
                 raise Busy(f"pid {pid} is being checkpointed already", pid=pid)
             self._busy_pids.add(pid)
@@ -541,43 +577,27 @@ class Core:
         theirs = procutil.namespaces(pid)
         return {ns: ino for ns, ino in theirs.items() if mine.get(ns) != ino}
 
-    @staticmethod
-    def _tree_uids(pid: int) -> dict[int, tuple[int, int]]:
-        """Real and effective uid of every task in the tree of pid."""
-        out: dict[int, tuple[int, int]] = {}
-        for p in fdinfo.tree_pids(pid):
-            try:
-                with open(f"/proc/{p}/status", encoding="ascii") as f:
-                    for line in f:
-                        if line.startswith("Uid:"):
-                            real, eff = (int(x) for x in line.split()[1:3])
-                            out[p] = (real, eff)
-                            break
-            except FileNotFoundError:
-                continue
-        return out
-
-    @staticmethod
-    def _check_owner(uids: dict[int, tuple[int, int]], caller: Caller, what: str) -> None:
-        """A non-root caller may act only on trees whose every task is its own."""
-        if caller.is_root:
-            return
-        for p, (real, eff) in uids.items():
-            if real != caller.uid or eff != caller.uid:
-                raise PermissionDenied(
-                    f"{what}: pid {p} runs as uid {real}/{eff}, not {caller.uid}",
-                    pid=int(p),
-                )
-
-    def _run_as(self, uids: dict[int, tuple[int, int]], gid: int) -> tuple[int, int] | None:
-        """The uid/gid criu must run as for this tree (None: as root)."""
-        owners = {u for pair in uids.values() for u in pair}
-        if self.criu.unprivileged_for_users and len(owners) == 1 and 0 not in owners:
-            return (owners.pop(), gid)
-        return None
+    async def _tree_creds(
+        self, pid: int, caller: Caller
+    ) -> tuple[dict[int, creds.TaskCreds], RunAs | None]:
+        """Every task's ids, checked for caller; and what criu must run as (None: root)."""
+        tree = await asyncio.to_thread(creds.read_tree, pid)
+        if not tree:
+            raise ProcessNotFound(f"pid {pid} exited", pid=pid)
+        run_as = creds.choose_run_as(
+            tree, caller, not self.criu.unprivileged_for_users, f"checkpoint of pid {pid}"
+        )
+        return tree, run_as
 
     async def _dump(self, spec: CheckpointSpec, caller: Caller, start: int) -> CheckpointRecord:
         pid, opts = spec.pid, spec.options
+        try:
+            tasks = await asyncio.to_thread(fdinfo.read_tree, pid)
+        except (ProcessLookupError, FileNotFoundError):
+            raise ProcessNotFound(f"pid {pid} exited", pid=pid) from None
+        # Read again after the tree walk (a task may have forked since), and
+        # before the record: a refusal leaves nothing behind.
+        tree_creds, run_as = await self._tree_creds(pid, caller)
         ckpt_id = names.new_id()
         rec = CheckpointRecord(
             id=ckpt_id,
@@ -601,19 +621,10 @@ class Core:
             # We generated ckpt_id; mkdir (not makedirs) never follows a link
             # at the last component and fails if anything is already there.
             os.mkdir(tmp, 0o700)
-            try:
-                tasks = await asyncio.to_thread(fdinfo.read_tree, pid)
-                # Read again with the tree walk: a task may have forked since.
-                uids = await asyncio.to_thread(self._tree_uids, pid)
-                gid = os.stat(f"/proc/{pid}").st_gid
-            except (ProcessLookupError, FileNotFoundError):
-                raise ProcessNotFound(f"pid {pid} exited", pid=pid) from None
-            self._check_owner(uids, caller, f"checkpoint of pid {pid}")
             manifest = mf.build(tasks, opts.external)
             manifest["pids"] = sorted({tid for t in tasks for tid in [t.pid, *t.tids]})
-            manifest["uids"] = {str(p): list(u) for p, u in uids.items()}
-            run_as = self._run_as(uids, gid)
-            manifest["run_as"] = list(run_as) if run_as else None
+            # uids, gids (all four of each, by tid), groups and run_as.
+            manifest.update(creds.to_manifest(tree_creds, run_as))
             own_ns = self._own_namespaces(pid)
             manifest["namespaces"] = own_ns
             # The tree is the init of a pid namespace of its own: its image
@@ -904,8 +915,8 @@ class Core:
             )
         manifest = ckpt.manifest or {"tasks": [], "external": []}
         # A non-root caller restores only trees that ran as itself.
-        self._check_owner(
-            {int(p): (u[0], u[1]) for p, u in (manifest.get("uids") or {}).items()},
+        creds.check_owner(
+            {int(p): u for p, u in (manifest.get("uids") or {}).items()},
             caller,
             f"restore of checkpoint {ckpt.id}",
         )
@@ -1044,6 +1055,31 @@ class Core:
             self.reaper.sweep()
             await asyncio.sleep(0.05)
 
+    @staticmethod
+    def _orphan_plan(
+        manifest: dict[str, Any], pids: Sequence[int], run_as: RunAs | None
+    ) -> dict[str, Any]:
+        """The restore's record of what it will create (see criud.daemon.orphans)."""
+        pidns = bool(manifest.get("pidns_init"))
+        # A restored task holds criu's uid until the restorer gives it its
+        # own: either may be what a killed restore left.
+        uids = {run_as.uid if run_as else os.getuid()}
+        uids.update(u for ids in (manifest.get("uids") or {}).values() for u in ids)
+        # A tree in its own pid namespace gets host pids nobody knows yet.
+        return orphans.plan([] if pidns else pids, uids, pidns)
+
+    def _criu_spawned(
+        self, restore_id: str, plan: dict[str, Any]
+    ) -> Callable[[int], Awaitable[None]]:
+        """on_spawn for a restore's criu: add its pid and start to the record."""
+
+        async def record(criu_pid: int) -> None:
+            # Restored tasks are forked by criu, never before it started.
+            info = {**plan, "criu_pid": criu_pid, "criu_start": procutil.proc_start(criu_pid)}
+            await self.store.run(self.store.update_restore, restore_id, tree_pids=info)
+
+        return record
+
     async def _run_restore(
         self,
         ckpt: CheckpointRecord,
@@ -1065,19 +1101,22 @@ class Core:
             await self._wait_pids_free(pids)
 
         restore_id = names.new_id()
+        run_as = creds.run_as_of(ckpt.manifest or {})
+        # Before criu runs: what it will create, so a restarted daemon can
+        # find and kill what a killed one left (criud.daemon.orphans).
+        plan = self._orphan_plan(ckpt.manifest or {}, pids, run_as)
         rec = RestoreRecord(
             id=restore_id,
             checkpoint_id=ckpt.id,
             state="restoring",
             started_at=time.time(),
             owner_uid=caller.uid,
+            tree_pids=plan,
         )
         await self.store.run(self.store.insert_restore, rec)
         pidfile = images_dir / PIDFILE
         opts = DumpOptions.from_dict(ckpt.options)
         lock = (ckpt.manifest or {}).get("network_lock")
-        run_as_list = (ckpt.manifest or {}).get("run_as")
-        run_as = (int(run_as_list[0]), int(run_as_list[1])) if run_as_list else None
         procs_files: list[str] = []
         if cgroup is not None:
             procs_files = await asyncio.to_thread(self._make_cgroups, cgroup)
@@ -1115,6 +1154,7 @@ class Core:
                     pass_fds=[*(fd for fd, _ in inherit), *keep, *extra_fds],
                     run_as=run_as,
                     cgroup_procs=procs_files,
+                    on_spawn=self._criu_spawned(restore_id, plan),
                 )
                 if not result.ok:
                     err = await self._criu_error(

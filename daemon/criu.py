@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +108,21 @@ def has_cap(cap: int) -> bool:
     return False
 
 
+@dataclasses.dataclass(frozen=True)
+class RunAs:
+    """The credentials criu runs with for a tree dumped as its owner."""
+
+    uid: int
+    gid: int
+    # The tree's supplementary groups, sorted as the kernel keeps them.
+    # criu's restorer skips setgroups when its own list already matches the
+    # image's, and criu as a user has no CAP_SETGID to call it: so criu must
+    # run with exactly these.
+    groups: tuple[int, ...] = ()
+
+
 def wrap_argv(
-    setpriv: str | None, criu: str, argv: Sequence[str], run_as: tuple[int, int] | None
+    setpriv: str | None, criu: str, argv: Sequence[str], run_as: RunAs | None
 ) -> list[str]:
     """The full command line: criu, under setpriv when we have it.
 
@@ -124,11 +137,13 @@ def wrap_argv(
         return [criu, *argv]
     cmd = [setpriv, "--pdeathsig", "KILL"]
     if run_as is not None:
-        uid, gid = run_as
+        groups = (
+            f"--groups={','.join(map(str, run_as.groups))}" if run_as.groups else "--clear-groups"
+        )
         cmd += [
-            f"--reuid={uid}",
-            f"--regid={gid}",
-            "--clear-groups",
+            f"--reuid={run_as.uid}",
+            f"--regid={run_as.gid}",
+            groups,
             f"--inh-caps={UNPRIVILEGED_CAPS}",
             f"--ambient-caps={UNPRIVILEGED_CAPS}",
         ]
@@ -220,14 +235,17 @@ class Criu:
         argv: Sequence[str],
         log_path: Path,
         pass_fds: Sequence[int] = (),
-        run_as: tuple[int, int] | None = None,
+        run_as: RunAs | None = None,
         cgroup_procs: Sequence[str] = (),
         watch_pid: int | None = None,
+        on_spawn: Callable[[int], Awaitable[None]] | None = None,
     ) -> CriuResult:
         """Run `criu *argv`, logging to log_path, handing over exactly pass_fds.
 
         watch_pid is the process a dump works on: once it is gone, criu gets
         gone_grace_s to finish before it is killed (CriuResult.stopped).
+        on_spawn is awaited with criu's pid once it runs (a restore records
+        it, so a daemon killed mid-restore can find what criu left).
 
         The child's stdin is /dev/null and its stdout/stderr go to the same log
         criu writes with -o, so nothing criu prints is lost.  close_fds=True
@@ -241,7 +259,7 @@ class Criu:
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         if run_as is not None:
             # criu reopens its -o log by path, as the tree's owner.
-            os.fchown(log_fd, *run_as)
+            os.fchown(log_fd, run_as.uid, run_as.gid)
         # Opened before criu starts, so a pid reused later cannot be mistaken
         # for the target; a target already gone is criu's to report.
         target: int | None = None
@@ -277,12 +295,15 @@ class Criu:
                 os.close(log_fd)
             self.running.add(proc.pid)
         try:
+            if on_spawn is not None:
+                await on_spawn(proc.pid)
             stopped = await self._wait(proc, target)
             rc = proc.returncode
             assert rc is not None
-        except asyncio.CancelledError:
-            # The caller gave up (shutdown, client gone): never leave a criu
-            # behind.  A killed dump leaves its target running (measured).
+        except BaseException:
+            # The caller gave up (shutdown, client gone) or on_spawn failed:
+            # never leave a criu behind.  A killed dump leaves its target
+            # running (measured).
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await asyncio.shield(proc.wait())

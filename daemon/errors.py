@@ -110,6 +110,21 @@ class PermissionDenied(CriudError):
     title = "Permission denied"
 
 
+class MixedCredentials(PermissionDenied):
+    """A caller's tree whose tasks do not all hold one uid, one gid (and groups)."""
+
+    code = "mixed_credentials"
+    title = "The tree's tasks hold mixed uids or gids"
+
+
+class NeedsCapSysResource(CriudError):
+    """A tree only root's criu could dump, where root lacks CAP_SYS_RESOURCE."""
+
+    status = 422
+    code = "needs_cap_sys_resource"
+    title = "Root's criu cannot dump this tree here"
+
+
 class ProcessNotFound(CriudError):
     status = 404
     code = "process_not_found"

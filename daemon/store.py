@@ -112,7 +112,12 @@ def _v1_to_v2(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1, _v1_to_v2)
+def _v2_to_v3(db: sqlite3.Connection) -> None:
+    """Restores record, before criu runs, the tasks they will create (crash recovery)."""
+    _add_column(db, "restores", "tree_pids", "TEXT")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1, _v1_to_v2, _v2_to_v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # What a list of checkpoints reads: everything but the manifest, whose fd
@@ -168,9 +173,12 @@ class RestoreRecord:
     # The root's pid inside its own pid namespace (== pid on the host when
     # the tree shares the daemon's).
     ns_pid: int | None = None
+    # What a restore will create, recorded before criu runs (criud.daemon.
+    # orphans.plan): how a restarted daemon finds what a killed one left.
+    tree_pids: dict[str, Any] | None = None
 
 
-_JSON_FIELDS = {"options", "labels", "stats", "manifest", "error", "external_keys"}
+_JSON_FIELDS = {"options", "labels", "stats", "manifest", "error", "external_keys", "tree_pids"}
 
 
 def _dump(field: str, value: Any) -> Any:
@@ -361,22 +369,22 @@ class Store:
         self.generation += 1
         self.db.execute("DELETE FROM checkpoints WHERE id=?", (ckpt_id,))
 
-    def interrupt_unfinished(self) -> tuple[list[str], list[str]]:
-        """Mark operations a previous daemon left half-done as interrupted."""
+    def interrupt_unfinished(self) -> list[str]:
+        """Mark dumps a previous daemon left half-done as interrupted; return their ids.
+
+        Restores left `restoring` are not touched here: the daemon first
+        kills what each left (criud.daemon.orphans), then fails it through
+        update_restore.
+        """
         self.generation += 1
         now = time.time()
         ck = [r["id"] for r in self.db.execute("SELECT id FROM checkpoints WHERE state='dumping'")]
-        rs = [r["id"] for r in self.db.execute("SELECT id FROM restores WHERE state='restoring'")]
         self.db.execute(
             "UPDATE checkpoints SET state='interrupted', name=NULL, finished_at=? "
             "WHERE state='dumping'",
             (now,),
         )
-        self.db.execute(
-            "UPDATE restores SET state='interrupted', finished_at=? WHERE state='restoring'",
-            (now,),
-        )
-        return ck, rs
+        return ck
 
     # -- restores ---------------------------------------------------------------
 

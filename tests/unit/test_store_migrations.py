@@ -64,7 +64,7 @@ def _version(path: Path) -> int:
 
 
 def test_every_version_has_one_step() -> None:
-    assert len(MIGRATIONS) == SCHEMA_VERSION == 2
+    assert len(MIGRATIONS) == SCHEMA_VERSION == 3
 
 
 def test_previous_release_database_migrates_and_keeps_its_records(tmp_path: Path) -> None:

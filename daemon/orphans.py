@@ -1,0 +1,116 @@
+"""What a restore leaves behind when the daemon dies under it, and its removal.
+
+criu runs under setpriv --pdeathsig KILL, so a SIGKILLed daemon takes criu
+with it; but the tasks criu had already forked stay, frozen in criu's
+restorer with their memory half filled, reparented to init, and their pids
+block every later restore of the same images (pid_in_use).
+
+So before criu runs, a restore records a plan: the pids the restore will
+create (the image's pids, for trees whose pids are kept), when it began, in
+the clock /proc/<pid>/stat's starttime uses (clock ticks since boot), and
+the uids its tasks may hold; then criu's own pid and start once spawned.
+At start-up the daemon kills, through pidfds, the tasks that match that
+plan: one of the recorded pids, started after the restore began (after
+criu started, when that is known), owned by one of the recorded uids.  A
+process that merely reused such a pid started earlier, or as someone else,
+and is left alone.
+
+Not covered: a tree rooted in its own pid namespace (manifest pidns_init)
+gets host pids criu reports only once it is done, so none are known before
+criu runs.  Once criu is dead nothing ties the leftover tasks to this
+restore (they were reparented; their sessions and pids are namespace-local),
+and guessing by start time and uid could kill an unrelated process, so such
+leftovers are not killed; the record says so.  criu itself, if still alive,
+is killed when its pid and start time match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from criud.daemon import procutil
+
+
+def boot_ticks() -> int:
+    """Now, in the clock of /proc/<pid>/stat's starttime: clock ticks since boot."""
+    hz = os.sysconf("SC_CLK_TCK")
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) * hz // 1_000_000_000
+
+
+def plan(pids: Sequence[int], uids: Iterable[int], pidns: bool) -> dict[str, Any]:
+    """What to record before criu runs, to recognise the restore's tasks later."""
+    return {
+        "pids": sorted(pids),
+        "uids": sorted(set(uids)),
+        "since": boot_ticks(),
+        "pidns": pidns,
+    }
+
+
+def _real_uid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _is_ours(pid: int, since: int, uids: set[int]) -> bool:
+    start = procutil.proc_start(pid)
+    return start is not None and start >= since and _real_uid(pid) in uids
+
+
+def _kill_pinned(pid: int, check: Any) -> int | None:
+    """SIGKILL pid through a pidfd if check(pid) holds once pinned; its start, or None."""
+    try:
+        fd = procutil.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        # Gone, or a thread that is not a group leader (EINVAL): its leader
+        # is in the list too, and takes its threads with it.
+        return None
+    try:
+        # Checked after the pidfd pins the process: a pid reused between the
+        # check and the kill cannot be hit.
+        start = procutil.proc_start(pid)
+        if start is None or not check(pid):
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return start
+    finally:
+        os.close(fd)
+
+
+def kill_leftovers(info: Mapping[str, Any], timeout_s: float) -> tuple[list[int], list[int]]:
+    """Kill what a killed restore left; return (killed pids, pids still there at timeout)."""
+    killed: dict[int, int] = {}
+    criu_pid, criu_start = info.get("criu_pid"), info.get("criu_start")
+    if criu_pid is not None and criu_start is not None:
+        # criu normally died with the daemon (pdeathsig); without setpriv it
+        # may not have.  Only the very process: same pid, same start.
+        start = _kill_pinned(int(criu_pid), lambda p: procutil.proc_start(p) == criu_start)
+        if start is not None:
+            killed[int(criu_pid)] = start
+    # The restored tasks are forked by criu: none started before it did.
+    since = int(criu_start if criu_start is not None else info.get("since", 0))
+    uids = {int(u) for u in info.get("uids", ())}
+    for pid in info.get("pids", ()):
+        start = _kill_pinned(int(pid), lambda p: _is_ours(p, since, uids))
+        if start is not None:
+            killed[int(pid)] = start
+    # Killed tasks are zombies until init reaps them (about once a second
+    # here); their pids are free only then.
+    deadline = time.monotonic() + timeout_s
+    left = list(killed)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if procutil.proc_start(p) == killed[p]]
+    return sorted(killed), left
