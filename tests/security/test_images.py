@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -328,7 +329,7 @@ def test_overwritten_pidfile_never_gets_root_process_killed(
                 assert victim.poll() is None, "root's process was killed through bob's restore"
                 assert st2 == 200, body
                 assert r["pid"] == ck["pid"], (r, ck["pid"])
-                wait_for(lambda: pid_gone(r["pid"]), 10, what="restored pid to be reaped")
+                wait_for(partial(pid_gone, int(r["pid"])), 10, what="restored pid to be reaped")
             else:
                 assert 400 <= st < 500 and r["code"], r
             assert proc_state(victim.pid) in ("S", "R")
