@@ -687,18 +687,19 @@ class Core:
     def _keep_log_only(tmp: Path, final: Path, log_fd: int) -> None:
         """After a failed dump: drop the partial images, keep criu's log.
 
-        The log is copied from the daemon's own fd into a fresh file of the
-        root-only final dir: nothing in tmp, which the owner could write, is
-        opened or moved by name.
+        The log is the daemon's own file, named again in the root-only final
+        dir by linking its open fd: nothing in tmp, which the owner could
+        write, is opened or moved by name, and a full disk needs no copy.
         """
         os.mkdir(final, 0o700)
         dfd = imgdir.open_dir(final)
         try:
-            out = imgdir.create_log(dfd, DUMP_LOG)
-            try:
-                os.write(out, imgdir.read_fd(log_fd, LOG_CAP, tail=True))
-            finally:
-                os.close(out)
+            # A dst_dir_fd makes this linkat(AT_SYMLINK_FOLLOW), which links
+            # the file behind the magic link (plain link() would link the
+            # /proc symlink itself and fail with EXDEV).
+            os.link(f"/proc/self/fd/{log_fd}", DUMP_LOG, dst_dir_fd=dfd, follow_symlinks=True)
+        except OSError as e:
+            log.warning("cannot keep the log of the failed dump in %s: %s", final, e)
         finally:
             os.close(dfd)
         shutil.rmtree(tmp, ignore_errors=True)
