@@ -34,15 +34,15 @@ WRAP = [
     "criud.daemon.core.Core._restore",
     "criud.daemon.core.Core._run_restore",
     "criud.daemon.core.Core._wait_pids_free",
-    "criud.daemon.core.Core._read_stats",
+    "criud.daemon.core._read_stats",
     "criud.daemon.core.Core.get_checkpoint",
     "criud.daemon.core.Core.delete_checkpoint",
     "criud.daemon.criu.Criu.run",
     "criud.daemon.store.Store.run",
     "criud.dump.fds.read_tree",
-    "criud.dump.images.read_pstree",
+    "criud.dump.images.parse_pstree",
     "criud.dump.manifest.build",
-    "criud.daemon.core._dir_size",
+    "criud.daemon.imgdir.seal",
 ]
 
 _records: dict[str, list[float]] = collections.defaultdict(list)
@@ -134,7 +134,7 @@ def daemon_main() -> None:
         r = _resolve(dotted)
         if r is not None:
             _wrap(r[0], r[1], dotted.rsplit(".", 2)[-2] + "." + dotted.rsplit(".", 1)[-1])
-    # core calls fdinfo.read_tree, images.read_pstree, _dir_size through
+    # core calls fdinfo.read_tree, images.parse_pstree, imgdir.seal through
     # module attributes, so patching the attributes is enough.
     atexit.register(lambda: Path(out).write_text(json.dumps(_records)))
     from criud.daemon.cli import main

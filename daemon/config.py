@@ -72,5 +72,10 @@ class Settings:
         return self.state_dir / "checkpoints"
 
     @property
+    def run_dir(self) -> Path:
+        """Per-restore work dirs for criu (-W): its pidfile and stats, never in the images."""
+        return self.state_dir / "run"
+
+    @property
     def db_path(self) -> Path:
         return self.state_dir / "criud.db"

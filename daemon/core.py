@@ -21,20 +21,21 @@ import resource
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon import creds, criu_errors, kdat, names, orphans, procutil
+from criud.daemon import creds, criu_errors, imgdir, kdat, names, orphans, procutil
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
-from criud.daemon.criu import Criu, CriuResult, RunAs
+from criud.daemon.criu import Criu, CriuResult, LogFile, RunAs
 from criud.daemon.errors import (
     BadFdHandle,
     Busy,
     CheckpointNotFound,
     CheckpointNotReady,
+    CheckpointTampered,
     CriudError,
     CriuTimeout,
     InvalidBundle,
@@ -48,6 +49,7 @@ from criud.daemon.errors import (
     ProcessGone,
     ProcessNotFound,
     RestoreNotFound,
+    RestoreUnverified,
     ShuttingDown,
     WrongFdType,
 )
@@ -74,6 +76,12 @@ TMP_PREFIX = ".tmp-"
 # Below this much free space, a criu failure without a recognisable error
 # line is taken for a full disk (criu cannot write that line either).
 _FULL_BYTES = 1 << 20
+# Bounds on what the daemon reads from an images dir (a pstree of some
+# 100,000 tasks stays far below its cap).
+LOG_CAP = 16 << 20
+PSTREE_CAP = 16 << 20
+STATS_CAP = 1 << 20
+PIDFILE_CAP = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,32 +123,45 @@ def check_cgroup(path: str, parent: str) -> str:
     return "/" + "/".join(parts)
 
 
-def _dir_size(path: Path) -> int:
-    total = 0
-    for entry in os.scandir(path):
-        if entry.is_file(follow_symlinks=False):
-            total += entry.stat(follow_symlinks=False).st_size
-    return total
-
-
-@contextlib.contextmanager
-def _images_for(path: Path, run_as: RunAs | None) -> Iterator[tuple[Path, list[int]]]:
-    """The images dir as criu should name it, and the fds it must inherit.
+def _images_for(
+    path: Path, fd: int, run_as: RunAs | None, writable: bool
+) -> tuple[Path, list[int]]:
+    """The images dir (open at fd) as criu should name it, and the fds it must inherit.
 
     As root, criu takes the path.  As a tree's owner it could not traverse
-    the 0700 state dir, so the dir (chowned to the owner) is handed over as
-    an open fd and named /proc/self/fd/N: a magic link, which needs no search
-    permission on the path it came from.
+    the 0700 state dir, so the dir is handed over as its open fd and named
+    /proc/self/fd/N: a magic link, which needs no search permission on the
+    path it came from.  writable (a dump): the dir, which the daemon made
+    for this dump, is chowned to the owner; a restore reads the sealed dir.
     """
     if run_as is None:
-        yield path, []
-        return
-    os.chown(path, run_as.uid, run_as.gid)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        return path, []
+    if writable:
+        os.fchown(fd, run_as.uid, run_as.gid)
+    return Path(f"/proc/self/fd/{fd}"), [fd]
+
+
+def _tampered(ckpt_id: str, e: imgdir.UnsafeEntry) -> CheckpointTampered:
+    return CheckpointTampered(
+        f"checkpoint {ckpt_id}: {e}; a criu images dir holds only regular files "
+        "the daemon or criu made, so it was tampered with and is not used",
+        checkpoint=ckpt_id,
+    )
+
+
+def _parse_pid(data: bytes) -> int | None:
+    """The pid in a pidfile criu wrote ("1234", no newline), or None."""
+    m = re.fullmatch(rb"\s*([1-9][0-9]{0,9})\s*", data)
+    return int(m.group(1)) if m else None
+
+
+def _read_stats(dirfd: int, name: str) -> dict[str, int]:
+    """criu's stats file `name` of dirfd as counters; {} when missing or unreadable."""
     try:
-        yield Path(f"/proc/self/fd/{fd}"), [fd]
-    finally:
-        os.close(fd)
+        return images.parse_stats(imgdir.read_small(dirfd, name, STATS_CAP), name)
+    except (OSError, imgdir.UnsafeEntry, images.ImageError) as e:
+        log.warning("cannot read %s: %s", name, e)
+        return {}
 
 
 def _uid_of(owner: str) -> int | None:
@@ -194,8 +215,8 @@ class Core:
     # -- lifecycle ----------------------------------------------------------------
 
     def prepare_dirs(self) -> None:
-        """Create the state dir (0700) and its checkpoints dir; sync, at start-up."""
-        for d in (self.settings.state_dir, self.settings.checkpoints_dir):
+        """Create the state dir (0700), its checkpoints and run dirs; sync, at start-up."""
+        for d in (self.settings.state_dir, self.settings.checkpoints_dir, self.settings.run_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
 
@@ -222,6 +243,12 @@ class Core:
         for entry in os.scandir(self.settings.checkpoints_dir):
             if entry.name.startswith(TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
+        # Run dirs of restores a previous daemon did not finish (rmtree never
+        # follows a link, whoever owns what is inside).
+        try:
+            imgdir.clear_dir(self.settings.run_dir)
+        except OSError as e:
+            log.warning("cannot clear %s: %s", self.settings.run_dir, e)
 
     async def _fail_unfinished_restores(self) -> None:
         """Kill what restores a killed daemon left half-done, and fail their records.
@@ -276,10 +303,16 @@ class Core:
                 if rec is None:
                     shutil.rmtree(entry.path, ignore_errors=True)
                 elif rec.state != "done":
-                    for f in os.scandir(entry.path):
-                        if f.name not in (DUMP_LOG, RESTORE_LOG):
-                            with contextlib.suppress(OSError):
-                                os.unlink(f.path)
+                    # Through the dir's fd: a dir of the previous release may
+                    # be a user's, with anything planted in it.
+                    try:
+                        fd = imgdir.open_dir(Path(entry.path))
+                        try:
+                            imgdir.keep_only(fd, (DUMP_LOG, RESTORE_LOG))
+                        finally:
+                            os.close(fd)
+                    except OSError as e:
+                        log.warning("cannot clean %s: %s", entry.path, e)
 
         await asyncio.to_thread(sweep)
 
@@ -642,7 +675,14 @@ class Core:
                 lock = None
             if procutil.proc_start(pid) != start:
                 raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
-            with _images_for(tmp, run_as) as (images_arg, keep):
+            tmp_fd = imgdir.open_dir(tmp)
+            log_fd = -1
+            try:
+                # The daemon's own log file, created before the dir is the
+                # owner's: criu gets it as stdout and never opens it by path.
+                log_fd = imgdir.create_log(tmp_fd, DUMP_LOG)
+                log_st = os.fstat(log_fd)
+                images_arg, keep = _images_for(tmp, tmp_fd, run_as, writable=True)
                 argv = dump_argv(
                     pid,
                     images_arg,
@@ -656,25 +696,48 @@ class Core:
                     extra=oci_extra,
                 )
                 result = await self.criu.run(
-                    argv, tmp / DUMP_LOG, pass_fds=keep, run_as=run_as, watch_pid=pid
+                    argv,
+                    LogFile(log_fd, tmp / DUMP_LOG),
+                    pass_fds=keep,
+                    run_as=run_as,
+                    watch_pid=pid,
                 )
-            if not result.ok:
-                # Classify while the log is still where criu wrote it.
-                err = await self._criu_error(f"dump of pid {pid}", result, ckpt_id, "dump")
-                await asyncio.to_thread(self._keep_log_only, tmp, final, DUMP_LOG)
-                await self._settle(
-                    self.store.update_checkpoint,
-                    ckpt_id,
-                    state="failed",
-                    name=None,
-                    finished_at=time.time(),
-                    manifest=manifest,
-                    error={"code": err.code, "detail": err.detail},
-                )
-                finished = True
-                raise err
-            stats = await asyncio.to_thread(self._read_stats, tmp / "stats-dump")
-            size = await asyncio.to_thread(_dir_size, tmp)
+                if not result.ok:
+                    err = await self._criu_error(f"dump of pid {pid}", result, ckpt_id, "dump")
+                    await asyncio.to_thread(self._keep_log_only, tmp, final, log_fd)
+                    await self._settle(
+                        self.store.update_checkpoint,
+                        ckpt_id,
+                        state="failed",
+                        name=None,
+                        finished_at=time.time(),
+                        manifest=manifest,
+                        error={"code": err.code, "detail": err.detail},
+                    )
+                    finished = True
+                    raise err
+                owner = run_as.uid if run_as is not None else 0
+                expect = {DUMP_LOG: (log_st.st_dev, log_st.st_ino)}
+                try:
+                    size, stats = await asyncio.to_thread(
+                        self._seal_dump, ckpt_id, tmp_fd, owner, expect
+                    )
+                except CheckpointTampered as e:
+                    # Thrown away by the finally below; the record says why.
+                    await self._settle(
+                        self.store.update_checkpoint,
+                        ckpt_id,
+                        state="failed",
+                        name=None,
+                        finished_at=time.time(),
+                        manifest=manifest,
+                        error={"code": e.code, "detail": e.detail},
+                    )
+                    raise
+            finally:
+                if log_fd >= 0:
+                    os.close(log_fd)
+                os.close(tmp_fd)
             await asyncio.to_thread(os.rename, tmp, final)
             await self.store.run(
                 self.store.update_checkpoint,
@@ -705,20 +768,39 @@ class Core:
         return done
 
     @staticmethod
-    def _keep_log_only(tmp: Path, final: Path, log_name: str) -> None:
-        """After a failed dump: drop the partial images, keep criu's log."""
+    def _keep_log_only(tmp: Path, final: Path, log_fd: int) -> None:
+        """After a failed dump: drop the partial images, keep criu's log.
+
+        The log is the daemon's own file, named again in the root-only final
+        dir by linking its open fd: nothing in tmp, which the owner could
+        write, is opened or moved by name, and a full disk needs no copy.
+        """
         os.mkdir(final, 0o700)
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(tmp / log_name, final / log_name)
+        dfd = imgdir.open_dir(final)
+        try:
+            # A dst_dir_fd makes this linkat(AT_SYMLINK_FOLLOW), which links
+            # the file behind the magic link (plain link() would link the
+            # /proc symlink itself and fail with EXDEV).
+            os.link(f"/proc/self/fd/{log_fd}", DUMP_LOG, dst_dir_fd=dfd, follow_symlinks=True)
+        except OSError as e:
+            log.warning("cannot keep the log of the failed dump in %s: %s", final, e)
+        finally:
+            os.close(dfd)
         shutil.rmtree(tmp, ignore_errors=True)
 
     @staticmethod
-    def _read_stats(path: Path) -> dict[str, int]:
+    def _seal_dump(
+        ckpt_id: str, dirfd: int, owner: int, expect: dict[str, tuple[int, int]]
+    ) -> tuple[int, dict[str, int]]:
+        """Seal a dumped dir (root's, read-only to others); then its size and stats.
+
+        Only then is anything in it read: before, the owner could change it.
+        """
         try:
-            return images.read_stats(path)
-        except (OSError, images.ImageError) as e:
-            log.warning("cannot read %s: %s", path, e)
-            return {}
+            size = imgdir.seal(dirfd, owner, expect)
+        except imgdir.UnsafeEntry as e:
+            raise _tampered(ckpt_id, e) from None
+        return size, _read_stats(dirfd, "stats-dump")
 
     async def _criu_error(self, what: str, result: CriuResult, ckpt_id: str, op: str) -> CriudError:
         """Turn a failed criu run into the error with the code and hint that name the fix."""
@@ -742,7 +824,9 @@ class Core:
         else:
             # The whole log, not only its first error line: some causes (a
             # task killed mid-dump) show only in the lines after it.
-            code, hint = await asyncio.to_thread(criu_errors.classify_log, result.log_path, op)
+            code, hint = await asyncio.to_thread(
+                criu_errors.classify, result.first_error, result.log_lines, op
+            )
             if code == criu_errors.FALLBACK and await asyncio.to_thread(self._state_dir_full):
                 # criu could not even write its log's error line.
                 code, hint = "no_space", criu_errors.hint_of("no_space")
@@ -789,11 +873,25 @@ class Core:
         if op not in ("dump", "restore"):
             raise InvalidRequest("op must be dump or restore")
         name = DUMP_LOG if op == "dump" else RESTORE_LOG
-        path = self.settings.checkpoints_dir / rec.id / name
+        data = await asyncio.to_thread(self._read_log, rec.id, name)
+        if data is None:
+            raise LogNotFound(f"checkpoint {ref!r} has no {op} log")
+        return data.decode("utf-8", "replace")
+
+    def _read_log(self, ckpt_id: str, name: str) -> bytes | None:
+        """A log of a checkpoint's dir, through the dir's fd: never a link, a fifo, or unbounded."""
         try:
-            return await asyncio.to_thread(path.read_text, "utf-8", "replace")
+            dfd = imgdir.open_dir(self.settings.checkpoints_dir / ckpt_id)
         except FileNotFoundError:
-            raise LogNotFound(f"checkpoint {ref!r} has no {op} log") from None
+            return None
+        try:
+            return imgdir.read_small(dfd, name, LOG_CAP, tail=True)
+        except FileNotFoundError:
+            return None
+        except imgdir.UnsafeEntry as e:
+            raise _tampered(ckpt_id, e) from None
+        finally:
+            os.close(dfd)
 
     # -- restores -----------------------------------------------------------------
 
@@ -1090,113 +1188,206 @@ class Core:
         extra_fds: Sequence[int] = (),
     ) -> RestoreRecord:
         images_dir = self.settings.checkpoints_dir / ckpt.id
+        manifest = ckpt.manifest or {}
+        run_as = creds.run_as_of(manifest)
         try:
-            tree = await asyncio.to_thread(images.read_pstree, images_dir / "pstree.img")
-        except (OSError, images.ImageError) as e:
-            raise CheckpointNotReady(f"checkpoint {ckpt.id} has no readable pstree.img: {e}") from e
-        pids = sorted({p for t in tree for p in [t["pid"], *t["threads"]]})
-        if not (ckpt.manifest or {}).get("pidns_init"):
-            # A tree in a pid namespace of its own gets a fresh namespace at
-            # restore: its pids cannot be taken.  Otherwise they must be free.
-            await self._wait_pids_free(pids)
+            images_fd = imgdir.open_dir(images_dir)
+        except OSError as e:
+            raise CheckpointNotReady(f"checkpoint {ckpt.id} has no images: {e.strerror}") from e
+        try:
+            tree = await asyncio.to_thread(self._restore_pstree, ckpt.id, images_fd, run_as)
+            pids = sorted({p for t in tree for p in [t["pid"], *t["threads"]]})
+            expected_root: int | None = None
+            if not manifest.get("pidns_init"):
+                # A tree in a pid namespace of its own gets a fresh namespace at
+                # restore: its pids cannot be taken.  Otherwise they must be
+                # free, and the root comes back with the pid it had.
+                await self._wait_pids_free(pids)
+                expected_root = tree[0]["pid"]
+            restore_id = names.new_id()
+            # Before criu runs: what it will create, so a restarted daemon can
+            # find and kill what a killed one left (criud.daemon.orphans).
+            plan = self._orphan_plan(manifest, pids, run_as)
+            rec = RestoreRecord(
+                id=restore_id,
+                checkpoint_id=ckpt.id,
+                state="restoring",
+                started_at=time.time(),
+                owner_uid=caller.uid,
+                tree_pids=plan,
+            )
+            await self.store.run(self.store.insert_restore, rec)
+            opts = DumpOptions.from_dict(ckpt.options)
+            lock = None if extra else manifest.get("network_lock")
+            procs_files: list[str] = []
+            if cgroup is not None:
+                procs_files = await asyncio.to_thread(self._make_cgroups, cgroup)
+            images_arg, keep = _images_for(images_dir, images_fd, run_as, writable=False)
 
-        restore_id = names.new_id()
-        run_as = creds.run_as_of(ckpt.manifest or {})
-        # Before criu runs: what it will create, so a restarted daemon can
-        # find and kill what a killed one left (criud.daemon.orphans).
-        plan = self._orphan_plan(ckpt.manifest or {}, pids, run_as)
-        rec = RestoreRecord(
-            id=restore_id,
-            checkpoint_id=ckpt.id,
-            state="restoring",
-            started_at=time.time(),
-            owner_uid=caller.uid,
-            tree_pids=plan,
-        )
-        await self.store.run(self.store.insert_restore, rec)
-        pidfile = images_dir / PIDFILE
-        opts = DumpOptions.from_dict(ckpt.options)
-        lock = (ckpt.manifest or {}).get("network_lock")
-        procs_files: list[str] = []
-        if cgroup is not None:
-            procs_files = await asyncio.to_thread(self._make_cgroups, cgroup)
-        argv = restore_argv(
-            images_dir,
-            opts,
-            inherit,
-            network_lock=None if extra else lock,
-            unprivileged=run_as is not None,
-            cgroup_root=cgroup,
-            extra=extra,
-        )
-        stats_path = images_dir / "stats-restore"
-        for stale in (pidfile, stats_path, images_dir / RESTORE_LOG):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
-        registered = False
-        # Hold orphan sweeps from spawn until the restored root is watched:
-        # it is our child from the moment criu forks it.
-        with self.reaper.hold(), _images_for(images_dir, run_as) as (images_arg, keep):
-            if images_arg != images_dir:
-                argv = restore_argv(
+            def build(work_dir: Path) -> list[str]:
+                return restore_argv(
                     images_arg,
                     opts,
                     inherit,
                     network_lock=lock,
-                    unprivileged=True,
+                    unprivileged=run_as is not None,
                     cgroup_root=cgroup,
                     extra=extra,
+                    work_dir=work_dir,
                 )
-            try:
+
+            await self._criu_restore(
+                ckpt.id,
+                restore_id,
+                build,
+                images_fd,
+                [*(fd for fd, _ in inherit), *keep, *extra_fds],
+                run_as,
+                procs_files,
+                expected_root,
+                plan,
+            )
+        finally:
+            os.close(images_fd)
+        out = await self.store.run(self.store.get_restore, restore_id)
+        assert out is not None
+        log.info("restore %s of checkpoint %s: pid %s", restore_id, ckpt.id, out.pid)
+        return out
+
+    @staticmethod
+    def _restore_pstree(ckpt_id: str, images_fd: int, run_as: RunAs | None) -> list[dict[str, Any]]:
+        """Seal the images dir if a previous release left it the owner's; read its pstree."""
+        try:
+            if not imgdir.is_sealed(images_fd):
+                imgdir.seal(images_fd, run_as.uid if run_as is not None else 0)
+                log.info("sealed checkpoint %s (left writable by a previous release)", ckpt_id)
+            tree = images.parse_pstree(imgdir.read_small(images_fd, "pstree.img", PSTREE_CAP))
+        except imgdir.UnsafeEntry as e:
+            raise _tampered(ckpt_id, e) from None
+        except (OSError, images.ImageError) as e:
+            raise CheckpointNotReady(f"checkpoint {ckpt_id} has no readable pstree.img: {e}") from e
+        if not tree:
+            raise CheckpointNotReady(f"checkpoint {ckpt_id}: pstree.img lists no task")
+        return tree
+
+    async def _criu_restore(
+        self,
+        ckpt_id: str,
+        restore_id: str,
+        build: Callable[[Path], list[str]],
+        images_fd: int,
+        pass_fds: list[int],
+        run_as: RunAs | None,
+        procs_files: list[str],
+        expected_root: int | None,
+        plan: dict[str, Any],
+    ) -> None:
+        """Run criu restore in a fresh run dir; record the verified root as running.
+
+        criu writes its pidfile and stats into the run dir (its -W), which
+        the daemon made under the root-only state dir: the images dir stays
+        read-only.  Its log goes to a file the daemon creates in the images
+        dir (root's 0600, unreachable by path for anyone else).
+        """
+        run_fd = await asyncio.to_thread(
+            imgdir.make_run_dir,
+            self.settings.run_dir,
+            restore_id,
+            (run_as.uid, run_as.gid) if run_as is not None else None,
+        )
+        log_fd = -1
+        registered = False
+        error: dict[str, Any] | None = None
+        try:
+            log_fd = imgdir.create_log(images_fd, RESTORE_LOG)
+            argv = build(Path(f"/proc/self/fd/{run_fd}"))
+            # Hold orphan sweeps from spawn until the restored root is watched:
+            # it is our child from the moment criu forks it.
+            with self.reaper.hold():
                 result = await self.criu.run(
                     argv,
-                    images_dir / RESTORE_LOG,
-                    pass_fds=[*(fd for fd, _ in inherit), *keep, *extra_fds],
+                    LogFile(log_fd, self.settings.checkpoints_dir / ckpt_id / RESTORE_LOG),
+                    pass_fds=[*pass_fds, run_fd],
                     run_as=run_as,
                     cgroup_procs=procs_files,
                     on_spawn=self._criu_spawned(restore_id, plan),
                 )
                 if not result.ok:
-                    err = await self._criu_error(
-                        f"restore of checkpoint {ckpt.id}", result, ckpt.id, "restore"
+                    raise await self._criu_error(
+                        f"restore of checkpoint {ckpt_id}", result, ckpt_id, "restore"
                     )
+                root, pidfd = await asyncio.to_thread(
+                    self._restored_root, restore_id, run_fd, run_as, expected_root
+                )
+                try:
+                    start = procutil.proc_start(root)
+                    stats = await asyncio.to_thread(_read_stats, run_fd, "stats-restore")
+                    await self.store.run(
+                        self.store.update_restore,
+                        restore_id,
+                        state="running",
+                        pid=root,
+                        ns_pid=(procutil.ns_pids(root) or [root])[-1],
+                        proc_start=start,
+                        stats=stats,
+                    )
+                except BaseException:
+                    os.close(pidfd)
+                    raise
+                self.reaper.watch(root, pidfd, self._exit_callback(restore_id))
+                registered = True
+        except CriudError as e:
+            error = {"code": e.code, "detail": e.detail}
+            raise
+        finally:
+            if log_fd >= 0:
+                os.close(log_fd)
+            os.close(run_fd)
+            await asyncio.to_thread(imgdir.remove_dir, self.settings.run_dir, restore_id)
+            if not registered:
+                with contextlib.suppress(Exception):
                     await self._settle(
                         self.store.update_restore,
                         restore_id,
                         state="failed",
                         finished_at=time.time(),
-                        error={"code": err.code, "detail": err.detail},
+                        **({"error": error} if error else {}),
                     )
-                    registered = True
-                    raise err
-                root = int((await asyncio.to_thread(pidfile.read_text)).strip())
-                pidfd = procutil.pidfd_open(root)
-                start = procutil.proc_start(root)
-                stats = await asyncio.to_thread(self._read_stats, stats_path)
-                await self.store.run(
-                    self.store.update_restore,
-                    restore_id,
-                    state="running",
-                    pid=root,
-                    ns_pid=(procutil.ns_pids(root) or [root])[-1],
-                    proc_start=start,
-                    stats=stats,
-                )
-                self.reaper.watch(root, pidfd, self._exit_callback(restore_id))
-                registered = True
-            finally:
-                if not registered:
-                    with contextlib.suppress(Exception):
-                        await self._settle(
-                            self.store.update_restore,
-                            restore_id,
-                            state="failed",
-                            finished_at=time.time(),
-                        )
-        out = await self.store.run(self.store.get_restore, restore_id)
-        assert out is not None
-        log.info("restore %s of checkpoint %s: pid %s", restore_id, ckpt.id, out.pid)
-        return out
+
+    @staticmethod
+    def _restored_root(
+        restore_id: str, run_fd: int, run_as: RunAs | None, expected: int | None
+    ) -> tuple[int, int]:
+        """The restored root criu reported, checked; (pid, pidfd).
+
+        Believed only if it is our own child (so it cannot be recycled while
+        the reaper is held), runs as the uid criu ran as, and is the image's
+        root pid where pids are kept.  Anything else: RestoreUnverified,
+        and nothing is recorded to signal.
+        """
+        what = f"restore {restore_id}"
+        try:
+            pid = _parse_pid(imgdir.read_small(run_fd, PIDFILE, PIDFILE_CAP))
+        except (OSError, imgdir.UnsafeEntry) as e:
+            raise RestoreUnverified(f"{what}: cannot read criu's pidfile: {e}") from None
+        if pid is None:
+            raise RestoreUnverified(f"{what}: criu's pidfile holds no pid")
+        if expected is not None and pid != expected:
+            raise RestoreUnverified(
+                f"{what}: criu reported pid {pid}, but the image's root is pid {expected}"
+            )
+        try:
+            pidfd = procutil.pidfd_open(pid)
+        except ProcessLookupError:
+            raise RestoreUnverified(f"{what}: the reported root pid {pid} is gone") from None
+        try:
+            why = procutil.not_our_child(pid, run_as.uid if run_as is not None else None)
+            if why is not None:
+                raise RestoreUnverified(f"{what}: the reported root pid {pid} {why}")
+        except BaseException:
+            os.close(pidfd)
+            raise
+        return pid, pidfd
 
     # -- fd handles ---------------------------------------------------------------
 

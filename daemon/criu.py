@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from criud.daemon import imgdir
 from criud.daemon.errors import CriuUnavailable, out_of_fds
 
 log = logging.getLogger("criud.criu")
@@ -38,6 +39,24 @@ _ERROR_RE = re.compile(r"^(?:\(\s*[\d.]+\)\s+)?(?:pie:\s+)?(?:\d+:\s+)?Error \((
 _VERSION_RE = re.compile(r"Version:\s*([0-9][0-9.]*)")
 
 
+# The most of a failed run's log read back for classification (head and
+# tail beyond it); a -v4 log of a 1 GiB dump is ~866 KB.
+LOG_READ_CAP = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class LogFile:
+    """A criu log the caller created and owns: criu gets fd as stdout and stderr.
+
+    fd is open O_RDWR|O_APPEND, so the daemon reads the log back from it
+    and never reopens path (only named in messages), which may lie in a dir
+    the tree's owner could write.
+    """
+
+    fd: int
+    path: Path
+
+
 @dataclasses.dataclass
 class CriuResult:
     """What one criu run left behind."""
@@ -49,6 +68,8 @@ class CriuResult:
     # Why criud killed this criu, if it did: "target_gone" (the dumped
     # process died and criu did not finish), or "timeout".
     stopped: str | None = None
+    # The log's lines (bounded), read back from its fd after a failure.
+    log_lines: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -77,6 +98,16 @@ def read_log(path: Path, tail: int = 20) -> tuple[str | None, list[str]]:
     except OSError:
         return None, []
     return first_error(lines), [ln.rstrip("\n") for ln in lines[-tail:]]
+
+
+def read_log_fd(fd: int, tail: int = 20) -> tuple[str | None, list[str], list[str]]:
+    """(first error, last `tail` lines, all lines) of a criu log open at fd, bounded."""
+    try:
+        data = imgdir.read_fd(fd, LOG_READ_CAP, tail=True)
+    except OSError:
+        return None, [], []
+    lines = data.decode("utf-8", "replace").splitlines(keepends=True)
+    return first_error(lines), [ln.rstrip("\n") for ln in lines[-tail:]], lines
 
 
 def parse_version(text: str) -> str | None:
@@ -233,33 +264,32 @@ class Criu:
     async def run(
         self,
         argv: Sequence[str],
-        log_path: Path,
+        log: LogFile,
         pass_fds: Sequence[int] = (),
         run_as: RunAs | None = None,
         cgroup_procs: Sequence[str] = (),
         watch_pid: int | None = None,
         on_spawn: Callable[[int], Awaitable[None]] | None = None,
     ) -> CriuResult:
-        """Run `criu *argv`, logging to log_path, handing over exactly pass_fds.
+        """Run `criu *argv`, logging to log.fd, handing over exactly pass_fds.
 
         watch_pid is the process a dump works on: once it is gone, criu gets
         gone_grace_s to finish before it is killed (CriuResult.stopped).
         on_spawn is awaited with criu's pid once it runs (a restore records
         it, so a daemon killed mid-restore can find what criu left).
 
-        The child's stdin is /dev/null and its stdout/stderr go to the same log
-        criu writes with -o, so nothing criu prints is lost.  close_fds=True
-        closes everything else: the daemon's sockets, SQLite and other
-        handles' fds never reach criu or the tree it restores.
+        The child's stdin is /dev/null and its stdout/stderr are log.fd,
+        which criu logs to with `-o -`: the daemon opened the file itself, so
+        criu (maybe running as the tree's owner) never opens a log by path
+        and nothing is chowned.  close_fds=True closes everything else: the
+        daemon's sockets, SQLite and other handles' fds never reach criu or
+        the tree it restores.  log.fd stays the caller's to close.
         """
         # Under setpriv a missing criu is setpriv's exit 127, not an OSError
         # here: check first, so it stays a clear criu_unavailable.
         if not os.access(self.path, os.X_OK):
             raise CriuUnavailable(f"cannot run criu at {self.path}: not an executable file")
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        if run_as is not None:
-            # criu reopens its -o log by path, as the tree's owner.
-            os.fchown(log_fd, run_as.uid, run_as.gid)
+        log_fd = log.fd
         # Opened before criu starts, so a pid reused later cannot be mistaken
         # for the target; a target already gone is criu's to report.
         target: int | None = None
@@ -291,8 +321,6 @@ class Criu:
                     out_of_fds(e)
                     or CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}")
                 ) from e
-            finally:
-                os.close(log_fd)
             self.running.add(proc.pid)
         try:
             if on_spawn is not None:
@@ -315,10 +343,15 @@ class Criu:
         if rc == 0:
             # A -v4 log of a 1 GiB dump is ~17,000 lines (866 KB): only a
             # failure needs it read.
-            return CriuResult(returncode=rc, log_path=log_path, first_error=None, log_tail=[])
-        err, tail = await asyncio.to_thread(read_log, log_path)
+            return CriuResult(returncode=rc, log_path=log.path, first_error=None, log_tail=[])
+        err, tail, lines = await asyncio.to_thread(read_log_fd, log_fd)
         return CriuResult(
-            returncode=rc, log_path=log_path, first_error=err, log_tail=tail, stopped=stopped
+            returncode=rc,
+            log_path=log.path,
+            first_error=err,
+            log_tail=tail,
+            stopped=stopped,
+            log_lines=lines,
         )
 
     async def _wait(self, proc: asyncio.subprocess.Process, target: int | None) -> str | None:

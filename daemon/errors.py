@@ -188,6 +188,22 @@ class NotRunning(CriudError):
     title = "The restored process is not running"
 
 
+class CheckpointTampered(CriudError):
+    """A file in an images dir is not what criu and the daemon left there."""
+
+    status = 409
+    code = "checkpoint_tampered"
+    title = "The checkpoint's files were tampered with"
+
+
+class RestoreUnverified(CriudError):
+    """criu reported a restored root the daemon cannot confirm as its own child."""
+
+    status = 409
+    code = "restore_unverified"
+    title = "The restored root could not be verified"
+
+
 # -- 5xx: criu or the host ------------------------------------------------------
 
 

@@ -43,6 +43,36 @@ def proc_state(pid: int) -> str | None:
         return None
 
 
+def status_ids(pid: int, key: str) -> list[int]:
+    """The ids of a "Uid:" or "Gid:" line of /proc/<pid>/status (real, effective, saved, fs)."""
+    with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            # The Name line comes first and the kernel escapes newlines in
+            # it, so a comm cannot forge a line of its own.
+            if line.startswith(f"{key}:"):
+                return [int(x) for x in line.split()[1:5]]
+    raise ValueError(f"no {key} line for pid {pid}")
+
+
+def not_our_child(pid: int, uid: int | None) -> str | None:
+    """Why pid is not a child of this process running as uid (None if it is).
+
+    uid None: any uid.  Checked through /proc; call it with a pidfd of pid
+    open, so a pid that died in between reads as gone rather than as a
+    stranger that took its number (a child's pid stays ours until reaped).
+    """
+    try:
+        ppid = int(stat_fields(pid)[1])
+        uids = status_ids(pid, "Uid")
+    except (OSError, ValueError, IndexError):
+        return "cannot be read in /proc"
+    if ppid != os.getpid():
+        return f"is a child of pid {ppid}, not of the daemon"
+    if uid is not None and any(u != uid for u in uids):
+        return f"runs as uids {'/'.join(map(str, uids))}, not {uid}"
+    return None
+
+
 def pid_exists(pid: int) -> bool:
     """Whether /proc knows pid (as a process or a thread)."""
     return os.path.exists(f"/proc/{pid}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from criud.dump.options import DumpOptions
 
+# The name of the dump's log in the images dir (the daemon creates it).
 DUMP_LOG = "dump.log"
 
 
@@ -35,8 +36,10 @@ def dump_argv(
         str(pid),
         "-D",
         str(images_dir),
+        # criu logs to its stdout, which is the log file the daemon created
+        # itself: criu never opens a log by path in a dir its user can write.
         "-o",
-        DUMP_LOG,
+        "-",
         "-v4",
     ]
     if unprivileged:

@@ -96,18 +96,22 @@ def decode_message(buf: bytes) -> dict[int, list[Any]]:
 
 def read_entries(path: Path, magics: tuple[int, ...]) -> list[bytes]:
     """Return the protobuf entries of an image file after checking its magics."""
-    data = path.read_bytes()
+    return parse_entries(path.read_bytes(), path.name, magics)
+
+
+def parse_entries(data: bytes, name: str, magics: tuple[int, ...]) -> list[bytes]:
+    """The protobuf entries of an image file's content, after checking its magics."""
     head = struct.calcsize("<" + "I" * len(magics))
     if len(data) < head or struct.unpack_from("<" + "I" * len(magics), data) != magics:
-        raise ImageError(f"{path.name}: not a CRIU image of the expected kind")
+        raise ImageError(f"{name}: not a CRIU image of the expected kind")
     entries, pos = [], head
     while pos < len(data):
         if pos + 4 > len(data):
-            raise ImageError(f"{path.name}: truncated entry header")
+            raise ImageError(f"{name}: truncated entry header")
         (size,) = struct.unpack_from("<I", data, pos)
         pos += 4
         if pos + size > len(data):
-            raise ImageError(f"{path.name}: truncated entry")
+            raise ImageError(f"{name}: truncated entry")
         entries.append(data[pos : pos + size])
         pos += size
     return entries
@@ -121,15 +125,27 @@ def _named(fields: dict[int, list[Any]], names: dict[int, str]) -> dict[str, int
 
 def read_stats(path: Path) -> dict[str, int]:
     """Decode a stats-dump or stats-restore image into named counters."""
-    entries = read_entries(path, (IMG_SERVICE_MAGIC, STATS_MAGIC))
+    return parse_stats(path.read_bytes(), path.name)
+
+
+def parse_stats(data: bytes, name: str) -> dict[str, int]:
+    """Decode the content of a stats-dump or stats-restore image into named counters."""
+    entries = parse_entries(data, name, (IMG_SERVICE_MAGIC, STATS_MAGIC))
     if not entries:
-        raise ImageError(f"{path.name}: no stats entry")
+        raise ImageError(f"{name}: no stats entry")
     top = decode_message(entries[0])
-    if 1 in top:
+    if 1 in top and isinstance(top[1][-1], bytes):
         return _named(decode_message(top[1][-1]), DUMP_STATS_FIELDS)
-    if 2 in top:
+    if 2 in top and isinstance(top[2][-1], bytes):
         return _named(decode_message(top[2][-1]), RESTORE_STATS_FIELDS)
-    raise ImageError(f"{path.name}: neither dump nor restore stats")
+    raise ImageError(f"{name}: neither dump nor restore stats")
+
+
+def _uint(fields: dict[int, list[Any]], number: int, name: str) -> int:
+    value = fields.get(number, [0])[-1]
+    if not isinstance(value, int):
+        raise ImageError(f"{name}: field {number} is not a number")
+    return value
 
 
 def _repeated_u32(values: list[Any]) -> list[int]:
@@ -147,15 +163,20 @@ def _repeated_u32(values: list[Any]) -> list[int]:
 
 def read_pstree(path: Path) -> list[dict[str, Any]]:
     """Decode pstree.img: one dict per task with pid, ppid, pgid, sid and threads."""
+    return parse_pstree(path.read_bytes(), path.name)
+
+
+def parse_pstree(data: bytes, name: str = "pstree.img") -> list[dict[str, Any]]:
+    """Decode the content of pstree.img (see read_pstree); the root task comes first."""
     tasks = []
-    for entry in read_entries(path, (IMG_COMMON_MAGIC, PSTREE_MAGIC)):
+    for entry in parse_entries(data, name, (IMG_COMMON_MAGIC, PSTREE_MAGIC)):
         f = decode_message(entry)
         tasks.append(
             {
-                "pid": int(f.get(1, [0])[-1]),
-                "ppid": int(f.get(2, [0])[-1]),
-                "pgid": int(f.get(3, [0])[-1]),
-                "sid": int(f.get(4, [0])[-1]),
+                "pid": _uint(f, 1, name),
+                "ppid": _uint(f, 2, name),
+                "pgid": _uint(f, 3, name),
+                "sid": _uint(f, 4, name),
                 "threads": _repeated_u32(f.get(5, [])),
             }
         )

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from criud.dump.options import DumpOptions
 
+# The restore's log in the images dir (the daemon creates it) and the
+# pidfile criu writes into its work dir.
 RESTORE_LOG = "restore.log"
 PIDFILE = "restore.pid"
 
@@ -20,12 +22,19 @@ def restore_argv(
     unprivileged: bool = False,
     cgroup_root: str | None = None,
     extra: tuple[str, ...] = (),
+    work_dir: Path | None = None,
 ) -> list[str]:
     """Return the argv (without the criu binary) that restores images_dir.
 
     inherit pairs the fd number *in the worker* with the CRIU key it replaces.
     The tree is restored detached (-d) as a sibling of criu, so its root
     becomes a child of the daemon, which is a subreaper and reaps it.
+
+    criu logs to its stdout (the log file the daemon created and hands it)
+    and writes its pidfile and stats-restore into its work dir (-W; the
+    images dir when None): criud passes a fresh run dir of its own, so the
+    images dir stays read-only.  criu chdir()s to the work dir before it
+    writes the pidfile, so the relative name lands there.
     """
     argv = [
         "restore",
@@ -34,12 +43,10 @@ def restore_argv(
         "--restore-sibling",
         "-D",
         str(images_dir),
-        "-o",
-        RESTORE_LOG,
-        "-v4",
-        "--pidfile",
-        str(images_dir / PIDFILE),
     ]
+    if work_dir is not None:
+        argv += ["-W", str(work_dir)]
+    argv += ["-o", "-", "-v4", "--pidfile", PIDFILE]
     if unprivileged:
         argv.append("--unprivileged")
     # Options that shaped the dump must be repeated at restore.

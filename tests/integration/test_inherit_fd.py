@@ -300,7 +300,11 @@ def test_exact_inheritance(procs: Procs) -> None:
             log = str(d.state_dir / "checkpoints" / ck["id"] / "restore.log")
             assert table[1] == log and table[2] == log
             mapped = {n: t for n, t in table.items() if n > 2}
-            assert list(mapped.values()) == [f"pipe:[{os.fstat(new_r).st_ino}]"], table
+            # The handed-in pipe, and criu's work dir (-W, for its pidfile
+            # and stats), a fresh dir of the daemon's.
+            run_dir = str(d.state_dir / "run" / r["id"])
+            pipe = f"pipe:[{os.fstat(new_r).st_ino}]"
+            assert sorted(mapped.values()) == sorted([pipe, run_dir]), table
             assert stray["handle"] in {h["handle"] for h in d.client.fd_handles()}
             for fd in (new_r, new_w, other_r, other_w):
                 os.close(fd)

@@ -79,10 +79,18 @@ def test_uid_matrix(daemon: Daemon, procs: Procs) -> None:
     )
     assert st == 201, ck
     assert ck["state"] == "done"
+    # Sealed after the dump: the images are root's and read-only to the
+    # user (dir 0755, files 0644), so he can no longer change them; the
+    # checkpoints dir above stays 0700 root, so nobody reaches them by path
+    # (criu restoring as the user reads them through the fd it is handed).
     ck_dir = daemon.state_dir / "checkpoints" / ck["id"]
-    assert stat.S_IMODE(os.stat(ck_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(ck_dir.parent).st_mode) == 0o700
+    assert os.stat(ck_dir.parent).st_uid == 0
+    assert stat.S_IMODE(os.stat(ck_dir).st_mode) == 0o755 and os.stat(ck_dir).st_uid == 0
     for f in ck_dir.iterdir():
-        assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f  # images 0600
+        st = os.lstat(f)
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == 0, f
+        assert stat.S_IMODE(st.st_mode) == 0o644, f
 
     # Only its owner (and root) sees, restores and deletes it.
     res = as_user(

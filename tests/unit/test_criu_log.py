@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from criud.daemon.criu import Criu, first_error, parse_version, read_log, version_tuple
+from criud.daemon.criu import (
+    Criu,
+    CriuResult,
+    LogFile,
+    first_error,
+    parse_version,
+    read_log,
+    version_tuple,
+)
 from criud.daemon.errors import CriuUnavailable
 
 from ._helpers import CRIU, need_root_and_criu
@@ -93,6 +101,15 @@ def _fake_criu(tmp_path: Path, script: str) -> str:
     return str(path)
 
 
+def _run(c: Criu, argv: list[str], log: Path, **kw: object) -> CriuResult:
+    """c.run with a log the test creates itself, as the daemon does (criu gets it as stdout)."""
+    fd = os.open(log, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        return asyncio.run(asyncio.wait_for(c.run(argv, LogFile(fd, log), **kw), 60))  # type: ignore[arg-type]
+    finally:
+        os.close(fd)
+
+
 def test_run_fake_criu_failure(tmp_path: Path) -> None:
     fake = _fake_criu(
         tmp_path,
@@ -101,12 +118,14 @@ def test_run_fake_criu_failure(tmp_path: Path) -> None:
         "exit 3\n",
     )
     log = tmp_path / "restore.log"
-    res = asyncio.run(asyncio.wait_for(Criu(fake).run(["restore", "-x"], log), 30))
+    res = _run(Criu(fake), ["restore", "-x"], log)
     assert res.returncode == 3
     assert not res.ok
     assert res.first_error == "boom: restore -x"
     assert res.log_path == log
     assert res.log_tail[-1].endswith("boom: restore -x")
+    # Read back from the fd, not the path: the whole log is there to classify.
+    assert any("boom" in ln for ln in res.log_lines)
     assert log.stat().st_mode & 0o777 == 0o600
 
 
@@ -118,7 +137,7 @@ def test_run_passes_exactly_pass_fds(tmp_path: Path) -> None:
     try:
         log = tmp_path / "out.log"
         c = Criu(fake)
-        res = asyncio.run(asyncio.wait_for(c.run([], log, pass_fds=[w]), 30))
+        res = _run(c, [], log, pass_fds=[w])
         assert res.ok
         assert c.running == set()
         fds = {int(x) for x in log.read_text().split()}
@@ -135,7 +154,7 @@ def test_run_passes_exactly_pass_fds(tmp_path: Path) -> None:
 def test_run_missing_binary(tmp_path: Path) -> None:
     c = Criu(str(tmp_path / "no-such-criu"))
     with pytest.raises(CriuUnavailable) as ei:
-        asyncio.run(asyncio.wait_for(c.run(["dump"], tmp_path / "x.log"), 30))
+        _run(c, ["dump"], tmp_path / "x.log")
     assert ei.value.code == "criu_unavailable"
     assert ei.value.status == 503
     assert c.running == set()
@@ -182,8 +201,8 @@ def test_real_criu_failure_first_error(tmp_path: Path) -> None:
     need_root_and_criu()
     # pid_max is at most 2^22: this pid cannot exist, so the dump must fail.
     argv = ["dump", "--no-default-config", "-t", "4194305", "-D", str(tmp_path)]
-    argv += ["-o", "dump.log", "-v4"]
-    res = asyncio.run(asyncio.wait_for(Criu(CRIU).run(argv, tmp_path / "dump.log"), 60))
+    argv += ["-o", "-", "-v4"]
+    res = _run(Criu(CRIU), argv, tmp_path / "dump.log")
     assert not res.ok
     assert res.first_error is not None
     assert "RLIMIT_NOFILE" not in res.first_error

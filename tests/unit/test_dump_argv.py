@@ -10,17 +10,18 @@ from criud.dump.argv import DUMP_LOG, dump_argv
 from criud.dump.options import DumpOptions
 
 D = Path("/var/lib/criud/checkpoints/0123456789abcdef01234567")
-BASE = ["dump", "--no-default-config", "-t", "42", "-D", str(D), "-o", "dump.log", "-v4"]
+BASE = ["dump", "--no-default-config", "-t", "42", "-D", str(D), "-o", "-", "-v4"]
 
 
 def test_defaults_exact() -> None:
     assert dump_argv(42, D, DumpOptions()) == BASE
 
 
-def test_log_name_constant() -> None:
+def test_log_goes_to_stdout() -> None:
+    # The daemon creates DUMP_LOG itself and hands it to criu as stdout.
     assert DUMP_LOG == "dump.log"
     argv = dump_argv(1, D, DumpOptions())
-    assert argv[argv.index("-o") + 1] == DUMP_LOG
+    assert argv[argv.index("-o") + 1] == "-"
 
 
 @pytest.mark.parametrize(

@@ -467,12 +467,9 @@ def _criu_dump(tree: Tree, opts: DumpOptions, images: Path) -> tuple[int, str | 
         external_unix=tuple(ext),
         network_lock="nftables" if opts.tcp_established else None,
     )
-    rc = subprocess.call(
-        [CRIU, *argv],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    # criu logs to its stdout (-o -), as under the daemon.
+    with open(images / DUMP_LOG, "wb") as log:
+        rc = subprocess.call([CRIU, *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     if rc == 0:
         return rc, None
     lines = (images / DUMP_LOG).read_text(errors="replace").splitlines()

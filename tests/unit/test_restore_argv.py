@@ -18,10 +18,10 @@ BASE = [
     "-D",
     str(D),
     "-o",
-    "restore.log",
+    "-",
     "-v4",
     "--pidfile",
-    str(D / "restore.pid"),
+    "restore.pid",
 ]
 
 
@@ -29,11 +29,15 @@ def test_defaults_exact() -> None:
     assert restore_argv(D, DumpOptions()) == BASE
 
 
-def test_log_and_pidfile_names() -> None:
-    argv = restore_argv(D, DumpOptions())
+def test_log_to_stdout_and_pidfile_in_work_dir() -> None:
+    # criu logs to the fd the daemon gives it as stdout (never a path in a
+    # dir its user could write) and writes the pidfile relative to -W.
     assert RESTORE_LOG == "restore.log"
-    assert argv[argv.index("-o") + 1] == RESTORE_LOG
-    assert argv[argv.index("--pidfile") + 1] == str(D / PIDFILE)
+    argv = restore_argv(D, DumpOptions(), work_dir=Path("/proc/self/fd/7"))
+    assert argv[argv.index("-o") + 1] == "-"
+    assert argv[argv.index("-W") + 1] == "/proc/self/fd/7"
+    assert argv[argv.index("--pidfile") + 1] == PIDFILE == "restore.pid"
+    assert "-W" not in restore_argv(D, DumpOptions())
 
 
 @pytest.mark.parametrize(

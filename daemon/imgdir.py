@@ -1,0 +1,268 @@
+"""Files in a checkpoint's images dir (or a restore's run dir), opened as root safely.
+
+criu runs as a tree's owner here, so an images dir is the owner's while
+criu dumps into it, and a user holding an fd of it could plant symlinks,
+fifos or hardlinks, or swap files.  The daemon therefore never resolves a
+path inside such a dir: everything goes through a dir fd, one name at a
+time, with O_NOFOLLOW; only regular files with a single link are read, and
+reads are bounded.  ``seal`` turns a dumped dir into root's, read-only to
+everyone else, after which nobody but root can change it.
+
+Nothing here follows a symlink, blocks on a fifo, or chowns a file it did
+not check first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import stat
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+# A sealed dir: root's, traversable and readable by criu running as the
+# tree's owner (through the fd the daemon hands it; the checkpoints dir
+# above stays 0700 root, so nobody reaches it by path).
+SEALED_DIR_MODE = 0o755
+SEALED_FILE_MODE = 0o644
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a fifo planted under a checked name must not hang the open.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class UnsafeEntry(Exception):
+    """An entry is not what the daemon put there: a link, a fifo, a dir, a foreign file."""
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ValueError(f"not a single path component: {name!r}")
+
+
+def _kind(mode: int) -> str:
+    for test, what in (
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def open_dir(path: Path) -> int:
+    """Open a dir the daemon made (its last component must not be a symlink)."""
+    return os.open(path, _DIR_FLAGS)
+
+
+def open_beneath(dirfd: int, name: str) -> int:
+    """Open the regular file `name` of dirfd read-only; UnsafeEntry if it is anything else.
+
+    FileNotFoundError passes through.  The entry is checked with lstat
+    before the open (so a device node is never opened) and the open fd
+    again after it (same inode, still one link).
+    """
+    _check_name(name)
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeEntry(f"{name} is {_kind(st.st_mode)}")
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dirfd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeEntry(f"{name} is a symlink") from None
+        raise
+    try:
+        got = os.fstat(fd)
+        if not stat.S_ISREG(got.st_mode) or (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino):
+            raise UnsafeEntry(f"{name} was replaced while being opened")
+        if got.st_nlink != 1:
+            raise UnsafeEntry(f"{name} has {got.st_nlink} links")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_fd(fd: int, cap: int, tail: bool = False) -> bytes:
+    """At most cap bytes of an open regular file, from offset 0 (pread).
+
+    Longer files: with tail, the first and last cap/2 bytes around a marker
+    (a criu log says why it failed at the start or at the end); without,
+    UnsafeEntry.
+    """
+    size = os.fstat(fd).st_size
+    if size <= cap:
+        return _pread_all(fd, 0, cap)
+    if not tail:
+        raise UnsafeEntry(f"{size} bytes, more than the {cap} allowed")
+    half = cap // 2
+    head = _pread_all(fd, 0, half)
+    end = _pread_all(fd, max(0, size - half), half)
+    return head + f"\n[... {size - len(head) - len(end)} bytes left out ...]\n".encode() + end
+
+
+def _pread_all(fd: int, offset: int, n: int) -> bytes:
+    chunks: list[bytes] = []
+    while n > 0:
+        b = os.pread(fd, min(n, 1 << 20), offset)
+        if not b:
+            break
+        chunks.append(b)
+        offset += len(b)
+        n -= len(b)
+    return b"".join(chunks)
+
+
+def read_small(dirfd: int, name: str, cap: int, tail: bool = False) -> bytes:
+    """The content of the regular file `name` of dirfd, bounded (see read_fd)."""
+    fd = open_beneath(dirfd, name)
+    try:
+        return read_fd(fd, cap, tail)
+    finally:
+        os.close(fd)
+
+
+def create_log(dirfd: int, name: str) -> int:
+    """A fresh, empty file `name` of dirfd (an old one is removed): O_RDWR|O_APPEND, 0600.
+
+    O_EXCL|O_NOFOLLOW: whatever sits under the name after the unlink (a
+    symlink raced in) makes the create fail instead of being followed.
+    """
+    _check_name(name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dirfd)
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(name, flags, 0o600, dir_fd=dirfd)
+
+
+def _open_writers(fd: int) -> bool:
+    """Whether any process has the file of fd (open read-only by us) open for writing.
+
+    A read lease is refused with EAGAIN exactly then: it catches a writable
+    fd (or shared mapping) the owner kept from before the seal, which the
+    chown would not revoke.  Filesystems without leases say nothing.
+    """
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as e:
+        return e.errno == errno.EAGAIN
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+def _seal_file(dirfd: int, name: str, owner_uid: int, expect: tuple[int, int] | None) -> int:
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeEntry(f"{name} is {_kind(st.st_mode)}")
+    if st.st_uid not in (0, owner_uid):
+        raise UnsafeEntry(f"{name} belongs to uid {st.st_uid}")
+    if expect is not None and (st.st_dev, st.st_ino) != expect:
+        raise UnsafeEntry(f"{name} is not the file the daemon created")
+    fd = open_beneath(dirfd, name)
+    try:
+        # Root's first (a lease needs the owner or CAP_LEASE), then make
+        # sure no fd opened for writing before the chown survives it.
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, SEALED_FILE_MODE)
+        # An expected file is the daemon's own (root's 0600 from its
+        # creation, so nobody else could open it for writing): the daemon
+        # may hold it open itself.
+        if expect is None and _open_writers(fd):
+            raise UnsafeEntry(f"{name} is open for writing by some process")
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def seal(dirfd: int, owner_uid: int, expect: Mapping[str, tuple[int, int]] | None = None) -> int:
+    """Make a dumped images dir root's and read-only to others; return its files' bytes.
+
+    The dir itself first: once it is root's 0700 its entries can no longer
+    be added, removed or renamed by the owner, so the walk that follows
+    sees a fixed set.  A criu images dir holds only regular files with one
+    link, owned by root or the tree's owner; anything else is tampering
+    (UnsafeEntry), and the dir stays root's 0700, unsealed.  Only a clean
+    walk ends in the sealed mode (0755), which is_sealed trusts from then
+    on.  expect maps names to the (st_dev, st_ino) the daemon created them
+    with.  Idempotent.
+    """
+    os.fchown(dirfd, 0, 0)
+    os.fchmod(dirfd, 0o700)
+    total = 0
+    names = sorted(os.listdir(dirfd))
+    for name in names:
+        total += _seal_file(dirfd, name, owner_uid, (expect or {}).get(name))
+    missing = set(expect or {}) - set(names)
+    if missing:
+        raise UnsafeEntry(f"{', '.join(sorted(missing))} went missing")
+    os.fchmod(dirfd, SEALED_DIR_MODE)
+    return total
+
+
+def is_sealed(dirfd: int) -> bool:
+    """Whether seal() finished on this dir (root's, in the sealed mode).
+
+    Only root can change a sealed dir, so it stays trustworthy; anything
+    else (a previous release's dir, a seal that found tampering) is walked
+    again.
+    """
+    st = os.fstat(dirfd)
+    return st.st_uid == 0 and stat.S_IMODE(st.st_mode) == SEALED_DIR_MODE
+
+
+def keep_only(dirfd: int, keep: Iterable[str]) -> None:
+    """Remove every entry of dirfd except those named in keep; never follows a link."""
+    kept = set(keep)
+    for entry in os.scandir(dirfd):
+        if entry.name in kept:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.name, dir_fd=dirfd)
+            else:
+                os.unlink(entry.name, dir_fd=dirfd)
+
+
+def make_run_dir(parent: Path, name: str, owner: tuple[int, int] | None) -> int:
+    """A fresh dir `name` under the root-only `parent`, for criu's -W; return its fd.
+
+    The daemon makes it, so handing it to the tree's owner (criu writes its
+    pidfile and stats there as that user) is safe: nobody else can reach it.
+    """
+    _check_name(name)
+    os.mkdir(parent / name, 0o700)
+    fd = open_dir(parent / name)
+    try:
+        if owner is not None:
+            os.fchown(fd, owner[0], owner[1])
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def remove_dir(parent: Path, name: str) -> None:
+    """Remove parent/name and all it holds without following links; no error if gone."""
+    _check_name(name)
+    fd = open_dir(parent)
+    try:
+        shutil.rmtree(name, dir_fd=fd, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
+def clear_dir(path: Path) -> None:
+    """Remove everything inside path (it stays); at start-up, for leftover run dirs."""
+    fd = open_dir(path)
+    try:
+        keep_only(fd, ())
+    finally:
+        os.close(fd)
