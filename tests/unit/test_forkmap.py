@@ -131,13 +131,24 @@ def test_a_child_past_the_deadline_is_killed_and_its_share_redone(gate: Gate) ->
 
 
 def test_an_exception_here_still_reaps_the_child() -> None:
+    # Whichever item we take raises.  The child holds its item until we have
+    # taken ours (at most 10 s), so it cannot take both and leave us none:
+    # under load it used to, and then nothing raised.
+    r, w = os.pipe()
+
     def fn(x: int) -> int:
-        if os.getpid() == ME and x == 0:
+        if os.getpid() == ME:
+            os.write(w, b"t")
             raise ValueError("ours")
+        select.select([r], [], [], 10)
         return x
 
-    with pytest.raises(ValueError, match="ours"):
-        forkmap.map_split(fn, [0, 1], timeout=5)
+    try:
+        with pytest.raises(ValueError, match="ours"):
+            forkmap.map_split(fn, [0, 1], timeout=5)
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_the_child_dies_of_sigterm_and_its_share_is_redone(gate: Gate) -> None:
