@@ -9,7 +9,7 @@ import pwd
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,75 @@ def _count(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return n
+
+
+# `criud serve`'s numeric tunables: (flag, type, default, metavar, help);
+# each can also come from CRIUD_<FLAG> in the environment.
+_TUNABLES: tuple[tuple[str, Callable[[str], float], str, str, str], ...] = (
+    ("criu-timeout", float, "1800", "SECONDS", "kill a criu run that takes longer (0: never)"),
+    (
+        "criu-gone-grace",
+        float,
+        "10",
+        "SECONDS",
+        "kill a dump's criu this long after its process died, if it has not finished",
+    ),
+    # Quotas (criud.daemon.quotas); the rest of them are Settings fields.
+    (
+        "header-timeout",
+        float,
+        "10",
+        "SECONDS",
+        "close a connection whose request head is not complete in this time",
+    ),
+    (
+        "max-conns-per-uid",
+        _count,
+        "32",
+        "N",
+        "connections one non-root uid may hold on each unix socket",
+    ),
+    (
+        "max-ops-per-uid",
+        _count,
+        "4",
+        "N",
+        "checkpoints and restores one non-root uid may have in flight",
+    ),
+    (
+        "max-handle-fds-per-uid",
+        _count,
+        "1024",
+        "N",
+        "fds one non-root uid's fd handles may hold together",
+    ),
+    (
+        "fd-reserve",
+        _count,
+        "0",
+        "N",
+        "fds kept from callers: root's stop at the fd limit - N, others' at the limit - 2N "
+        "(0: an eighth of the limit, 32..1024)",
+    ),
+    (
+        "path-open-timeout",
+        float,
+        "5",
+        "SECONDS",
+        "give up opening a restore's inherit paths after this long",
+    ),
+)
+# The Settings field each tunable fills.
+_TUNABLE_FIELDS = {
+    "criu-timeout": "criu_timeout_s",
+    "criu-gone-grace": "criu_gone_grace_s",
+    "header-timeout": "header_timeout_s",
+    "max-conns-per-uid": "max_conns_per_uid",
+    "max-ops-per-uid": "max_ops_per_uid",
+    "max-handle-fds-per-uid": "max_handle_fds_per_uid",
+    "fd-reserve": "fd_reserve",
+    "path-open-timeout": "path_open_timeout_s",
+}
 
 
 def _table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
@@ -116,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the daemon (root)")
+    # Also after `serve`, where a unit file or a reader of `serve --help`
+    # looks for them; SUPPRESS keeps the global value unless given here.
+    s.add_argument("--socket", default=argparse.SUPPRESS, help="API socket (as above)")
+    s.add_argument("--fd-socket", default=argparse.SUPPRESS, help="fd socket (as above)")
     s.add_argument(
         "--state-dir",
         default=_env("STATE_DIR", str(DEFAULT_STATE_DIR)),
@@ -140,71 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("TOKEN_FILE", None),
         help="file holding the bearer token TCP clients must send (env CRIUD_TOKEN_FILE)",
     )
-    s.add_argument(
-        "--criu-timeout",
-        type=float,
-        default=float(_env("CRIU_TIMEOUT", "1800") or 1800),
-        metavar="SECONDS",
-        help="kill a criu run that takes longer (env CRIUD_CRIU_TIMEOUT; 0: never; "
-        "default %(default)s)",
-    )
-    s.add_argument(
-        "--criu-gone-grace",
-        type=float,
-        default=float(_env("CRIU_GONE_GRACE", "10") or 10),
-        metavar="SECONDS",
-        help="kill a dump's criu this long after its process died, if it has not "
-        "finished (env CRIUD_CRIU_GONE_GRACE; default %(default)s)",
-    )
-    # Quotas (criud.daemon.quotas); the rest of them are Settings fields.
-    s.add_argument(
-        "--header-timeout",
-        type=float,
-        default=float(_env("HEADER_TIMEOUT", "10") or 10),
-        metavar="SECONDS",
-        help="close a connection whose request head is not complete in this time "
-        "(env CRIUD_HEADER_TIMEOUT; default %(default)s)",
-    )
-    s.add_argument(
-        "--max-conns-per-uid",
-        type=_count,
-        default=int(_env("MAX_CONNS_PER_UID", "32") or 32),
-        metavar="N",
-        help="connections one non-root uid may hold on each unix socket "
-        "(env CRIUD_MAX_CONNS_PER_UID; default %(default)s)",
-    )
-    s.add_argument(
-        "--max-ops-per-uid",
-        type=_count,
-        default=int(_env("MAX_OPS_PER_UID", "4") or 4),
-        metavar="N",
-        help="checkpoints and restores one non-root uid may have in flight "
-        "(env CRIUD_MAX_OPS_PER_UID; default %(default)s)",
-    )
-    s.add_argument(
-        "--max-handle-fds-per-uid",
-        type=_count,
-        default=int(_env("MAX_HANDLE_FDS_PER_UID", "1024") or 1024),
-        metavar="N",
-        help="fds one non-root uid's fd handles may hold together "
-        "(env CRIUD_MAX_HANDLE_FDS_PER_UID; default %(default)s)",
-    )
-    s.add_argument(
-        "--fd-reserve",
-        type=_count,
-        default=int(_env("FD_RESERVE", "0") or 0),
-        metavar="N",
-        help="fds kept from callers: root's stop at the fd limit - N, others' at the "
-        "limit - 2N (env CRIUD_FD_RESERVE; default 0: an eighth of the limit, 32..1024)",
-    )
-    s.add_argument(
-        "--path-open-timeout",
-        type=float,
-        default=float(_env("PATH_OPEN_TIMEOUT", "5") or 5),
-        metavar="SECONDS",
-        help="give up opening a restore's inherit paths after this long "
-        "(env CRIUD_PATH_OPEN_TIMEOUT; default %(default)s)",
-    )
+    for flag, kind, default, metavar, what in _TUNABLES:
+        env = flag.upper().replace("-", "_")
+        s.add_argument(
+            f"--{flag}",
+            type=kind,
+            default=kind(_env(env, None) or default),
+            metavar=metavar,
+            help=f"{what} (env CRIUD_{env}; default %(default)s)",
+        )
     s.add_argument(
         "--socket-group",
         default=_env("SOCKET_GROUP", None),
@@ -275,14 +292,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         socket_group=a.socket_group,
         listen=a.listen,
         token_file=Path(a.token_file) if a.token_file else None,
-        criu_timeout_s=a.criu_timeout,
-        criu_gone_grace_s=a.criu_gone_grace,
-        path_open_timeout_s=a.path_open_timeout,
-        header_timeout_s=a.header_timeout,
-        max_conns_per_uid=a.max_conns_per_uid,
-        max_ops_per_uid=a.max_ops_per_uid,
-        max_handle_fds_per_uid=a.max_handle_fds_per_uid,
-        fd_reserve=a.fd_reserve,
+        **{field: getattr(a, flag.replace("-", "_")) for flag, field in _TUNABLE_FIELDS.items()},
     )
 
 
