@@ -705,15 +705,7 @@ class Core:
                 if not result.ok:
                     err = await self._criu_error(f"dump of pid {pid}", result, ckpt_id, "dump")
                     await asyncio.to_thread(self._keep_log_only, tmp, final, log_fd)
-                    await self._settle(
-                        self.store.update_checkpoint,
-                        ckpt_id,
-                        state="failed",
-                        name=None,
-                        finished_at=time.time(),
-                        manifest=manifest,
-                        error={"code": err.code, "detail": err.detail},
-                    )
+                    await self._fail_checkpoint(ckpt_id, manifest, err)
                     finished = True
                     raise err
                 owner = run_as.uid if run_as is not None else 0
@@ -724,15 +716,7 @@ class Core:
                     )
                 except CheckpointTampered as e:
                     # Thrown away by the finally below; the record says why.
-                    await self._settle(
-                        self.store.update_checkpoint,
-                        ckpt_id,
-                        state="failed",
-                        name=None,
-                        finished_at=time.time(),
-                        manifest=manifest,
-                        error={"code": e.code, "detail": e.detail},
-                    )
+                    await self._fail_checkpoint(ckpt_id, manifest, e)
                     raise
             finally:
                 if log_fd >= 0:
@@ -756,16 +740,24 @@ class Core:
                 # away and say so in the record; never list it as done.
                 await asyncio.to_thread(shutil.rmtree, tmp, True)
                 with contextlib.suppress(Exception):
-                    await self._settle(
-                        self.store.update_checkpoint,
-                        ckpt_id,
-                        state="failed",
-                        name=None,
-                        finished_at=time.time(),
-                    )
+                    await self._fail_checkpoint(ckpt_id)
         done = await self.store.run(self.store.get_checkpoint, ckpt_id)
         assert done is not None
         return done
+
+    async def _fail_checkpoint(
+        self,
+        ckpt_id: str,
+        manifest: dict[str, Any] | None = None,
+        err: CriudError | None = None,
+    ) -> None:
+        """Record a dump as failed (its name freed), with what it knew and why."""
+        changes: dict[str, Any] = {"state": "failed", "name": None, "finished_at": time.time()}
+        if manifest is not None:
+            changes["manifest"] = manifest
+        if err is not None:
+            changes["error"] = {"code": err.code, "detail": err.detail}
+        await self._settle(self.store.update_checkpoint, ckpt_id, **changes)
 
     @staticmethod
     def _keep_log_only(tmp: Path, final: Path, log_fd: int) -> None:

@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from criud.daemon.jsonlimits import MAX_DEPTH, json_depth
@@ -136,11 +136,15 @@ def _collect_fds(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], list
     return fds, others
 
 
-def recv_message(sock: socket.socket) -> tuple[bytes, OwnedFds]:
-    """Receive one message with its fds; raise FdPassError (fds closed) if it is refused.
+def _recv_checked(
+    sock: socket.socket, max_fds: int, check: Callable[[bytes, list[int]], None] | None = None
+) -> tuple[bytes, OwnedFds]:
+    """One recvmsg with MSG_CMSG_CLOEXEC, checked; every fd it carried closed on refusal.
 
-    sock must be readable (the caller waits); SOCK_SEQPACKET keeps message
-    boundaries, so one recvmsg is one client message.
+    Refused: truncated ancillary data (MSG_CTRUNC: the fds that fit were
+    still installed), a payload over MAX_PAYLOAD, anything but SCM_RIGHTS,
+    more than max_fds fds, and whatever `check` raises FdPassError for.
+    Raises BlockingIOError if nothing is there yet.
     """
     try:
         data, ancdata, flags, _ = sock.recvmsg(
@@ -163,16 +167,30 @@ def recv_message(sock: socket.socket) -> tuple[bytes, OwnedFds]:
             raise FdPassError(
                 "bad_ancillary", f"only SCM_RIGHTS is accepted, got cmsg types {others}"
             )
-        if not fds:
-            if not data:
-                raise FdPassError("empty", "empty message (connection closed?)")
-            raise FdPassError("no_fds", "the message carries no fds (send 1 to 64 with SCM_RIGHTS)")
-        if len(fds) > MAX_FDS:
-            raise FdPassError("too_many_fds", f"{len(fds)} fds sent; at most {MAX_FDS} per handle")
+        if check is not None:
+            check(data, fds)
+        if len(fds) > max_fds:
+            raise FdPassError("too_many_fds", f"{len(fds)} fds sent; at most {max_fds} per message")
     except FdPassError:
         owned.close()
         raise
     return data, owned
+
+
+def _one_or_more_fds(data: bytes, fds: list[int]) -> None:
+    if not fds:
+        if not data:
+            raise FdPassError("empty", "empty message (connection closed?)")
+        raise FdPassError("no_fds", "the message carries no fds (send 1 to 64 with SCM_RIGHTS)")
+
+
+def recv_message(sock: socket.socket) -> tuple[bytes, OwnedFds]:
+    """Receive one client message with 1 to MAX_FDS fds; FdPassError (fds closed) if refused.
+
+    sock must be readable (the caller waits); SOCK_SEQPACKET keeps message
+    boundaries, so one recvmsg is one client message.
+    """
+    return _recv_checked(sock, MAX_FDS, _one_or_more_fds)
 
 
 def parse_payload(data: bytes, count: int, max_ttl: float) -> tuple[float | None, list[str] | None]:
@@ -216,30 +234,6 @@ def send_fds(sock: socket.socket, payload: bytes, fds: Sequence[int]) -> None:
 def recv_reply(sock: socket.socket, max_fds: int = MAX_FDS) -> tuple[bytes, OwnedFds]:
     """Receive one message with 0 to max_fds fds (a reply of our own child).
 
-    Checked as strictly as a client's: MSG_CTRUNC, MSG_TRUNC, or anything
-    but SCM_RIGHTS refuses it with every fd it carried closed.  At EOF the
-    data is empty.  Raises BlockingIOError if nothing is there yet.
+    Checked as strictly as a client's message; at EOF the data is empty.
     """
-    try:
-        data, ancdata, flags, _ = sock.recvmsg(
-            MAX_PAYLOAD + 1, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
-        )
-    except BlockingIOError:
-        raise
-    except OSError as e:
-        raise FdPassError("recv_failed", f"recvmsg failed: {e.strerror}") from e
-    fds, others = _collect_fds(ancdata)
-    owned = OwnedFds(fds)
-    try:
-        if flags & socket.MSG_CTRUNC:
-            raise FdPassError("truncated", "ancillary data was truncated")
-        if flags & socket.MSG_TRUNC or len(data) > MAX_PAYLOAD:
-            raise FdPassError("payload_too_large", f"payload larger than {MAX_PAYLOAD} bytes")
-        if others:
-            raise FdPassError("bad_ancillary", f"only SCM_RIGHTS is accepted, got {others}")
-        if len(fds) > max_fds:
-            raise FdPassError("too_many_fds", f"{len(fds)} fds; at most {max_fds}")
-    except FdPassError:
-        owned.close()
-        raise
-    return data, owned
+    return _recv_checked(sock, max_fds)
