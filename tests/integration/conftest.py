@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.helpers import CRIU, Daemon, Procs, running_daemon
+from tests.integration.helpers import CRIU, Daemon, running_daemon
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -23,12 +23,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def daemon() -> Iterator[Daemon]:
     with running_daemon() as d:
         yield d
-
-
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        p.cleanup()

@@ -307,6 +307,24 @@ def _shared_src() -> Path:
     return _SHARED_SRC[0]
 
 
+# Runs a list of API calls as whoever runs it; prints [[status, body], ...]
+# (status 0 with the errno when the socket itself refuses the caller).
+CALLS = r"""
+import json, sys
+from criud.api.client import Client, CriudClientError
+c = Client(sys.argv[1], sys.argv[2], timeout=120)
+out = []
+for method, path, body in json.loads(sys.argv[3]):
+    try:
+        out.append(list(c.request(method, path, body)))
+    except CriudClientError as e:
+        out.append([e.status, e.problem])
+    except OSError as e:
+        out.append([0, {"errno": e.errno, "error": str(e)}])
+print(json.dumps(out))
+"""
+
+
 def run_python_as(
     uid: int, code: str, *args: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:

@@ -13,21 +13,15 @@ from typing import Any
 import pytest
 
 from criud.api.client import CriudClientError
-from tests.integration.helpers import Daemon, Procs, proc_state, run_python_as, temp_root, wait_for
-
-# Runs a list of API calls as whoever runs it; prints [[status, body], ...].
-CALLS = r"""
-import json, sys
-from criud.api.client import Client, CriudClientError
-c = Client(sys.argv[1], sys.argv[2])
-out = []
-for method, path, body in json.loads(sys.argv[3]):
-    try:
-        out.append(list(c.request(method, path, body)))
-    except CriudClientError as e:
-        out.append([e.status, e.problem])
-print(json.dumps(out))
-"""
+from tests.integration.helpers import (
+    CALLS,
+    Daemon,
+    Procs,
+    proc_state,
+    run_python_as,
+    temp_root,
+    wait_for,
+)
 
 USER1, USER2 = 65534, 65533
 

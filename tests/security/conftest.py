@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.helpers import CRIU, Daemon, Procs, temp_root
+from tests.integration.helpers import CRIU, Daemon, temp_root
 from tests.security.users import Accounts, accounts
 
 
@@ -36,12 +36,3 @@ def sdaemon(users: Accounts) -> Iterator[Daemon]:
         finally:
             rc = d.stop()
             assert rc == 0, f"daemon exited {rc} on SIGTERM: {d.log()}"
-
-
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        p.cleanup()

@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tests.integration.helpers import Daemon, Procs, _shared_src, wait_for
+from tests.integration.helpers import CALLS, Daemon, Procs, _shared_src, wait_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,23 +108,6 @@ def accounts() -> Iterator[Accounts]:
             subprocess.run(["groupdel", u], capture_output=True, timeout=60)
         for g in made_groups:
             subprocess.run(["groupdel", g], capture_output=True, timeout=60)
-
-
-# Runs API calls as whoever runs it; prints [[status, body], ...].
-CALLS = r"""
-import json, sys
-from criud.api.client import Client, CriudClientError
-c = Client(sys.argv[1], sys.argv[2], timeout=120)
-out = []
-for method, path, body in json.loads(sys.argv[3]):
-    try:
-        out.append(list(c.request(method, path, body)))
-    except CriudClientError as e:
-        out.append([e.status, e.problem])
-    except OSError as e:
-        out.append([0, {"errno": e.errno, "error": str(e)}])
-print(json.dumps(out))
-"""
 
 
 def run_as(
