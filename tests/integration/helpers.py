@@ -277,6 +277,32 @@ def temp_root() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def small_state_dir(root: Path, size: str) -> Iterator[Path]:
+    """root/state on a tmpfs of `size` (e.g. "8m"): a disk that fills up; unmounted after."""
+    state = root / "state"
+    state.mkdir(mode=0o700)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "criud-small", str(state)],
+        check=True,
+        timeout=30,
+    )
+    try:
+        yield state
+    finally:
+        # Lazy: a test that failed half-way may leave a file open in it.
+        subprocess.run(["umount", "-l", str(state)], check=False, timeout=30)
+
+
+def uid_of(pid: int) -> int | None:
+    """The real uid of a live process, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
+    except OSError:
+        return None
+
+
 _SHARED_SRC: list[Path] = []
 
 

@@ -20,6 +20,7 @@ from tests.integration.helpers import (
     Procs,
     pid_gone,
     proc_state,
+    small_state_dir,
     temp_root,
     wait_for,
 )
@@ -263,30 +264,20 @@ def test_restore_fault_6_leaves_nothing_and_images_reusable(procs: Procs) -> Non
 
 def test_enospc_dump_fails_cleanly(procs: Procs, tmp_path: Path) -> None:
     p = fill(procs, 64, tmp_path)
-    with temp_root() as root:
-        state = root / "state"
-        state.mkdir(mode=0o700)
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "criud-enospc", str(state)],
-            check=True,
-            timeout=30,
-        )
+    with temp_root() as root, small_state_dir(root, "8m"):
+        d = Daemon(root).start()
         try:
-            d = Daemon(root).start()
-            try:
-                with pytest.raises(CriudClientError) as e:
-                    d.client.checkpoint(p.pid, name="too-big")
-                assert e.value.status == 507 and e.value.code == "no_space"
-                assert "space" in (e.value.problem.get("criu_error") or e.value.detail).lower()
-                wait_for(lambda: running_untraced(p.pid), 15, what="target to run, untraced")
-                ckdir = d.state_dir / "checkpoints"
-                assert not list(ckdir.glob(".tmp-*"))
-                leftovers = [f.name for c in ckdir.iterdir() for f in c.iterdir()]
-                assert leftovers == ["dump.log"], leftovers  # partial images removed
-            finally:
-                assert d.stop() == 0
+            with pytest.raises(CriudClientError) as e:
+                d.client.checkpoint(p.pid, name="too-big")
+            assert e.value.status == 507 and e.value.code == "no_space"
+            assert "space" in (e.value.problem.get("criu_error") or e.value.detail).lower()
+            wait_for(lambda: running_untraced(p.pid), 15, what="target to run, untraced")
+            ckdir = d.state_dir / "checkpoints"
+            assert not list(ckdir.glob(".tmp-*"))
+            leftovers = [f.name for c in ckdir.iterdir() for f in c.iterdir()]
+            assert leftovers == ["dump.log"], leftovers  # partial images removed
         finally:
-            subprocess.run(["umount", str(state)], check=True, timeout=30)
+            assert d.stop() == 0
 
 
 # A criu whose dumps hang (as a real one can, once its target is killed at a

@@ -16,7 +16,15 @@ from criud.api.client import CriudClientError
 from criud.daemon.procutil import children
 from criud.dump.fds import tree_pids
 from criud.dump.inspect import SPLIT_MIN_TASKS
-from tests.integration.helpers import Daemon, Procs, proc_state, run_python_as, temp_root, wait_for
+from tests.integration.helpers import (
+    Daemon,
+    Procs,
+    proc_state,
+    run_python_as,
+    small_state_dir,
+    temp_root,
+    wait_for,
+)
 
 # Holds: a pipe both ends, a pipe read end whose writer is outside (fd 0),
 # a socketpair both ends, a TCP connection to argv[1] (a port on loopback),
@@ -223,25 +231,15 @@ def test_preflight_no_space(procs: Procs, tmp_path: Path) -> None:
         str(tmp_path / "r"),
     )
     wait_for((tmp_path / "r").exists, 60, what="64 MiB")
-    with temp_root() as root:
-        state = root / "state"
-        state.mkdir(mode=0o700)
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "criud-ns", str(state)],
-            check=True,
-            timeout=30,
-        )
+    with temp_root() as root, small_state_dir(root, "8m"):
+        d = Daemon(root).start()
         try:
-            d = Daemon(root).start()
-            try:
-                r = d.client.preflight(fill.pid)
-                nospace = next(f for f in r["blockers"] if f["code"] == "no_space")
-                assert nospace["resolved"] is False and r["ok"] is False
-                assert r["estimated_image_bytes"] > r["free_bytes"]
-            finally:
-                assert d.stop() == 0
+            r = d.client.preflight(fill.pid)
+            nospace = next(f for f in r["blockers"] if f["code"] == "no_space")
+            assert nospace["resolved"] is False and r["ok"] is False
+            assert r["estimated_image_bytes"] > r["free_bytes"]
         finally:
-            subprocess.run(["umount", str(state)], check=True, timeout=30)
+            assert d.stop() == 0
 
 
 # -- criu's failures, each provoked with a real process, mapped to a code ------

@@ -20,6 +20,7 @@ from tests.integration.helpers import (
     proc_state,
     run_python_as,
     temp_root,
+    uid_of,
     wait_for,
 )
 
@@ -42,16 +43,8 @@ def user_sleep(procs: Procs, uid: int) -> int:
         ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "sleep", "1000"],
         cwd="/",
     )
-    wait_for(lambda: _uid(p.pid) == uid, 10, what="setpriv to drop to the user")
+    wait_for(lambda: uid_of(p.pid) == uid, 10, what="setpriv to drop to the user")
     return p.pid
-
-
-def _uid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
-    except OSError:
-        return None
 
 
 def test_uid_matrix(daemon: Daemon, procs: Procs) -> None:
@@ -104,12 +97,14 @@ def test_uid_matrix(daemon: Daemon, procs: Procs) -> None:
 
     # The owner restores it: the tree comes back as the user.
     os.kill(u1_pid, 9)
-    wait_for(lambda: _uid(u1_pid) is None or proc_state(u1_pid) == "Z", 10, what="u1 sleep to die")
+    wait_for(
+        lambda: uid_of(u1_pid) is None or proc_state(u1_pid) == "Z", 10, what="u1 sleep to die"
+    )
     procs.popens[-1].wait(timeout=10)
     ((st, r),) = as_user(USER1, daemon, [("POST", "/v1/restores", {"checkpoint": "u1-own"})])
     assert st == 201, r
     procs.adopt(r["pid"])
-    assert _uid(r["pid"]) == USER1
+    assert uid_of(r["pid"]) == USER1
     with open(f"/proc/{r['pid']}/status") as f:
         caps = {ln.split(":")[0]: ln.split()[1] for ln in f if ln.startswith("Cap")}
     assert caps["CapEff"] == caps["CapPrm"] == caps["CapAmb"] == "0000000000000000"

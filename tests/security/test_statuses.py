@@ -19,7 +19,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import CRIU, Daemon, Procs, pid_gone, temp_root, wait_for
+from tests.integration.helpers import (
+    CRIU,
+    Daemon,
+    Procs,
+    pid_gone,
+    small_state_dir,
+    temp_root,
+    wait_for,
+)
 from tests.security.users import Accounts, User, call_as, run_as
 
 # A raw request as whoever runs it (json.dumps cannot write a 5,000-digit int).
@@ -125,21 +133,13 @@ def _ask(daemon: Daemon, method: str, path: str, body: Any = None) -> tuple[int,
 
 
 def test_full_state_dir_is_507_and_loses_nothing(procs: Procs) -> None:
-    with temp_root() as root:
-        state = root / "state"
-        state.mkdir(mode=0o700)
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(state)],
-            check=True,
-            timeout=30,
-        )
+    with temp_root() as root, small_state_dir(root, "16m") as state:
         d = Daemon(root)
         try:
             d.start()
             _full_state_dir(d, state, procs)
         finally:
             rc = d.stop()
-            subprocess.run(["umount", "-l", str(state)], timeout=30, check=False)
         assert rc == 0, d.log()
 
 

@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tests.integration.helpers import CALLS, Daemon, Procs, _shared_src, wait_for
+from tests.integration.helpers import CALLS, Daemon, Procs, _shared_src, uid_of, wait_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,14 +140,6 @@ def call_as(
     """One API call as user: (status, body)."""
     ((status, doc),) = calls_as(user, daemon, [(method, path, body)])
     return int(status), doc
-
-
-def uid_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
-    except OSError:
-        return None
 
 
 def spawn_as(procs: Procs, user: User, argv: Sequence[str], **kw: Any) -> int:
