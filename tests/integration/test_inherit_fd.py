@@ -441,7 +441,9 @@ def test_thousand_expired_handles_leave_no_fds(daemon: Daemon) -> None:
         os.close(r)
         os.close(w)
     assert daemon.fd_count() >= base + 1000
-    wait_for(lambda: daemon.fd_count() == base, 15, what="fds of expired handles to close")
+    # At most base, not exactly: the session's daemon may close an fd of an
+    # earlier test meanwhile (a pidfd of a restored tree that exits now).
+    wait_for(lambda: daemon.fd_count() <= base, 15, what="fds of expired handles to close")
 
 
 def test_received_fds_are_cloexec(daemon: Daemon) -> None:
