@@ -57,7 +57,7 @@ from criud.daemon.fdpass import OwnedFds
 from criud.daemon.handles import FdHandle, HandleStore
 from criud.daemon.quotas import FdBudget, Quotas
 from criud.daemon.reaper import Reaper
-from criud.daemon.store import CheckpointRecord, NameConflict, RestoreRecord, Store
+from criud.daemon.store import CheckpointRecord, RestoreRecord, Store
 from criud.dump import fds as fdinfo
 from criud.dump import images, oci
 from criud.dump import inspect as proc_inspect
@@ -643,10 +643,7 @@ class Core:
             owner_uid=caller.uid,
             criu_version=self.criu.version,
         )
-        try:
-            await self.store.run(self.store.insert_checkpoint, rec)
-        except NameConflict:
-            raise names_taken(spec.name) from None
+        await self.store.run(self.store.insert_checkpoint, rec)
         tmp = self.settings.checkpoints_dir / f"{TMP_PREFIX}{ckpt_id}"
         final = self.settings.checkpoints_dir / ckpt_id
         finished = False
@@ -1402,9 +1399,3 @@ class Core:
             self.record("delete_handle", caller, target, e.code, detail=e.detail)
             raise
         self.record("delete_handle", caller, target, "ok")
-
-
-def names_taken(name: str | None) -> CriudError:
-    from criud.daemon.errors import NameTaken
-
-    return NameTaken(f"a checkpoint named {name!r} exists already", name=name)

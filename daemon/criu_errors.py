@@ -170,23 +170,8 @@ RULES: tuple[Rule, ...] = (
     ),
 )
 
-# The HTTP status criud answers each code with.
-STATUS: dict[str, int] = {
-    "external_unix_socket": 422,
-    "tcp_established_needed": 422,
-    "shell_job_needed": 422,
-    "file_locks_needed": 422,
-    "ghost_file_too_big": 422,
-    "pid_ns_not_rooted": 422,
-    "file_size_changed": 422,
-    "pid_in_use": 409,
-    "process_gone": 409,
-    "no_space": 507,
-    "permission_denied": 403,
-    FALLBACK: 422,
-}
-
-_CLASSES: dict[str, type[errors.CriudError]] = {
+# The error class (and so the HTTP status) each code is raised as.
+CLASSES: dict[str, type[errors.CriudError]] = {
     "external_unix_socket": errors.ExternalUnixSocket,
     "tcp_established_needed": errors.TcpEstablishedNeeded,
     "shell_job_needed": errors.ShellJobNeeded,
@@ -269,7 +254,8 @@ def classify_log(path: Path, op: str) -> tuple[str, str]:
 
 def status_of(code: str) -> int:
     """The HTTP status criud answers a code with (422 for unknown codes)."""
-    return STATUS.get(code, STATUS[FALLBACK])
+    # The classes carry their statuses: no second table to drift from them.
+    return error_class(code).status
 
 
 def hint_of(code: str) -> str:
@@ -282,4 +268,4 @@ def hint_of(code: str) -> str:
 
 def error_class(code: str) -> type[errors.CriudError]:
     """The criud error class to raise for a code (CriuFailed for unknown codes)."""
-    return _CLASSES.get(code, errors.CriuFailed)
+    return CLASSES.get(code, errors.CriuFailed)

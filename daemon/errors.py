@@ -16,7 +16,8 @@ class CriudError(Exception):
     """Root of every error criud reports to a caller."""
 
     status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
+    # Not a ClassVar: a few errors (FdPassError) carry a code per instance.
+    code: str = "internal_error"
     title: ClassVar[str] = "Internal error"
 
     def __init__(self, detail: str, **extra: Any) -> None:
@@ -391,3 +392,18 @@ class InvalidBundle(CriudError):
     status = 422
     code = "invalid_bundle"
     title = "Unusable OCI bundle"
+
+
+class StoreUnusable(CriudError):
+    """The database cannot be used: not a database, or of a newer schema."""
+
+    status = 503
+    code = "store_unusable"
+    title = "The daemon's database is unusable"
+
+
+class StartupFailed(CriudError):
+    """The daemon cannot start (a socket, a flag, criu or the store); the CLI prints it."""
+
+    code = "startup_failed"
+    title = "The daemon cannot start"

@@ -23,6 +23,8 @@ import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from criud.daemon.errors import CheckpointTampered
+
 # A sealed dir: root's, traversable and readable by criu running as the
 # tree's owner (through the fd the daemon hands it; the checkpoints dir
 # above stays 0700 root, so nobody reaches it by path).
@@ -34,8 +36,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-class UnsafeEntry(Exception):
-    """An entry is not what the daemon put there: a link, a fifo, a dir, a foreign file."""
+class UnsafeEntry(CheckpointTampered):
+    """An entry is not what the daemon put there: a link, a fifo, a dir, a foreign file.
+
+    A CheckpointTampered (409) wherever it escapes; the jobs name the
+    checkpoint in it (criud.daemon.imgdir.tampered).
+    """
 
 
 def _check_name(name: str) -> None:

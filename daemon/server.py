@@ -35,7 +35,7 @@ from criud.daemon import procutil
 from criud.daemon.caller import Caller, peer_caller
 from criud.daemon.config import Settings
 from criud.daemon.core import Core
-from criud.daemon.errors import CriudError, CriuUnavailable, HeaderTimeout
+from criud.daemon.errors import CriudError, CriuUnavailable, HeaderTimeout, StartupFailed
 from criud.daemon.fdsock import FdSocketServer
 from criud.daemon.quotas import Pool, Quotas, Ticket, raise_nofile
 from criud.daemon.store import StoreError
@@ -45,7 +45,7 @@ log = logging.getLogger("criud")
 SD_LISTEN_FDS_START = 3
 
 
-class StartupError(Exception):
+class StartupError(StartupFailed):
     """The daemon cannot start; the message says why and what to do."""
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon.errors import NoSpace
+from criud.daemon.errors import NameTaken, NoSpace, StoreUnusable
 
 T = TypeVar("T")
 
@@ -128,12 +128,8 @@ _SUMMARY_COLUMNS = (
 )
 
 
-class NameConflict(Exception):
-    """The unique (owner, name) index refused an insert."""
-
-
-class StoreError(Exception):
-    """The database cannot be used: not a database, or of a newer schema."""
+# The daemon's name for an unusable database (kept for the server's message).
+StoreError = StoreUnusable
 
 
 @dataclasses.dataclass
@@ -303,7 +299,7 @@ class Store:
     # -- checkpoints ------------------------------------------------------------
 
     def insert_checkpoint(self, rec: CheckpointRecord) -> None:
-        """Insert a new checkpoint record; NameConflict if its name is taken."""
+        """Insert a new checkpoint record; NameTaken if its name is taken."""
         self.generation += 1
         fields = dataclasses.asdict(rec)
         cols = ", ".join(fields)
@@ -314,7 +310,8 @@ class Store:
                 [_dump(k, v) for k, v in fields.items()],
             )
         except sqlite3.IntegrityError as e:
-            raise NameConflict(str(e)) from e
+            # The only unique index besides the id (ours, fresh) is (owner, name).
+            raise NameTaken(f"a checkpoint named {rec.name!r} exists already", name=rec.name) from e
 
     def update_checkpoint(self, ckpt_id: str, **changes: Any) -> None:
         """Change fields of a checkpoint; a state change must be a legal one."""

@@ -14,6 +14,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from criud.daemon.errors import CheckpointNotReady
+
 IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
 STATS_MAGIC = 0x57093306
@@ -44,7 +46,7 @@ RESTORE_STATS_FIELDS = {
 }
 
 
-class ImageError(ValueError):
+class ImageError(CheckpointNotReady):
     """The file is not the CRIU image we expected."""
 
 

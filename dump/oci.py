@@ -57,6 +57,8 @@ import stat
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from criud.daemon.errors import InvalidBundle
+
 CONFIG_NAME = "config.json"
 # A runc config.json is a few KiB; refuse anything absurd before parsing it.
 MAX_CONFIG_BYTES = 4 << 20
@@ -92,7 +94,7 @@ _CG_GENERIC_OPTS = frozenset(
 )
 
 
-class OciError(ValueError):
+class OciError(InvalidBundle):
     """A bundle, its config.json or the container does not fit; the message says why."""
 
 

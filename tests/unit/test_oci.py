@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from criud.daemon.errors import InvalidBundle
 from criud.dump import oci
 from criud.dump.oci import ContainerProbe, OciError
 
@@ -233,7 +234,8 @@ def test_invalid_json_and_top_level() -> None:
         oci.parse_config(b" " * (oci.MAX_CONFIG_BYTES + 1), B)
     with pytest.raises(OciError, match="bundle path must be an absolute path"):
         oci.parse_spec(RUNC_SPEC, "bundles/web")
-    assert issubclass(OciError, ValueError)
+    # A 422 invalid_bundle wherever it escapes (issue 12: one error root).
+    assert issubclass(OciError, InvalidBundle)
 
 
 # -- load_spec (reads the bundle) ----------------------------------------------------------

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from criud.daemon.errors import NoSpace
+from criud.daemon.errors import NameTaken, NoSpace
 from criud.daemon.names import new_id
 from criud.daemon.store import (
     CHECKPOINT_TRANSITIONS,
     RESTORE_TRANSITIONS,
     CheckpointRecord,
-    NameConflict,
     RestoreRecord,
     Store,
 )
@@ -90,7 +89,7 @@ def test_json_fields_round_trip(store: Store) -> None:
 
 def test_name_conflict(store: Store) -> None:
     store.insert_checkpoint(ckpt("web"))
-    with pytest.raises(NameConflict):
+    with pytest.raises(NameTaken):
         store.insert_checkpoint(ckpt("web"))
     # Unnamed checkpoints never conflict.
     store.insert_checkpoint(ckpt(None))
@@ -109,7 +108,7 @@ def test_names_are_unique_per_owner(store: Store) -> None:
     # An id is found for any owner, or only for id_owner when given.
     assert store.find_checkpoint(theirs.id, 0) == theirs
     assert store.find_checkpoint(theirs.id, 1000, id_owner=1000) is None
-    with pytest.raises(NameConflict):
+    with pytest.raises(NameTaken):
         store.insert_checkpoint(dataclasses.replace(ckpt("web"), owner_uid=2000))
 
 

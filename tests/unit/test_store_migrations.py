@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from criud.daemon.errors import NameTaken
 from criud.daemon.names import new_id
 from criud.daemon.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     CheckpointRecord,
-    NameConflict,
     Store,
     StoreError,
 )
@@ -83,7 +83,7 @@ def test_previous_release_database_migrates_and_keeps_its_records(tmp_path: Path
         assert (r.checkpoint_id, r.ns_pid, r.exit_code) == (WEB_ID, 5000, 0)
         # v2: another owner may now use the name; its owner still may not.
         s.insert_checkpoint(_named("web", 2000))
-        with pytest.raises(NameConflict):
+        with pytest.raises(NameTaken):
             s.insert_checkpoint(_named("web", 1000))
     finally:
         s.close()
