@@ -63,6 +63,7 @@ from criud.dump import fds as fdinfo
 from criud.dump.argv import DUMP_LOG, dump_argv
 from criud.dump.options import DumpOptions
 from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
+from criud.restore.worker import FdMap
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -262,10 +263,13 @@ def raw_restore(
     """`criu restore` with criud's argv; returns (seconds, restored root pid)."""
     with contextlib.suppress(FileNotFoundError):
         (images / PIDFILE).unlink()
-    argv = restore_argv(images, DumpOptions(), inherit)
-    t0 = time.perf_counter()
-    _run_criu(criu, argv, images / RESTORE_LOG, pass_fds=[fd for fd, _ in inherit])
-    t = time.perf_counter() - t0
+    with FdMap() as fds:
+        for fd, key in inherit:
+            fds.hand_over(fds.dup(fd), key)
+        argv = restore_argv(images, DumpOptions(), fds.inherit_args())
+        t0 = time.perf_counter()
+        _run_criu(criu, argv, images / RESTORE_LOG, pass_fds=fds.pass_fds)
+        t = time.perf_counter() - t0
     pid = int((images / PIDFILE).read_text().strip())
     TRACK.add(pid)
     return t, pid

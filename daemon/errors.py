@@ -205,6 +205,18 @@ class RestoreUnverified(CriudError):
     title = "The restored root could not be verified"
 
 
+class RootExited(CriudError):
+    """criu restored the tree, but its root exited before the daemon could watch it.
+
+    The restore is recorded as exited (with the status, when it was ours to
+    reap): there is nothing left to signal or wait for.
+    """
+
+    status = 409
+    code = "restored_root_exited"
+    title = "The restored process exited at once"
+
+
 # -- 5xx: criu or the host ------------------------------------------------------
 
 

@@ -272,3 +272,29 @@ def clear_dir(path: Path) -> None:
         keep_only(fd, ())
     finally:
         os.close(fd)
+
+
+def tampered(ckpt_id: str, e: UnsafeEntry) -> CheckpointTampered:
+    """e, said of checkpoint ckpt_id: the one place an unsafe entry gets its context."""
+    return CheckpointTampered(
+        f"checkpoint {ckpt_id}: {e}; a criu images dir holds only regular files "
+        "the daemon or criu made, so it was tampered with and is not used",
+        checkpoint=ckpt_id,
+    )
+
+
+def criu_dir(path: Path, fd: int, run_as_ids: tuple[int, int] | None, writable: bool) -> Path:
+    """The images dir (open at fd) as criu should name it.
+
+    As root, criu takes the path.  As a tree's owner it could not traverse
+    the 0700 state dir, so the dir is handed over as its open fd (the caller
+    passes fd to criu) and named /proc/self/fd/N: a magic link, which needs
+    no search permission on the path it came from.  writable (a dump): the
+    dir, which the daemon made for this dump, is chowned to the owner; a
+    restore reads the sealed dir.
+    """
+    if run_as_ids is None:
+        return path
+    if writable:
+        os.fchown(fd, *run_as_ids)
+    return Path(f"/proc/self/fd/{fd}")

@@ -34,10 +34,10 @@ from criud.api.app import create_app
 from criud.daemon import procutil
 from criud.daemon.caller import Caller, peer_caller
 from criud.daemon.config import Settings
-from criud.daemon.core import Core
 from criud.daemon.errors import CriudError, CriuUnavailable, HeaderTimeout, StartupFailed
 from criud.daemon.fdsock import FdSocketServer
 from criud.daemon.quotas import Pool, Quotas, Ticket, raise_nofile
+from criud.daemon.service import CriudService
 from criud.daemon.store import StoreError
 
 log = logging.getLogger("criud")
@@ -298,7 +298,7 @@ def systemd_sockets() -> dict[int, socket.socket]:
 async def _serve(settings: Settings) -> None:
     # Take systemd's sockets before anything else opens an fd.
     activated = systemd_sockets()
-    core = Core(settings)
+    core = CriudService(settings)
     try:
         await core.start()
     except CriuUnavailable as e:

@@ -459,7 +459,7 @@ def test_a_thread_id_is_not_a_process(subject: dict[str, Any]) -> None:
 def _criu_dump(tree: Tree, opts: DumpOptions, images: Path) -> tuple[int, str | None]:
     """Dump tree with real criu (leaving it running); (exit status, criud code)."""
     images.mkdir()
-    ext = mf.external_unix_inodes({"tasks": tree["tasks"]}, opts.external)
+    ext = mf.Manifest.from_json({"tasks": tree["tasks"]}).external_unix_inodes(opts.external)
     argv = dump_argv(
         tree["root"],
         images,

@@ -14,6 +14,7 @@ import pytest
 from criud.daemon.errors import InvalidBundle
 from criud.dump import oci
 from criud.dump.oci import ContainerProbe, OciError
+from criud.restore import oci as roci
 
 # `runc spec` of Debian 12's runc 1.1.5, verbatim.
 RUNC_SPEC = json.loads(
@@ -461,9 +462,9 @@ def copy_doc(rootfs: str = "rootfs-r2", data: str = "/srv/data-r2", **linux: Any
 
 def test_restore_args_into_a_copy_under_a_new_name() -> None:
     new = container(copy_doc(), bundle="/srv/bundles/web-r2")
-    cg = oci.restore_cgroup_root(new, "web-r2")
+    cg = roci.restore_cgroup_root(new, "web-r2")
     assert cg == "/web-r2"
-    args = oci.restore_args(saved_record(), new, cgroup_root=cg, network_lock="nftables")
+    args = roci.restore_args(saved_record(), new, cgroup_root=cg, network_lock="nftables")
     assert args == [
         "--root",
         "/srv/bundles/web-r2/rootfs-r2",
@@ -493,7 +494,7 @@ def test_restore_args_into_a_copy_under_a_new_name() -> None:
 
 
 def test_restore_args_without_cgroup_root_keeps_the_dumped_cgroups() -> None:
-    args = oci.restore_args(saved_record(), container())
+    args = roci.restore_args(saved_record(), container())
     assert "--cgroup-root" not in args
     assert "mnt[/sys/fs/cgroup/memory]:/sys/fs/cgroup/memory/sandbox/c1" in args
     assert "mnt[/data]:/srv/data" in args
@@ -504,11 +505,10 @@ def test_restore_external_namespaces_need_fds() -> None:
     ns2 = [{"type": "network", "path": "/run/netns/web2"}, {"type": "pid"}, {"type": "mount"}]
     rec = saved_record(spec_doc(namespaces=ns), ns_inodes={"network": 4026532181})
     new = container(copy_doc(namespaces=ns2))
-    assert oci.restore_ns_files(rec, new) == {"extRootNetNS": "/run/netns/web2"}
-    with pytest.raises(OciError, match="no fd for external namespace extRootNetNS"):
-        oci.restore_args(rec, new)
-    args = oci.restore_args(rec, new, ns_fds={"extRootNetNS": 7}, network_lock="nftables")
-    assert args[-2:] == ["--inherit-fd", "fd[7]:extRootNetNS"]
+    assert roci.restore_ns_files(rec, new) == {"extRootNetNS": "/run/netns/web2"}
+    args = roci.restore_args(rec, new, network_lock="nftables")
+    # The namespace's fd is named by the restore's FdMap, not here (issue 12).
+    assert "--inherit-fd" not in args
     assert "--empty-ns" not in args
     assert "--network-lock" in args
 
@@ -517,11 +517,11 @@ def test_restore_joins_namespaces_given_by_path() -> None:
     ns = [{"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "uts", "path": "/proc/1/ns/uts"}]
     ns2 = [{"type": "ipc", "path": "/run/ipc2"}, {"type": "uts", "path": "/run/uts2"}]
     rec = saved_record(spec_doc(namespaces=ns))
-    args = oci.restore_args(rec, container(copy_doc(namespaces=ns2)))
+    args = roci.restore_args(rec, container(copy_doc(namespaces=ns2)))
     assert args[-4:] == ["--join-ns", "ipc:/run/ipc2", "--join-ns", "uts:/run/uts2"]
     ns3 = [{"type": "ipc", "path": "/run/ipc,2"}, {"type": "uts", "path": "/run/uts2"}]
     with pytest.raises(OciError, match="contains a comma"):
-        oci.restore_args(rec, container(copy_doc(namespaces=ns3)))
+        roci.restore_args(rec, container(copy_doc(namespaces=ns3)))
 
 
 @pytest.mark.parametrize(
@@ -544,39 +544,65 @@ def test_restore_refuses_a_bundle_that_does_not_fit(change: Any, message: str) -
     doc = copy_doc()
     change(doc)
     with pytest.raises(OciError, match=message):
-        oci.restore_args(saved_record(), container(doc))
+        roci.check_compatible(saved_record(), container(doc))
+
+
+def test_prepare_checks_compatibility_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_compatible ran twice per restore (issue 12); prepare runs it once."""
+    calls: list[str] = []
+    real = roci.check_compatible
+
+    def counted(saved: Any, new: oci.OciSpec) -> None:
+        calls.append(new.rootfs)
+        real(saved, new)
+
+    monkeypatch.setattr(roci, "check_compatible", counted)
+    bundle = write_bundle(tmp_path, spec_doc())
+    saved = saved_record()
+    prepared = roci.prepare(saved, str(bundle), "web-2", None, "nftables")
+    assert calls == [str(bundle / "rootfs")]
+    assert prepared.args[:2] == ("--root", str(bundle / "rootfs"))
+    assert "--inherit-fd" not in prepared.args
+    # A bundle that does not fit: refused, once, naming the bundle.
+    calls.clear()
+    doc = spec_doc()
+    doc["mounts"].pop()
+    other = write_bundle(tmp_path / "other", doc)
+    with pytest.raises(OciError, match="bind mount /data") as ei:
+        roci.prepare(saved, str(other), None, None, None)
+    assert len(calls) == 1 and ei.value.extra["bundle"] == str(other)
 
 
 def test_restore_refuses_external_ns_without_a_path() -> None:
     ns = [{"type": "network", "path": "/run/netns/web"}]
     rec = saved_record(spec_doc(namespaces=ns), ns_inodes={"network": 1})
     with pytest.raises(OciError, match=re.escape("must give linux.namespaces network a path")):
-        oci.restore_ns_files(rec, container(copy_doc(namespaces=[{"type": "network"}])))
+        roci.restore_ns_files(rec, container(copy_doc(namespaces=[{"type": "network"}])))
 
 
 def test_restore_refuses_bad_records() -> None:
     rec = saved_record()
     with pytest.raises(OciError, match="unknown OCI record version"):
-        oci.restore_args({**rec, "version": 99}, container())
+        roci.restore_args({**rec, "version": 99}, container())
     with pytest.raises(OciError, match=re.escape("process.terminal is true")):
-        oci.restore_args({**rec, "terminal": True}, container())
+        roci.restore_args({**rec, "terminal": True}, container())
 
 
 def test_restore_cgroup_root() -> None:
-    assert oci.restore_cgroup_root(container(spec_doc(cgroupsPath="/pods//web/"))) == "/pods/web"
-    assert oci.restore_cgroup_root(container(), "web-2") == "/web-2"
-    assert oci.restore_cgroup_root(container()) is None
+    assert roci.restore_cgroup_root(container(spec_doc(cgroupsPath="/pods//web/"))) == "/pods/web"
+    assert roci.restore_cgroup_root(container(), "web-2") == "/web-2"
+    assert roci.restore_cgroup_root(container()) is None
     with pytest.raises(OciError, match="systemd-style"):
-        oci.restore_cgroup_root(container(spec_doc(cgroupsPath="system.slice:runc:web")))
+        roci.restore_cgroup_root(container(spec_doc(cgroupsPath="system.slice:runc:web")))
     with pytest.raises(OciError, match="must be an absolute path"):
-        oci.restore_cgroup_root(container(spec_doc(cgroupsPath="pods/web")))
+        roci.restore_cgroup_root(container(spec_doc(cgroupsPath="pods/web")))
 
 
 # -- mountpoints --------------------------------------------------------------------------
 
 
 def test_mountpoints_to_make_skips_tmpfs_children_and_cgroup() -> None:
-    assert oci.mountpoints_to_make(container()) == [
+    assert roci.mountpoints_to_make(container()) == [
         ("/tmp", None),
         ("/proc", None),
         ("/dev", None),
@@ -596,12 +622,12 @@ def test_ensure_mountpoints(tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path, doc)
     (bundle / "rootfs" / "proc").mkdir()
     spec = oci.load_spec(str(bundle))
-    made = oci.ensure_mountpoints(spec)
+    made = roci.ensure_mountpoints(spec)
     assert made == ["/tmp", "/dev", "/sys", "/data", "/etc/hosts", "/a/b/c"]
     root = bundle / "rootfs"
     assert (root / "etc" / "hosts").is_file()
     assert (root / "a" / "b" / "c").is_dir()
-    assert oci.ensure_mountpoints(spec) == []
+    assert roci.ensure_mountpoints(spec) == []
 
 
 def test_ensure_mountpoints_does_not_follow_symlinks(tmp_path: Path) -> None:
@@ -612,7 +638,7 @@ def test_ensure_mountpoints_does_not_follow_symlinks(tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path, doc)
     (bundle / "rootfs" / "evil").symlink_to(outside)
     with pytest.raises(OciError, match="evil is a symlink"):
-        oci.ensure_mountpoints(oci.load_spec(str(bundle)))
+        roci.ensure_mountpoints(oci.load_spec(str(bundle)))
     assert list(outside.iterdir()) == []
 
 

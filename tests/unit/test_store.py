@@ -15,7 +15,9 @@ from criud.daemon.store import (
     CHECKPOINT_TRANSITIONS,
     RESTORE_TRANSITIONS,
     CheckpointRecord,
+    CheckpointState,
     RestoreRecord,
+    RestoreState,
     Store,
 )
 
@@ -239,6 +241,25 @@ def test_interrupt_unfinished(store: Store) -> None:
     assert store.find_checkpoint("busy", 1000) == again
     # A second call finds only what is unfinished now.
     assert store.interrupt_unfinished() == [again.id]
+
+
+def test_interrupt_unfinished_goes_through_the_asserted_transitions(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No raw SQL skips the transition table (issue 12): forbid the move, and it is refused."""
+    dumping = ckpt("busy")
+    store.insert_checkpoint(dumping)
+    monkeypatch.setitem(CHECKPOINT_TRANSITIONS, "dumping", {"done", "failed"})
+    with pytest.raises(AssertionError, match="dumping -> interrupted"):
+        store.interrupt_unfinished()
+    got = store.get_checkpoint(dumping.id)
+    assert got is not None and got.state == "dumping"
+
+
+def test_states_are_str_enums() -> None:
+    assert CheckpointState.DUMPING == "dumping" and RestoreState.EXITED == "exited"
+    assert set(CHECKPOINT_TRANSITIONS) == set(CheckpointState)
+    assert set(RESTORE_TRANSITIONS) == set(RestoreState)
 
 
 def test_persists_across_reopen(tmp_path: Path) -> None:
