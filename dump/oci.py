@@ -201,24 +201,8 @@ def parse_config(data: bytes, bundle: str) -> OciSpec:
     return parse_spec(doc, bundle)
 
 
-def parse_spec(doc: object, bundle: str) -> OciSpec:
-    """Validate a decoded config.json; relative paths are taken against bundle."""
-    bundle = abs_path(bundle, "the bundle path")
-    top = _obj(doc, f"the top level of {CONFIG_NAME}")
-
-    root = _obj(top.get("root"), "root")
-    root_path = root.get("path")
-    if not isinstance(root_path, str) or not root_path:
-        raise OciError("root.path must be a non-empty string")
-    # runc takes a relative root.path against the bundle (its cwd).
-    rootfs = abs_path(posixpath.join(bundle, root_path), "root.path")
-    readonly = _bool(root.get("readonly"), "root.readonly")
-
-    process = top.get("process")
-    terminal = False
-    if process is not None:
-        terminal = _bool(_obj(process, "process").get("terminal"), "process.terminal")
-
+def _parse_mounts(top: dict[str, Any], bundle: str) -> tuple[Mount, ...]:
+    """config.json's mounts; bind sources made absolute against bundle, as runc does."""
     mounts: list[Mount] = []
     for i, raw in enumerate(_list(top.get("mounts"), "mounts")):
         m = _obj(raw, f"mounts[{i}]")
@@ -240,9 +224,11 @@ def parse_spec(doc: object, bundle: str) -> OciSpec:
             src = source if source.startswith("/") else posixpath.join(bundle, source)
             mount = dataclasses.replace(mount, source=abs_path(src, f"mounts[{i}].source"))
         mounts.append(mount)
+    return tuple(mounts)
 
-    raw_linux = top.get("linux")
-    linux = {} if raw_linux is None else _obj(raw_linux, "linux")
+
+def _parse_namespaces(linux: dict[str, Any]) -> tuple[Namespace, ...]:
+    """linux.namespaces, each type once; a path joins one, no path makes a new one."""
     namespaces: list[Namespace] = []
     for i, raw in enumerate(_list(linux.get("namespaces"), "linux.namespaces")):
         n = _obj(raw, f"linux.namespaces[{i}]")
@@ -257,6 +243,32 @@ def parse_spec(doc: object, bundle: str) -> OciSpec:
         # An empty path means a new namespace, as in runc.
         ns_path = abs_path(path, f"linux.namespaces[{i}].path") if path else None
         namespaces.append(Namespace(ns_type, ns_path))
+    return tuple(namespaces)
+
+
+def parse_spec(doc: object, bundle: str) -> OciSpec:
+    """Validate a decoded config.json; relative paths are taken against bundle."""
+    bundle = abs_path(bundle, "the bundle path")
+    top = _obj(doc, f"the top level of {CONFIG_NAME}")
+
+    root = _obj(top.get("root"), "root")
+    root_path = root.get("path")
+    if not isinstance(root_path, str) or not root_path:
+        raise OciError("root.path must be a non-empty string")
+    # runc takes a relative root.path against the bundle (its cwd).
+    rootfs = abs_path(posixpath.join(bundle, root_path), "root.path")
+    readonly = _bool(root.get("readonly"), "root.readonly")
+
+    process = top.get("process")
+    terminal = False
+    if process is not None:
+        terminal = _bool(_obj(process, "process").get("terminal"), "process.terminal")
+
+    mounts = _parse_mounts(top, bundle)
+
+    raw_linux = top.get("linux")
+    linux = {} if raw_linux is None else _obj(raw_linux, "linux")
+    namespaces = _parse_namespaces(linux)
 
     def paths(key: str) -> tuple[str, ...]:
         return tuple(
@@ -276,10 +288,10 @@ def parse_spec(doc: object, bundle: str) -> OciSpec:
         rootfs=rootfs,
         rootfs_readonly=readonly,
         terminal=terminal,
-        mounts=tuple(mounts),
+        mounts=mounts,
         masked_paths=paths("maskedPaths"),
         readonly_paths=paths("readonlyPaths"),
-        namespaces=tuple(namespaces),
+        namespaces=namespaces,
         cgroups_path=cgroups_path or None,
         devices=devices,
     )
@@ -491,6 +503,24 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def _joined_namespaces(spec: OciSpec, pid: int, base: str) -> dict[str, int]:
+    """Check pid sits in each namespace config.json names by path; external ones' inodes."""
+    ns_inodes: dict[str, int] = {}
+    for ns in spec.namespaces:
+        if ns.path is None:
+            continue
+        try:
+            want = os.stat(ns.path).st_ino
+            got = os.stat(f"{base}/ns/{NS_CRIU_NAMES[ns.type]}").st_ino
+        except OSError as e:
+            raise OciError(f"namespace {ns.type} at {ns.path}: {e.strerror}") from None
+        if want != got:
+            raise OciError(f"pid {pid} is not in the {ns.type} namespace at {ns.path}")
+        if ns.type in EXTERNAL_NS_KEYS:
+            ns_inodes[ns.type] = want
+    return ns_inodes
+
+
 def probe(spec: OciSpec, pid: int, proc: str = "/proc") -> ContainerProbe:
     """Read /proc for what dump_args needs, and check that pid runs this bundle.
 
@@ -524,19 +554,7 @@ def probe(spec: OciSpec, pid: int, proc: str = "/proc") -> ContainerProbe:
                 f"pid {pid} is not the container's init: it is pid {nspid[-1]} in its "
                 "pid namespace; checkpoint the init (runc state's pid)"
             )
-    ns_inodes: dict[str, int] = {}
-    for ns in spec.namespaces:
-        if ns.path is None:
-            continue
-        try:
-            want = os.stat(ns.path).st_ino
-            got = os.stat(f"{base}/ns/{NS_CRIU_NAMES[ns.type]}").st_ino
-        except OSError as e:
-            raise OciError(f"namespace {ns.type} at {ns.path}: {e.strerror}") from None
-        if want != got:
-            raise OciError(f"pid {pid} is not in the {ns.type} namespace at {ns.path}")
-        if ns.type in EXTERNAL_NS_KEYS:
-            ns_inodes[ns.type] = want
+    ns_inodes = _joined_namespaces(spec, pid, base)
     masked: list[str] = []
     for path in spec.masked_paths:
         # As runc: stat through /proc/<pid>/root; absent paths and directories

@@ -366,18 +366,7 @@ class _Job:
             if run_as is not None:
                 self.fds.hand_over(images_fd)  # named /proc/self/fd/N
             self.fds.hand_over(run_fd)
-            lock = None if oci_args else self.manifest.network_lock
-            argv = restore_argv(
-                images_arg,
-                DumpOptions.from_dict(self.ckpt.options),
-                self.fds.inherit_args(),
-                # With OCI the bundle's arguments carry the dump's lock.
-                network_lock=lock,
-                unprivileged=run_as is not None,
-                cgroup_root=cgroup,
-                extra=oci_args,
-                work_dir=Path(f"/proc/self/fd/{run_fd}"),
-            )
+            argv = self._argv(images_arg, run_fd, cgroup, oci_args)
             # Hold orphan sweeps from spawn until the restored root is watched:
             # it is our child from the moment criu forks it.
             with rt.children.hold():
@@ -401,6 +390,22 @@ class _Job:
                 await adopt(rt, self.id, run_fd, run_as, expected_root)
         finally:
             await asyncio.to_thread(imgdir.remove_dir, rt.settings.run_dir, self.id)
+
+    def _argv(
+        self, images_arg: Path, run_fd: int, cgroup: str | None, oci_args: tuple[str, ...]
+    ) -> list[str]:
+        """criu's restore argv; the --inherit-fd arguments come from the fd map."""
+        return restore_argv(
+            images_arg,
+            DumpOptions.from_dict(self.ckpt.options),
+            self.fds.inherit_args(),
+            # With OCI the bundle's arguments carry the dump's lock.
+            network_lock=None if oci_args else self.manifest.network_lock,
+            unprivileged=self.run_as is not None,
+            cgroup_root=cgroup,
+            extra=oci_args,
+            work_dir=Path(f"/proc/self/fd/{run_fd}"),
+        )
 
     def _criu_spawned(self, plan: dict[str, Any]) -> Callable[[int], Awaitable[None]]:
         """on_spawn for the restore's criu: add its pid and start to the record."""
