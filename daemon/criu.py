@@ -224,22 +224,9 @@ class Criu:
         )
 
     async def _capture(self, *args: str) -> tuple[int, str]:
-        with self.spawn_guard():
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    self.path,
-                    *args,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT,
-                    close_fds=True,
-                )
-            except OSError as e:
-                raise (
-                    out_of_fds(e)
-                    or CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}")
-                ) from e
-            self.running.add(proc.pid)
+        proc = await self._spawn(
+            [self.path, *args], asyncio.subprocess.PIPE, asyncio.subprocess.STDOUT
+        )
         try:
             out, _ = await proc.communicate()
         finally:
@@ -304,7 +291,7 @@ class Criu:
             # preexec_fn (fork instead of vfork, ~2 ms).
             extra["preexec_fn"] = functools.partial(_join_cgroups, tuple(cgroup_procs))
         try:
-            proc = await self._spawn(cmd, log_fd, pass_fds, extra)
+            proc = await self._spawn(cmd, log_fd, log_fd, pass_fds, extra)
         except BaseException:
             if target is not None:
                 os.close(target)
@@ -350,21 +337,22 @@ class Criu:
     async def _spawn(
         self,
         cmd: Sequence[str],
-        log_fd: int,
-        pass_fds: Sequence[int],
-        extra: dict[str, object],
+        stdout: int,
+        stderr: int,
+        pass_fds: Sequence[int] = (),
+        extra: dict[str, object] | None = None,
     ) -> asyncio.subprocess.Process:
-        """Start criu with exactly pass_fds (and its log as stdout); its pid joins `running`."""
+        """Start criu with exactly pass_fds (stdin /dev/null); its pid joins `running`."""
         with self.spawn_guard():
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *cmd,
                     stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_fd,
-                    stderr=log_fd,
+                    stdout=stdout,
+                    stderr=stderr,
                     pass_fds=tuple(pass_fds),
                     close_fds=True,
-                    **extra,  # type: ignore[arg-type]
+                    **(extra or {}),  # type: ignore[arg-type]
                 )
             except OSError as e:
                 raise (

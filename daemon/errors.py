@@ -205,14 +205,13 @@ class RestoreUnverified(CriudError):
     title = "The restored root could not be verified"
 
 
-class RootExited(CriudError):
+class RootExited(NotRunning):
     """criu restored the tree, but its root exited before the daemon could watch it.
 
     The restore is recorded as exited (with the status, when it was ours to
-    reap): there is nothing left to signal or wait for.
+    reap): there is nothing left to signal or wait for.  A 409, as NotRunning.
     """
 
-    status = 409
     code = "restored_root_exited"
     title = "The restored process exited at once"
 
@@ -412,10 +411,3 @@ class StoreUnusable(CriudError):
     status = 503
     code = "store_unusable"
     title = "The daemon's database is unusable"
-
-
-class StartupFailed(CriudError):
-    """The daemon cannot start (a socket, a flag, criu or the store); the CLI prints it."""
-
-    code = "startup_failed"
-    title = "The daemon cannot start"

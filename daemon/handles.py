@@ -15,7 +15,6 @@ import dataclasses
 import os
 import secrets
 import time
-from types import TracebackType
 
 from criud.daemon.caller import Caller
 from criud.daemon.errors import BadFdHandle, FdHandleNotFound, PermissionDenied
@@ -219,12 +218,7 @@ class Leases:
     def __enter__(self) -> Leases:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         held, self._held = self._held, []
         for h in held:
             self._store.release(h, consumed=exc_type is None)

@@ -34,7 +34,7 @@ from criud.api.app import create_app
 from criud.daemon import procutil
 from criud.daemon.caller import Caller, peer_caller
 from criud.daemon.config import Settings
-from criud.daemon.errors import CriudError, CriuUnavailable, HeaderTimeout, StartupFailed
+from criud.daemon.errors import CriudError, CriuUnavailable, HeaderTimeout
 from criud.daemon.fdsock import FdSocketServer
 from criud.daemon.quotas import Pool, Quotas, Ticket, raise_nofile
 from criud.daemon.service import CriudService
@@ -45,8 +45,10 @@ log = logging.getLogger("criud")
 SD_LISTEN_FDS_START = 3
 
 
-class StartupError(StartupFailed):
-    """The daemon cannot start; the message says why and what to do."""
+class StartupError(CriudError):
+    """The daemon cannot start; the message says why and what to do (the CLI prints it)."""
+
+    code = "startup_failed"
 
 
 def raw_problem(e: CriudError) -> bytes:

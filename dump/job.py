@@ -61,12 +61,9 @@ class CheckpointSpec:
 class DumpRuntime(Protocol):
     """What the running daemon lends a checkpoint job."""
 
-    @property
-    def settings(self) -> Settings: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def criu(self) -> Criu: ...
+    settings: Settings
+    store: Store
+    criu: Criu
 
     def busy_pid(self, pid: int) -> contextlib.AbstractContextManager[None]:
         """Mark pid as being checkpointed for the block; Busy if it is already."""

@@ -88,18 +88,16 @@ class Children(Protocol):
 class RestoreRuntime(Protocol):
     """What the running daemon lends a restore job."""
 
+    settings: Settings
+    store: Store
+    criu: Criu
+    handles: HandleStore
+    paths: PathOpener
+
     @property
-    def settings(self) -> Settings: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def criu(self) -> Criu: ...
-    @property
-    def handles(self) -> HandleStore: ...
-    @property
-    def paths(self) -> PathOpener: ...
-    @property
-    def children(self) -> Children: ...
+    def children(self) -> Children:
+        """The supervisor: holds sweeps, reaps, watches the restored root."""
+        ...
 
     async def checkpoint_for(self, ref: str, caller: Caller) -> CheckpointRecord:
         """The caller's checkpoint ref (CheckpointNotFound as for a stranger's)."""
@@ -455,10 +453,12 @@ def make_cgroups(cgroup: str) -> list[str]:
 class AdoptRuntime(Protocol):
     """What adopting a restored root needs: the store and the supervisor."""
 
+    store: Store
+
     @property
-    def store(self) -> Store: ...
-    @property
-    def children(self) -> Children: ...
+    def children(self) -> Children:
+        """The supervisor."""
+        ...
 
 
 async def adopt(

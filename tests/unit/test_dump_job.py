@@ -24,19 +24,13 @@ from criud.dump.argv import DUMP_LOG
 from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
 
-from ._helpers import open_fds
+from ._helpers import FakeCriuBase, marked, open_fds
 
 ME = Caller(uid=0, gid=0, pid=os.getpid())
 
 
-class FakeCriu:
+class FakeCriu(FakeCriuBase):
     """Stands in for Criu: writes `files` into the images dir it was given."""
-
-    version = "4.2.1"
-    features: dict[str, bool] = {}
-    unprivileged_for_users = False
-    timeout_s = 30.0
-    gone_grace_s = 1.0
 
     def __init__(self, ok: bool = True, plant_link: bool = False) -> None:
         self.ok, self.plant_link = ok, plant_link
@@ -63,15 +57,8 @@ class FakeRuntime:
     busy: set[int] = dataclasses.field(default_factory=set)
     failed_updates: int = 0
 
-    @contextlib.contextmanager
-    def busy_pid(self, pid: int) -> Iterator[None]:
-        if pid in self.busy:
-            raise Busy(f"pid {pid} is being checkpointed already")
-        self.busy.add(pid)
-        try:
-            yield
-        finally:
-            self.busy.discard(pid)
+    def busy_pid(self, pid: int) -> contextlib.AbstractContextManager[None]:
+        return marked(self.busy, pid, f"pid {pid} is being checkpointed already")
 
 
 @pytest.fixture

@@ -25,8 +25,8 @@ import pytest
 
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
-from criud.daemon.criu import CriuResult, LogFile, RunAs
-from criud.daemon.errors import Busy, CheckpointNotFound, RootExited
+from criud.daemon.criu import CriuResult, LogFile
+from criud.daemon.errors import CheckpointNotFound, RootExited
 from criud.daemon.fdpass import recv_message, send_fds
 from criud.daemon.handles import HandleStore
 from criud.daemon.store import CheckpointRecord, RestoreState, Store
@@ -36,20 +36,14 @@ from criud.restore.argv import PIDFILE
 from criud.restore.mappings import InheritSpec
 from criud.restore.paths import PathOpener
 
-from ._helpers import open_fds
+from ._helpers import FakeCriuBase, marked, open_fds
 
 ME = Caller(uid=0, gid=0, pid=os.getpid())
 PIPE_KEY = "pipe:[4242]"
 
 
-class FakeCriu:
+class FakeCriu(FakeCriuBase):
     """Stands in for criud.daemon.criu.Criu: runs `script` as the restored root."""
-
-    version = "4.2.1"
-    features: dict[str, bool] = {}
-    unprivileged_for_users = False
-    timeout_s = 30.0
-    gone_grace_s = 1.0
 
     def __init__(self, script: str, ok: bool = True, exit_first: bool = False) -> None:
         # exit_first: the root has exited (a zombie, not reaped) when criu returns.
@@ -63,10 +57,8 @@ class FakeCriu:
         argv: Sequence[str],
         log: LogFile,
         pass_fds: Sequence[int] = (),
-        run_as: RunAs | None = None,
-        cgroup_procs: Sequence[str] = (),
-        watch_pid: int | None = None,
         on_spawn: Callable[[int], Any] | None = None,
+        **_: Any,
     ) -> CriuResult:
         self.argv, self.pass_fds = list(argv), list(pass_fds)
         if on_spawn is not None:
@@ -127,15 +119,8 @@ class FakeRuntime:
             raise CheckpointNotFound(f"no checkpoint {ref!r}")
         return rec
 
-    @contextlib.contextmanager
-    def busy(self, ckpt_id: str, message: str) -> Iterator[None]:
-        if ckpt_id in self.busy_ids:
-            raise Busy(message)
-        self.busy_ids.add(ckpt_id)
-        try:
-            yield
-        finally:
-            self.busy_ids.discard(ckpt_id)
+    def busy(self, ckpt_id: str, message: str) -> contextlib.AbstractContextManager[None]:
+        return marked(self.busy_ids, ckpt_id, message)
 
 
 def _manifest() -> dict[str, Any]:
