@@ -21,7 +21,7 @@ from criud.daemon.store import (
     StoreError,
 )
 
-V0_SQL = Path(__file__).parents[1] / "data" / "store-v0.sql"
+V0_SQL = Path(__file__).parents[2] / "data" / "store-v0.sql"
 WEB_ID = "0123456789abcdef01234567"
 
 

@@ -36,7 +36,7 @@ from criud.restore.argv import PIDFILE
 from criud.restore.mappings import InheritSpec
 from criud.restore.paths import PathOpener
 
-from ._helpers import FakeCriuBase, marked, open_fds
+from .._helpers import FakeCriuBase, marked, open_fds
 
 ME = Caller(uid=0, gid=0, pid=os.getpid())
 PIPE_KEY = "pipe:[4242]"

@@ -24,7 +24,7 @@ from criud.dump.argv import DUMP_LOG
 from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
 
-from ._helpers import FakeCriuBase, marked, open_fds
+from .._helpers import FakeCriuBase, marked, open_fds
 
 ME = Caller(uid=0, gid=0, pid=os.getpid())
 

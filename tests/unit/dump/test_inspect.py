@@ -34,7 +34,7 @@ from criud.dump.inspect import (
 from criud.dump.options import DumpOptions
 from criud.dump.preflight import preflight
 
-from ._helpers import CRIU, need_root_and_criu, proc_state, wait_until
+from .._helpers import CRIU, need_root_and_criu, proc_state, wait_until
 
 ME = os.getpid()
 PLENTY = 1 << 40

@@ -261,7 +261,7 @@ def test_openapi_documents_errors_as_problem_json() -> None:
     # Clients generated from /openapi.json must expect what is sent.
     from criud.api.app import create_app
 
-    from .test_api_restores import FakeCore
+    from .test_restores import FakeCore
 
     doc = create_app(FakeCore()).openapi()  # type: ignore[arg-type]
     errors = [
@@ -296,7 +296,7 @@ def test_openapi_of_an_app_without_a_problem_model() -> None:
 def _exception_classes() -> list[type[BaseException]]:
     """Every exception class defined in the daemon's packages (the client's excepted)."""
     out: list[type[BaseException]] = []
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     for pkg in ("daemon", "api", "dump", "restore"):
         for path in sorted((root / pkg).glob("*.py")):
             name = f"criud.{pkg}.{path.stem}"

@@ -14,9 +14,9 @@ import pytest
 from criud.daemon.fdpass import recv_message, send_fds
 from criud.restore.worker import FdMap
 
-from ._helpers import open_fds
+from .._helpers import open_fds
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_pass_fds_and_inherit_args_come_from_one_map() -> None:
