@@ -1,6 +1,6 @@
 -- A criud.db as the previous release (schema user_version 0, commit c0d410f) writes it:
 -- made by that release's Store (open, insert_checkpoint x2, insert_restore), then
--- sqlite3's iterdump.  Do not edit: tests/unit/daemon/test_store_migrations.py restores from it.
+-- sqlite3's iterdump.  Do not edit: tests/unit/test_store_migrations.py restores from it.
 BEGIN TRANSACTION;
 CREATE TABLE checkpoints (
     id TEXT PRIMARY KEY,
