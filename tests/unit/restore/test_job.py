@@ -123,10 +123,10 @@ class FakeRuntime:
         return marked(self.busy_ids, ckpt_id, message)
 
 
-def _manifest() -> dict[str, Any]:
+def _manifest(**kw: Any) -> dict[str, Any]:
     fd = {"fd": 1, "type": "pipe", "key": PIPE_KEY, "mode": "w", "external": True, "inode": 4242}
     # pidns_init: the job waits for no pid to be free and expects no fixed root pid.
-    m = Manifest(tasks=(Task(1, 0, (1,), (fd,)),), external=(PIPE_KEY,), pidns_init=True)
+    m = Manifest(tasks=(Task(1, 0, (1,), (fd,)),), external=(PIPE_KEY,), pidns_init=True, **kw)
     return m.to_json()
 
 
@@ -144,7 +144,7 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRun
     store.close()
 
 
-def _checkpoint(rt: FakeRuntime) -> CheckpointRecord:
+def _checkpoint(rt: FakeRuntime, **manifest: Any) -> CheckpointRecord:
     rec = CheckpointRecord(
         id="0" * 24,
         name="c",
@@ -154,7 +154,7 @@ def _checkpoint(rt: FakeRuntime) -> CheckpointRecord:
         options={},
         labels={},
         owner_uid=0,
-        manifest=_manifest(),
+        manifest=_manifest(**manifest),
     )
     rt.store.insert_checkpoint(rec)
     (rt.settings.checkpoints_dir / rec.id).mkdir(mode=0o700)
@@ -170,10 +170,10 @@ async def _handle(rt: FakeRuntime, fd: int) -> str:
     return rt.handles.add(0, os.getpid(), owned, None, 60.0).id
 
 
-def _restore(rt: FakeRuntime, criu: FakeCriu) -> tuple[Any, int]:
+def _restore(rt: FakeRuntime, criu: FakeCriu, **manifest: Any) -> tuple[Any, int]:
     """Run one restore of a pipe's write end through a handle; (outcome, read end)."""
     rt.criu = criu
-    ckpt = _checkpoint(rt)
+    ckpt = _checkpoint(rt, **manifest)
     r, w = os.pipe()
 
     async def go() -> Any:
@@ -278,3 +278,25 @@ def test_adopt_closes_the_pidfd_when_the_store_update_raises(
         os.close(run_fd)
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
+
+
+def test_the_argv_is_built_once_with_the_dumps_network_lock(
+    runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two builds disagreed on --network-lock (issue 12): one build, the dump's lock."""
+    builds: list[list[str]] = []
+    real = job.restore_argv
+
+    def counted(*a: Any, **kw: Any) -> list[str]:
+        builds.append(real(*a, **kw))
+        return builds[-1]
+
+    monkeypatch.setattr(job, "restore_argv", counted)
+    out, r = _restore(runtime, FakeCriu("", ok=False), network_lock="nftables")
+    os.close(r)
+    assert out.code == "criu_failed"
+    assert builds == [runtime.criu.argv]
+    i = runtime.criu.argv.index("--network-lock")
+    assert runtime.criu.argv[i + 1] == "nftables" and runtime.criu.argv.count("--network-lock") == 1
+    (h,) = runtime.handles.list(0)
+    runtime.handles.delete(h.id, 0)
