@@ -7,20 +7,20 @@ from fastapi import FastAPI
 from criud.api import checkpoints, fd_handles, health, problems, processes, restores
 from criud.api.deps import TcpTokenGate
 from criud.api.limits import LimitsMiddleware
-from criud.daemon.core import Core
+from criud.api.service import Service
 
 
-def create_app(core: Core, token: str | None = None) -> FastAPI:
-    """Build the HTTP app around a started (or starting) core.
+def create_app(service: Service, token: str | None = None) -> FastAPI:
+    """Build the HTTP app around a started (or starting) service.
 
     token, when set, is the bearer token TCP callers must present.
     """
     app = FastAPI(
         title="criud",
         summary="Checkpoint/restore daemon for container engines",
-        version=core.version()["criud"],
+        version=service.version()["criud"],
     )
-    app.state.core = core
+    app.state.service = service
     app.state.token = token
     app.state.list_cache = {}
     app.add_middleware(LimitsMiddleware)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import TypeAdapter
 
-from criud.api.deps import caller, core
+from criud.api.deps import caller, service
 from criud.api.models import (
     Checkpoint,
     CheckpointRequest,
@@ -18,11 +18,12 @@ from criud.api.models import (
     PreflightRequest,
     Problem,
 )
+from criud.api.service import Service
 from criud.daemon.caller import Caller
-from criud.daemon.core import CheckpointSpec, Core
 from criud.daemon.errors import InvalidRequest
 from criud.daemon.store import CheckpointRecord
-from criud.dump import manifest as mf
+from criud.dump.job import CheckpointSpec
+from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
@@ -30,7 +31,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
     s: {"model": Problem} for s in (403, 404, 409, 422, 503)
 }
 
-CoreDep = Annotated[Core, Depends(core)]
+CoreDep = Annotated[Service, Depends(service)]
 CallerDep = Annotated[Caller, Depends(caller)]
 # A path cannot carry "owner/name" ({ref} holds no slash), so the owner of
 # someone else's checkpoint comes as a query parameter.
@@ -46,7 +47,10 @@ OwnerQuery = Annotated[
 
 def to_model(rec: CheckpointRecord) -> Checkpoint:
     """Shape a checkpoint record for the API (a list's records carry no manifest)."""
-    manifest = rec.manifest or {"tasks": [], "external": rec.external_keys or []}
+    if rec.manifest is not None:
+        manifest = Manifest.from_json(rec.manifest)
+    else:
+        manifest = Manifest(external=tuple(rec.external_keys or ()))
     return Checkpoint(
         id=rec.id,
         name=rec.name,
@@ -60,9 +64,9 @@ def to_model(rec: CheckpointRecord) -> Checkpoint:
         labels=rec.labels,
         criu_version=rec.criu_version,
         stats=rec.stats,
-        fds=[FdEntry(**f) for f in mf.flat_fds(manifest)],
-        external=list(manifest.get("external", [])),
-        namespaces=dict(manifest.get("namespaces") or {}),
+        fds=[FdEntry(**f) for f in manifest.flat_fds()],
+        external=list(manifest.external),
+        namespaces=dict(manifest.namespaces),
         error=rec.error,
     )
 
@@ -143,7 +147,7 @@ async def list_checkpoints(
     # The list changes only when a checkpoint does: its encoded form is
     # cached per (write generation, caller, filter), so many clients polling
     # a long list cost one encoding, not one each.
-    key = (c.store.generation, None if who.is_root else who.uid, tuple(sorted(wanted.items())))
+    key = (c.list_generation, None if who.is_root else who.uid, tuple(sorted(wanted.items())))
     cache: dict[Any, bytes] = request.app.state.list_cache
     body = cache.get(key)
     if body is None:

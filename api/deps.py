@@ -1,4 +1,4 @@
-"""Request dependencies: the core and the caller's identity."""
+"""Request dependencies: the service and the caller's identity."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from criud.api.problems import problem
+from criud.api.service import Service
 from criud.daemon.caller import Caller
-from criud.daemon.core import Core
 from criud.daemon.errors import PermissionDenied, Unauthorized
 
 # The only route a TCP client may reach without the token: a liveness probe
@@ -17,10 +17,10 @@ from criud.daemon.errors import PermissionDenied, Unauthorized
 OPEN_ON_TCP = frozenset({"/healthz"})
 
 
-def core(request: Request) -> Core:
-    """The daemon core the app was built with."""
-    c: Core = request.app.state.core
-    return c
+def service(request: Request) -> Service:
+    """The daemon service the app was built with."""
+    s: Service = request.app.state.service
+    return s
 
 
 def token_ok(authorization: str, token: str | None) -> bool:

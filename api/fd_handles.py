@@ -7,14 +7,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 
-from criud.api.deps import caller, core
+from criud.api.deps import caller, service
 from criud.api.models import FdHandleModel, HandleFdModel, Problem
+from criud.api.service import Service
 from criud.daemon.caller import Caller
-from criud.daemon.core import Core
 
 router = APIRouter(prefix="/v1/fd-handles", tags=["fd-handles"])
 ERRORS: dict[int | str, dict[str, object]] = {s: {"model": Problem} for s in (403, 404)}
-CoreDep = Annotated[Core, Depends(core)]
+CoreDep = Annotated[Service, Depends(service)]
 CallerDep = Annotated[Caller, Depends(caller)]
 
 

@@ -6,11 +6,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
-from criud.api.deps import core
-from criud.daemon.core import Core
+from criud.api.deps import service
+from criud.api.service import Service
 
 router = APIRouter(tags=["health"])
-CoreDep = Annotated[Core, Depends(core)]
+CoreDep = Annotated[Service, Depends(service)]
 
 
 @router.get("/healthz")

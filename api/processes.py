@@ -8,14 +8,14 @@ from typing import Annotated
 import orjson
 from fastapi import APIRouter, Depends, Path, Response
 
-from criud.api.deps import caller, core
+from criud.api.deps import caller, service
 from criud.api.models import PID_MAX, Problem
+from criud.api.service import Service
 from criud.daemon.caller import Caller
-from criud.daemon.core import Core
 
 router = APIRouter(prefix="/v1/processes", tags=["processes"])
 ERRORS: dict[int | str, dict[str, object]] = {s: {"model": Problem} for s in (403, 404, 422)}
-CoreDep = Annotated[Core, Depends(core)]
+CoreDep = Annotated[Service, Depends(service)]
 CallerDep = Annotated[Caller, Depends(caller)]
 
 

@@ -7,19 +7,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from criud.api.deps import caller, core
+from criud.api.deps import caller, service
 from criud.api.models import Problem, Restore, RestoreRequest, SignalRequest
+from criud.api.service import Service
 from criud.daemon.caller import Caller
-from criud.daemon.core import Core, RestoreSpec
 from criud.daemon.errors import InvalidRequest
 from criud.daemon.store import RestoreRecord
+from criud.restore.job import RestoreSpec
 from criud.restore.mappings import InheritSpec
 
 router = APIRouter(prefix="/v1/restores", tags=["restores"])
 ERRORS: dict[int | str, dict[str, object]] = {
     s: {"model": Problem} for s in (403, 404, 409, 422, 503)
 }
-CoreDep = Annotated[Core, Depends(core)]
+CoreDep = Annotated[Service, Depends(service)]
 CallerDep = Annotated[Caller, Depends(caller)]
 
 

@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import _repo  # noqa: F401 - the repo root on sys.path, for the tests' helpers
 import report
 import workloads
 
@@ -63,6 +64,8 @@ from criud.dump import fds as fdinfo
 from criud.dump.argv import DUMP_LOG, dump_argv
 from criud.dump.options import DumpOptions
 from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
+from criud.restore.worker import FdMap
+from tests.integration.helpers import Daemon as TestDaemon
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -262,10 +265,13 @@ def raw_restore(
     """`criu restore` with criud's argv; returns (seconds, restored root pid)."""
     with contextlib.suppress(FileNotFoundError):
         (images / PIDFILE).unlink()
-    argv = restore_argv(images, DumpOptions(), inherit)
-    t0 = time.perf_counter()
-    _run_criu(criu, argv, images / RESTORE_LOG, pass_fds=[fd for fd, _ in inherit])
-    t = time.perf_counter() - t0
+    with FdMap() as fds:
+        for fd, key in inherit:
+            fds.hand_over(fds.dup(fd), key)
+        argv = restore_argv(images, DumpOptions(), fds.inherit_args())
+        t0 = time.perf_counter()
+        _run_criu(criu, argv, images / RESTORE_LOG, pass_fds=fds.pass_fds)
+        t = time.perf_counter() - t0
     pid = int((images / PIDFILE).read_text().strip())
     TRACK.add(pid)
     return t, pid
@@ -297,67 +303,22 @@ def warm_memory(gib: int) -> float:
 # -- the daemon ------------------------------------------------------------------
 
 
-class Daemon:
-    """A real criud on temporary paths."""
+class Daemon(TestDaemon):
+    """The tests' daemon (tests.integration.helpers), quieter and with patience for big runs."""
 
     def __init__(self, root: Path, criu: str, state_dir: Path | None = None) -> None:
-        self.root = root
-        self.criu = criu
         root.mkdir(parents=True, exist_ok=True)
-        self.sock = root / "api.sock"
-        self.fd_sock = root / "fds.sock"
-        self.state_dir = state_dir or root / "state"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_in_s = 0.0
+        super().__init__(root, criu, args=["--log-level", "warning"])
+        if state_dir is not None:
+            self.state_dir = state_dir
 
-    def start(self) -> Client:
-        logf = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - the child keeps it
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "criud.daemon.cli",
-                "--socket",
-                str(self.sock),
-                "--fd-socket",
-                str(self.fd_sock),
-                "serve",
-                "--state-dir",
-                str(self.state_dir),
-                "--criu",
-                self.criu,
-                "--log-level",
-                "warning",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            close_fds=True,
-        )
-        logf.close()
-        c = self.client()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                c.request("GET", "/healthz")
-                break
-            except (OSError, CriudClientError):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    tail = (self.root / "daemon.log").read_text(errors="replace")[-2000:]
-                    self.stop()
-                    raise RuntimeError(f"criud did not start:\n{tail}") from None
-                time.sleep(0.02)
-        self.started_in_s = time.perf_counter() - t0
-        return c
+    def start(self, timeout: float = 60.0) -> Daemon:
+        super().start(timeout)
+        return self
 
-    def client(self) -> Client:
-        return Client(str(self.sock), str(self.fd_sock), timeout=600)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def new_client(self) -> Client:
+        """A client of its own (one per thread), with room for the longest dump."""
+        return Client(str(self.socket), str(self.fd_socket), timeout=600)
 
     def rss_mib(self) -> float:
         with open(f"/proc/{self.pid}/status", encoding="ascii") as f:
@@ -366,15 +327,8 @@ class Daemon:
                     return round(int(line.split()[1]) / 1024, 1)
         return float("nan")
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90.0) -> int | None:
+        return super().stop(sig, timeout)
 
 
 @contextlib.contextmanager
@@ -410,7 +364,7 @@ def bench_small(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[st
         s: {"dump": [], "restore": [], "total": []} for s in sides
     }
     with running_daemon(root / "d", criu) as d:
-        c = d.client()
+        c = d.new_client()
         for i in range(cfg["small_rounds"]):
             order = sides[i % len(sides) :] + sides[: i % len(sides)]
             for side in order:
@@ -509,7 +463,7 @@ def bench_memory(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[s
         res: dict[str, Any] = {"dir": str(loc_base)}
         try:
             with running_daemon(root / "d", criu) as d:
-                c = d.client()
+                c = d.new_client()
                 # One untimed cycle first: the first pages a filesystem (and the
                 # VM under it) hands out are much slower than later ones.
                 warm = max(cfg["mem_sizes"])
@@ -603,7 +557,7 @@ def _run_batch(jobs: list[Callable[[], float]], concurrent: bool) -> tuple[float
 
 
 def _criud_job(d: Daemon, pid: int, made: list[tuple[Client, str]]) -> float:
-    cl = d.client()  # each thread its own client
+    cl = d.new_client()  # each thread its own client
     t0 = time.perf_counter()
     ck = cl.checkpoint(pid, leave_running=True)
     t = time.perf_counter() - t0
@@ -632,7 +586,7 @@ def bench_concurrency(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> d
     try:
         with running_daemon(root / "d", criu) as d:
             # Untimed: one concurrent round first (first-touch of tmpfs pages).
-            warm = d.client()
+            warm = d.new_client()
             for p in pids:
                 warm.delete(warm.checkpoint(p, leave_running=True)["id"])
             for rep in range(cfg["conc_reps"]):
@@ -723,7 +677,7 @@ def bench_api(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str,
         time.sleep(1.0)
         out["rss_idle_empty_mib"] = d.rss_mib()
         pid = start_workload(workloads.HOLD)
-        ck = d.client().checkpoint(pid, leave_running=True, labels={"bench": "api"})
+        ck = d.new_client().checkpoint(pid, leave_running=True, labels={"bench": "api"})
         kill(pid)
         d.stop()
         t0 = time.perf_counter()
@@ -734,7 +688,7 @@ def bench_api(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str,
             "with criud.daemon.store.Store while the daemon was stopped"
         )
         d.start()
-        c = d.client()
+        c = d.new_client()
         time.sleep(1.0)
         out["rss_idle_mib"] = d.rss_mib()
         status, body = c.request("GET", "/v1/checkpoints")
@@ -847,7 +801,7 @@ def bench_fd(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str, 
     call: dict[str, list[float]] = {"raw": [], "criud": []}
     try:
         with running_daemon(root / "d", criu) as d:
-            c = d.client()
+            c = d.new_client()
             for i in range(cfg["fd_pairs"]):
                 for side in ("raw", "criud") if i % 2 == 0 else ("criud", "raw"):
                     pid, old_r, key = _writer()
@@ -936,7 +890,7 @@ def bench_introspection(cfg: dict[str, Any], env: dict[str, Any], base: Path) ->
             out["inspect_tree_in_process"] = summary_ms(timed)
             fallback = "inspect_tree_in_process"
         with running_daemon(root / "d", criu) as d:
-            c = d.client()
+            c = d.new_client()
             path = f"/v1/processes/{pid}"
             try:
                 status, body = c.request("GET", path)

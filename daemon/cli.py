@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from criud.daemon.config import DEFAULT_FD_SOCKET, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Settings
 
@@ -184,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    _add_serve(sub)
+    _add_checkpoint(sub)
+    _add_others(sub)
+    return p
+
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_serve(sub: Subparsers) -> None:
     s = sub.add_parser("serve", help="run the daemon (root)")
     # Also after `serve`, where a unit file or a reader of `serve --help`
     # looks for them; SUPPRESS keeps the global value unless given here.
@@ -228,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="group owning both sockets (env CRIUD_SOCKET_GROUP)",
     )
 
+
+def _add_checkpoint(sub: Subparsers) -> None:
     c = sub.add_parser("checkpoint", help="checkpoint a process tree")
     c.add_argument("pid", type=int)
     c.add_argument("--name")
@@ -249,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     ip = sub.add_parser("inspect-pid", help="show a process tree and its fds as criu sees them")
     ip.add_argument("pid", type=int)
 
+
+def _add_others(sub: Subparsers) -> None:
     ref_help = "id, name (your own), or OWNER/NAME with OWNER a uid or user name"
     r = sub.add_parser("restore", help="restore a checkpoint")
     r.add_argument("checkpoint", help=ref_help)
@@ -279,7 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kill", help="signal a restored tree")
     k.add_argument("restore_id")
     k.add_argument("signal", nargs="?", default="TERM")
-    return p
 
 
 def _settings(a: argparse.Namespace) -> Settings:
@@ -308,6 +321,55 @@ def _dump_options(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _restore_mappings(
+    a: argparse.Namespace,
+) -> tuple[dict[str, int], dict[str, tuple[str, str]]]:
+    """`criud restore`'s --inherit-fd and --inherit-path flags: key -> fd, key -> (path, mode)."""
+    fds: dict[str, int] = {}
+    for spec in a.inherit_fd:
+        m = _INHERIT_RE.fullmatch(spec)
+        if m is None:
+            raise SystemExit(f"criud restore: --inherit-fd {spec!r} is not fd[N]:KEY")
+        fds[m.group(2)] = int(m.group(1))
+    paths: dict[str, tuple[str, str]] = {}
+    for spec in a.inherit_path:
+        key, sep, rest = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"criud restore: --inherit-path {spec!r} is not KEY=PATH[:MODE]")
+        path, _, mode = (
+            rest.rpartition(":")
+            if rest.rsplit(":", 1)[-1] in ("r", "w", "a", "r+")
+            else (rest, "", "a")
+        )
+        paths[key] = (path, mode)
+    return fds, paths
+
+
+def _checkpoints_text(out: list[dict[str, Any]]) -> str:
+    rows = [
+        {
+            **r,
+            "owner": _user_name(r["owner_uid"]),
+            "created": _when(r["created_at"]),
+            "size": r["size_bytes"],
+        }
+        for r in out
+    ]
+    return _table(rows, ["id", "owner", "name", "pid", "state", "size", "created"])
+
+
+def _restores_text(out: list[dict[str, Any]]) -> str:
+    rows = [
+        {
+            **r,
+            "started": _when(r["started_at"]),
+            "exit": r["exit_code"] if r["exit_signal"] is None else f"sig {r['exit_signal']}",
+        }
+        for r in out
+    ]
+    return _table(rows, ["id", "checkpoint", "pid", "state", "exit", "started"])
+
+
 def _run_client(a: argparse.Namespace) -> int:
     from criud.api.client import Client
 
@@ -328,37 +390,12 @@ def _run_client(a: argparse.Namespace) -> int:
             + (f"; external: {', '.join(out['external'])}" if out["external"] else "")
         )
     elif a.cmd == "restore":
-        fds: dict[str, int] = {}
-        for spec in a.inherit_fd:
-            m = _INHERIT_RE.fullmatch(spec)
-            if m is None:
-                raise SystemExit(f"criud restore: --inherit-fd {spec!r} is not fd[N]:KEY")
-            fds[m.group(2)] = int(m.group(1))
-        paths: dict[str, tuple[str, str]] = {}
-        for spec in a.inherit_path:
-            key, sep, rest = spec.partition("=")
-            if not sep:
-                raise SystemExit(f"criud restore: --inherit-path {spec!r} is not KEY=PATH[:MODE]")
-            path, _, mode = (
-                rest.rpartition(":")
-                if rest.rsplit(":", 1)[-1] in ("r", "w", "a", "r+")
-                else (rest, "", "a")
-            )
-            paths[key] = (path, mode)
+        fds, paths = _restore_mappings(a)
         out = cl.restore(a.checkpoint, fds=fds, paths=paths)  # type: ignore[arg-type]
         text = f"restore {out['id']}: pid {out['pid']} {out['state']}"
     elif a.cmd == "ls":
         out = cl.checkpoints()
-        rows = [
-            {
-                **r,
-                "owner": _user_name(r["owner_uid"]),
-                "created": _when(r["created_at"]),
-                "size": r["size_bytes"],
-            }
-            for r in out
-        ]
-        text = _table(rows, ["id", "owner", "name", "pid", "state", "size", "created"])
+        text = _checkpoints_text(out)
     elif a.cmd == "inspect":
         out = cl.inspect(a.ref)
         text = json.dumps(out, indent=2)
@@ -369,15 +406,7 @@ def _run_client(a: argparse.Namespace) -> int:
         out = text = cl.log(a.ref, a.op)
     elif a.cmd == "ps":
         out = cl.restores()
-        rows = [
-            {
-                **r,
-                "started": _when(r["started_at"]),
-                "exit": r["exit_code"] if r["exit_signal"] is None else f"sig {r['exit_signal']}",
-            }
-            for r in out
-        ]
-        text = _table(rows, ["id", "checkpoint", "pid", "state", "exit", "started"])
+        text = _restores_text(out)
     elif a.cmd == "kill":
         out = cl.signal(a.restore_id, a.signal)
         text = f"signalled {a.restore_id} (pid {out['pid']})"

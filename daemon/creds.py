@@ -167,9 +167,8 @@ def _roots_own(creds: Mapping[int, TaskCreds]) -> bool:
     return all((set(c.uids), set(c.gids)) == me for c in creds.values())
 
 
-def run_as_of(manifest: Mapping[str, Any]) -> RunAs | None:
-    """The credentials a checkpoint's criu ran with, for its restore."""
-    saved = manifest.get("run_as")
+def run_as_of(saved: Sequence[Any] | None) -> RunAs | None:
+    """The credentials a checkpoint's criu ran with (its manifest's run_as), for its restore."""
     if not saved:
         return None
     # Checkpoints of the previous release recorded [uid, gid] only: their
@@ -180,11 +179,11 @@ def run_as_of(manifest: Mapping[str, Any]) -> RunAs | None:
 
 
 def to_manifest(creds: Mapping[int, TaskCreds], run_as: RunAs | None) -> dict[str, Any]:
-    """The manifest's record of a tree's ids and of what criu ran as."""
+    """The manifest's fields (criud.dump.manifest.Manifest) for a tree's ids and criu's."""
     groups = {c.groups for c in creds.values()}
     return {
-        "uids": {str(t): list(c.uids) for t, c in creds.items()},
-        "gids": {str(t): list(c.gids) for t, c in creds.items()},
-        "groups": list(groups.pop()) if len(groups) == 1 else None,
-        "run_as": [run_as.uid, run_as.gid, list(run_as.groups)] if run_as else None,
+        "uids": {str(t): tuple(c.uids) for t, c in creds.items()},
+        "gids": {str(t): tuple(c.gids) for t, c in creds.items()},
+        "groups": tuple(groups.pop()) if len(groups) == 1 else None,
+        "run_as": (run_as.uid, run_as.gid, list(run_as.groups)) if run_as else None,
     }

@@ -224,22 +224,9 @@ class Criu:
         )
 
     async def _capture(self, *args: str) -> tuple[int, str]:
-        with self.spawn_guard():
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    self.path,
-                    *args,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT,
-                    close_fds=True,
-                )
-            except OSError as e:
-                raise (
-                    out_of_fds(e)
-                    or CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}")
-                ) from e
-            self.running.add(proc.pid)
+        proc = await self._spawn(
+            [self.path, *args], asyncio.subprocess.PIPE, asyncio.subprocess.STDOUT
+        )
         try:
             out, _ = await proc.communicate()
         finally:
@@ -303,25 +290,30 @@ class Criu:
             # none: put criu there before exec.  Only this path pays for a
             # preexec_fn (fork instead of vfork, ~2 ms).
             extra["preexec_fn"] = functools.partial(_join_cgroups, tuple(cgroup_procs))
-        with self.spawn_guard():
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *cmd,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_fd,
-                    stderr=log_fd,
-                    pass_fds=tuple(pass_fds),
-                    close_fds=True,
-                    **extra,  # type: ignore[arg-type]
-                )
-            except OSError as e:
-                if target is not None:
-                    os.close(target)
-                raise (
-                    out_of_fds(e)
-                    or CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}")
-                ) from e
-            self.running.add(proc.pid)
+        try:
+            proc = await self._spawn(cmd, log_fd, log_fd, pass_fds, extra)
+        except BaseException:
+            if target is not None:
+                os.close(target)
+            raise
+        rc, stopped = await self._supervise(proc, target, on_spawn)
+        if rc == 0:
+            # A -v4 log of a 1 GiB dump is ~17,000 lines (866 KB): only a
+            # failure needs it read.
+            return CriuResult(returncode=rc, log_path=log.path, first_error=None, log_tail=[])
+        err, tail, lines = await asyncio.to_thread(read_log_fd, log_fd)
+        return CriuResult(rc, log.path, err, tail, stopped=stopped, log_lines=lines)
+
+    async def _supervise(
+        self,
+        proc: asyncio.subprocess.Process,
+        target: int | None,
+        on_spawn: Callable[[int], Awaitable[None]] | None,
+    ) -> tuple[int, str | None]:
+        """Wait for criu (killing it if the target goes or time runs out); (rc, why stopped).
+
+        target (a pidfd of the dumped process, or None) is closed here.
+        """
         try:
             if on_spawn is not None:
                 await on_spawn(proc.pid)
@@ -340,19 +332,35 @@ class Criu:
             self.running.discard(proc.pid)
             if target is not None:
                 os.close(target)
-        if rc == 0:
-            # A -v4 log of a 1 GiB dump is ~17,000 lines (866 KB): only a
-            # failure needs it read.
-            return CriuResult(returncode=rc, log_path=log.path, first_error=None, log_tail=[])
-        err, tail, lines = await asyncio.to_thread(read_log_fd, log_fd)
-        return CriuResult(
-            returncode=rc,
-            log_path=log.path,
-            first_error=err,
-            log_tail=tail,
-            stopped=stopped,
-            log_lines=lines,
-        )
+        return rc, stopped
+
+    async def _spawn(
+        self,
+        cmd: Sequence[str],
+        stdout: int,
+        stderr: int,
+        pass_fds: Sequence[int] = (),
+        extra: dict[str, object] | None = None,
+    ) -> asyncio.subprocess.Process:
+        """Start criu with exactly pass_fds (stdin /dev/null); its pid joins `running`."""
+        with self.spawn_guard():
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *cmd,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=stderr,
+                    pass_fds=tuple(pass_fds),
+                    close_fds=True,
+                    **(extra or {}),  # type: ignore[arg-type]
+                )
+            except OSError as e:
+                raise (
+                    out_of_fds(e)
+                    or CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}")
+                ) from e
+            self.running.add(proc.pid)
+        return proc
 
     async def _wait(self, proc: asyncio.subprocess.Process, target: int | None) -> str | None:
         """Wait for criu; kill it past the timeout, or past the grace once target died.

@@ -19,12 +19,16 @@ must stay unique.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
 import re
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
 from criud.daemon import errors
+from criud.daemon.criu import Criu, CriuResult
 from criud.daemon.criu import first_error as _error_message
 
 FALLBACK = "criu_failed"
@@ -170,23 +174,8 @@ RULES: tuple[Rule, ...] = (
     ),
 )
 
-# The HTTP status criud answers each code with.
-STATUS: dict[str, int] = {
-    "external_unix_socket": 422,
-    "tcp_established_needed": 422,
-    "shell_job_needed": 422,
-    "file_locks_needed": 422,
-    "ghost_file_too_big": 422,
-    "pid_ns_not_rooted": 422,
-    "file_size_changed": 422,
-    "pid_in_use": 409,
-    "process_gone": 409,
-    "no_space": 507,
-    "permission_denied": 403,
-    FALLBACK: 422,
-}
-
-_CLASSES: dict[str, type[errors.CriudError]] = {
+# The error class (and so the HTTP status) each code is raised as.
+CLASSES: dict[str, type[errors.CriudError]] = {
     "external_unix_socket": errors.ExternalUnixSocket,
     "tcp_established_needed": errors.TcpEstablishedNeeded,
     "shell_job_needed": errors.ShellJobNeeded,
@@ -269,7 +258,8 @@ def classify_log(path: Path, op: str) -> tuple[str, str]:
 
 def status_of(code: str) -> int:
     """The HTTP status criud answers a code with (422 for unknown codes)."""
-    return STATUS.get(code, STATUS[FALLBACK])
+    # The classes carry their statuses: no second table to drift from them.
+    return error_class(code).status
 
 
 def hint_of(code: str) -> str:
@@ -282,4 +272,62 @@ def hint_of(code: str) -> str:
 
 def error_class(code: str) -> type[errors.CriudError]:
     """The criud error class to raise for a code (CriuFailed for unknown codes)."""
-    return _CLASSES.get(code, errors.CriuFailed)
+    return CLASSES.get(code, errors.CriuFailed)
+
+
+# Below this much free space, a criu failure without a recognisable error
+# line is taken for a full disk (criu cannot write that line either).
+_FULL_BYTES = 1 << 20
+
+
+def disk_full(path: Path) -> bool:
+    """Whether path's filesystem is (all but) full, as after a dump filled it."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _FULL_BYTES or (st.f_files > 0 and st.f_favail == 0)
+
+
+def log_url(ckpt_id: str, op: str) -> str:
+    """Where the API serves a checkpoint's criu log of op (dump or restore)."""
+    return f"/v1/checkpoints/{ckpt_id}/log?op={op}"
+
+
+async def failure(
+    criu: Criu, what: str, result: CriuResult, op: str, ckpt_id: str, images_root: Path
+) -> errors.CriudError:
+    """Turn a failed criu run into the error with the code and hint that name the fix."""
+    rc = result.returncode
+    how = f"criu was killed by {signal.Signals(-rc).name}" if rc < 0 else f"criu exited {rc}"
+    reason = result.first_error or "no error line in its log"
+    cls: type[errors.CriudError]
+    if result.stopped == "target_gone":
+        how = (
+            "the process went away, and criu, still running "
+            f"{criu.gone_grace_s:g} s later, was killed"
+        )
+        cls, hint = errors.ProcessGone, hint_of("process_gone")
+    elif result.stopped == "timeout":
+        how = f"criu ran longer than --criu-timeout ({criu.timeout_s:g} s) and was killed"
+        cls = errors.CriuTimeout
+        hint = (
+            "criu hung, or the dump needs longer than the timeout allows: read the log, "
+            "and raise --criu-timeout if criu was still working"
+        )
+    else:
+        # The whole log, not only its first error line: some causes (a
+        # task killed mid-dump) show only in the lines after it.
+        code, hint = await asyncio.to_thread(classify, result.first_error, result.log_lines, op)
+        if code == FALLBACK and await asyncio.to_thread(disk_full, images_root):
+            # criu could not even write its log's error line.
+            code, hint = "no_space", hint_of("no_space")
+        cls = error_class(code)
+    return cls(
+        f"{what} failed: {how}: {reason}",
+        criu_error=result.first_error,
+        hint=hint,
+        exit_code=result.returncode,
+        log_tail=result.log_tail,
+        log_url=log_url(ckpt_id, op),
+    )

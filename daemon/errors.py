@@ -16,7 +16,8 @@ class CriudError(Exception):
     """Root of every error criud reports to a caller."""
 
     status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
+    # Not a ClassVar: a few errors (FdPassError) carry a code per instance.
+    code: str = "internal_error"
     title: ClassVar[str] = "Internal error"
 
     def __init__(self, detail: str, **extra: Any) -> None:
@@ -202,6 +203,17 @@ class RestoreUnverified(CriudError):
     status = 409
     code = "restore_unverified"
     title = "The restored root could not be verified"
+
+
+class RootExited(NotRunning):
+    """criu restored the tree, but its root exited before the daemon could watch it.
+
+    The restore is recorded as exited (with the status, when it was ours to
+    reap): there is nothing left to signal or wait for.  A 409, as NotRunning.
+    """
+
+    code = "restored_root_exited"
+    title = "The restored process exited at once"
 
 
 # -- 5xx: criu or the host ------------------------------------------------------
@@ -391,3 +403,11 @@ class InvalidBundle(CriudError):
     status = 422
     code = "invalid_bundle"
     title = "Unusable OCI bundle"
+
+
+class StoreUnusable(CriudError):
+    """The database cannot be used: not a database, or of a newer schema."""
+
+    status = 503
+    code = "store_unusable"
+    title = "The daemon's database is unusable"

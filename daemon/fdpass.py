@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from criud.daemon.errors import CriudError
 from criud.daemon.jsonlimits import MAX_DEPTH, json_depth
 
 MAX_FDS = 64
@@ -30,8 +31,15 @@ _ANC_SPACE = socket.CMSG_SPACE(_ANC_FDS * 4)
 _UCRED = struct.Struct("3i")
 
 
-class FdPassError(Exception):
-    """A message on the fd socket was refused; code is stable, message is for people."""
+class FdPassError(CriudError):
+    """A message on the fd socket was refused; code is stable, message is for people.
+
+    The fd socket answers with its own reply (criud.daemon.fdsock), not
+    problem+json, so each refusal keeps the code it always had there.
+    """
+
+    status = 400
+    title = "Refused fd message"
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

@@ -166,9 +166,8 @@ class FdSocketServer:
                 # message must not be able to pin fds in the daemon.
                 owned.close()
                 raise
-        except FdPassError as e:
-            return error_reply(e.code, e.message)
         except CriudError as e:
+            # FdPassError included: its code is the fd socket's own.
             return error_reply(e.code, e.detail)
         except TimeoutError:
             return error_reply("timeout", "no message received in time")

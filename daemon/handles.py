@@ -16,6 +16,7 @@ import os
 import secrets
 import time
 
+from criud.daemon.caller import Caller
 from criud.daemon.errors import BadFdHandle, FdHandleNotFound, PermissionDenied
 from criud.daemon.fdpass import OwnedFds
 from criud.daemon.quotas import HandleUsage
@@ -177,3 +178,47 @@ class HandleStore:
         """Close every handle (shutdown)."""
         for hid in list(self._handles):
             self._end(hid, "closed")
+
+
+def require_unix(caller: Caller) -> None:
+    """fd handles exist only for callers on the unix socket."""
+    if caller.via_tcp:
+        raise PermissionDenied(
+            "fd handles are only available over the unix socket (SCM_RIGHTS needs one)"
+        )
+
+
+class Leases:
+    """The handles one restore uses: leased once each, released together.
+
+    On leaving the block the handles are released, consumed if the block
+    succeeded (a restore that worked uses its handles up) and usable again
+    if it raised.
+    """
+
+    def __init__(self, store: HandleStore, uid: int) -> None:
+        self._store = store
+        self._uid = uid
+        self._held: list[FdHandle] = []
+
+    def fd(self, handle_id: str, index: int) -> int:
+        """The fd at index of the caller's handle, leased for this restore."""
+        h = self._store.get(handle_id, self._uid)
+        if not 0 <= index < len(h.fds):
+            raise BadFdHandle(
+                f"fd handle {handle_id!r} has {len(h.fds)} fds; index {index} is out of range",
+                handle=handle_id,
+                reason="bad_index",
+            )
+        if h not in self._held:
+            self._store.lease(h)
+            self._held.append(h)
+        return h.fd(index)
+
+    def __enter__(self) -> Leases:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        held, self._held = self._held, []
+        for h in held:
+            self._store.release(h, consumed=exc_type is None)

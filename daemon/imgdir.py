@@ -23,6 +23,8 @@ import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from criud.daemon.errors import CheckpointTampered
+
 # A sealed dir: root's, traversable and readable by criu running as the
 # tree's owner (through the fd the daemon hands it; the checkpoints dir
 # above stays 0700 root, so nobody reaches it by path).
@@ -34,8 +36,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-class UnsafeEntry(Exception):
-    """An entry is not what the daemon put there: a link, a fifo, a dir, a foreign file."""
+class UnsafeEntry(CheckpointTampered):
+    """An entry is not what the daemon put there: a link, a fifo, a dir, a foreign file.
+
+    A CheckpointTampered (409) wherever it escapes; the jobs name the
+    checkpoint in it (criud.daemon.imgdir.tampered).
+    """
 
 
 def _check_name(name: str) -> None:
@@ -266,3 +272,29 @@ def clear_dir(path: Path) -> None:
         keep_only(fd, ())
     finally:
         os.close(fd)
+
+
+def tampered(ckpt_id: str, e: UnsafeEntry) -> CheckpointTampered:
+    """e, said of checkpoint ckpt_id: the one place an unsafe entry gets its context."""
+    return CheckpointTampered(
+        f"checkpoint {ckpt_id}: {e}; a criu images dir holds only regular files "
+        "the daemon or criu made, so it was tampered with and is not used",
+        checkpoint=ckpt_id,
+    )
+
+
+def criu_dir(path: Path, fd: int, run_as_ids: tuple[int, int] | None, writable: bool) -> Path:
+    """The images dir (open at fd) as criu should name it.
+
+    As root, criu takes the path.  As a tree's owner it could not traverse
+    the 0700 state dir, so the dir is handed over as its open fd (the caller
+    passes fd to criu) and named /proc/self/fd/N: a magic link, which needs
+    no search permission on the path it came from.  writable (a dump): the
+    dir, which the daemon made for this dump, is chowned to the owner; a
+    restore reads the sealed dir.
+    """
+    if run_as_ids is None:
+        return path
+    if writable:
+        os.fchown(fd, *run_as_ids)
+    return Path(f"/proc/self/fd/{fd}")

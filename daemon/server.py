@@ -34,10 +34,10 @@ from criud.api.app import create_app
 from criud.daemon import procutil
 from criud.daemon.caller import Caller, peer_caller
 from criud.daemon.config import Settings
-from criud.daemon.core import Core
 from criud.daemon.errors import CriudError, CriuUnavailable, HeaderTimeout
 from criud.daemon.fdsock import FdSocketServer
 from criud.daemon.quotas import Pool, Quotas, Ticket, raise_nofile
+from criud.daemon.service import CriudService
 from criud.daemon.store import StoreError
 
 log = logging.getLogger("criud")
@@ -45,8 +45,10 @@ log = logging.getLogger("criud")
 SD_LISTEN_FDS_START = 3
 
 
-class StartupError(Exception):
-    """The daemon cannot start; the message says why and what to do."""
+class StartupError(CriudError):
+    """The daemon cannot start; the message says why and what to do (the CLI prints it)."""
+
+    code = "startup_failed"
 
 
 def raw_problem(e: CriudError) -> bytes:
@@ -295,10 +297,9 @@ def systemd_sockets() -> dict[int, socket.socket]:
     return out
 
 
-async def _serve(settings: Settings) -> None:
-    # Take systemd's sockets before anything else opens an fd.
-    activated = systemd_sockets()
-    core = Core(settings)
+async def _start_service(settings: Settings) -> CriudService:
+    """Start the daemon's service; what stops it becomes a StartupError that says what to do."""
+    core = CriudService(settings)
     try:
         await core.start()
     except CriuUnavailable as e:
@@ -311,9 +312,14 @@ async def _serve(settings: Settings) -> None:
     except sqlite3.DatabaseError as e:
         # Damage past the header shows only once the first query reads it.
         raise StartupError(f"the database {settings.db_path} is unusable: {e}") from e
+    return core
 
+
+def _unix_sockets(
+    settings: Settings, activated: dict[int, socket.socket], bound: list[Path]
+) -> tuple[socket.socket, socket.socket]:
+    """The API and fd sockets: systemd's, or bound here (their paths added to bound)."""
     gid = _group_id(settings.socket_group)
-    bound: list[Path] = []
     api_sock = activated.get(socket.SOCK_STREAM)
     if api_sock is None:
         api_sock = bind_unix(settings.socket, socket.SOCK_STREAM, gid)
@@ -322,6 +328,47 @@ async def _serve(settings: Settings) -> None:
     if fd_sock is None:
         fd_sock = bind_unix(settings.fd_socket, socket.SOCK_SEQPACKET, gid)
         bound.append(settings.fd_socket)
+    return api_sock, fd_sock
+
+
+def _uvicorn_config(app: Any, core: CriudService, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        http=protocol_for(core.quotas, settings.header_timeout_s),
+        lifespan="off",
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+        ws="none",
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        # No limit_concurrency: it counts every connection alike, so one
+        # caller's idle connections made everyone's requests 503.  The pools
+        # of criud.daemon.quotas bound each caller instead.  A small backlog:
+        # asyncio accepts up to this many at a time, each an fd until the
+        # pools close the excess ones.
+        limit_concurrency=None,
+        backlog=128,
+    )
+
+
+def _on_stop_signals(loop: asyncio.AbstractEventLoop, core: CriudService, server: Server) -> None:
+    """SIGTERM and SIGINT only record the request; the serve loop winds down."""
+
+    def request_stop(signame: str) -> None:
+        # Record only; the serve loop notices should_exit and winds down.
+        log.info("%s: stopping (in-flight operations may finish)", signame)
+        core.accepting = False
+        server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop, sig.name)
+
+
+async def _serve(settings: Settings) -> None:
+    # Take systemd's sockets before anything else opens an fd.
+    activated = systemd_sockets()
+    core = await _start_service(settings)
+    bound: list[Path] = []
+    api_sock, fd_sock = _unix_sockets(settings, activated, bound)
 
     tcp_sock: socket.socket | None = None
     token: str | None = None
@@ -339,35 +386,10 @@ async def _serve(settings: Settings) -> None:
     )
     fd_server.start()
 
-    app = create_app(core, token=token)
-    config = uvicorn.Config(
-        app,
-        http=protocol_for(core.quotas, settings.header_timeout_s),
-        lifespan="off",
-        log_level=settings.log_level,
-        access_log=settings.log_level == "debug",
-        ws="none",
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-        # No limit_concurrency: it counts every connection alike, so one
-        # caller's idle connections made everyone's requests 503.  The pools
-        # of criud.daemon.quotas bound each caller instead.  A small backlog:
-        # asyncio accepts up to this many at a time, each an fd until the
-        # pools close the excess ones.
-        limit_concurrency=None,
-        backlog=128,
-    )
-    server = Server(config)
+    server = Server(_uvicorn_config(create_app(core, token=token), core, settings))
 
     loop = asyncio.get_running_loop()
-
-    def request_stop(signame: str) -> None:
-        # Record only; the serve loop notices should_exit and winds down.
-        log.info("%s: stopping (in-flight operations may finish)", signame)
-        core.accepting = False
-        server.should_exit = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop, sig.name)
+    _on_stop_signals(loop, core, server)
     log.info(
         "criud serving on %s (fds on %s), state in %s, criu %s at %s",
         settings.socket,
@@ -386,10 +408,9 @@ async def _serve(settings: Settings) -> None:
     finally:
         await fd_server.stop()
         await core.stop()
-        fd_sock.close()
-        api_sock.close()
-        if tcp_sock is not None:
-            tcp_sock.close()
+        for sock in (fd_sock, api_sock, tcp_sock):
+            if sock is not None:
+                sock.close()
         for p in bound:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)

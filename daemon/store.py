@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import enum
 import functools
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -22,24 +24,46 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon.errors import NoSpace
+from criud.daemon.errors import NameTaken, NoSpace, StoreUnusable
 
 T = TypeVar("T")
+log = logging.getLogger("criud.store")
 
+
+class CheckpointState(enum.StrEnum):
+    """A checkpoint's state (stored as its value; a str, so records compare as before)."""
+
+    DUMPING = "dumping"
+    DONE = "done"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+class RestoreState(enum.StrEnum):
+    """A restore's state."""
+
+    RESTORING = "restoring"
+    RUNNING = "running"
+    EXITED = "exited"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+_C, _R = CheckpointState, RestoreState
 # Checkpoint states: dumping -> done | failed | interrupted.
 CHECKPOINT_TRANSITIONS: dict[str, set[str]] = {
-    "dumping": {"done", "failed", "interrupted"},
-    "done": set(),
-    "failed": set(),
-    "interrupted": set(),
+    _C.DUMPING: {_C.DONE, _C.FAILED, _C.INTERRUPTED},
+    _C.DONE: set(),
+    _C.FAILED: set(),
+    _C.INTERRUPTED: set(),
 }
 # Restore states: restoring -> running | failed | interrupted; running -> exited.
 RESTORE_TRANSITIONS: dict[str, set[str]] = {
-    "restoring": {"running", "failed", "interrupted"},
-    "running": {"exited"},
-    "exited": set(),
-    "failed": set(),
-    "interrupted": set(),
+    _R.RESTORING: {_R.RUNNING, _R.FAILED, _R.INTERRUPTED},
+    _R.RUNNING: {_R.EXITED},
+    _R.EXITED: set(),
+    _R.FAILED: set(),
+    _R.INTERRUPTED: set(),
 }
 
 # -- schema, by version ---------------------------------------------------------
@@ -128,12 +152,8 @@ _SUMMARY_COLUMNS = (
 )
 
 
-class NameConflict(Exception):
-    """The unique (owner, name) index refused an insert."""
-
-
-class StoreError(Exception):
-    """The database cannot be used: not a database, or of a newer schema."""
+# The daemon's name for an unusable database (kept for the server's message).
+StoreError = StoreUnusable
 
 
 @dataclasses.dataclass
@@ -205,6 +225,8 @@ class Store:
             max_workers=1, thread_name_prefix="criud-db"
         )
         self._db: sqlite3.Connection | None = None
+        # Record updates a full disk refused, retried until they land (settle).
+        self._settling: set[asyncio.Task[None]] = set()
         # Bumped on every write to checkpoints: lets readers cache what they
         # derive from the list (only the store's thread writes it).
         self.generation = 0
@@ -295,6 +317,45 @@ class Store:
                 hint="free space in the daemon's state dir and retry",
             ) from e
 
+    async def settle(self, update: Callable[..., None], row_id: str, **changes: Any) -> None:
+        """Record how an operation ended, now, or as soon as the disk has room.
+
+        A record left "dumping" would hold its name and refuse deletion
+        until a restart: when a full disk refuses the update, it is retried
+        in the background (backing off to 2 s) until it lands.
+        """
+        try:
+            await self.run(update, row_id, **changes)
+        except NoSpace:
+            log.warning(
+                "%s %s: disk full; retrying the update in the background", update.__name__, row_id
+            )
+            task = asyncio.get_running_loop().create_task(
+                self._settle_later(update, row_id, changes)
+            )
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle_later(
+        self, update: Callable[..., None], row_id: str, changes: dict[str, Any]
+    ) -> None:
+        delay = 0.1
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.run(update, row_id, **changes)
+            except NoSpace:
+                delay = min(delay * 2, 2.0)
+                continue
+            log.info("%s %s: settled after the disk had room", update.__name__, row_id)
+            return
+
+    async def stop_settling(self) -> None:
+        """Give up the updates still waiting for room: the next start marks them interrupted."""
+        for t in self._settling:
+            t.cancel()
+        await asyncio.gather(*self._settling, return_exceptions=True)
+
     @property
     def db(self) -> sqlite3.Connection:
         assert self._db is not None, "store not open"
@@ -303,7 +364,7 @@ class Store:
     # -- checkpoints ------------------------------------------------------------
 
     def insert_checkpoint(self, rec: CheckpointRecord) -> None:
-        """Insert a new checkpoint record; NameConflict if its name is taken."""
+        """Insert a new checkpoint record; NameTaken if its name is taken."""
         self.generation += 1
         fields = dataclasses.asdict(rec)
         cols = ", ".join(fields)
@@ -314,7 +375,8 @@ class Store:
                 [_dump(k, v) for k, v in fields.items()],
             )
         except sqlite3.IntegrityError as e:
-            raise NameConflict(str(e)) from e
+            # The only unique index besides the id (ours, fresh) is (owner, name).
+            raise NameTaken(f"a checkpoint named {rec.name!r} exists already", name=rec.name) from e
 
     def update_checkpoint(self, ckpt_id: str, **changes: Any) -> None:
         """Change fields of a checkpoint; a state change must be a legal one."""
@@ -376,14 +438,16 @@ class Store:
         kills what each left (criud.daemon.orphans), then fails it through
         update_restore.
         """
-        self.generation += 1
         now = time.time()
-        ck = [r["id"] for r in self.db.execute("SELECT id FROM checkpoints WHERE state='dumping'")]
-        self.db.execute(
-            "UPDATE checkpoints SET state='interrupted', name=NULL, finished_at=? "
-            "WHERE state='dumping'",
-            (now,),
-        )
+        rows = self.db.execute(
+            "SELECT id FROM checkpoints WHERE state=?", (CheckpointState.DUMPING,)
+        ).fetchall()
+        ck = [r["id"] for r in rows]
+        # Each through the asserted transitions, like every other state change.
+        for ckpt_id in ck:
+            self.update_checkpoint(
+                ckpt_id, state=CheckpointState.INTERRUPTED, name=None, finished_at=now
+            )
         return ck
 
     # -- restores ---------------------------------------------------------------

@@ -444,10 +444,9 @@ def _classify_at(
 ) -> Fd | None:
     """Describe fd of pid; dirfd is /proc/<pid>/fd, open.  None if fd closed meanwhile.
 
-    The hot loop of a walk (10 000 fds in a big tree): it does as few
-    syscalls as each kind allows, reads fdinfo only when it must, and builds
-    the compact form (see Fd) directly: a dataclass per fd, then a dict of
-    it, cost more than the syscalls.
+    The hot loop of a walk (10 000 fds in a big tree): as few syscalls as each
+    kind allows, fdinfo only when it must, and the compact form (see Fd) built
+    directly: a dataclass per fd, then a dict of it, cost more than the syscalls.
     """
     name = str(fd)
     try:
@@ -489,40 +488,56 @@ def _classify_at(
         if ino is not None:
             d["inode"] = ino
     else:
-        try:
-            st = os.stat(name, dir_fd=dirfd)
-        except OSError:
+        more = _describe_by_stat(d, dirfd, name, target, locked)
+        if more is None:
             return None
-        d["inode"] = st.st_ino
-        if target.startswith("anon_inode:"):
-            d["type"] = _ANON_TYPES.get(target[len("anon_inode:") :].strip("[]"), "other")
-        elif target.startswith("/memfd:"):
-            d["type"] = "memfd"
-            d["size"] = st.st_size
-        elif target.startswith("/"):
-            _describe_path(d, st)
-            # O_APPEND matters only for a file open for writing (criu
-            # size-checks every other file at restore), and only fdinfo
-            # shows it: skip it for read-only fds, the commonest kind.
-            if (d["type"] == "file" or d["type"] == "deleted") and "w" in d["mode"]:
-                need_fdinfo = True
-        if locked and (st.st_dev, st.st_ino) in locked:
-            need_fdinfo = True  # fdinfo says whether this fd is the holder
-
+        need_fdinfo = need_fdinfo or more
     if need_fdinfo:
-        flags, lock_lines = _read_fdinfo(pid, fd)
-        if flags is not None:
-            # An O_PATH fd's access bits read as O_RDONLY, yet it can read
-            # nothing: it names a file, and says so.
-            d["mode"] = "path" if flags & os.O_PATH else _ACCMODE.get(flags & os.O_ACCMODE, "rw")
-            if flags & os.O_APPEND:
-                d["append"] = True
-        held = tuple(
-            f"{lk.type} {lk.mode} {lk.id}" for line in lock_lines if (lk := parse_lock_line(line))
-        )
-        if held:
-            d["locks"] = held
+        _apply_fdinfo(d, pid, fd)
     return d
+
+
+def _describe_by_stat(
+    d: Fd, dirfd: int, name: str, target: str, locked: set[tuple[int, int]]
+) -> bool | None:
+    """Fill d from a stat of the fd's file; whether fdinfo is needed too (None: fd closed)."""
+    try:
+        st = os.stat(name, dir_fd=dirfd)
+    except OSError:
+        return None
+    need_fdinfo = False
+    d["inode"] = st.st_ino
+    if target.startswith("anon_inode:"):
+        d["type"] = _ANON_TYPES.get(target[len("anon_inode:") :].strip("[]"), "other")
+    elif target.startswith("/memfd:"):
+        d["type"] = "memfd"
+        d["size"] = st.st_size
+    elif target.startswith("/"):
+        _describe_path(d, st)
+        # O_APPEND matters only for a file open for writing (criu
+        # size-checks every other file at restore), and only fdinfo
+        # shows it: skip it for read-only fds, the commonest kind.
+        if (d["type"] == "file" or d["type"] == "deleted") and "w" in d["mode"]:
+            need_fdinfo = True
+    if locked and (st.st_dev, st.st_ino) in locked:
+        need_fdinfo = True  # fdinfo says whether this fd is the holder
+    return need_fdinfo
+
+
+def _apply_fdinfo(d: Fd, pid: int, fd: int) -> None:
+    """The access mode, O_APPEND and the locks held, which only fdinfo shows."""
+    flags, lock_lines = _read_fdinfo(pid, fd)
+    if flags is not None:
+        # An O_PATH fd's access bits read as O_RDONLY, yet it can read
+        # nothing: it names a file, and says so.
+        d["mode"] = "path" if flags & os.O_PATH else _ACCMODE.get(flags & os.O_ACCMODE, "rw")
+        if flags & os.O_APPEND:
+            d["append"] = True
+    held = tuple(
+        f"{lk.type} {lk.mode} {lk.id}" for line in lock_lines if (lk := parse_lock_line(line))
+    )
+    if held:
+        d["locks"] = held
 
 
 def _describe_path(d: Fd, st: os.stat_result) -> None:

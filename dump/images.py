@@ -10,9 +10,17 @@ Field numbers come from CRIU's images/stats.proto and images/pstree.proto.
 
 from __future__ import annotations
 
+import logging
 import struct
 from pathlib import Path
 from typing import Any
+
+from criud.daemon import imgdir
+from criud.daemon.errors import CheckpointNotReady
+
+log = logging.getLogger("criud.images")
+# The most of a stats file the daemon reads.
+STATS_CAP = 1 << 20
 
 IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
@@ -44,7 +52,7 @@ RESTORE_STATS_FIELDS = {
 }
 
 
-class ImageError(ValueError):
+class ImageError(CheckpointNotReady):
     """The file is not the CRIU image we expected."""
 
 
@@ -126,6 +134,16 @@ def _named(fields: dict[int, list[Any]], names: dict[int, str]) -> dict[str, int
 def read_stats(path: Path) -> dict[str, int]:
     """Decode a stats-dump or stats-restore image into named counters."""
     return parse_stats(path.read_bytes(), path.name)
+
+
+def stats_in(dirfd: int, name: str) -> dict[str, int]:
+    """criu's stats file `name` of the dir at dirfd as counters; {} when missing or unreadable."""
+    try:
+        return parse_stats(imgdir.read_small(dirfd, name, STATS_CAP), name)
+    except (OSError, imgdir.UnsafeEntry, ImageError) as e:
+        # Stats are only informative: a checkpoint without them is still good.
+        log.warning("cannot read %s: %s", name, e)
+        return {}
 
 
 def parse_stats(data: bytes, name: str) -> dict[str, int]:

@@ -183,6 +183,37 @@ def _tty(nr: int) -> Tty | None:
     return {"nr": nr, "major": major, "minor": minor, "name": name}
 
 
+def _task_namespaces(dirfd: int, daemon_ns: Mapping[str, int]) -> dict[str, Namespace]:
+    """Each namespace of the task at dirfd (/proc/<pid>), and whether it differs from ours."""
+    namespaces: dict[str, Namespace] = {}
+    for name in NAMESPACES:
+        # "net:[4026531840]": the number is the namespace's inode.  The
+        # link's text costs a third of a stat() through it (1.4 us, not
+        # 4.4), and a tree of 200 tasks has 1 600 of them.
+        try:
+            link = os.readlink(f"ns/{name}", dir_fd=dirfd)
+            ino: int | None = int(link[link.index("[") + 1 : -1])
+        except (OSError, ValueError):
+            ino = None
+        ours = daemon_ns.get(name)
+        namespaces[name] = {
+            "id": ino,
+            "differs": ino is not None and ours is not None and ino != ours,
+        }
+    return namespaces
+
+
+def _status_line(line: str) -> tuple[str, str]:
+    k, _, v = line.partition(":")
+    return k, v.strip()
+
+
+def _memory(status: dict[str, str]) -> Memory:
+    """A task's memory in KiB, from its status."""
+    anon, file_, shmem = _kb(status, "RssAnon"), _kb(status, "RssFile"), _kb(status, "RssShmem")
+    return {"rss": _kb(status, "VmRSS"), "shared": file_ + shmem, "private": anon, "shmem": shmem}
+
+
 def _read_task(pid: int, daemon_ns: Mapping[str, int]) -> Task | None:
     """One task's description, without fds; None if it exited meanwhile."""
     try:
@@ -196,25 +227,8 @@ def _read_task(pid: int, daemon_ns: Mapping[str, int]) -> Task | None:
         status_text = _read_at(dirfd, "status").decode("utf-8", "replace")
         cmdline = _read_at(dirfd, "cmdline")
         cgroup = _read_at(dirfd, "cgroup").decode("utf-8", "replace")
-        namespaces: dict[str, Namespace] = {}
-        for name in NAMESPACES:
-            # "net:[4026531840]": the number is the namespace's inode.  The
-            # link's text costs a third of a stat() through it (1.4 us, not
-            # 4.4), and a tree of 200 tasks has 1 600 of them.
-            try:
-                link = os.readlink(f"ns/{name}", dir_fd=dirfd)
-                ino: int | None = int(link[link.index("[") + 1 : -1])
-            except (OSError, ValueError):
-                ino = None
-            ours = daemon_ns.get(name)
-            namespaces[name] = {
-                "id": ino,
-                "differs": ino is not None and ours is not None and ino != ours,
-            }
-        status: dict[str, str] = {}
-        for line in status_text.splitlines():
-            k, _, v = line.partition(":")
-            status[k] = v.strip()
+        namespaces = _task_namespaces(dirfd, daemon_ns)
+        status = dict(_status_line(line) for line in status_text.splitlines())
         # Most tasks have one thread: its tid is the pid, and listing
         # /proc/<pid>/task would cost four syscalls more per task.
         if status.get("Threads") == "1":
@@ -238,10 +252,6 @@ def _read_task(pid: int, daemon_ns: Mapping[str, int]) -> Task | None:
         # A thread id: /proc answers for it, but it is not a process (and
         # /proc does not list it); a tree is rooted at a process.
         return None
-    rss = _kb(status, "VmRSS")
-    anon = _kb(status, "RssAnon")
-    file_ = _kb(status, "RssFile")
-    shmem = _kb(status, "RssShmem")
     return {
         "pid": pid,
         "ppid": int(fields[1]),
@@ -258,7 +268,7 @@ def _read_task(pid: int, daemon_ns: Mapping[str, int]) -> Task | None:
         "tty": _tty(int(fields[4])),
         "namespaces": namespaces,
         "cgroup": cgroup.splitlines(),
-        "memory": {"rss": rss, "shared": file_ + shmem, "private": anon, "shmem": shmem},
+        "memory": _memory(status),
         "fds": [],
         "redacted": False,
     }

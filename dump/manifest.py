@@ -4,19 +4,155 @@ Recorded before criu runs (the /proc walk needs the tree alive) and stored
 with the checkpoint.  At restore it is the reference every inherit mapping is
 checked against, because criu silently ignores a key that matches nothing and
 never says which external resources a restore needs.
+
+`Manifest` is typed and frozen: the checkpoint job builds it whole, the store
+keeps its JSON (`to_json`), and everything that reads it back (the restore
+job, the API) goes through `from_json`, which also reads the rows earlier
+releases wrote (keys missing, run_as as [uid, gid]).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from criud.daemon.errors import InvalidRequest
 from criud.dump.fds import TaskInfo
 
 
-def build(tasks: Sequence[TaskInfo], declared_external: Iterable[str]) -> dict[str, Any]:
-    """Build the manifest; raise InvalidRequest for a declared key the tree does not hold."""
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task as the dump saw it; fds are criud.dump.fds records (key, type, ...)."""
+
+    pid: int
+    ppid: int
+    tids: tuple[int, ...]
+    fds: tuple[dict[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtNamespace:
+    """A namespace the caller left out of the dump, to be handed in at restore."""
+
+    type: str
+    key: str
+    ino: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """Everything a checkpoint records about its tree besides criu's images."""
+
+    tasks: tuple[Task, ...] = ()
+    # Keys a restore must replace: external fds, then external namespaces.
+    external: tuple[str, ...] = ()
+    pids: tuple[int, ...] = ()
+    # Per tid (as a string, JSON's keys): the four uids and the four gids.
+    uids: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    gids: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    groups: tuple[int, ...] | None = None
+    # What criu ran as, as stored ([uid, gid, groups], or [uid, gid] from the
+    # previous release); criud.daemon.creds.run_as_of reads every form.
+    run_as: tuple[Any, ...] | None = None
+    # Namespaces of the tree's root that differ from the daemon's: type -> inode.
+    namespaces: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    pidns_init: bool = False
+    network_lock: str | None = None
+    ext_namespaces: tuple[ExtNamespace, ...] = ()
+    # criud.dump.oci's record of the container's bundle, for OCI checkpoints.
+    oci: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> Manifest:
+        """Read a stored manifest (any release's); None reads as an empty one."""
+        d = data or {}
+        tasks = tuple(
+            Task(
+                pid=int(t["pid"]),
+                ppid=int(t.get("ppid") or 0),
+                tids=tuple(t.get("tids") or ()),
+                fds=tuple(t.get("fds") or ()),
+            )
+            for t in d.get("tasks") or ()
+        )
+        return cls(
+            tasks=tasks,
+            external=tuple(d.get("external") or ()),
+            pids=tuple(d.get("pids") or ()),
+            uids={k: tuple(v) for k, v in (d.get("uids") or {}).items()},
+            gids={k: tuple(v) for k, v in (d.get("gids") or {}).items()},
+            groups=tuple(d["groups"]) if d.get("groups") is not None else None,
+            run_as=tuple(d["run_as"]) if d.get("run_as") else None,
+            namespaces=dict(d.get("namespaces") or {}),
+            pidns_init=bool(d.get("pidns_init")),
+            network_lock=d.get("network_lock"),
+            ext_namespaces=tuple(
+                ExtNamespace(type=n["type"], key=n["key"], ino=int(n["ino"]))
+                for n in d.get("ext_namespaces") or ()
+            ),
+            oci=d.get("oci"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form (the keys earlier releases wrote, so from_json reads both)."""
+        return {
+            "tasks": [
+                {"pid": t.pid, "ppid": t.ppid, "tids": list(t.tids), "fds": list(t.fds)}
+                for t in self.tasks
+            ],
+            "external": list(self.external),
+            "pids": list(self.pids),
+            "uids": {k: list(v) for k, v in self.uids.items()},
+            "gids": {k: list(v) for k, v in self.gids.items()},
+            "groups": list(self.groups) if self.groups is not None else None,
+            "run_as": list(self.run_as) if self.run_as is not None else None,
+            "namespaces": dict(self.namespaces),
+            "pidns_init": self.pidns_init,
+            "network_lock": self.network_lock,
+            "ext_namespaces": [dataclasses.asdict(n) for n in self.ext_namespaces],
+            **({"oci": dict(self.oci)} if self.oci is not None else {}),
+        }
+
+    def all_keys(self) -> set[str]:
+        """Every key a restore may map: fds some task held, and external namespaces."""
+        keys = {f["key"] for t in self.tasks for f in t.fds}
+        keys.update(n.key for n in self.ext_namespaces)
+        return keys
+
+    def namespace_type(self, key: str) -> str | None:
+        """The namespace type behind an external-namespace key, or None for fd keys."""
+        for n in self.ext_namespaces:
+            if n.key == key:
+                return n.type
+        return None
+
+    def key_of(self, pid: int, fd: int) -> str | None:
+        """The key that fd of pid held at dump time."""
+        for t in self.tasks:
+            if t.pid == pid:
+                for f in t.fds:
+                    if f["fd"] == fd:
+                        return str(f["key"])
+        return None
+
+    def flat_fds(self) -> list[dict[str, Any]]:
+        """All fds of all tasks, each with its pid, for the API."""
+        return [{"pid": t.pid, **f} for t in self.tasks for f in t.fds]
+
+    def external_unix_inodes(self, declared: Iterable[str]) -> list[int]:
+        """Inodes of unix sockets the caller declared external (for --external unix[ino])."""
+        declared_set = set(declared)
+        out: list[int] = []
+        for t in self.tasks:
+            for f in t.fds:
+                if f["type"] == "unix" and f["key"] in declared_set and f["inode"] not in out:
+                    out.append(f["inode"])
+        return out
+
+
+def build(tasks: Sequence[TaskInfo], declared_external: Iterable[str]) -> Manifest:
+    """The fd part of the manifest; InvalidRequest for a declared key the tree does not hold."""
     declared = list(dict.fromkeys(declared_external))
     held = {f["key"] for t in tasks for f in t.fds}
     unknown = [k for k in declared if k not in held]
@@ -33,48 +169,7 @@ def build(tasks: Sequence[TaskInfo], declared_external: Iterable[str]) -> dict[s
                 f["external"] = True
             if f["external"] and f["key"] not in external:
                 external.append(f["key"])
-    return {
-        "tasks": [{"pid": t.pid, "ppid": t.ppid, "tids": t.tids, "fds": t.fds} for t in tasks],
-        "external": external,
-    }
-
-
-def external_unix_inodes(manifest: dict[str, Any], declared: Iterable[str]) -> list[int]:
-    """Inodes of unix sockets the caller declared external (for --external unix[ino])."""
-    declared_set = set(declared)
-    out: list[int] = []
-    for t in manifest["tasks"]:
-        for f in t["fds"]:
-            if f["type"] == "unix" and f["key"] in declared_set and f["inode"] not in out:
-                out.append(f["inode"])
-    return out
-
-
-def all_keys(manifest: dict[str, Any]) -> set[str]:
-    """Every key a restore may map: fds some task held, and external namespaces."""
-    keys = {f["key"] for t in manifest["tasks"] for f in t["fds"]}
-    keys.update(n["key"] for n in manifest.get("ext_namespaces") or ())
-    return keys
-
-
-def namespace_type(manifest: dict[str, Any], key: str) -> str | None:
-    """The namespace type behind an external-namespace key, or None for fd keys."""
-    for n in manifest.get("ext_namespaces") or ():
-        if n["key"] == key:
-            return str(n["type"])
-    return None
-
-
-def key_of(manifest: dict[str, Any], pid: int, fd: int) -> str | None:
-    """The key that fd of pid held at dump time."""
-    for t in manifest["tasks"]:
-        if t["pid"] == pid:
-            for f in t["fds"]:
-                if f["fd"] == fd:
-                    return str(f["key"])
-    return None
-
-
-def flat_fds(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """All fds of all tasks, each with its pid, for the API."""
-    return [{"pid": t["pid"], **f} for t in manifest["tasks"] for f in t["fds"]]
+    return Manifest(
+        tasks=tuple(Task(t.pid, t.ppid, tuple(t.tids), tuple(t.fds)) for t in tasks),
+        external=tuple(external),
+    )

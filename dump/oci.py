@@ -48,7 +48,6 @@ rootfs, before a restore, as runc does).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -56,6 +55,8 @@ import posixpath
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from criud.daemon.errors import InvalidBundle
 
 CONFIG_NAME = "config.json"
 # A runc config.json is a few KiB; refuse anything absurd before parsing it.
@@ -92,7 +93,7 @@ _CG_GENERIC_OPTS = frozenset(
 )
 
 
-class OciError(ValueError):
+class OciError(InvalidBundle):
     """A bundle, its config.json or the container does not fit; the message says why."""
 
 
@@ -151,7 +152,7 @@ class OciSpec:
         return None
 
 
-def _abs_path(value: object, what: str) -> str:
+def abs_path(value: object, what: str) -> str:
     """An absolute, normalised path, or OciError naming the field."""
     if not isinstance(value, str) or not value:
         raise OciError(f"{what} must be a non-empty string")
@@ -200,28 +201,12 @@ def parse_config(data: bytes, bundle: str) -> OciSpec:
     return parse_spec(doc, bundle)
 
 
-def parse_spec(doc: object, bundle: str) -> OciSpec:
-    """Validate a decoded config.json; relative paths are taken against bundle."""
-    bundle = _abs_path(bundle, "the bundle path")
-    top = _obj(doc, f"the top level of {CONFIG_NAME}")
-
-    root = _obj(top.get("root"), "root")
-    root_path = root.get("path")
-    if not isinstance(root_path, str) or not root_path:
-        raise OciError("root.path must be a non-empty string")
-    # runc takes a relative root.path against the bundle (its cwd).
-    rootfs = _abs_path(posixpath.join(bundle, root_path), "root.path")
-    readonly = _bool(root.get("readonly"), "root.readonly")
-
-    process = top.get("process")
-    terminal = False
-    if process is not None:
-        terminal = _bool(_obj(process, "process").get("terminal"), "process.terminal")
-
+def _parse_mounts(top: dict[str, Any], bundle: str) -> tuple[Mount, ...]:
+    """config.json's mounts; bind sources made absolute against bundle, as runc does."""
     mounts: list[Mount] = []
     for i, raw in enumerate(_list(top.get("mounts"), "mounts")):
         m = _obj(raw, f"mounts[{i}]")
-        dest = _abs_path(m.get("destination"), f"mounts[{i}].destination")
+        dest = abs_path(m.get("destination"), f"mounts[{i}].destination")
         mtype = m.get("type", "")
         source = m.get("source", "")
         if not isinstance(mtype, str):
@@ -237,11 +222,13 @@ def parse_spec(doc: object, bundle: str) -> OciSpec:
                 raise OciError(f"mounts[{i}] ({dest}) is a bind mount without a source")
             # As runc does: a relative bind source is taken against the bundle.
             src = source if source.startswith("/") else posixpath.join(bundle, source)
-            mount = dataclasses.replace(mount, source=_abs_path(src, f"mounts[{i}].source"))
+            mount = dataclasses.replace(mount, source=abs_path(src, f"mounts[{i}].source"))
         mounts.append(mount)
+    return tuple(mounts)
 
-    raw_linux = top.get("linux")
-    linux = {} if raw_linux is None else _obj(raw_linux, "linux")
+
+def _parse_namespaces(linux: dict[str, Any]) -> tuple[Namespace, ...]:
+    """linux.namespaces, each type once; a path joins one, no path makes a new one."""
     namespaces: list[Namespace] = []
     for i, raw in enumerate(_list(linux.get("namespaces"), "linux.namespaces")):
         n = _obj(raw, f"linux.namespaces[{i}]")
@@ -254,12 +241,38 @@ def parse_spec(doc: object, bundle: str) -> OciSpec:
             raise OciError(f"linux.namespaces lists {ns_type} twice")
         path = n.get("path")
         # An empty path means a new namespace, as in runc.
-        ns_path = _abs_path(path, f"linux.namespaces[{i}].path") if path else None
+        ns_path = abs_path(path, f"linux.namespaces[{i}].path") if path else None
         namespaces.append(Namespace(ns_type, ns_path))
+    return tuple(namespaces)
+
+
+def parse_spec(doc: object, bundle: str) -> OciSpec:
+    """Validate a decoded config.json; relative paths are taken against bundle."""
+    bundle = abs_path(bundle, "the bundle path")
+    top = _obj(doc, f"the top level of {CONFIG_NAME}")
+
+    root = _obj(top.get("root"), "root")
+    root_path = root.get("path")
+    if not isinstance(root_path, str) or not root_path:
+        raise OciError("root.path must be a non-empty string")
+    # runc takes a relative root.path against the bundle (its cwd).
+    rootfs = abs_path(posixpath.join(bundle, root_path), "root.path")
+    readonly = _bool(root.get("readonly"), "root.readonly")
+
+    process = top.get("process")
+    terminal = False
+    if process is not None:
+        terminal = _bool(_obj(process, "process").get("terminal"), "process.terminal")
+
+    mounts = _parse_mounts(top, bundle)
+
+    raw_linux = top.get("linux")
+    linux = {} if raw_linux is None else _obj(raw_linux, "linux")
+    namespaces = _parse_namespaces(linux)
 
     def paths(key: str) -> tuple[str, ...]:
         return tuple(
-            _abs_path(p, f"linux.{key}[{i}]")
+            abs_path(p, f"linux.{key}[{i}]")
             for i, p in enumerate(_list(linux.get(key), f"linux.{key}"))
         )
 
@@ -267,7 +280,7 @@ def parse_spec(doc: object, bundle: str) -> OciSpec:
     if cgroups_path is not None and not isinstance(cgroups_path, str):
         raise OciError("linux.cgroupsPath must be a string")
     devices = tuple(
-        _abs_path(_obj(d, f"linux.devices[{i}]").get("path"), f"linux.devices[{i}].path")
+        abs_path(_obj(d, f"linux.devices[{i}]").get("path"), f"linux.devices[{i}].path")
         for i, d in enumerate(_list(linux.get("devices"), "linux.devices"))
     )
     return OciSpec(
@@ -275,10 +288,10 @@ def parse_spec(doc: object, bundle: str) -> OciSpec:
         rootfs=rootfs,
         rootfs_readonly=readonly,
         terminal=terminal,
-        mounts=tuple(mounts),
+        mounts=mounts,
         masked_paths=paths("maskedPaths"),
         readonly_paths=paths("readonlyPaths"),
-        namespaces=tuple(namespaces),
+        namespaces=namespaces,
         cgroups_path=cgroups_path or None,
         devices=devices,
     )
@@ -490,6 +503,24 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def _joined_namespaces(spec: OciSpec, pid: int, base: str) -> dict[str, int]:
+    """Check pid sits in each namespace config.json names by path; external ones' inodes."""
+    ns_inodes: dict[str, int] = {}
+    for ns in spec.namespaces:
+        if ns.path is None:
+            continue
+        try:
+            want = os.stat(ns.path).st_ino
+            got = os.stat(f"{base}/ns/{NS_CRIU_NAMES[ns.type]}").st_ino
+        except OSError as e:
+            raise OciError(f"namespace {ns.type} at {ns.path}: {e.strerror}") from None
+        if want != got:
+            raise OciError(f"pid {pid} is not in the {ns.type} namespace at {ns.path}")
+        if ns.type in EXTERNAL_NS_KEYS:
+            ns_inodes[ns.type] = want
+    return ns_inodes
+
+
 def probe(spec: OciSpec, pid: int, proc: str = "/proc") -> ContainerProbe:
     """Read /proc for what dump_args needs, and check that pid runs this bundle.
 
@@ -523,19 +554,7 @@ def probe(spec: OciSpec, pid: int, proc: str = "/proc") -> ContainerProbe:
                 f"pid {pid} is not the container's init: it is pid {nspid[-1]} in its "
                 "pid namespace; checkpoint the init (runc state's pid)"
             )
-    ns_inodes: dict[str, int] = {}
-    for ns in spec.namespaces:
-        if ns.path is None:
-            continue
-        try:
-            want = os.stat(ns.path).st_ino
-            got = os.stat(f"{base}/ns/{NS_CRIU_NAMES[ns.type]}").st_ino
-        except OSError as e:
-            raise OciError(f"namespace {ns.type} at {ns.path}: {e.strerror}") from None
-        if want != got:
-            raise OciError(f"pid {pid} is not in the {ns.type} namespace at {ns.path}")
-        if ns.type in EXTERNAL_NS_KEYS:
-            ns_inodes[ns.type] = want
+    ns_inodes = _joined_namespaces(spec, pid, base)
     masked: list[str] = []
     for path in spec.masked_paths:
         # As runc: stat through /proc/<pid>/root; absent paths and directories
@@ -631,7 +650,7 @@ def to_record(spec: OciSpec, found: ContainerProbe) -> dict[str, Any]:
     }
 
 
-def _check_record(saved: Mapping[str, Any]) -> None:
+def check_record(saved: Mapping[str, Any]) -> None:
     if saved.get("version") != RECORD_VERSION:
         raise OciError(f"unknown OCI record version {saved.get('version')!r}")
     if saved.get("terminal"):
@@ -642,7 +661,7 @@ def _check_record(saved: Mapping[str, Any]) -> None:
         )
 
 
-def _has_private_netns(namespaces: Iterable[Mapping[str, Any]]) -> bool:
+def has_private_netns(namespaces: Iterable[Mapping[str, Any]]) -> bool:
     return any(n["type"] == "network" and not n.get("path") for n in namespaces)
 
 
@@ -650,7 +669,7 @@ def dump_args_from_record(
     saved: Mapping[str, Any], *, network_lock: str | None = None
 ) -> list[str]:
     """The criu dump arguments a record stands for (see the table at the top)."""
-    _check_record(saved)
+    check_record(saved)
     args = ["--root", str(saved["rootfs"]), "--manage-cgroups=soft"]
     if saved.get("freeze_cgroup"):
         # As runc: freeze the whole cgroup, so no task forks past the dump.
@@ -658,7 +677,7 @@ def dump_args_from_record(
         # this usually costs 100 ms (a busybox dump: 0.19 s, 0.07 s without).
         args += ["--freeze-cgroup", str(saved["freeze_cgroup"])]
     namespaces = saved.get("namespaces") or []
-    if _has_private_netns(namespaces):
+    if has_private_netns(namespaces):
         # runc always asks for an empty netns: it does not manage the
         # container's interfaces, so criu need not dump them (nor run
         # iptables-save inside).  criu still locks the network while dumping.
@@ -681,216 +700,3 @@ def dump_args(
     container has its own netns, so criu locks it whatever the options.
     """
     return dump_args_from_record(to_record(spec, found), network_lock=network_lock)
-
-
-# -- restore -------------------------------------------------------------------------
-
-
-def restore_cgroup_root(new_spec: OciSpec, name: str | None = None) -> str | None:
-    """The cgroup to restore into, derived as runc would for the new container.
-
-    An absolute linux.cgroupsPath is taken as is (runc's cgroupfs driver);
-    without one, runc's default is /<container name>.  None means "where the
-    image says" (the old container's cgroups).  systemd-style paths
-    ("slice:prefix:name") and relative ones need a systemd or a parent that
-    criud does not have: OciError.
-    """
-    path = new_spec.cgroups_path
-    if path is None:
-        return f"/{name}" if name else None
-    if ":" in path and not path.startswith("/"):
-        raise OciError(
-            f"linux.cgroupsPath {path!r} is systemd-style (slice:prefix:name); criud "
-            "restores into cgroupfs paths only: give an absolute path"
-        )
-    return _abs_path(path, "linux.cgroupsPath")
-
-
-def restore_ns_files(saved: Mapping[str, Any], new_spec: OciSpec) -> dict[str, str]:
-    """Key -> namespace path (from the new bundle) that the caller opens and hands in.
-
-    Pass the opened fds to restore_args as ns_fds, and to criu (pass_fds).
-    """
-    out: dict[str, str] = {}
-    for n in saved.get("external_namespaces") or []:
-        ns = new_spec.namespace(n["type"])
-        if ns is None or ns.path is None:
-            raise OciError(
-                f"the checkpoint's {n['type']} namespace was external ({n['key']}); "
-                f"the new bundle must give linux.namespaces {n['type']} a path to join"
-            )
-        out[n["key"]] = ns.path
-    return out
-
-
-def check_compatible(saved: Mapping[str, Any], new_spec: OciSpec) -> None:
-    """Refuse a new bundle the image cannot be restored into; list every mismatch."""
-    problems: list[str] = []
-    old_ns = {n["type"]: n.get("path") for n in saved.get("namespaces") or []}
-    new_ns = {n.type: n.path for n in new_spec.namespaces}
-    if set(old_ns) != set(new_ns):
-        problems.append(
-            f"namespaces differ: checkpoint {sorted(old_ns)}, new bundle {sorted(new_ns)}"
-        )
-    for t in EXTERNAL_NS_KEYS:
-        if t in old_ns and t in new_ns and bool(old_ns[t]) != bool(new_ns[t]):
-            had = "joined by path" if old_ns[t] else "private"
-            problems.append(f"the {t} namespace was {had} at checkpoint; the new bundle must match")
-    if new_spec.namespace("cgroup") is not None and new_ns.get("cgroup"):
-        problems.append("a cgroup namespace given by path cannot be joined by criu")
-    old_binds = {m["destination"] for m in saved.get("mounts") or []}
-    new_binds = {d for d, _, _ in new_spec.bind_mounts}
-    for d in sorted(old_binds - new_binds):
-        problems.append(f"bind mount {d} of the checkpoint has no source in the new bundle")
-    for d in sorted(new_binds - old_binds):
-        problems.append(f"bind mount {d} is new; a restore cannot add mounts")
-    if new_spec.terminal != bool(saved.get("terminal")):
-        problems.append("process.terminal differs from the checkpoint's")
-    if problems:
-        raise OciError("the new bundle does not fit the checkpoint: " + "; ".join(problems))
-
-
-def restore_args(
-    saved: Mapping[str, Any],
-    new_spec: OciSpec,
-    *,
-    cgroup_root: str | None = None,
-    ns_fds: Mapping[str, int] | None = None,
-    network_lock: str | None = None,
-) -> list[str]:
-    """Extra `criu restore` arguments to restore `saved` into new_spec's bundle.
-
-    The bundle may be the same one or a copy with a new rootfs and new bind
-    sources ("restore under a new name").  cgroup_root is where the restored
-    tasks go (restore_cgroup_root derives runc's choice; the daemon may
-    impose its own); the cgroup v1 mounts follow it.  ns_fds maps each key of
-    restore_ns_files to an fd open in criu's fd table.
-    """
-    _check_record(saved)
-    check_compatible(saved, new_spec)
-    ns_fds = ns_fds or {}
-    args = ["--root", new_spec.rootfs, "--manage-cgroups=soft"]
-    if cgroup_root is not None:
-        args += ["--cgroup-root", _abs_path(cgroup_root, "the cgroup root")]
-    # As runc: a device node that cannot be opened by its path is looked up
-    # by its numbers instead.
-    args.append("--evasive-devices")
-    namespaces = saved.get("namespaces") or []
-    if _has_private_netns(namespaces):
-        args += ["--empty-ns", "net"]
-    if network_lock and any(n["type"] == "network" for n in namespaces):
-        # With --empty-ns net criu re-applies the dump's lock in the new netns
-        # and lifts it at the end: the method must be the dump's.
-        args += ["--network-lock", network_lock]
-    sources = {d: s for d, s, _ in new_spec.bind_mounts}
-    done: set[str] = set()
-    for m in saved.get("external_mounts") or []:
-        key = m["key"]
-        if key in done:
-            continue  # masked files share one key
-        done.add(key)
-        kind = m["kind"]
-        if kind == "bind":
-            val = sources[m["mountpoint"]]
-        elif kind == "cgroup":
-            where = cgroup_root if cgroup_root is not None else m["path"]
-            val = posixpath.join(m["host_mountpoint"], where.lstrip("/")).rstrip("/")
-        else:  # masked, device: the host's own node
-            val = key
-        args += ["--external", f"mnt[{key}]:{val}"]
-    for key in restore_ns_files(saved, new_spec):
-        if key not in ns_fds:
-            raise OciError(f"no fd for external namespace {key}: open restore_ns_files' paths")
-        args += ["--inherit-fd", f"fd[{ns_fds[key]}]:{key}"]
-    for ns in new_spec.namespaces:
-        if ns.path is not None and ns.type in JOINABLE_NS:
-            if "," in ns.path:
-                # criu reads --join-ns as NS:PATH[,OPTIONS]: a comma cannot be escaped.
-                raise OciError(
-                    f"namespace path {ns.path!r} contains a comma, which criu cannot take"
-                )
-            args += ["--join-ns", f"{NS_CRIU_NAMES[ns.type]}:{ns.path}"]
-    return args
-
-
-def _tmpfs_covered(path: str, spec: OciSpec) -> bool:
-    return any(
-        m.type == "tmpfs" and path.startswith(m.destination.rstrip("/") + "/") for m in spec.mounts
-    )
-
-
-def mountpoints_to_make(spec: OciSpec) -> list[tuple[str, str | None]]:
-    """(path in the rootfs, bind source or None) that must exist before criu restores.
-
-    runc (prepareCriuRestoreMounts) creates every mount's destination that is
-    not inside a tmpfs (criu restores tmpfs contents itself) nor a cgroup
-    mount.  And criu pivots into the new root through the root's "tmp"
-    directory, or else a mkdtemp in the root, which fails on a read-only
-    rootfs: "mnt: Can't create a temporary directory: Read-only file system".
-    """
-    out: list[tuple[str, str | None]] = [("/tmp", None)]
-    for m in spec.mounts:
-        if _tmpfs_covered(m.destination, spec) or m.type == "cgroup":
-            continue
-        out.append((m.destination, m.source if m.is_bind else None))
-    return out
-
-
-_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _make_beneath(root_fd: int, path: str, is_dir: bool) -> bool:
-    """Create path (relative to root_fd) unless it exists; True if it was made.
-
-    Each component is opened with O_NOFOLLOW relative to its parent, so a
-    symlink planted in the rootfs cannot send the creation outside it.
-    """
-    parts = [p for p in path.split("/") if p]
-    fd = os.dup(root_fd)
-    made = False
-    try:
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            try:
-                nxt = os.open(part, _PATH_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if last and not is_dir:
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                    os.close(os.open(part, flags, 0o644, dir_fd=fd))
-                    return True
-                os.mkdir(part, 0o755, dir_fd=fd)
-                made = last
-                nxt = os.open(part, _PATH_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-            if stat.S_ISLNK(os.fstat(fd).st_mode):
-                raise OciError(f"cannot create mountpoint {path}: {part} is a symlink")
-        return made
-    finally:
-        os.close(fd)
-
-
-def ensure_mountpoints(spec: OciSpec) -> list[str]:
-    """Create the missing paths of mountpoints_to_make in spec.rootfs; return those made."""
-    made: list[str] = []
-    try:
-        root_fd = os.open(spec.rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise OciError(f"rootfs {spec.rootfs}: {e.strerror}") from None
-    try:
-        for path, source in mountpoints_to_make(spec):
-            # A bind of a file needs a file to mount on; anything else a directory.
-            is_dir = True
-            if source is not None:
-                with contextlib.suppress(OSError):
-                    is_dir = stat.S_ISDIR(os.stat(source).st_mode)
-            try:
-                if _make_beneath(root_fd, path, is_dir):
-                    made.append(path)
-            except OSError as e:
-                raise OciError(
-                    f"cannot create mountpoint {spec.rootfs}{path}: {e.strerror}"
-                ) from None
-    finally:
-        os.close(root_fd)
-    return made

@@ -245,6 +245,32 @@ def _locks(tree: Tree, opts: DumpOptions) -> list[Finding]:
     ]
 
 
+def _external_fd(t: Task, f: dict[str, Any], key: str, declared: set[str]) -> Finding:
+    """The warning for one external fd: what replaces it at restore, in inherit_fds' form."""
+    mapping: dict[str, object]
+    if f["type"] in ("file", "dir", "device"):
+        # The path form needs no fd passing; its modes are r, w, a, r+.
+        mode = "a" if f.get("append") else _PATH_MODES.get(str(f.get("mode")), "r")
+        mapping = {"key": key, "path": "/" + key, "mode": mode}
+    else:
+        mapping = {"key": key, "handle": "<handle>", "index": 0}
+    why = (
+        "declared external"
+        if key in declared and not f.get("external")
+        else "its other end is outside the tree"
+    )
+    return _finding(
+        "external_resource",
+        t["pid"],
+        f"fd {f['fd']} of pid {t['pid']} ({f['type']} {key}): {why}; "
+        "a restore must supply a replacement",
+        f"inherit_fds: {json.dumps(mapping)}",
+        True,  # the dump needs nothing more; the restore does
+        fd=f["fd"],
+        key=key,
+    )
+
+
 def _external(tree: Tree, opts: DumpOptions) -> tuple[list[Finding], list[Finding], list[str]]:
     """(blockers, warnings, restore keys) for resources a restore must supply."""
     tasks = tree["tasks"]
@@ -270,30 +296,7 @@ def _external(tree: Tree, opts: DumpOptions) -> tuple[list[Finding], list[Findin
         keys.append(key)
         if f["type"] == "unix":
             continue  # judged (and reported) with the sockets
-        mapping: dict[str, object]
-        if f["type"] in ("file", "dir", "device"):
-            # The path form needs no fd passing; its modes are r, w, a, r+.
-            mode = "a" if f.get("append") else _PATH_MODES.get(str(f.get("mode")), "r")
-            mapping = {"key": key, "path": "/" + key, "mode": mode}
-        else:
-            mapping = {"key": key, "handle": "<handle>", "index": 0}
-        why = (
-            "declared external"
-            if key in declared and not f.get("external")
-            else "its other end is outside the tree"
-        )
-        warnings.append(
-            _finding(
-                "external_resource",
-                t["pid"],
-                f"fd {f['fd']} of pid {t['pid']} ({f['type']} {key}): {why}; "
-                "a restore must supply a replacement",
-                f"inherit_fds: {json.dumps(mapping)}",
-                True,  # the dump needs nothing more; the restore does
-                fd=f["fd"],
-                key=key,
-            )
-        )
+        warnings.append(_external_fd(t, f, key, declared))
     # Namespaces left out of the image (external_namespaces): the restore
     # must hand in an fd of a namespace of that type for each key.
     for ns_type, key in opts.external_namespaces:

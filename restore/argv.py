@@ -16,7 +16,7 @@ PIDFILE = "restore.pid"
 def restore_argv(
     images_dir: Path,
     opts: DumpOptions,
-    inherit: Sequence[tuple[int, str]] = (),
+    inherit_args: Sequence[str] = (),
     *,
     network_lock: str | None = None,
     unprivileged: bool = False,
@@ -26,7 +26,8 @@ def restore_argv(
 ) -> list[str]:
     """Return the argv (without the criu binary) that restores images_dir.
 
-    inherit pairs the fd number *in the worker* with the CRIU key it replaces.
+    inherit_args are the worker's --inherit-fd arguments, which only
+    criud.restore.worker.FdMap writes (it also owns the fds they name).
     The tree is restored detached (-d) as a sibling of criu, so its root
     becomes a child of the daemon, which is a subreaper and reaps it.
 
@@ -59,6 +60,5 @@ def restore_argv(
         # places in the target cgroup before exec).
         argv += ["--cgroup-root", cgroup_root]
     argv += extra
-    for fd, key in inherit:
-        argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+    argv += inherit_args
     return argv

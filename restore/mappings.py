@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 from criud.daemon.errors import (
     DuplicateInheritKey,
@@ -18,7 +17,7 @@ from criud.daemon.errors import (
     MissingInheritFd,
     UnknownInheritKey,
 )
-from criud.dump import manifest as mf
+from criud.dump.manifest import Manifest
 
 MODES = ("r", "w", "a", "r+")
 TYPES = ("fifo",)
@@ -81,17 +80,17 @@ def _check_shape(i: int, s: InheritSpec) -> None:
         raise InvalidRequest(f"{where}: give a key, or the pid and fd it replaces")
 
 
-def resolve(specs: Sequence[InheritSpec], manifest: dict[str, Any]) -> list[ResolvedMapping]:
+def resolve(specs: Sequence[InheritSpec], manifest: Manifest) -> list[ResolvedMapping]:
     """Turn specs into checked (key, spec) pairs, or raise a 4xx naming every problem."""
     for i, s in enumerate(specs):
         _check_shape(i, s)
-    known = mf.all_keys(manifest)
+    known = manifest.all_keys()
     resolved: list[ResolvedMapping] = []
     unknown: list[str] = []
     for s in specs:
         if s.form == "fd":
             assert s.pid is not None and s.fd is not None
-            key = mf.key_of(manifest, s.pid, s.fd)
+            key = manifest.key_of(s.pid, s.fd)
             if key is None:
                 unknown.append(f"fd {s.fd} of pid {s.pid}")
                 continue
@@ -117,7 +116,7 @@ def resolve(specs: Sequence[InheritSpec], manifest: dict[str, Any]) -> list[Reso
     if dups:
         raise DuplicateInheritKey("mapped more than once: " + ", ".join(dups), keys=dups)
     mapped = {r.key for r in resolved}
-    missing = [k for k in manifest.get("external", []) if k not in mapped]
+    missing = [k for k in manifest.external if k not in mapped]
     if missing:
         raise MissingInheritFd(
             "the checkpoint holds external resources that need a replacement fd: "

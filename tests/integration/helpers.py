@@ -18,6 +18,9 @@ from typing import Any, TypeVar
 
 from criud.api.client import Client
 
+# /proc reads as the daemon does them: one copy, shared by every test.
+from criud.daemon.procutil import proc_start, proc_state
+
 T = TypeVar("T")
 CRIU = shutil.which("criu") or "/usr/local/sbin/criu"
 
@@ -38,15 +41,6 @@ def wait_for(
 
 def pid_gone(pid: int) -> bool:
     return not os.path.exists(f"/proc/{pid}")
-
-
-def proc_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-        return data[data.rindex(")") + 2 :].split()[0]
-    except OSError:
-        return None
 
 
 def fd_table(pid: int) -> dict[int, str]:
@@ -98,6 +92,76 @@ def drain_hello(fd: int, last: int) -> int:
     return last
 
 
+def counter(word: str = "hello", period: float = 0.05) -> str:
+    """A workload that writes "<word> N" to stdout every period seconds, N counting up."""
+    return f"""
+import sys, time
+i = 0
+while True:
+    sys.stdout.write(f"{word} {{i}}\\n")
+    sys.stdout.flush()
+    i += 1
+    time.sleep({period})
+"""
+
+
+# The counting workload of the hand-off tests: "hello N" every 50 ms.
+HELLO = counter()
+
+
+def start_hello(procs: Procs, code: str = HELLO, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a counting workload writing into a new pipe; (the process, the pipe's read end)."""
+    r, w = os.pipe()
+    p = procs.python(code, *args, stdout=w)
+    os.close(w)
+    return p, r
+
+
+def drain_after(p: subprocess.Popen[bytes], fd: int, last: int) -> int:
+    """Once the dumped p is gone: read its pipe to EOF, close it; the last N it wrote."""
+    p.wait(timeout=10)
+    last = drain_hello(fd, last)
+    os.close(fd)
+    return last
+
+
+def checkpoint_hello(client: Client, procs: Procs) -> tuple[dict[str, Any], str]:
+    """Checkpoint a HELLO whose stdout pipe is external; (the checkpoint, its key)."""
+    p, rd = start_hello(procs)
+    read_line(rd)
+    ck = client.checkpoint(p.pid)
+    p.wait(timeout=10)
+    os.close(rd)
+    return ck, ck["external"][0]
+
+
+def kill_restore(client: Client, restore_id: str, what: str = "the restored tree") -> None:
+    """SIGKILL a restored tree's root and wait (bounded) until its record says exited."""
+    client.signal(restore_id, "SIGKILL")
+    wait_for(
+        lambda: client.get_restore(restore_id)["state"] == "exited", 10, what=f"{what} to exit"
+    )
+
+
+def restore_into_pipe(
+    client: Client, procs: Procs, ref: str, replaces: Any, **kw: Any
+) -> tuple[dict[str, Any], int]:
+    """Restore ref with a fresh pipe's write end for replaces (a key, or (pid, fd)).
+
+    The restored tree is adopted for cleanup; returns (the restore, the pipe's read end).
+    """
+    new_r, new_w = os.pipe()
+    try:
+        r = client.restore(ref, fds={replaces: new_w}, **kw)
+    except BaseException:
+        os.close(new_r)
+        raise
+    finally:
+        os.close(new_w)
+    procs.adopt(r["pid"])
+    return r, new_r
+
+
 class Procs:
     """Processes a test started; killed by pid (and only those) at teardown."""
 
@@ -120,11 +184,11 @@ class Procs:
 
     def adopt(self, pid: int) -> None:
         """Remember a restored pid (not our child) to kill at teardown."""
-        self.extra.append((pid, _start(pid)))
+        self.extra.append((pid, proc_start(pid)))
 
     def cleanup(self) -> None:
         for pid, start in self.extra:
-            if start is not None and _start(pid) == start:
+            if start is not None and proc_start(pid) == start:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else None
                 with contextlib.suppress(ProcessLookupError):
@@ -144,15 +208,6 @@ class Procs:
                     10,  # type: ignore[misc]
                     what=f"pid {pid} to die",
                 )
-
-
-def _start(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-        return int(data[data.rindex(")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class Daemon:
@@ -186,13 +241,7 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [
                     *self.prefix,
-                    sys.executable,
-                    "-m",
-                    "criud.daemon.cli",
-                    "--socket",
-                    str(self.socket),
-                    "--fd-socket",
-                    str(self.fd_socket),
+                    *self.cli(),
                     "serve",
                     "--state-dir",
                     str(self.state_dir),
@@ -228,16 +277,8 @@ class Daemon:
 
     def cli(self, *args: str) -> list[str]:
         """argv of the `criud` CLI talking to this daemon, then args."""
-        return [
-            sys.executable,
-            "-m",
-            "criud.daemon.cli",
-            "--socket",
-            str(self.socket),
-            "--fd-socket",
-            str(self.fd_socket),
-            *args,
-        ]
+        cli = [sys.executable, "-m", "criud.daemon.cli"]
+        return [*cli, "--socket", str(self.socket), "--fd-socket", str(self.fd_socket), *args]
 
     def log(self) -> str:
         try:

@@ -10,7 +10,16 @@ import time
 import pytest
 
 from criud.api.client import CriudClientError
-from tests.integration.helpers import Daemon, Procs, drain_hello, hello_num, read_line, wait_for
+from tests.integration.helpers import (
+    Daemon,
+    Procs,
+    drain_after,
+    hello_num,
+    kill_restore,
+    read_line,
+    restore_into_pipe,
+    wait_for,
+)
 
 LOOP = "i=0; while :; do echo hello $i; i=$((i+1)); sleep 0.1; done"
 
@@ -58,17 +67,12 @@ def test_pid_uts_ipc_net_namespaced_tree(daemon: Daemon, procs: Procs) -> None:
     assert set(ck["namespaces"]) >= {"pid", "uts", "ipc", "net"}
     key = f"pipe:[{os.fstat(r).st_ino}]"
     assert ck["external"] == [key]
-    u.wait(timeout=10)
-    last = drain_hello(r, first)
-    os.close(r)
+    last = drain_after(u, r, first)
 
     # The image's pids (1 and its child) live in the tree's own pid
     # namespace: host pid 1 being taken does not matter.
-    new_r, new_w = os.pipe()
     t0 = time.monotonic()
-    res = daemon.client.restore("ns-tree", fds={key: new_w})
-    os.close(new_w)
-    procs.adopt(res["pid"])
+    res, new_r = restore_into_pipe(daemon.client, procs, "ns-tree", key)
     assert res["ns_pid"] == 1
     with open(f"/proc/{res['pid']}/status") as f:
         nspid = next(ln for ln in f if ln.startswith("NSpid:")).split()[1:]
@@ -80,12 +84,7 @@ def test_pid_uts_ipc_net_namespaced_tree(daemon: Daemon, procs: Procs) -> None:
         assert (
             os.stat(f"/proc/{res['pid']}/ns/{ns}").st_ino != os.stat(f"/proc/self/ns/{ns}").st_ino
         )
-    daemon.client.signal(res["id"], "SIGKILL")
-    wait_for(
-        lambda: daemon.client.get_restore(res["id"])["state"] == "exited",
-        10,
-        what="restored init to exit",
-    )
+    kill_restore(daemon.client, res["id"], "restored init")
     os.close(new_r)
 
 
@@ -156,12 +155,7 @@ def test_external_netns_handed_over_by_fd(daemon: Daemon, procs: Procs) -> None:
         assert os.stat(f"/proc/{res['pid']}/ns/net").st_ino == ns2_ino
         with open(f"/proc/{res['pid']}/net/dev") as f:
             assert f"cv2-{tag}" in f.read()  # it sees ns2's interfaces
-        daemon.client.signal(res["id"], "SIGKILL")
-        wait_for(
-            lambda: daemon.client.get_restore(res["id"])["state"] == "exited",
-            10,
-            what="restored sleep to exit",
-        )
+        kill_restore(daemon.client, res["id"], "restored sleep")
     finally:
         subprocess.run(["ip", "netns", "del", ns1], timeout=30, check=False)
         subprocess.run(["ip", "netns", "del", ns2], timeout=30, check=False)
@@ -195,12 +189,7 @@ def test_restore_into_a_cgroup(daemon: Daemon, procs: Procs) -> None:
                 key = next(c for c in by_ctrl if ctrl in c.split(",") or c == ctrl)
                 assert by_ctrl[key] == f"/{name}", (ctrl, lines)
     finally:
-        daemon.client.signal(res["id"], "SIGKILL")
-        wait_for(
-            lambda: daemon.client.get_restore(res["id"])["state"] == "exited",
-            10,
-            what="restored sleep to exit",
-        )
+        kill_restore(daemon.client, res["id"], "restored sleep")
         for m in cgroup_mounts():
             for d in (os.path.join(m, name), os.path.join(m, "criud")):
                 with contextlib.suppress(OSError):

@@ -21,6 +21,7 @@ from tests.integration.helpers import (
     pid_gone,
     proc_state,
     small_state_dir,
+    start_hello,
     temp_root,
     wait_for,
 )
@@ -215,20 +216,8 @@ def test_fault_136_criu_aborts_on_a_failing_dump(procs: Procs) -> None:
         ours.close()
 
 
-HELLO = r"""
-import sys, time
-i = 0
-while True:
-    print(f"hello {i}", flush=True)
-    i += 1
-    time.sleep(0.05)
-"""
-
-
 def test_restore_fault_6_leaves_nothing_and_images_reusable(procs: Procs) -> None:
-    rd, wr = os.pipe()
-    p = procs.python(HELLO, stdout=wr)
-    os.close(wr)
+    p, rd = start_hello(procs)
     os.read(rd, 100)
     with temp_root() as root:
         d = _fault_daemon(root, 6)

@@ -14,57 +14,39 @@ import pytest
 from criud.api.client import CriudClientError
 from tests.integration.helpers import (
     CRIU,
+    HELLO,
     Daemon,
     Procs,
+    checkpoint_hello,
+    drain_after,
     drain_hello,
     fd_table,
     hello_num,
     pid_gone,
     read_line,
+    restore_into_pipe,
     run_python_as,
     send_raw,
+    start_hello,
     temp_root,
     wait_for,
 )
 
-# Writes "hello N" to stdout every 50 ms.
-HELLO = r"""
-import sys, time
-i = 0
-while True:
-    sys.stdout.write(f"hello {i}\n")
-    sys.stdout.flush()
-    i += 1
-    time.sleep(0.05)
-"""
-
 # Like HELLO, but first opens a file of its own at fd 3 (argv[1]).
-HELLO_FD3 = r"""
-import os, sys, time
+HELLO_FD3 = (
+    r"""
+import os, sys
 fd = os.open(sys.argv[1], os.O_RDONLY)
 if fd != 3:
     os.dup2(fd, 3)
     os.close(fd)
-i = 0
-while True:
-    sys.stdout.write(f"hello {i}\n")
-    sys.stdout.flush()
-    i += 1
-    time.sleep(0.05)
 """
-
-
-def _start_hello(
-    procs: Procs, code: str = HELLO, *args: str
-) -> tuple[subprocess.Popen[bytes], int]:
-    r, w = os.pipe()
-    p = procs.python(code, *args, stdout=w)
-    os.close(w)
-    return p, r
+    + HELLO
+)
 
 
 def test_pipe_handoff_continues_counting(daemon: Daemon, procs: Procs) -> None:
-    p, old_r = _start_hello(procs)
+    p, old_r = start_hello(procs)
     first = hello_num(read_line(old_r))
     assert first == 0
     ck = daemon.client.checkpoint(p.pid, name="hello-pipe")
@@ -73,15 +55,10 @@ def test_pipe_handoff_continues_counting(daemon: Daemon, procs: Procs) -> None:
     stdout = [f for f in ck["fds"] if f["fd"] == 1]
     assert stdout and stdout[0]["key"] == key and stdout[0]["external"] is True
     assert stdout[0]["type"] == "pipe" and stdout[0]["mode"] == "w"
-    p.wait(timeout=10)
-    last = drain_hello(old_r, first)
-    os.close(old_r)
+    last = drain_after(p, old_r, first)
 
-    new_r, new_w = os.pipe()
     t0 = time.monotonic()
-    r = daemon.client.restore("hello-pipe", fds={key: new_w})
-    os.close(new_w)
-    procs.adopt(r["pid"])
+    _, new_r = restore_into_pipe(daemon.client, procs, "hello-pipe", key)
     nxt = hello_num(read_line(new_r))
     elapsed = time.monotonic() - t0
     assert nxt == last + 1, (last, nxt)
@@ -91,16 +68,11 @@ def test_pipe_handoff_continues_counting(daemon: Daemon, procs: Procs) -> None:
 
 
 def test_restore_by_original_fd(daemon: Daemon, procs: Procs) -> None:
-    p, old_r = _start_hello(procs)
+    p, old_r = start_hello(procs)
     first = hello_num(read_line(old_r))
     ck = daemon.client.checkpoint(p.pid)
-    p.wait(timeout=10)
-    last = drain_hello(old_r, first)
-    os.close(old_r)
-    new_r, new_w = os.pipe()
-    r = daemon.client.restore(ck["id"], fds={(p.pid, 1): new_w})
-    os.close(new_w)
-    procs.adopt(r["pid"])
+    last = drain_after(p, old_r, first)
+    _, new_r = restore_into_pipe(daemon.client, procs, ck["id"], (p.pid, 1))
     assert hello_num(read_line(new_r)) == last + 1
     os.close(new_r)
 
@@ -144,15 +116,13 @@ def test_client_fd_number_clashes_with_restored_fd(
 ) -> None:
     mine = tmp_path / "mine.txt"
     mine.write_text("the restored process's own fd 3\n")
-    p, old_r = _start_hello(procs, HELLO_FD3, str(mine))
+    p, old_r = start_hello(procs, HELLO_FD3, str(mine))
     first = hello_num(read_line(old_r))
     before = fd_table(p.pid)
     assert before[3] == str(mine)
     ck = daemon.client.checkpoint(p.pid)
     key = next(f["key"] for f in ck["fds"] if f["fd"] == 1)
-    p.wait(timeout=10)
-    last = drain_hello(old_r, first)
-    os.close(old_r)
+    last = drain_after(p, old_r, first)
 
     new_r, new_w = os.pipe()
     # The CLI sends its own fd 3 (the new pipe's write end) for the key, while
@@ -178,19 +148,14 @@ def test_client_fd_number_clashes_with_restored_fd(
 
 
 def test_missing_unknown_duplicate_keys_refused(daemon: Daemon, procs: Procs) -> None:
-    p, old_r = _start_hello(procs)
-    read_line(old_r)
-    ck = daemon.client.checkpoint(p.pid)
-    key = ck["external"][0]
-    p.wait(timeout=10)
-    os.close(old_r)
+    ck, key = checkpoint_hello(daemon.client, procs)
 
     def refused(code: str, **kw: object) -> CriudClientError:
         with pytest.raises(CriudClientError) as e:
             daemon.client.restore(ck["id"], **kw)  # type: ignore[arg-type]
         assert e.value.status == 422, e.value
         assert e.value.code == code, e.value
-        assert pid_gone(p.pid) or _is_zombie(p.pid)
+        assert pid_gone(ck["pid"]) or _is_zombie(ck["pid"])
         return e.value
 
     err = refused("missing_inherit_fd")
@@ -201,9 +166,9 @@ def test_missing_unknown_duplicate_keys_refused(daemon: Daemon, procs: Procs) ->
     try:
         err = refused("unknown_inherit_key", fds={key: w1, "pipe:[1]": w2})
         assert err.problem["keys"] == ["pipe:[1]"]
-        err = refused("unknown_inherit_key", fds={(p.pid, 77): w1})
+        err = refused("unknown_inherit_key", fds={(ck["pid"], 77): w1})
         assert "fd 77" in err.detail
-        err = refused("duplicate_inherit_key", fds={key: w1, (p.pid, 1): w2})
+        err = refused("duplicate_inherit_key", fds={key: w1, (ck["pid"], 1): w2})
         assert err.problem["keys"] == [key]
     finally:
         for fd in (r1, w1, r2, w2):
@@ -224,18 +189,12 @@ def _is_zombie(pid: int) -> bool:
 
 
 def test_two_consecutive_cycles(daemon: Daemon, procs: Procs) -> None:
-    p, rd = _start_hello(procs)
+    p, rd = start_hello(procs)
     first = hello_num(read_line(rd))
     ck = daemon.client.checkpoint(p.pid)
-    p.wait(timeout=10)
-    last = drain_hello(rd, first)
-    os.close(rd)
+    last = drain_after(p, rd, first)
     for cycle in range(2):
-        new_r, new_w = os.pipe()
-        key = ck["external"][0]
-        r = daemon.client.restore(ck["id"], fds={key: new_w})
-        os.close(new_w)
-        procs.adopt(r["pid"])
+        r, new_r = restore_into_pipe(daemon.client, procs, ck["id"], ck["external"][0])
         n = hello_num(read_line(new_r))
         assert n == last + 1, (cycle, last, n)
         # Checkpoint the restored tree: the manifest names the new pipe.
@@ -273,7 +232,7 @@ def test_exact_inheritance(procs: Procs) -> None:
         wrapper.chmod(0o755)
         d = Daemon(root, criu=str(wrapper)).start()
         try:
-            p, old_r = _start_hello(procs)
+            p, old_r = start_hello(procs)
             read_line(old_r)
             before = {n: _kind(t) for n, t in fd_table(p.pid).items()}
             ck = d.client.checkpoint(p.pid)
@@ -317,12 +276,7 @@ def _kind(target: str) -> str:
 
 
 def test_handles_expired_consumed_other_uid(daemon: Daemon, procs: Procs) -> None:
-    p, rd = _start_hello(procs)
-    read_line(rd)
-    ck = daemon.client.checkpoint(p.pid)
-    key = ck["external"][0]
-    p.wait(timeout=10)
-    os.close(rd)
+    ck, key = checkpoint_hello(daemon.client, procs)
     r, w = os.pipe()
     try:
         # Expired.

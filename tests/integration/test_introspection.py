@@ -296,7 +296,7 @@ def test_code_process_gone(daemon: Daemon, procs: Procs, tmp_path: Path) -> None
 # permission_denied: criu refuses with EPERM when root lacks a capability it
 # needs for the target ("Can't get rlimit", another uid's tree).  criud now
 # runs criu as the tree's owner in exactly that case, so a real process can
-# no longer provoke it through the daemon here; tests/unit/test_criu_errors.py
+# no longer provoke it through the daemon here; tests/unit/daemon/test_criu_errors.py
 # checks the mapping on the real log excerpt captured on this machine.
 
 

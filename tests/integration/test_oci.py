@@ -15,6 +15,7 @@ from tests.integration.helpers import (
     Procs,
     drain_hello,
     hello_num,
+    kill_restore,
     read_line,
     temp_root,
     wait_for,
@@ -67,12 +68,7 @@ def test_busybox_container_restored_under_a_new_name(daemon: Daemon, procs: Proc
                 f"restore {restore_s * 1000:.0f} ms"
             )
         finally:
-            daemon.client.signal(res["id"], "SIGKILL")
-            wait_for(
-                lambda: daemon.client.get_restore(res["id"])["state"] == "exited",
-                10,
-                what="restored container to exit",
-            )
+            kill_restore(daemon.client, res["id"], "restored container")
             os.close(new_r)
             oh.remove_cgroup("/criud-b2")
 

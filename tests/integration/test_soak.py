@@ -33,6 +33,7 @@ from criud.api.client import Client
 from tests.integration.helpers import (
     Daemon,
     Procs,
+    counter,
     pid_gone,
     proc_state,
     read_line,
@@ -48,15 +49,7 @@ WARMUP = CLIENTS
 RSS_TOLERANCE = 0.05
 
 # Writes "tick N" to stdout every 20 ms.
-TICKER = r"""
-import sys, time
-i = 0
-while True:
-    sys.stdout.write(f"tick {i}\n")
-    sys.stdout.flush()
-    i += 1
-    time.sleep(0.02)
-"""
+TICKER = counter("tick", 0.02)
 
 
 def vm_rss_kib(pid: int) -> int:

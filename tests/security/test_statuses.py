@@ -98,7 +98,7 @@ def test_ptrace_refused_is_403(users: Accounts, sdaemon: Daemon, procs: Procs, h
     st, doc = call_as(bob, sdaemon, "POST", "/v1/checkpoints", {"pid": p.pid})
     # The owner check reads all four ids and refuses this tree before criu
     # (mixed_credentials, a permission_denied); criu's own EPERM on seize is
-    # classified as permission_denied too (tests/unit/test_criu_errors.py,
+    # classified as permission_denied too (tests/unit/daemon/test_criu_errors.py,
     # with the logs of these two processes).  Either way: 403, never 409.
     assert st == 403 and doc["code"] in ("permission_denied", "mixed_credentials"), doc
     # Whatever refused it, the process is left running.

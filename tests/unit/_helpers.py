@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+
+from criud.daemon.errors import Busy
+from criud.daemon.procutil import proc_state as proc_state  # shared, as the daemon reads it
 
 CRIU = "/usr/local/sbin/criu"
 
@@ -32,16 +37,6 @@ def wait_until(pred: Callable[[], bool], timeout: float = 10.0, step: float = 0.
         time.sleep(step)
 
 
-def proc_state(pid: int) -> str | None:
-    """The one-letter state of pid, or None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    return data[data.rindex(")") + 2 :].split()[0]
-
-
 def status_field(name: str, path: str = "/proc/self/status") -> list[str]:
     """The whitespace-split values of one line of a /proc status file."""
     with open(path, encoding="ascii") as f:
@@ -56,3 +51,25 @@ def need_root_and_criu() -> None:
         pytest.skip("needs root")
     if not (os.path.exists(CRIU) or shutil.which("criu")):
         pytest.skip("criu is not installed")
+
+
+class FakeCriuBase:
+    """What the jobs read off criud.daemon.criu.Criu besides run(); tests add run()."""
+
+    version = "4.2.1"
+    features: dict[str, bool] = {}
+    unprivileged_for_users = False
+    timeout_s = 30.0
+    gone_grace_s = 1.0
+
+
+@contextlib.contextmanager
+def marked(busy: set[Any], key: Any, message: str) -> Iterator[None]:
+    """A lock as the service keeps one: Busy if key is marked, else marked for the block."""
+    if key in busy:
+        raise Busy(message)
+    busy.add(key)
+    try:
+        yield
+    finally:
+        busy.discard(key)

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from criud.daemon.errors import NameTaken
 from criud.daemon.names import new_id
 from criud.daemon.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     CheckpointRecord,
-    NameConflict,
     Store,
     StoreError,
 )
 
-V0_SQL = Path(__file__).parents[1] / "data" / "store-v0.sql"
+V0_SQL = Path(__file__).parents[2] / "data" / "store-v0.sql"
 WEB_ID = "0123456789abcdef01234567"
 
 
@@ -83,7 +83,7 @@ def test_previous_release_database_migrates_and_keeps_its_records(tmp_path: Path
         assert (r.checkpoint_id, r.ns_pid, r.exit_code) == (WEB_ID, 5000, 0)
         # v2: another owner may now use the name; its owner still may not.
         s.insert_checkpoint(_named("web", 2000))
-        with pytest.raises(NameConflict):
+        with pytest.raises(NameTaken):
             s.insert_checkpoint(_named("web", 1000))
     finally:
         s.close()

@@ -20,7 +20,7 @@ from criud.daemon.criu import (
 )
 from criud.daemon.errors import CriuUnavailable
 
-from ._helpers import CRIU, need_root_and_criu
+from .._helpers import CRIU, need_root_and_criu
 
 RLIMIT = (
     "(00.070383) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: "

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from criud.daemon.errors import NoSpace
+from criud.daemon.errors import NameTaken, NoSpace
 from criud.daemon.names import new_id
 from criud.daemon.store import (
     CHECKPOINT_TRANSITIONS,
     RESTORE_TRANSITIONS,
     CheckpointRecord,
-    NameConflict,
+    CheckpointState,
     RestoreRecord,
+    RestoreState,
     Store,
 )
 
@@ -90,7 +91,7 @@ def test_json_fields_round_trip(store: Store) -> None:
 
 def test_name_conflict(store: Store) -> None:
     store.insert_checkpoint(ckpt("web"))
-    with pytest.raises(NameConflict):
+    with pytest.raises(NameTaken):
         store.insert_checkpoint(ckpt("web"))
     # Unnamed checkpoints never conflict.
     store.insert_checkpoint(ckpt(None))
@@ -109,7 +110,7 @@ def test_names_are_unique_per_owner(store: Store) -> None:
     # An id is found for any owner, or only for id_owner when given.
     assert store.find_checkpoint(theirs.id, 0) == theirs
     assert store.find_checkpoint(theirs.id, 1000, id_owner=1000) is None
-    with pytest.raises(NameConflict):
+    with pytest.raises(NameTaken):
         store.insert_checkpoint(dataclasses.replace(ckpt("web"), owner_uid=2000))
 
 
@@ -240,6 +241,25 @@ def test_interrupt_unfinished(store: Store) -> None:
     assert store.find_checkpoint("busy", 1000) == again
     # A second call finds only what is unfinished now.
     assert store.interrupt_unfinished() == [again.id]
+
+
+def test_interrupt_unfinished_goes_through_the_asserted_transitions(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No raw SQL skips the transition table (issue 12): forbid the move, and it is refused."""
+    dumping = ckpt("busy")
+    store.insert_checkpoint(dumping)
+    monkeypatch.setitem(CHECKPOINT_TRANSITIONS, "dumping", {"done", "failed"})
+    with pytest.raises(AssertionError, match="dumping -> interrupted"):
+        store.interrupt_unfinished()
+    got = store.get_checkpoint(dumping.id)
+    assert got is not None and got.state == "dumping"
+
+
+def test_states_are_str_enums() -> None:
+    assert CheckpointState.DUMPING == "dumping" and RestoreState.EXITED == "exited"
+    assert set(CHECKPOINT_TRANSITIONS) == set(CheckpointState)
+    assert set(RESTORE_TRANSITIONS) == set(RestoreState)
 
 
 def test_persists_across_reopen(tmp_path: Path) -> None:

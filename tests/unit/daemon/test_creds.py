@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from criud.daemon import creds, orphans, procutil
 from criud.daemon.caller import Caller
 from criud.daemon.criu import RunAs, wrap_argv
 from criud.daemon.errors import MixedCredentials, NeedsCapSysResource, PermissionDenied
+from criud.dump.manifest import Manifest
 
 BOB = Caller(uid=1001, gid=1001, pid=1)
 ROOT = Caller(uid=0, gid=0, pid=1)
@@ -94,11 +96,14 @@ def test_roots_own_tree_stays_roots() -> None:
 def test_manifest_round_trip_and_previous_release() -> None:
     ra = RunAs(1001, 1001, (1001, 2000))
     m = creds.to_manifest({10: plain(1001, 1001, ra.groups)}, ra)
-    assert m["uids"] == {"10": [1001] * 4} and m["groups"] == [1001, 2000]
-    assert creds.run_as_of(m) == ra
+    assert m["uids"] == {"10": (1001,) * 4} and m["groups"] == (1001, 2000)
+    stored = Manifest(**m).to_json()
+    assert Manifest.from_json(json.loads(json.dumps(stored))).run_as == (1001, 1001, [1001, 2000])
+    assert creds.run_as_of(Manifest.from_json(stored).run_as) == ra
     # The previous release recorded [uid, gid]: criu ran with cleared groups.
-    assert creds.run_as_of({"run_as": [1001, 1001]}) == RunAs(1001, 1001, ())
-    assert creds.run_as_of({"run_as": None}) is None
+    old = Manifest.from_json({"run_as": [1001, 1001]})
+    assert creds.run_as_of(old.run_as) == RunAs(1001, 1001, ())
+    assert creds.run_as_of(Manifest.from_json({"run_as": None}).run_as) is None
 
 
 def test_wrap_argv_passes_groups_or_clears_them() -> None:

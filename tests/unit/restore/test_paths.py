@@ -22,7 +22,7 @@ from criud.daemon.errors import (
 )
 from criud.restore.paths import OPENER, Creds, PathOpener, PathRequest
 
-from ._helpers import proc_state, wait_until
+from .._helpers import proc_state, wait_until
 
 NOBODY = 65534
 GROUP = 4321

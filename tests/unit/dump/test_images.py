@@ -24,7 +24,7 @@ from criud.dump.images import (
     read_stats,
 )
 
-from ._helpers import CRIU, need_root_and_criu, proc_state, wait_until
+from .._helpers import CRIU, need_root_and_criu, proc_state, wait_until
 
 
 def _criu() -> str:

@@ -12,6 +12,7 @@ from criud.daemon.errors import (
     MissingInheritFd,
     UnknownInheritKey,
 )
+from criud.dump.manifest import Manifest
 from criud.restore.mappings import InheritSpec, ResolvedMapping, resolve
 
 H = "a" * 32
@@ -21,7 +22,7 @@ def _fd(fd: int, key: str, type_: str = "pipe", external: bool = False) -> dict[
     return {"fd": fd, "key": key, "type": type_, "external": external, "inode": None}
 
 
-MANIFEST: dict[str, Any] = {
+STORED: dict[str, Any] = {
     "tasks": [
         {
             "pid": 100,
@@ -43,6 +44,8 @@ MANIFEST: dict[str, Any] = {
     ],
     "external": ["pipe:[11]", "socket:[22]"],
 }
+# As the restore job reads it from the store.
+MANIFEST = Manifest.from_json(STORED)
 
 
 def key(k: str, index: int = 0) -> InheritSpec:
@@ -85,10 +88,11 @@ def test_path_modes(mode: str | None) -> None:
 
 
 def test_no_external_no_mappings() -> None:
-    m = {"tasks": MANIFEST["tasks"], "external": []}
+    m = Manifest.from_json({"tasks": STORED["tasks"], "external": []})
     assert resolve([], m) == []
-    # And a manifest without an "external" list at all.
-    assert resolve([key("dev/null")], {"tasks": MANIFEST["tasks"]})[0].key == "dev/null"
+    # And a manifest without an "external" list at all (an earlier release's row).
+    old = Manifest.from_json({"tasks": STORED["tasks"]})
+    assert resolve([key("dev/null")], old)[0].key == "dev/null"
 
 
 def test_unknown_key_named() -> None:

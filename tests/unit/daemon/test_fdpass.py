@@ -21,7 +21,7 @@ from criud.daemon.fdpass import (
     send_fds,
 )
 
-from ._helpers import open_fds
+from .._helpers import open_fds
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from criud.dump.inspect import (
 from criud.dump.options import DumpOptions
 from criud.dump.preflight import preflight
 
-from ._helpers import CRIU, need_root_and_criu, proc_state, wait_until
+from .._helpers import CRIU, need_root_and_criu, proc_state, wait_until
 
 ME = os.getpid()
 PLENTY = 1 << 40
@@ -459,7 +459,7 @@ def test_a_thread_id_is_not_a_process(subject: dict[str, Any]) -> None:
 def _criu_dump(tree: Tree, opts: DumpOptions, images: Path) -> tuple[int, str | None]:
     """Dump tree with real criu (leaving it running); (exit status, criud code)."""
     images.mkdir()
-    ext = mf.external_unix_inodes({"tasks": tree["tasks"]}, opts.external)
+    ext = mf.Manifest.from_json({"tasks": tree["tasks"]}).external_unix_inodes(opts.external)
     argv = dump_argv(
         tree["root"],
         images,

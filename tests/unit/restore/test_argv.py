@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from criud.dump.options import DumpOptions
 from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
+from criud.restore.worker import FdMap
 
 D = Path("/var/lib/criud/checkpoints/0123456789abcdef01234567")
 BASE = [
@@ -57,17 +59,14 @@ def test_leave_running_is_dump_only() -> None:
     assert restore_argv(D, DumpOptions(leave_running=True)) == BASE
 
 
-def test_inherit_fd_pairs_in_order() -> None:
-    argv = restore_argv(D, DumpOptions(), [(3, "pipe:[123]"), (17, "tty[8800:19]"), (4, "tmp/f")])
-    assert argv == [
-        *BASE,
-        "--inherit-fd",
-        "fd[3]:pipe:[123]",
-        "--inherit-fd",
-        "fd[17]:tty[8800:19]",
-        "--inherit-fd",
-        "fd[4]:tmp/f",
-    ]
+def test_inherit_fd_args_from_the_fd_map_in_order() -> None:
+    r, w = os.pipe()
+    with FdMap() as fds:
+        a, b = fds.own(r), fds.own(w)
+        fds.hand_over(b, "pipe:[123]")
+        fds.hand_over(a, "tmp/f")
+        argv = restore_argv(D, DumpOptions(), fds.inherit_args())
+    assert argv == [*BASE, "--inherit-fd", f"fd[{b}]:pipe:[123]", "--inherit-fd", f"fd[{a}]:tmp/f"]
 
 
 def test_network_lock_passed_whenever_given() -> None:
@@ -87,7 +86,7 @@ def test_all_options_then_inherit() -> None:
     opts = DumpOptions(
         leave_running=True, shell_job=True, tcp_established=True, ext_unix_sk=True, file_locks=True
     )
-    argv = restore_argv(D, opts, [(5, "socket:[9]")], network_lock="iptables")
+    argv = restore_argv(D, opts, ["--inherit-fd", "fd[5]:socket:[9]"], network_lock="iptables")
     assert argv == [
         *BASE,
         "--shell-job",

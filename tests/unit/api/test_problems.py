@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from fastapi import FastAPI
@@ -13,6 +17,11 @@ from pydantic import BaseModel, Field
 from criud.api import problems
 from criud.daemon import errors
 from criud.daemon.errors import CriudError
+from criud.daemon.fdpass import FdPassError
+from criud.daemon.imgdir import UnsafeEntry
+from criud.daemon.store import StoreError
+from criud.dump.images import ImageError
+from criud.dump.oci import OciError
 
 PROBLEM = "application/problem+json"
 
@@ -252,7 +261,7 @@ def test_openapi_documents_errors_as_problem_json() -> None:
     # Clients generated from /openapi.json must expect what is sent.
     from criud.api.app import create_app
 
-    from .test_api_restores import FakeCore
+    from .test_restores import FakeCore
 
     doc = create_app(FakeCore()).openapi()  # type: ignore[arg-type]
     errors = [
@@ -282,3 +291,57 @@ def test_openapi_of_an_app_without_a_problem_model() -> None:
     assert "Problem" in doc["components"]["schemas"]
     resp = doc["paths"]["/body"]["post"]["responses"]["422"]
     assert list(resp["content"]) == [PROBLEM]
+
+
+def _exception_classes() -> list[type[BaseException]]:
+    """Every exception class defined in the daemon's packages (the client's excepted)."""
+    out: list[type[BaseException]] = []
+    root = Path(__file__).resolve().parents[3]
+    for pkg in ("daemon", "api", "dump", "restore"):
+        for path in sorted((root / pkg).glob("*.py")):
+            name = f"criud.{pkg}.{path.stem}"
+            if name == "criud.api.client":
+                continue  # the client's own error wraps problems it received
+            out.extend(_classes_of(importlib.import_module(name)))
+    assert len(out) > 50  # the walk found the modules
+    return out
+
+
+def _classes_of(mod: ModuleType) -> list[type[BaseException]]:
+    return [
+        c
+        for _, c in inspect.getmembers(mod, inspect.isclass)
+        if issubclass(c, BaseException) and c.__module__ == mod.__name__
+    ]
+
+
+def test_every_error_class_is_under_one_root() -> None:
+    """FdPassError, NameTaken, OciError, UnsafeEntry, ... all are CriudErrors (issue 12)."""
+    stray = [c.__qualname__ for c in _exception_classes() if not issubclass(c, CriudError)]
+    assert stray == []
+
+
+FORMER_STRAYS: list[tuple[Callable[[], CriudError], int, str]] = [
+    (lambda: FdPassError("no_fds", "x"), 400, "no_fds"),
+    (lambda: OciError("bad bundle"), 422, "invalid_bundle"),
+    (lambda: UnsafeEntry("a link"), 409, "checkpoint_tampered"),
+    (lambda: ImageError("truncated"), 409, "checkpoint_not_ready"),
+    (lambda: StoreError("not a database"), 503, "store_unusable"),
+]
+
+
+@pytest.mark.parametrize(("make", "status", "code"), FORMER_STRAYS)
+def test_former_strays_render_as_problems(
+    make: Callable[[], CriudError], status: int, code: str
+) -> None:
+    """Raised from a route, each is a problem with its own status, never a 500."""
+    app = FastAPI()
+    problems.install(app)
+
+    @app.get("/x")
+    async def x() -> None:
+        raise make()
+
+    r = TestClient(app).get("/x")
+    assert (r.status_code, r.json()["code"]) == (status, code)
+    assert r.headers["content-type"] == PROBLEM

@@ -17,7 +17,7 @@ import pytest
 from criud.dump import fds, sockdiag
 from criud.dump.fds import FdInfo, classify, mark_external, path_key, tty_key
 
-from ._helpers import proc_state, wait_until
+from .._helpers import proc_state, wait_until
 
 ME = os.getpid()
 

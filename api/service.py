@@ -1,0 +1,65 @@
+"""What the routes ask of the daemon: the `Service` protocol.
+
+The routes depend on this protocol, not on the daemon's implementation
+(criud.daemon.service.CriudService), so api/ imports nothing that runs
+criu, and a test can put a stand-in behind the real app.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from criud.daemon.caller import Caller
+from criud.daemon.handles import FdHandle
+from criud.daemon.store import CheckpointRecord, RestoreRecord
+from criud.dump.inspect import Tree
+from criud.dump.job import CheckpointSpec
+from criud.dump.preflight import Report
+from criud.restore.job import RestoreSpec
+
+
+class Service(Protocol):
+    """Everything the API can ask of the daemon; one method per route at most."""
+
+    @property
+    def accepting(self) -> bool:
+        """False once the daemon is shutting down."""
+        ...
+
+    @property
+    def list_generation(self) -> int:
+        """Changes whenever any checkpoint does (lets the list be cached)."""
+        ...
+
+    def version(self) -> dict[str, Any]: ...
+
+    # checkpoints
+    async def checkpoint(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord: ...
+    async def preflight(
+        self, spec: CheckpointSpec, caller: Caller, pre_dump: bool = False
+    ) -> Report: ...
+    async def list_checkpoints(
+        self, caller: Caller, labels: dict[str, str] | None = None
+    ) -> list[CheckpointRecord]: ...
+    async def get_checkpoint(
+        self, ref: str, caller: Caller, owner: str | None = None
+    ) -> CheckpointRecord: ...
+    async def delete_checkpoint(
+        self, ref: str, caller: Caller, owner: str | None = None
+    ) -> None: ...
+    async def checkpoint_log(
+        self, ref: str, op: str, caller: Caller, owner: str | None = None
+    ) -> str: ...
+
+    # restores
+    async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord: ...
+    async def list_restores(self, caller: Caller) -> list[RestoreRecord]: ...
+    async def get_restore(self, restore_id: str, caller: Caller) -> RestoreRecord: ...
+    async def signal_restore(
+        self, restore_id: str, signo: int, caller: Caller
+    ) -> RestoreRecord: ...
+
+    # processes, fd handles
+    async def inspect_process(self, pid: int, caller: Caller) -> Tree: ...
+    def list_handles(self, caller: Caller) -> list[FdHandle]: ...
+    def delete_handle(self, handle_id: str, caller: Caller) -> None: ...

@@ -1,0 +1,507 @@
+"""The daemon's service: what the API can ask of it, without HTTP.
+
+A thin facade.  Each mutating call passes the shutdown gate and the
+caller's operation quota (`_operation`), is written to the audit log
+(`_audited`), and hands the work to its job: criud.dump.job for a
+checkpoint, criud.restore.job for a restore, each given this service as its
+runtime.  Reads (get, list, logs) and deletes are here, as are the locks
+the jobs take (a pid being dumped, a checkpoint being restored or deleted).
+Children belong to the supervisor (criud.daemon.supervisor), records to the
+store.  Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import platform
+import pwd
+import resource
+import shutil
+import signal
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from criud.daemon import imgdir, kdat, names, procutil
+from criud.daemon.audit import AuditLog
+from criud.daemon.caller import Caller
+from criud.daemon.config import Settings
+from criud.daemon.criu import Criu
+from criud.daemon.errors import (
+    Busy,
+    CheckpointNotFound,
+    CriudError,
+    InvalidRequest,
+    LogNotFound,
+    NoSpace,
+    NotRunning,
+    ProcessNotFound,
+    RestoreNotFound,
+    ShuttingDown,
+)
+from criud.daemon.handles import FdHandle, HandleStore, require_unix
+from criud.daemon.quotas import FdBudget, Quotas
+from criud.daemon.store import CheckpointRecord, RestoreRecord, Store
+from criud.daemon.supervisor import Supervisor
+from criud.dump import inspect as proc_inspect
+from criud.dump import job as dump_job
+from criud.dump import preflight as dump_preflight
+from criud.dump.argv import DUMP_LOG
+from criud.dump.job import TMP_PREFIX, CheckpointSpec
+from criud.restore import job as restore_job
+from criud.restore.argv import RESTORE_LOG
+from criud.restore.job import RestoreSpec
+from criud.restore.paths import PathOpener
+
+log = logging.getLogger("criud.service")
+T = TypeVar("T")
+
+# The most of a criu log the API returns.
+LOG_CAP = 16 << 20
+
+__all__ = ["CheckpointSpec", "CriudService", "RestoreSpec"]
+
+
+def _uid_of(owner: str) -> int | None:
+    """The uid an owner names: a number as it is, a user name looked up (None: no such user)."""
+    if owner.isdigit():
+        return int(owner)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        return None
+
+
+class CriudService:
+    """Everything the API can ask of the daemon (criud.api.service.Service)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.db_path)
+        self.criu = Criu(
+            settings.criu,
+            timeout_s=settings.criu_timeout_s or None,
+            gone_grace_s=settings.criu_gone_grace_s,
+        )
+        self.handles = HandleStore()
+        self.quotas = Quotas(
+            settings,
+            FdBudget(resource.getrlimit(resource.RLIMIT_NOFILE)[0], settings.fd_reserve),
+            self.handles.usage,
+        )
+        self.children = Supervisor(self.store, self.criu, settings.pid_wait_s)
+        self.audit = AuditLog(settings.state_dir / "audit.log")
+        self.paths = PathOpener(
+            settings.path_open_timeout_s, self.children.running, self.children.hold
+        )
+        self.started_at = time.time()
+        self._busy_pids: set[int] = set()
+        self._busy_ckpts: set[str] = set()
+        self._ops: set[asyncio.Task[Any]] = set()
+        self.accepting = True
+        self.kdat_cache = False
+        # The daemon's own namespaces, read once: introspection compares with them.
+        self._daemon_ns = proc_inspect.own_namespaces()
+
+    @property
+    def list_generation(self) -> int:
+        """Bumped on every write to checkpoints (the API caches its list by it)."""
+        return self.store.generation
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def prepare_dirs(self) -> None:
+        """Create the state dir (0700), its checkpoints and run dirs; sync, at start-up."""
+        for d in (self.settings.state_dir, self.settings.checkpoints_dir, self.settings.run_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+    async def start(self) -> None:
+        """Probe criu, open the store, recover from a previous run, start reaping."""
+        # criu caches its kernel probe (~33 ms of every run here) only on a
+        # tmpfs at its build-time RUNDIR; mount one there before the first
+        # criu run (the start-up check writes the cache).  Never fatal.
+        self.kdat_cache = await asyncio.to_thread(kdat.ensure_kdat_tmpfs, kdat.KDAT_DIR)
+        await self.criu.probe()
+        await asyncio.to_thread(self.prepare_dirs)
+        await asyncio.to_thread(self.store.open)
+        self.audit.start()
+        ck = await self.store.run(self.store.interrupt_unfinished)
+        if ck:
+            log.warning("marked interrupted: checkpoints %s", ck)
+        await self.children.recover()
+        await asyncio.to_thread(self._remove_tmp_dirs)
+        recs = await self.store.run(self.store.list_checkpoints)
+        await asyncio.to_thread(self._reconcile_dirs, {r.id: r for r in recs})
+        await self.children.start()
+
+    def _remove_tmp_dirs(self) -> None:
+        for entry in os.scandir(self.settings.checkpoints_dir):
+            if entry.name.startswith(TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        # Run dirs of restores a previous daemon did not finish (rmtree never
+        # follows a link, whoever owns what is inside).
+        try:
+            imgdir.clear_dir(self.settings.run_dir)
+        except OSError as e:
+            log.warning("cannot clear %s: %s", self.settings.run_dir, e)
+
+    def _reconcile_dirs(self, recs: dict[str, CheckpointRecord]) -> None:
+        """Make the checkpoints dir agree with the records after a crash.
+
+        A dir with no record (the daemon died between mkdir and insert, or a
+        record was deleted and the rmtree did not finish) is removed.  A
+        checkpoint that is not done keeps only its criu logs: its images were
+        never complete.
+        """
+        for entry in os.scandir(self.settings.checkpoints_dir):
+            if entry.name.startswith(TMP_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            rec = recs.get(entry.name)
+            if rec is None:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif rec.state != "done":
+                # Through the dir's fd: a dir of the previous release may
+                # be a user's, with anything planted in it.
+                try:
+                    fd = imgdir.open_dir(Path(entry.path))
+                    try:
+                        imgdir.keep_only(fd, (DUMP_LOG, RESTORE_LOG))
+                    finally:
+                        os.close(fd)
+                except OSError as e:
+                    log.warning("cannot clean %s: %s", entry.path, e)
+
+    async def stop(self) -> None:
+        """Stop accepting work, let running operations finish (bounded), then close."""
+        self.accepting = False
+        if self._ops:
+            _, pending = await asyncio.wait(self._ops, timeout=self.settings.shutdown_grace_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self.handles.close_all()
+        await self.children.stop()
+        # What is still unsettled is left as dumping/restoring: the next
+        # start marks it interrupted.
+        await self.store.stop_settling()
+        await asyncio.to_thread(self.store.close)
+        await asyncio.to_thread(self.audit.stop)
+
+    # -- the gate, the audit, the locks ---------------------------------------------
+
+    async def _operation(self, coro: Coroutine[Any, Any, T], caller: Caller) -> T:
+        """Run an operation as a task the shutdown path can wait for (caller's quota permitting)."""
+        if not self.accepting:
+            coro.close()
+            raise ShuttingDown("the daemon is shutting down; retry against the next one")
+        try:
+            self.quotas.begin_op(caller.uid)
+        except CriudError:
+            coro.close()
+            raise
+        task = asyncio.ensure_future(coro)
+        self._ops.add(task)
+        task.add_done_callback(self._ops.discard)
+        # Counted until the task ends, not the request: a client that goes
+        # away leaves its operation running, and in its quota.
+        task.add_done_callback(lambda _: self.quotas.end_op(caller.uid))
+        # shield: a client that goes away must not cancel criu half-way; the
+        # operation finishes and its record says how it ended.
+        return await asyncio.shield(task)
+
+    def record(
+        self, action: str, caller: Caller, target: dict[str, Any], outcome: str, **extra: Any
+    ) -> None:
+        """Write one audit entry for a mutating call."""
+        self.audit.record(
+            action=action,
+            uid=caller.uid,
+            pid=caller.pid,
+            transport="tcp" if caller.via_tcp else "unix",
+            target=target,
+            outcome=outcome,
+            **extra,
+        )
+
+    async def _audited(
+        self,
+        action: str,
+        caller: Caller,
+        target: dict[str, Any],
+        coro: Awaitable[T],
+        result_id: Callable[[T], str] | None = None,
+    ) -> T:
+        """Await coro and record its outcome in the audit log."""
+        try:
+            try:
+                result = await coro
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # The daemon's own writes (dirs, logs, renames) in its state dir.
+                raise NoSpace(
+                    f"{action} failed: {e.strerror} ({e.filename or 'state dir'})",
+                    hint="free space in the daemon's state dir and retry",
+                ) from e
+        except CriudError as e:
+            self.record(action, caller, target, e.code, detail=e.detail)
+            raise
+        except BaseException as e:
+            self.record(action, caller, target, "error", detail=type(e).__name__)
+            raise
+        extra = {"id": result_id(result)} if result_id is not None else {}
+        self.record(action, caller, target, "ok", **extra)
+        return result
+
+    @contextlib.contextmanager
+    def busy_pid(self, pid: int) -> Iterator[None]:
+        """Mark pid as being checkpointed for the block; Busy if it is already."""
+        if pid in self._busy_pids:
+            raise Busy(f"pid {pid} is being checkpointed already", pid=pid)
+        self._busy_pids.add(pid)
+        try:
+            yield
+        finally:
+            self._busy_pids.discard(pid)
+
+    @contextlib.contextmanager
+    def busy(self, ckpt_id: str, message: str) -> Iterator[None]:
+        """Mark a checkpoint in use (restored, deleted) for the block; Busy if it is already."""
+        if ckpt_id in self._busy_ckpts:
+            raise Busy(message, checkpoint=ckpt_id)
+        self._busy_ckpts.add(ckpt_id)
+        try:
+            yield
+        finally:
+            self._busy_ckpts.discard(ckpt_id)
+
+    # -- info and introspection -----------------------------------------------------
+
+    def version(self) -> dict[str, Any]:
+        """criud's, criu's and the kernel's versions, and what criu supports."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ours = version("criud")
+        except PackageNotFoundError:
+            ours = "unknown"
+        return {
+            "criud": ours,
+            "criu": {"version": self.criu.version, "path": self.criu.path},
+            "kernel": platform.release(),
+            "features": dict(self.criu.features),
+            "kdat_cache": self.kdat_cache,
+        }
+
+    def network_lock(self, needed: bool) -> str | None:
+        """The --network-lock method a dump passes (criud.dump.job.network_lock)."""
+        return dump_job.network_lock(self.criu, needed)
+
+    async def inspect_process(self, pid: int, caller: Caller) -> proc_inspect.Tree:
+        """The tree rooted at pid with every fd classified, as the caller may see it."""
+        try:
+            # A big tree is read partly by a forked child of ours: the orphan
+            # sweep must leave that child to inspect_tree to reap.
+            with self.children.hold():
+                tree = await asyncio.to_thread(proc_inspect.inspect_tree, pid, self._daemon_ns)
+        except ProcessLookupError:
+            raise ProcessNotFound(f"no process with pid {pid}", pid=pid) from None
+        if not caller.is_root:
+            visible = proc_inspect.visible_to(tree, caller.uid)
+            if visible is None:
+                # As if it did not exist: a caller learns nothing of others' trees.
+                raise ProcessNotFound(f"no process with pid {pid}", pid=pid)
+            tree = visible
+        return tree
+
+    async def preflight(
+        self, spec: CheckpointSpec, caller: Caller, pre_dump: bool = False
+    ) -> dump_preflight.Report:
+        """What would block a checkpoint of spec.pid, and which option resolves it.
+
+        Freezes nothing and writes nothing.
+        """
+        if spec.name is not None:
+            names.check_name(spec.name)
+        tree = await self.inspect_process(spec.pid, caller)
+
+        def free() -> int:
+            st = os.statvfs(self.settings.checkpoints_dir)
+            return st.f_bavail * st.f_frsize
+
+        return dump_preflight.preflight(
+            tree, spec.options, self.criu.features, await asyncio.to_thread(free), pre_dump
+        )
+
+    # -- checkpoints --------------------------------------------------------------
+
+    async def get_checkpoint(
+        self, ref: str, caller: Caller, owner: str | None = None
+    ) -> CheckpointRecord:
+        """A checkpoint by id, by the caller's own name, or by "owner/name".
+
+        Names are unique per owner, and a bare name is always the caller's
+        own (root's too): another user's checkpoint takes its id or its
+        owner, given as "owner/ref" or as owner (a path's ?owner=).  A
+        caller who may not see it gets the same 404 as for one that does
+        not exist.
+        """
+        if owner is None:
+            owner, ref = names.split_ref(ref)
+        else:
+            names.check_owner(owner)
+            names.check_ref(ref)
+        shown = ref if owner is None else f"{owner}/{ref}"
+        missing = CheckpointNotFound(f"no checkpoint {shown!r}")
+        if owner is None:
+            uid: int | None = caller.uid
+        else:
+            uid = await asyncio.to_thread(_uid_of, owner)
+            if uid is None or not (caller.is_root or uid == caller.uid):
+                raise missing
+        # Root's bare id reaches anyone's checkpoint; a name never does.
+        id_owner = None if caller.is_root and owner is None else uid
+        rec = await self.store.run(self.store.find_checkpoint, ref, uid, id_owner)
+        if rec is None or not (caller.is_root or rec.owner_uid == caller.uid):
+            raise missing
+        return rec
+
+    async def checkpoint_for(self, ref: str, caller: Caller) -> CheckpointRecord:
+        """The checkpoint a restore names (the restore job's lookup)."""
+        return await self.get_checkpoint(ref, caller)
+
+    async def list_checkpoints(
+        self, caller: Caller, labels: dict[str, str] | None = None
+    ) -> list[CheckpointRecord]:
+        """The checkpoints the caller may see, optionally only those with all these labels."""
+        recs = await self.store.run(self.store.list_checkpoints, summary=True)
+        out = [r for r in recs if caller.is_root or r.owner_uid == caller.uid]
+        if labels:
+            out = [r for r in out if all(r.labels.get(k) == v for k, v in labels.items())]
+        return out
+
+    async def checkpoint(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
+        """Dump the tree of spec.pid; return the done checkpoint or raise."""
+        target = {"pid": spec.pid, "name": spec.name}
+        op = self._operation(dump_job.run(self, spec, caller), caller)
+        return await self._audited("checkpoint", caller, target, op, lambda r: r.id)
+
+    async def delete_checkpoint(self, ref: str, caller: Caller, owner: str | None = None) -> None:
+        """Delete a checkpoint's images and record."""
+        target = {"checkpoint": ref, **({"owner": owner} if owner is not None else {})}
+        await self._audited(
+            "delete_checkpoint", caller, target, self._delete_checkpoint(ref, caller, owner)
+        )
+
+    async def _delete_checkpoint(self, ref: str, caller: Caller, owner: str | None) -> None:
+        rec = await self.get_checkpoint(ref, caller, owner)
+        if rec.state == "dumping":
+            raise Busy(f"checkpoint {ref!r} is in use", checkpoint=rec.id)
+        with self.busy(rec.id, f"checkpoint {ref!r} is in use"):
+            await asyncio.to_thread(shutil.rmtree, self.settings.checkpoints_dir / rec.id, True)
+            await self.store.run(self.store.delete_checkpoint, rec.id)
+
+    async def checkpoint_log(
+        self, ref: str, op: str, caller: Caller, owner: str | None = None
+    ) -> str:
+        """A checkpoint's criu log of op (dump or restore), as text."""
+        rec = await self.get_checkpoint(ref, caller, owner)
+        if op not in ("dump", "restore"):
+            raise InvalidRequest("op must be dump or restore")
+        name = DUMP_LOG if op == "dump" else RESTORE_LOG
+        data = await asyncio.to_thread(self._read_log, rec.id, name)
+        if data is None:
+            raise LogNotFound(f"checkpoint {ref!r} has no {op} log")
+        return data.decode("utf-8", "replace")
+
+    def _read_log(self, ckpt_id: str, name: str) -> bytes | None:
+        """A log of a checkpoint's dir, through the dir's fd: never a link, a fifo, or unbounded."""
+        try:
+            dfd = imgdir.open_dir(self.settings.checkpoints_dir / ckpt_id)
+        except FileNotFoundError:
+            return None
+        try:
+            return imgdir.read_small(dfd, name, LOG_CAP, tail=True)
+        except FileNotFoundError:
+            return None
+        except imgdir.UnsafeEntry as e:
+            raise imgdir.tampered(ckpt_id, e) from None
+        finally:
+            os.close(dfd)
+
+    # -- restores -----------------------------------------------------------------
+
+    async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
+        """Restore a checkpoint, handing in the mapped fds; return the running restore."""
+        target = {"checkpoint": spec.checkpoint, "inherit_fds": len(spec.inherit)}
+        op = self._operation(restore_job.run(self, spec, caller), caller)
+        return await self._audited("restore", caller, target, op, lambda r: r.id)
+
+    async def get_restore(self, restore_id: str, caller: Caller) -> RestoreRecord:
+        """One restore the caller may see (404 as for one that does not exist otherwise)."""
+        if not names.is_id(restore_id):
+            raise RestoreNotFound(f"no restore {restore_id!r}")
+        rec = await self.store.run(self.store.get_restore, restore_id)
+        if rec is None or not (caller.is_root or rec.owner_uid == caller.uid):
+            raise RestoreNotFound(f"no restore {restore_id!r}")
+        return rec
+
+    async def list_restores(self, caller: Caller) -> list[RestoreRecord]:
+        """The restores the caller may see."""
+        recs = await self.store.run(self.store.list_restores)
+        return [r for r in recs if caller.is_root or r.owner_uid == caller.uid]
+
+    async def signal_restore(self, restore_id: str, signo: int, caller: Caller) -> RestoreRecord:
+        """Signal a restored tree's root through a pidfd."""
+        return await self._audited(
+            "signal",
+            caller,
+            {"restore": restore_id, "signal": signo},
+            self._signal_restore(restore_id, signo, caller),
+        )
+
+    async def _signal_restore(self, restore_id: str, signo: int, caller: Caller) -> RestoreRecord:
+        rec = await self.get_restore(restore_id, caller)
+        if rec.state != "running" or rec.pid is None:
+            raise NotRunning(f"restore {restore_id} is {rec.state}")
+        try:
+            sig = signal.Signals(signo)
+        except ValueError:
+            raise InvalidRequest(f"unknown signal {signo}") from None
+        # Signal through a pidfd checked against the recorded start time, so
+        # a recycled pid is never hit.
+        try:
+            pidfd = procutil.pidfd_open(rec.pid)
+        except ProcessLookupError:
+            raise NotRunning(f"restore {restore_id} has exited") from None
+        try:
+            if procutil.proc_start(rec.pid) != rec.proc_start:
+                raise NotRunning(f"restore {restore_id} has exited")
+            signal.pidfd_send_signal(pidfd, sig)
+        finally:
+            os.close(pidfd)
+        return rec
+
+    # -- fd handles ---------------------------------------------------------------
+
+    def list_handles(self, caller: Caller) -> list[FdHandle]:
+        """The caller's fd handles (unix socket only)."""
+        require_unix(caller)
+        return self.handles.list(caller.uid)
+
+    def delete_handle(self, handle_id: str, caller: Caller) -> None:
+        """Close one of the caller's fd handles now."""
+        require_unix(caller)
+        target = {"handle": handle_id}
+        try:
+            self.handles.delete(handle_id, caller.uid)
+        except CriudError as e:
+            self.record("delete_handle", caller, target, e.code, detail=e.detail)
+            raise
+        self.record("delete_handle", caller, target, "ok")

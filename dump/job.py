@@ -1,0 +1,358 @@
+"""The checkpoint job: one dump of a process tree, top to bottom.
+
+`run` pins the target (pidfd and start time), checks who may dump it and as
+whom criu must run, and takes the per-pid lock; `_Dump` then reads the
+tree, records the checkpoint (dumping), builds its typed Manifest, runs
+criu into a fresh private dir, seals what criu wrote, and records the
+checkpoint done.  Any failure ends in one place (`_Dump._fail`): the partial
+images are thrown away (criu's log kept when criu itself failed) and the
+record says failed, why, and what was known.
+
+The job imports only the daemon's leaf modules; what it needs of the
+running daemon comes in as a `DumpRuntime`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from criud.daemon import creds, criu_errors, imgdir, names, procutil
+from criud.daemon.caller import Caller
+from criud.daemon.config import Settings
+from criud.daemon.criu import Criu, LogFile, RunAs
+from criud.daemon.errors import (
+    CriudError,
+    InvalidRequest,
+    PermissionDenied,
+    ProcessNotFound,
+)
+from criud.daemon.store import CheckpointRecord, CheckpointState, Store
+from criud.dump import fds as fdinfo
+from criud.dump import images, oci
+from criud.dump import manifest as mf
+from criud.dump.argv import DUMP_LOG, dump_argv
+from criud.dump.options import DumpOptions
+
+log = logging.getLogger("criud.dump")
+
+# A dump writes into this dir until it is sealed and renamed to its id.
+TMP_PREFIX = ".tmp-"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    pid: int
+    name: str | None
+    options: DumpOptions
+    labels: dict[str, str]
+    # The OCI bundle of a runc container whose init is pid: criu options
+    # are derived from its config.json as runc derives them.
+    oci_bundle: str | None = None
+
+
+class DumpRuntime(Protocol):
+    """What the running daemon lends a checkpoint job."""
+
+    settings: Settings
+    store: Store
+    criu: Criu
+
+    def busy_pid(self, pid: int) -> contextlib.AbstractContextManager[None]:
+        """Mark pid as being checkpointed for the block; Busy if it is already."""
+        ...
+
+
+async def run(rt: DumpRuntime, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
+    """Dump the tree of spec.pid; return the done checkpoint or raise."""
+    if spec.name is not None:
+        names.check_name(spec.name)
+    pid = spec.pid
+    # Pin the target now: a pidfd refers to this process, not to whoever
+    # reuses its pid later; the start time is checked again before criu.
+    try:
+        pidfd = procutil.pidfd_open(pid)
+    except ProcessLookupError:
+        raise ProcessNotFound(f"no process with pid {pid}", pid=pid) from None
+    try:
+        start = procutil.proc_start(pid)
+        if start is None:
+            raise ProcessNotFound(f"no process with pid {pid}", pid=pid)
+        if spec.oci_bundle is not None and not caller.is_root:
+            # Restoring a bundle writes mountpoints into its rootfs as root.
+            raise PermissionDenied("OCI bundles are for root callers only")
+        # Ownership (and uniform ids) first: a refused caller leaves no
+        # record behind, and nothing is frozen.
+        await tree_creds(rt.criu, pid, caller)
+        with rt.busy_pid(pid):
+            return await _Dump(rt, spec, caller, start).run()
+    finally:
+        os.close(pidfd)
+
+
+async def tree_creds(
+    criu: Criu, pid: int, caller: Caller
+) -> tuple[dict[int, creds.TaskCreds], RunAs | None]:
+    """Every task's ids, checked for caller; and what criu must run as (None: root)."""
+    tree = await asyncio.to_thread(creds.read_tree, pid)
+    if not tree:
+        raise ProcessNotFound(f"pid {pid} exited", pid=pid)
+    run_as = creds.choose_run_as(
+        tree, caller, not criu.unprivileged_for_users, f"checkpoint of pid {pid}"
+    )
+    return tree, run_as
+
+
+def network_lock(criu: Criu, needed: bool) -> str | None:
+    """The --network-lock method to pass, chosen by probing.
+
+    criu's default lock runs iptables; where iptables is absent and the
+    kernel supports it, nftables is used instead.  None: pass nothing (no
+    network to lock, or the default works).
+    """
+    if not needed or shutil.which("iptables"):
+        return None
+    return "nftables" if criu.features.get("network_lock_nftables") else None
+
+
+class _Dump:
+    """One dump from its record's insertion to its sealed, renamed images dir."""
+
+    def __init__(self, rt: DumpRuntime, spec: CheckpointSpec, caller: Caller, start: int) -> None:
+        self.rt, self.spec, self.caller, self.start = rt, spec, caller, start
+        self.id = names.new_id()
+        self.tmp = rt.settings.checkpoints_dir / f"{TMP_PREFIX}{self.id}"
+        self.final = rt.settings.checkpoints_dir / self.id
+        self.manifest: mf.Manifest | None = None
+
+    async def run(self) -> CheckpointRecord:
+        """Record, dump, seal and rename; the record says how it ended."""
+        pid, rt = self.spec.pid, self.rt
+        try:
+            tasks = await asyncio.to_thread(fdinfo.read_tree, pid)
+        except (ProcessLookupError, FileNotFoundError):
+            raise ProcessNotFound(f"pid {pid} exited", pid=pid) from None
+        # Read again after the tree walk (a task may have forked since), and
+        # before the record: a refusal leaves nothing behind.
+        ids, run_as = await tree_creds(rt.criu, pid, self.caller)
+        await self._insert_record()
+        try:
+            # We generated the id; mkdir (not makedirs) never follows a link
+            # at the last component and fails if anything is already there.
+            os.mkdir(self.tmp, 0o700)
+            self.manifest = await self._build_manifest(tasks, ids, run_as)
+            if procutil.proc_start(pid) != self.start:
+                raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
+            size, stats = await self._dump(self.manifest, run_as)
+            await asyncio.to_thread(os.rename, self.tmp, self.final)
+            await rt.store.run(
+                rt.store.update_checkpoint,
+                self.id,
+                state=CheckpointState.DONE,
+                finished_at=time.time(),
+                size_bytes=size,
+                stats=stats,
+                manifest=self.manifest.to_json(),
+            )
+        except BaseException as e:
+            await self._fail(e)
+            raise
+        log.info("checkpoint %s of pid %d: %d bytes", self.id, pid, size)
+        done = await rt.store.run(rt.store.get_checkpoint, self.id)
+        assert done is not None
+        return done
+
+    async def _insert_record(self) -> None:
+        spec, rt = self.spec, self.rt
+        rec = CheckpointRecord(
+            id=self.id,
+            name=spec.name,
+            pid=spec.pid,
+            state=CheckpointState.DUMPING,
+            created_at=time.time(),
+            options=spec.options.as_dict(),
+            labels=dict(spec.labels),
+            owner_uid=self.caller.uid,
+            criu_version=rt.criu.version,
+        )
+        # NameTaken if the caller has a checkpoint of that name already.
+        await rt.store.run(rt.store.insert_checkpoint, rec)
+
+    async def _fail(self, e: BaseException) -> None:
+        """The one failure path: drop partial images, record failed (name freed) and why.
+
+        A failure of criu itself has put its log in the final dir already
+        (_keep_log_only); anything else (a refusal, tampering, cancellation)
+        leaves nothing but the record.
+        """
+        changes: dict[str, Any] = {
+            "state": CheckpointState.FAILED,
+            "name": None,
+            "finished_at": time.time(),
+        }
+        if self.manifest is not None:
+            changes["manifest"] = self.manifest.to_json()
+        if isinstance(e, CriudError):
+            changes["error"] = {"code": e.code, "detail": e.detail}
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(shutil.rmtree, self.tmp, True)
+            await self.rt.store.settle(self.rt.store.update_checkpoint, self.id, **changes)
+
+    async def _build_manifest(
+        self, tasks: list[fdinfo.TaskInfo], ids: dict[int, creds.TaskCreds], run_as: RunAs | None
+    ) -> mf.Manifest:
+        """Everything the checkpoint records of the tree besides criu's images."""
+        pid, opts = self.spec.pid, self.spec.options
+        base = mf.build(tasks, opts.external)
+        own_ns = own_namespaces(pid)
+        ext = external_namespaces(pid, opts, own_ns, base)
+        oci_record = None
+        if self.spec.oci_bundle is not None:
+            oci_record = await asyncio.to_thread(oci_probe, self.spec.oci_bundle, pid)
+        return dataclasses.replace(
+            base,
+            pids=tuple(sorted({tid for t in tasks for tid in [t.pid, *t.tids]})),
+            **creds.to_manifest(ids, run_as),
+            namespaces=own_ns,
+            # The tree is the init of a pid namespace of its own: its image
+            # pids live in that namespace and never collide with the host's.
+            pidns_init="pid" in own_ns and procutil.ns_pids(pid)[-1:] == [1],
+            network_lock=network_lock(self.rt.criu, opts.tcp_established or "net" in own_ns),
+            ext_namespaces=ext,
+            external=(*base.external, *(n.key for n in ext)),
+            oci=oci_record,
+        )
+
+    async def _dump(self, m: mf.Manifest, run_as: RunAs | None) -> tuple[int, dict[str, int]]:
+        """Run criu dump into the tmp dir; seal what it wrote; (size, stats)."""
+        tmp_fd = imgdir.open_dir(self.tmp)
+        log_fd = -1
+        try:
+            # The daemon's own log file, created before the dir is the
+            # owner's: criu gets it as stdout and never opens it by path.
+            log_fd = imgdir.create_log(tmp_fd, DUMP_LOG)
+            log_st = os.fstat(log_fd)
+            ids = (run_as.uid, run_as.gid) if run_as is not None else None
+            images_arg = imgdir.criu_dir(self.tmp, tmp_fd, ids, writable=True)
+            result = await self.rt.criu.run(
+                self._argv(m, images_arg, run_as),
+                LogFile(log_fd, self.tmp / DUMP_LOG),
+                pass_fds=[tmp_fd] if run_as is not None else [],
+                run_as=run_as,
+                watch_pid=self.spec.pid,
+            )
+            if not result.ok:
+                err = await criu_errors.failure(
+                    self.rt.criu,
+                    f"dump of pid {self.spec.pid}",
+                    result,
+                    "dump",
+                    self.id,
+                    self.rt.settings.checkpoints_dir,
+                )
+                await asyncio.to_thread(_keep_log_only, self.tmp, self.final, log_fd)
+                raise err
+            owner = run_as.uid if run_as is not None else 0
+            expect = {DUMP_LOG: (log_st.st_dev, log_st.st_ino)}
+            return await asyncio.to_thread(_seal_dump, self.id, tmp_fd, owner, expect)
+        finally:
+            if log_fd >= 0:
+                os.close(log_fd)
+            os.close(tmp_fd)
+
+    def _argv(self, m: mf.Manifest, images_arg: Path, run_as: RunAs | None) -> list[str]:
+        opts = self.spec.options
+        lock = m.network_lock
+        oci_extra: tuple[str, ...] = ()
+        if m.oci is not None:
+            # The bundle's arguments carry the network lock themselves.
+            oci_extra = tuple(oci.dump_args_from_record(m.oci, network_lock=lock))
+            lock = None
+        return dump_argv(
+            self.spec.pid,
+            images_arg,
+            opts,
+            external_unix=tuple(m.external_unix_inodes(opts.external)),
+            network_lock=lock,
+            unprivileged=run_as is not None,
+            external_ns=tuple((n.type, n.ino, n.key) for n in m.ext_namespaces),
+            extra=oci_extra,
+        )
+
+
+def oci_probe(bundle: str, pid: int) -> dict[str, Any]:
+    """Read an OCI bundle and check pid is its container's init; return the record."""
+    try:
+        spec = oci.load_spec(bundle)
+        return oci.to_record(spec, oci.probe(spec, pid))
+    except oci.OciError as e:
+        e.extra.setdefault("bundle", bundle)
+        raise
+
+
+def external_namespaces(
+    pid: int, opts: DumpOptions, own_ns: dict[str, int], m: mf.Manifest
+) -> tuple[mf.ExtNamespace, ...]:
+    """Check the namespaces the caller wants left out; return them with inodes."""
+    out: list[mf.ExtNamespace] = []
+    fd_keys = m.all_keys()
+    for ns_type, key in opts.external_namespaces:
+        if ns_type not in own_ns:
+            raise InvalidRequest(
+                f"external namespace {key!r}: pid {pid} shares the daemon's {ns_type} "
+                "namespace, so there is none of its own to leave out",
+                key=key,
+            )
+        if key in fd_keys or any(n.key == key for n in out):
+            raise InvalidRequest(f"external namespace key {key!r} is used twice", key=key)
+        out.append(mf.ExtNamespace(type=ns_type, key=key, ino=own_ns[ns_type]))
+    return tuple(out)
+
+
+def own_namespaces(pid: int) -> dict[str, int]:
+    """Namespaces of the tree's root that differ from the daemon's: type -> inode."""
+    mine = procutil.namespaces("self")
+    theirs = procutil.namespaces(pid)
+    return {ns: ino for ns, ino in theirs.items() if mine.get(ns) != ino}
+
+
+def _keep_log_only(tmp: Path, final: Path, log_fd: int) -> None:
+    """After a failed dump: drop the partial images, keep criu's log.
+
+    The log is the daemon's own file, named again in the root-only final
+    dir by linking its open fd: nothing in tmp, which the owner could
+    write, is opened or moved by name, and a full disk needs no copy.
+    """
+    os.mkdir(final, 0o700)
+    dfd = imgdir.open_dir(final)
+    try:
+        # A dst_dir_fd makes this linkat(AT_SYMLINK_FOLLOW), which links
+        # the file behind the magic link (plain link() would link the
+        # /proc symlink itself and fail with EXDEV).
+        os.link(f"/proc/self/fd/{log_fd}", DUMP_LOG, dst_dir_fd=dfd, follow_symlinks=True)
+    except OSError as e:
+        log.warning("cannot keep the log of the failed dump in %s: %s", final, e)
+    finally:
+        os.close(dfd)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _seal_dump(
+    ckpt_id: str, dirfd: int, owner: int, expect: dict[str, tuple[int, int]]
+) -> tuple[int, dict[str, int]]:
+    """Seal a dumped dir (root's, read-only to others); then its size and stats.
+
+    Only then is anything in it read: before, the owner could change it.
+    """
+    try:
+        size = imgdir.seal(dirfd, owner, expect)
+    except imgdir.UnsafeEntry as e:
+        raise imgdir.tampered(ckpt_id, e) from None
+    return size, images.stats_in(dirfd, "stats-dump")

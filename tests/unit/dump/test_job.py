@@ -1,0 +1,162 @@
+"""criud.dump.job against a fake runtime: a real target, a real store, a stand-in criu."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from criud.daemon.caller import Caller
+from criud.daemon.config import Settings
+from criud.daemon.criu import CriuResult, LogFile
+from criud.daemon.errors import Busy, CheckpointTampered
+from criud.daemon.store import CheckpointState, Store
+from criud.dump import job
+from criud.dump.argv import DUMP_LOG
+from criud.dump.manifest import Manifest
+from criud.dump.options import DumpOptions
+
+from .._helpers import FakeCriuBase, marked, open_fds
+
+ME = Caller(uid=0, gid=0, pid=os.getpid())
+
+
+class FakeCriu(FakeCriuBase):
+    """Stands in for Criu: writes `files` into the images dir it was given."""
+
+    def __init__(self, ok: bool = True, plant_link: bool = False) -> None:
+        self.ok, self.plant_link = ok, plant_link
+        self.argv: list[str] = []
+
+    async def run(self, argv: Sequence[str], log: LogFile, **_: Any) -> CriuResult:
+        self.argv = list(argv)
+        images = Path(argv[argv.index("-D") + 1])
+        os.write(log.fd, b"(00.1) dumping\n")
+        if not self.ok:
+            os.write(log.fd, b"(00.2) Error (criu/x.c:1): Can't dump: it broke\n")
+            return CriuResult(1, log.path, "Can't dump: it broke", [], log_lines=[])
+        (images / "pstree.img").write_bytes(b"img")
+        if self.plant_link:
+            (images / "core-1.img").symlink_to("/etc/shadow")
+        return CriuResult(0, log.path, None, [])
+
+
+@dataclasses.dataclass
+class FakeRuntime:
+    settings: Settings
+    store: Store
+    criu: Any
+    busy: set[int] = dataclasses.field(default_factory=set)
+    failed_updates: int = 0
+
+    def busy_pid(self, pid: int) -> contextlib.AbstractContextManager[None]:
+        return marked(self.busy, pid, f"pid {pid} is being checkpointed already")
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[FakeRuntime]:
+    settings = Settings(state_dir=tmp_path)
+    settings.checkpoints_dir.mkdir(mode=0o700)
+    store = Store(settings.db_path)
+    store.open()
+    rt = FakeRuntime(settings, store, FakeCriu())
+    real = store.update_checkpoint
+
+    def counting(ckpt_id: str, **changes: Any) -> None:
+        rt.failed_updates += changes.get("state") == CheckpointState.FAILED
+        real(ckpt_id, **changes)
+
+    store.update_checkpoint = counting  # type: ignore[method-assign]
+    yield rt
+    store.close()
+
+
+@pytest.fixture
+def target() -> Iterator[subprocess.Popen[bytes]]:
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p
+    p.kill()
+    p.wait(timeout=10)
+
+
+def _dump(rt: FakeRuntime, pid: int, name: str = "web") -> Any:
+    spec = job.CheckpointSpec(pid=pid, name=name, options=DumpOptions(), labels={"a": "b"})
+
+    async def go() -> Any:
+        try:
+            return await job.run(rt, spec, ME)
+        except Exception as e:
+            return e
+
+    return asyncio.run(go())
+
+
+def test_a_dump_records_a_typed_manifest_and_a_sealed_dir(
+    runtime: FakeRuntime, target: subprocess.Popen[bytes]
+) -> None:
+    before = open_fds()
+    rec = _dump(runtime, target.pid)
+    assert not isinstance(rec, Exception), rec
+    assert rec.state == CheckpointState.DONE and rec.name == "web"
+    m = Manifest.from_json(rec.manifest)
+    assert m.tasks[0].pid == target.pid and target.pid in m.pids
+    assert m.uids[str(target.pid)] == (0, 0, 0, 0) and m.run_as is None
+    assert not m.pidns_init and m.oci is None
+    final = runtime.settings.checkpoints_dir / rec.id
+    assert sorted(os.listdir(final)) == [DUMP_LOG, "pstree.img"]
+    assert [e for e in os.listdir(runtime.settings.checkpoints_dir) if e.startswith(".tmp-")] == []
+    assert runtime.criu.argv[:2] == ["dump", "--no-default-config"]
+    assert open_fds() == before and runtime.busy == set()
+
+
+def test_a_failed_criu_keeps_its_log_and_fails_the_record_once(
+    runtime: FakeRuntime, target: subprocess.Popen[bytes]
+) -> None:
+    runtime.criu = FakeCriu(ok=False)
+    before = open_fds()
+    err = _dump(runtime, target.pid)
+    assert err.code == "criu_failed" and "it broke" in err.detail
+    (rec,) = runtime.store.list_checkpoints()
+    assert rec.state == CheckpointState.FAILED and rec.name is None
+    assert rec.error["code"] == "criu_failed" and rec.manifest is not None
+    assert os.listdir(runtime.settings.checkpoints_dir) == [rec.id]
+    assert os.listdir(runtime.settings.checkpoints_dir / rec.id) == [DUMP_LOG]
+    assert runtime.failed_updates == 1
+    assert open_fds() == before
+    # The name is free again.
+    runtime.criu = FakeCriu()
+    assert _dump(runtime, target.pid).state == CheckpointState.DONE
+
+
+def test_tampered_images_fail_the_record_exactly_once(
+    runtime: FakeRuntime, target: subprocess.Popen[bytes]
+) -> None:
+    """The block marking a dump failed ran twice for tampered images (issue 12)."""
+    runtime.criu = FakeCriu(plant_link=True)
+    err = _dump(runtime, target.pid)
+    assert isinstance(err, CheckpointTampered), err
+    (rec,) = runtime.store.list_checkpoints()
+    assert rec.state == CheckpointState.FAILED
+    assert rec.error["code"] == "checkpoint_tampered" and rec.manifest is not None
+    assert runtime.failed_updates == 1
+    assert os.listdir(runtime.settings.checkpoints_dir) == []
+
+
+def test_a_busy_pid_and_a_gone_pid_leave_no_record(
+    runtime: FakeRuntime, target: subprocess.Popen[bytes]
+) -> None:
+    runtime.busy.add(target.pid)
+    assert isinstance(_dump(runtime, target.pid), Busy)
+    runtime.busy.clear()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=10)
+    assert _dump(runtime, gone.pid).code == "process_not_found"
+    assert runtime.store.list_checkpoints() == []
