@@ -688,6 +688,7 @@ class Core:
                     images_arg,
                     opts,
                     external_unix=tuple(mf.external_unix_inodes(manifest, opts.external)),
+                    external_tty=tuple(mf.external_tty_keys(manifest)),
                     network_lock=lock,
                     unprivileged=run_as is not None,
                     external_ns=tuple(

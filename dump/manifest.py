@@ -50,6 +50,21 @@ def external_unix_inodes(manifest: dict[str, Any], declared: Iterable[str]) -> l
     return out
 
 
+def external_tty_keys(manifest: dict[str, Any]) -> list[str]:
+    """Keys of pty slaves whose master is outside the tree (for --external tty[...]).
+
+    criud passes these by itself, as it marks them: criu then dumps the
+    slave as an external terminal instead of refusing it ("slave peer
+    without master"), and a restore must hand a new slave in for each key.
+    """
+    out: list[str] = []
+    for t in manifest["tasks"]:
+        for f in t["fds"]:
+            if f["type"] == "tty" and f["external"] and f["key"] not in out:
+                out.append(str(f["key"]))
+    return out
+
+
 def all_keys(manifest: dict[str, Any]) -> set[str]:
     """Every key a restore may map: fds some task held, and external namespaces."""
     keys = {f["key"] for t in manifest["tasks"] for f in t["fds"]}
