@@ -65,7 +65,7 @@ from criud.dump import manifest as mf
 from criud.dump import preflight as dump_preflight
 from criud.dump.argv import DUMP_LOG, dump_argv
 from criud.dump.options import DumpOptions
-from criud.restore import mappings
+from criud.restore import mappings, stdio
 from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
 from criud.restore.paths import Creds, PathOpener, PathRequest
 
@@ -105,6 +105,8 @@ class RestoreSpec:
     # checkpoint's own when None) and the new container's name.
     oci_bundle: str | None = None
     oci_name: str | None = None
+    # An fd handle of three fds for the root task's 0, 1 and 2 (criud.restore.stdio).
+    stdio: str | None = None
 
 
 _CGROUP_RE = re.compile(r"/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*/?")
@@ -987,16 +989,18 @@ class Core:
     async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
         """Restore a checkpoint, handing in the mapped fds; return the running restore."""
         target = {"checkpoint": spec.checkpoint, "inherit_fds": len(spec.inherit)}
+        if spec.stdio is not None:
+            target["stdio"] = spec.stdio
         op = self._operation(self._restore(spec, caller), caller)
         return await self._audited("restore", caller, target, op, lambda r: r.id)
 
     async def _restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
         # Handles are checked first: an unusable handle (unknown, expired,
         # consumed, another uid's) is wrong whatever the checkpoint.
-        for s in spec.inherit:
-            if s.handle is not None:
+        for h_id in [s.handle for s in spec.inherit if s.handle] + [spec.stdio or ""]:
+            if h_id:
                 self._no_tcp_handles(caller)
-                self.handles.get(s.handle, caller.uid)
+                self.handles.get(h_id, caller.uid)
         ckpt = await self.get_checkpoint(spec.checkpoint, caller)
         if ckpt.state != "done":
             raise CheckpointNotReady(f"checkpoint {spec.checkpoint!r} is {ckpt.state}")
@@ -1011,7 +1015,7 @@ class Core:
             caller,
             f"restore of checkpoint {ckpt.id}",
         )
-        resolved = mappings.resolve(spec.inherit, manifest)
+        resolved = mappings.resolve(self._with_stdio(spec, manifest, caller), manifest)
         cgroup = check_cgroup(spec.cgroup, self.settings.cgroup_parent) if spec.cgroup else None
         saved_oci = manifest.get("oci")
         if spec.oci_bundle is not None and saved_oci is None:
@@ -1091,9 +1095,19 @@ class Core:
                 self.handles.release(h, consumed=ok)
             self._busy_ckpts.discard(ckpt.id)
 
+    def _with_stdio(
+        self, spec: RestoreSpec, manifest: dict[str, Any], caller: Caller
+    ) -> tuple[mappings.InheritSpec, ...]:
+        """spec's mappings, plus those its stdio handle stands for."""
+        if spec.stdio is None:
+            return spec.inherit
+        h = self.handles.get(spec.stdio, caller.uid)
+        return stdio.expand(spec.inherit, spec.stdio, len(h.fds), manifest)
+
     @staticmethod
     def _check_fd_types(inherit: Sequence[tuple[int, str]], manifest: dict[str, Any]) -> None:
-        """A namespace key needs an fd of a namespace of its type, nothing else."""
+        """A namespace key needs an fd of a namespace of its type; a terminal's, a terminal."""
+        stdio.check_terminals(inherit, manifest)
         for fd, key in inherit:
             ns_type = mf.namespace_type(manifest, key)
             if ns_type is None:

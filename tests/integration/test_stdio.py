@@ -11,10 +11,8 @@ import contextlib
 import fcntl
 import os
 import select
-import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import termios
 import time
@@ -211,3 +209,254 @@ def test_pty_tree_restored_onto_a_new_pty(daemon: Daemon, procs: Procs, form: st
         read_until(master2, lambda s: s == "got ping")
         daemon.client.signal(r["id"], "SIGKILL")
         wait_for(lambda: dead(pid), 10, what="restored tree to die")
+
+
+# -- FIFOs ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fifo_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="criud-fifo-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+
+def fifo_reader(path: Path) -> int:
+    """The engine's end: a FIFO made and held open for reading before the writer comes."""
+    if not path.exists():
+        os.mkfifo(path, 0o600)
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def hello_num(line: str) -> int:
+    word, n = line.split()
+    assert word == "hello", line
+    return int(n)
+
+
+def drain_hellos(fd: int, last: int) -> int:
+    data = b""
+    deadline = time.monotonic() + 10
+    while True:
+        assert time.monotonic() < deadline, "the FIFO did not reach EOF"
+        if not select.select([fd], [], [], 0.5)[0]:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    for line in data.decode().splitlines():
+        last = hello_num(line)
+    return last
+
+
+@pytest.mark.parametrize("form", ["fd", "path"])
+def test_fifo_stdout_replaced(daemon: Daemon, procs: Procs, form: str) -> None:
+    with fifo_dir() as d:
+        old = d / "c1-stdout"
+        r = fifo_reader(old)
+        w = os.open(old, os.O_WRONLY | os.O_CLOEXEC)
+        p = procs.python(HELLO, stdout=w)
+        os.close(w)
+        first = hello_num(read_until(r, lambda s: s.startswith("hello")))
+        key = str(old).lstrip("/")
+        ck = daemon.client.checkpoint(p.pid)
+        assert ck["external"] == [key]
+        (out,) = [f for f in ck["fds"] if f["fd"] == 1]
+        assert (out["type"], out["key"], out["external"]) == ("fifo", key, True)
+        p.wait(timeout=10)
+        last = drain_hellos(r, first)
+        os.close(r)
+
+        # The engine's new FIFO for the restored container, its reader open first.
+        new = d / "c2-stdout"
+        r2 = fifo_reader(new)
+        try:
+            if form == "fd":
+                w2 = os.open(new, os.O_WRONLY | os.O_CLOEXEC)
+                res = daemon.client.restore(ck["id"], fds={key: w2})
+                os.close(w2)
+            else:
+                m = {"key": key, "path": str(new), "mode": "w", "type": "fifo"}
+                res = daemon.client.restore(ck["id"], inherit_fds=[m])
+            procs.adopt(res["pid"])
+            assert hello_num(read_until(r2, lambda s: s.startswith("hello"))) == last + 1
+            assert os.stat(f"/proc/{res['pid']}/fd/1").st_ino == new.stat().st_ino
+            daemon.client.signal(res["id"], "SIGKILL")
+            wait_for(lambda: dead(res["pid"]), 10, what="restored writer to die")
+        finally:
+            os.close(r2)
+
+
+def test_fifo_without_reader_is_a_clear_4xx(daemon: Daemon, procs: Procs) -> None:
+    with fifo_dir() as d:
+        old = d / "c1-stdout"
+        r = fifo_reader(old)
+        w = os.open(old, os.O_WRONLY | os.O_CLOEXEC)
+        p = procs.python(HELLO, stdout=w)
+        os.close(w)
+        read_until(r, lambda s: s.startswith("hello"))
+        ck = daemon.client.checkpoint(p.pid)
+        p.wait(timeout=10)
+        os.close(r)
+        new = d / "c2-stdout"
+        os.mkfifo(new, 0o600)  # nobody reads it
+        key = str(old).lstrip("/")
+        t0 = time.monotonic()
+        with pytest.raises(CriudClientError) as e:
+            m = {"key": key, "path": str(new), "mode": "w", "type": "fifo"}
+            daemon.client.restore(ck["id"], inherit_fds=[m])
+        assert e.value.status == 409 and e.value.code == "fifo_no_reader", e.value.problem
+        assert time.monotonic() - t0 < 10
+        # Without "type": "fifo", a FIFO path is refused outright, never opened.
+        with pytest.raises(CriudClientError) as e:
+            daemon.client.restore(ck["id"], paths={key: (str(new), "w")})
+        assert e.value.status == 422 and "fifo" in e.value.detail.lower()
+        # The checkpoint is still there to restore once the engine reads.
+        r2 = fifo_reader(new)
+        try:
+            m = {"key": key, "path": str(new), "mode": "w", "type": "fifo"}
+            res = daemon.client.restore(ck["id"], inherit_fds=[m])
+            procs.adopt(res["pid"])
+            read_until(r2, lambda s: s.startswith("hello"))
+            daemon.client.signal(res["id"], "SIGKILL")
+            wait_for(lambda: dead(res["pid"]), 10, what="restored writer to die")
+        finally:
+            os.close(r2)
+
+
+# -- the stdio shorthand ----------------------------------------------------------------
+
+
+def start_stdio_tree(procs: Procs, d: Path) -> tuple[subprocess.Popen[bytes], int, int, Path]:
+    """STDIO_TREE on a pipe (0), a pty (1, no controlling tty) and a log file (2).
+
+    Returns the process, the pipe's write end, the pty master, and the log.
+    """
+    r, w = os.pipe()
+    master, slave = os.openpty()
+    log = d / "c1.log"
+    err = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    p = procs.python(STDIO_TREE, stdin=r, stdout=slave, stderr=err)
+    for fd in (r, slave, err):
+        os.close(fd)
+    raw(master)
+    return p, w, master, log
+
+
+def check_new_stdio(procs: Procs, pid: int, w: int, master: int, log: Path, last: int) -> None:
+    """The restored tree reads the new pipe and writes to the new pty and log."""
+    assert tick_of(read_until(master, is_tick)) > last
+    os.write(w, b"ping\n")
+    read_until(master, lambda s: s == "out ping")
+    wait_for(lambda: b"err ping" in log.read_bytes(), 10, what="stderr in the new log")
+    assert b"etick" in log.read_bytes()
+
+
+def test_stdio_shorthand_pipe_pty_and_file(daemon: Daemon, procs: Procs) -> None:
+    with fifo_dir() as d:
+        p, w, master, log = start_stdio_tree(procs, d)
+        try:
+            first = tick_of(read_until(master, is_tick))
+            ck = daemon.client.checkpoint(p.pid)
+            kinds = {f["fd"]: (f["type"], f["external"]) for f in ck["fds"]}
+            assert kinds[0] == ("pipe", True) and kinds[1] == ("tty", True)
+            assert kinds[2] == ("file", False)
+            p.wait(timeout=10)
+            last = drain_ticks(master, first)
+        finally:
+            os.close(w)
+            os.close(master)
+
+        r2, w2 = os.pipe()
+        with new_pty() as (master2, slave2):
+            raw(master2)
+            log2 = d / "c2.log"
+            err2 = os.open(log2, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                res = daemon.client.restore(ck["id"], stdio=[r2, slave2, err2])
+            finally:
+                for fd in (r2, err2):
+                    os.close(fd)
+                os.close(slave2)
+            procs.adopt(res["pid"])
+            try:
+                check_new_stdio(procs, res["pid"], w2, master2, log2, last)
+                # The old log was left alone.
+                assert b"err ping" not in log.read_bytes()
+            finally:
+                os.close(w2)
+                daemon.client.signal(res["id"], "SIGKILL")
+                wait_for(lambda: dead(res["pid"]), 10, what="restored tree to die")
+
+
+def test_stdio_needs_three_fds_and_a_terminal_for_a_pty(daemon: Daemon, procs: Procs) -> None:
+    with fifo_dir() as d:
+        p, w, master, _ = start_stdio_tree(procs, d)
+        try:
+            read_until(master, is_tick)
+            ck = daemon.client.checkpoint(p.pid)
+            p.wait(timeout=10)
+        finally:
+            os.close(w)
+            os.close(master)
+        r2, w2 = os.pipe()
+        try:
+            with pytest.raises(CriudClientError) as e:
+                daemon.client.restore(ck["id"], stdio=[r2, w2])
+            assert e.value.status == 422 and e.value.code == "bad_fd_handle"
+            assert "exactly 3" in e.value.detail
+            # A pipe where the tree had its pty: refused before criu runs.
+            with pytest.raises(CriudClientError) as e:
+                daemon.client.restore(ck["id"], stdio=[r2, w2, w2])
+            assert e.value.status == 422 and e.value.code == "wrong_fd_type"
+            assert "pty slave" in e.value.detail
+            # stdio covers 0-2 only: a missing mapping of another external fd is the usual 422.
+        finally:
+            os.close(r2)
+            os.close(w2)
+
+
+def test_cli_restore_stdio_hands_over_its_own_0_1_2(daemon: Daemon, procs: Procs) -> None:
+    with fifo_dir() as d:
+        p, w, master, _ = start_stdio_tree(procs, d)
+        try:
+            first = tick_of(read_until(master, is_tick))
+            ck = daemon.client.checkpoint(p.pid)
+            p.wait(timeout=10)
+            last = drain_ticks(master, first)
+        finally:
+            os.close(w)
+            os.close(master)
+
+        r2, w2 = os.pipe()
+        with new_pty() as (master2, slave2):
+            raw(master2)
+            log2 = d / "c2.log"
+            err2 = os.open(log2, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            # The shell's 0, 1 and 2: a pipe, a pty and a file.
+            cli = subprocess.run(
+                daemon.cli("restore", ck["id"], "--stdio"),
+                stdin=r2,
+                stdout=slave2,
+                stderr=err2,
+                timeout=60,
+                check=False,
+            )
+            for fd in (r2, err2, slave2):
+                os.close(fd)
+            assert cli.returncode == 0, log2.read_text()
+            # Its report went to its stdout, the pty, before the tree's ticks.
+            line = read_until(master2, lambda s: s.startswith("restore "))
+            pid = int(line.split("pid ")[1].split()[0])
+            procs.adopt(pid)
+            try:
+                check_new_stdio(procs, pid, w2, master2, log2, last)
+            finally:
+                os.close(w2)
+                os.kill(pid, 9)
+                wait_for(lambda: dead(pid), 10, what="restored tree to die")
