@@ -182,9 +182,10 @@ class Client:
 
         fds maps a key or a (pid, fd) pair to a fresh fd; they are sent over
         the fd socket first.  stdio, three fds, replaces the root task's
-        fds 0, 1 and 2 (sent as one handle: the "stdio" shorthand).  paths maps a key to (path, mode) for the daemon
-        to open.  inherit_fds passes raw mappings through; other keyword
-        arguments (cgroup, oci) go into the request body as they are.
+        fds 0, 1 and 2 (sent as one handle: the "stdio" shorthand).  paths
+        maps a key to (path, mode) for the daemon to open.  inherit_fds
+        passes raw mappings through; other keyword arguments (cgroup, oci)
+        go into the request body as they are.
         """
         mappings: list[dict[str, Any]] = list(inherit_fds)
         if fds:
