@@ -1077,6 +1077,7 @@ class Core:
                             cgroup_root=oci_cgroup,
                             ns_fds=ns_fds,
                             network_lock=manifest.get("network_lock"),
+                            console=oci.console_source(inherit, mf.external_tty_keys(manifest)),
                         )
                     )
                 except oci.OciError as e:

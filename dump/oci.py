@@ -27,8 +27,11 @@ JoinNs (ipc, uts, ... with a path)          ``--join-ns TYPE:PATH`` (restore)
 CgRoot, each controller                     ``--cgroup-root PATH`` (restore)
 EvasiveDevices                              ``--evasive-devices`` (restore)
 RstSibling                                  ``--restore-sibling``: criud passes it always
-OrphanPtsMaster                             none: terminal containers are refused (the pty
-                                            master goes back over RPC only)
+OrphanPtsMaster (terminal: true; criu       none, RPC only: the slave is ``--external
+makes a new master and sends it over RPC)   tty[RDEV:DEV]`` (dump), a new slave handed in is
+                                            ``--inherit-fd`` (restore); /dev/console, the
+                                            slave's bind, is ``--external mnt[/dev/console]``
+                                            (dump) and binds the new slave (restore)
 NotifyScripts, ConfigFile                   none: criud passes ``--no-default-config``
 descriptors.json + InheritFd for pipes      criud's fd manifest and ``--inherit-fd``
 ==========================================  ====================================================
@@ -86,6 +89,8 @@ DEFAULT_DEVICES = ("/dev/null", "/dev/random", "/dev/full", "/dev/tty", "/dev/ze
 # runc masks a file by bind-mounting /dev/null over it; all such mounts share
 # this external key, which a restore maps to the host's /dev/null.
 MASK_KEY = "/dev/null"
+# A terminal container's /dev/console: runc binds the pty slave there.
+CONSOLE = "/dev/console"
 # Super options of a cgroup v1 mount that are not controllers.
 _CG_GENERIC_OPTS = frozenset(
     {"rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode", "favordynmods", "all"}
@@ -587,6 +592,13 @@ def _ext_mounts(spec: OciSpec, found: ContainerProbe) -> list[dict[str, Any]]:
                         "path": cg.path,
                     }
                 )
+    if spec.terminal:
+        # runc binds the container's pty slave (/0 of its devpts) onto
+        # /dev/console.  criu would restore that bind only with the slave's
+        # master in the tree ("Unable to find a master for /0"), or over RPC
+        # (orphan-pts-master, runc's way), which the CLI lacks.  So it stays
+        # out of the image, and the restore binds the new slave there.
+        add({"kind": "console", "mountpoint": CONSOLE, "key": CONSOLE})
     for path in found.masked_files:
         add({"kind": "masked", "mountpoint": path, "key": MASK_KEY})
     for dev in (*DEFAULT_DEVICES, *spec.devices):
@@ -634,12 +646,6 @@ def to_record(spec: OciSpec, found: ContainerProbe) -> dict[str, Any]:
 def _check_record(saved: Mapping[str, Any]) -> None:
     if saved.get("version") != RECORD_VERSION:
         raise OciError(f"unknown OCI record version {saved.get('version')!r}")
-    if saved.get("terminal"):
-        raise OciError(
-            "process.terminal is true: the container's stdio is a pty whose master "
-            "runc's console socket holds; criu hands it back only over RPC "
-            "(orphan-pts-master), so criud checkpoints terminal=false containers only"
-        )
 
 
 def _has_private_netns(namespaces: Iterable[Mapping[str, Any]]) -> bool:
@@ -757,6 +763,7 @@ def restore_args(
     cgroup_root: str | None = None,
     ns_fds: Mapping[str, int] | None = None,
     network_lock: str | None = None,
+    console: str | None = None,
 ) -> list[str]:
     """Extra `criu restore` arguments to restore `saved` into new_spec's bundle.
 
@@ -764,7 +771,9 @@ def restore_args(
     sources ("restore under a new name").  cgroup_root is where the restored
     tasks go (restore_cgroup_root derives runc's choice; the daemon may
     impose its own); the cgroup v1 mounts follow it.  ns_fds maps each key of
-    restore_ns_files to an fd open in criu's fd table.
+    restore_ns_files to an fd open in criu's fd table.  console is the host
+    path of the new pty slave a terminal container's /dev/console becomes
+    (console_source finds it).
     """
     _check_record(saved)
     check_compatible(saved, new_spec)
@@ -790,7 +799,14 @@ def restore_args(
             continue  # masked files share one key
         done.add(key)
         kind = m["kind"]
-        if kind == "bind":
+        if kind == "console":
+            if console is None:
+                raise OciError(
+                    "a terminal container needs a new pty slave for its terminal's key, "
+                    "to bind at /dev/console"
+                )
+            val = console
+        elif kind == "bind":
             val = sources[m["mountpoint"]]
         elif kind == "cgroup":
             where = cgroup_root if cgroup_root is not None else m["path"]
@@ -894,3 +910,30 @@ def ensure_mountpoints(spec: OciSpec) -> list[str]:
     finally:
         os.close(root_fd)
     return made
+
+
+def console_source(inherit: Iterable[tuple[int, str]], tty_keys: Sequence[str]) -> str | None:
+    """The host path of the new pty slave handed in for a terminal container's tty.
+
+    inherit pairs an fd (open in the daemon) with the key it replaces;
+    tty_keys are the checkpoint's external terminals, the container's own
+    first.  The fd's /proc link names the slave, and the name is believed
+    only if it is that very device, as the daemon sees it: criu binds it by
+    path onto /dev/console.  None when no terminal is being replaced.
+    """
+    fds = {key: fd for fd, key in inherit}
+    fd = next((fds[k] for k in tty_keys if k in fds), None)
+    if fd is None:
+        return None
+    try:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        mine, named = os.fstat(fd), os.stat(path)
+    except OSError as e:
+        raise OciError(f"cannot name the new pty slave: {e.strerror}") from e
+    same = (mine.st_rdev, mine.st_dev) == (named.st_rdev, named.st_dev)
+    if not (path.startswith("/dev/pts/") and stat.S_ISCHR(named.st_mode) and same):
+        raise OciError(
+            f"the new terminal handed in ({path}) is not a pty slave under the daemon's "
+            "/dev/pts: criu binds it by that path onto the container's /dev/console"
+        )
+    return path

@@ -436,10 +436,31 @@ def test_record_is_json_and_complete() -> None:
     assert oci.dump_args_from_record(rec) == oci.dump_args(spec, found_for(spec))
 
 
-def test_terminal_is_refused() -> None:
+def test_terminal_console_stays_out_and_gets_the_new_slave() -> None:
+    # The pty slave runc binds on /dev/console: criu cannot restore that bind
+    # without the master (held by the engine), so it is an external mount, and
+    # the restore binds the new slave the engine handed in.
     spec = oci.parse_spec(RUNC_SPEC, B)
-    with pytest.raises(OciError, match=re.escape("process.terminal is true")):
-        oci.dump_args(spec, ContainerProbe(pid=1))
+    assert spec.terminal is True
+    args = oci.dump_args(spec, ContainerProbe(pid=1))
+    assert "mnt[/dev/console]:/dev/console" in args
+    rec = oci.to_record(spec, ContainerProbe(pid=1))
+    with pytest.raises(OciError, match="new pty slave"):
+        oci.restore_args(rec, spec)
+    args = oci.restore_args(rec, spec, console="/dev/pts/7")
+    assert args[args.index("mnt[/dev/console]:/dev/pts/7") - 1] == "--external"
+
+
+def test_console_source_is_the_handed_in_slave(tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    try:
+        assert oci.console_source([(slave, "tty[1:2]")], ["tty[1:2]"]) == os.ttyname(slave)
+        assert oci.console_source([(slave, "pipe:[3]")], ["tty[1:2]"]) is None
+        with open(tmp_path / "f", "w") as f, pytest.raises(OciError, match="not a pty slave"):
+            oci.console_source([(f.fileno(), "tty[1:2]")], ["tty[1:2]"])
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 # -- restore ----------------------------------------------------------------------------
@@ -556,7 +577,8 @@ def test_restore_refuses_bad_records() -> None:
     rec = saved_record()
     with pytest.raises(OciError, match="unknown OCI record version"):
         oci.restore_args({**rec, "version": 99}, container())
-    with pytest.raises(OciError, match=re.escape("process.terminal is true")):
+    # A terminal container restores into a terminal bundle only.
+    with pytest.raises(OciError, match=re.escape("process.terminal differs")):
         oci.restore_args({**rec, "terminal": True}, container())
 
 
