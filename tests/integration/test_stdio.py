@@ -415,7 +415,6 @@ def test_stdio_needs_three_fds_and_a_terminal_for_a_pty(daemon: Daemon, procs: P
                 daemon.client.restore(ck["id"], stdio=[r2, w2, w2])
             assert e.value.status == 422 and e.value.code == "wrong_fd_type"
             assert "pty slave" in e.value.detail
-            # stdio covers 0-2 only: a missing mapping of another external fd is the usual 422.
         finally:
             os.close(r2)
             os.close(w2)
@@ -460,3 +459,42 @@ def test_cli_restore_stdio_hands_over_its_own_0_1_2(daemon: Daemon, procs: Procs
                 os.close(w2)
                 os.kill(pid, 9)
                 wait_for(lambda: dead(pid), 10, what="restored tree to die")
+
+
+def test_stdio_leaves_other_external_fds_to_their_own_mappings(
+    daemon: Daemon, procs: Procs
+) -> None:
+    # stdout and one more fd (number w3, as passed) are pipes whose read ends we hold.
+    r1, w1 = os.pipe()
+    r3, w3 = os.pipe()
+    p = procs.python(HELLO, stdout=w1, pass_fds=(w3,))
+    os.close(w3)
+    os.close(w1)
+    read_until(r1, lambda s: s.startswith("hello"))
+    ck = daemon.client.checkpoint(p.pid)
+    fd3_key = next(f["key"] for f in ck["fds"] if f["fd"] == w3)
+    assert fd3_key in ck["external"]
+    p.wait(timeout=10)
+    os.close(r1)
+    os.close(r3)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    r2, w2 = os.pipe()
+    r4, w4 = os.pipe()
+    try:
+        with pytest.raises(CriudClientError) as e:
+            daemon.client.restore(ck["id"], stdio=[null, w2, null])
+        assert e.value.status == 422 and e.value.code == "missing_inherit_fd"
+        assert e.value.problem["keys"] == [fd3_key]
+        res = daemon.client.restore(ck["id"], stdio=[null, w2, null], fds={(p.pid, w3): w4})
+        procs.adopt(res["pid"])
+        os.close(w2)
+        os.close(w4)
+        read_until(r2, lambda s: s.startswith("hello"))
+        daemon.client.signal(res["id"], "SIGKILL")
+        wait_for(lambda: dead(res["pid"]), 10, what="restored writer to die")
+    finally:
+        for fd_ in (null, r2, r4):
+            os.close(fd_)
+        for fd_ in (w2, w4):
+            with contextlib.suppress(OSError):
+                os.close(fd_)
