@@ -175,14 +175,17 @@ class Client:
         fds: Mapping[InheritKey, FdLike] | None = None,
         paths: Mapping[str, tuple[str, str]] | None = None,
         inherit_fds: Sequence[dict[str, Any]] = (),
+        stdio: Sequence[FdLike] | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
         """Restore checkpoint, replacing external resources.
 
         fds maps a key or a (pid, fd) pair to a fresh fd; they are sent over
-        the fd socket first.  paths maps a key to (path, mode) for the daemon
-        to open.  inherit_fds passes raw mappings through; other keyword
-        arguments (cgroup, oci) go into the request body as they are.
+        the fd socket first.  stdio, three fds, replaces the root task's
+        fds 0, 1 and 2 (sent as one handle: the "stdio" shorthand).  paths
+        maps a key to (path, mode) for the daemon to open.  inherit_fds
+        passes raw mappings through; other keyword arguments (cgroup, oci)
+        go into the request body as they are.
         """
         mappings: list[dict[str, Any]] = list(inherit_fds)
         if fds:
@@ -197,6 +200,8 @@ class Client:
                 mappings.append(m)
         for key, (path, mode) in (paths or {}).items():
             mappings.append({"key": key, "path": path, "mode": mode})
+        if stdio is not None:
+            fields["stdio"] = {"handle": self.send_fds(list(stdio))["handle"]}
         body = {"checkpoint": checkpoint, "inherit_fds": mappings, **fields}
         return dict(self.request("POST", "/v1/restores", body)[1])
 

@@ -152,6 +152,12 @@ class InheritFd(Strict):
     )
 
 
+class StdioRef(Strict):
+    """The stdio shorthand: a handle of three fds for the root task's 0, 1 and 2."""
+
+    handle: str = Field(max_length=64)
+
+
 class RestoreRequest(Strict):
     checkpoint: str = Field(
         max_length=192,
@@ -166,6 +172,12 @@ class RestoreRequest(Strict):
     oci: OciRef | None = Field(
         default=None,
         description="For an OCI container: the bundle to restore into (default: its own)",
+    )
+    stdio: StdioRef | None = Field(
+        default=None,
+        description="Indices 0, 1 and 2 of this fd handle replace the root task's fds 0, 1 "
+        "and 2 at dump time, whatever their kind (pipe, pty, FIFO or file); other "
+        "external fds still need their own inherit_fds",
     )
 
 

@@ -53,6 +53,7 @@ async def create_restore(body: RestoreRequest, c: CoreDep, who: CallerDep) -> Re
                 cgroup=body.cgroup,
                 oci_bundle=body.oci.bundle if body.oci else None,
                 oci_name=body.oci.name if body.oci else None,
+                stdio=body.stdio.handle if body.stdio else None,
             ),
             who,
         )

@@ -280,6 +280,12 @@ def _add_others(sub: Subparsers) -> None:
         metavar="KEY=PATH[:MODE]",
         help="the daemon opens PATH (mode r, w, a or r+; default a) for KEY",
     )
+    r.add_argument(
+        "--stdio",
+        action="store_true",
+        help="hand this command's own fds 0, 1 and 2 in for the tree's (a pipe, pty, FIFO "
+        "or file each, as they were at checkpoint)",
+    )
 
     sub.add_parser("ls", help="list checkpoints")
     i = sub.add_parser("inspect", help="show one checkpoint")
@@ -391,7 +397,12 @@ def _run_client(a: argparse.Namespace) -> int:
         )
     elif a.cmd == "restore":
         fds, paths = _restore_mappings(a)
-        out = cl.restore(a.checkpoint, fds=fds, paths=paths)  # type: ignore[arg-type]
+        out = cl.restore(
+            a.checkpoint,
+            fds=fds,  # type: ignore[arg-type]
+            paths=paths,
+            stdio=(0, 1, 2) if a.stdio else None,
+        )
         text = f"restore {out['id']}: pid {out['pid']} {out['state']}"
     elif a.cmd == "ls":
         out = cl.checkpoints()

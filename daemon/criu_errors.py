@@ -103,11 +103,17 @@ RULES: tuple[Rule, ...] = (
         "the tree has established TCP connections: pass tcp_established: true",
     ),
     Rule(
+        "external_tty",
+        re.compile(r"slave peer index \d+ without correspond master"),
+        "a pty slave of the tree has its master outside it (an engine's terminal): criud "
+        "dumps such a slave as external (--external tty[rdev:dev]) when its walk of the tree "
+        "sees it, so a pty opened while the checkpoint started was missed: retry it, and at "
+        'restore hand a new pty slave in for the key, inherit_fds: [{"key": "tty[RDEV:DEV]", '
+        '"handle": H, "index": N}] (or "stdio" for fds 0-2); shell_job is not the fix',
+    ),
+    Rule(
         "shell_job_needed",
-        re.compile(
-            r"is not a session leader|--shell-job|Found dangling tty|"
-            r"slave peer index \d+ without correspond master"
-        ),
+        re.compile(r"is not a session leader|--shell-job|Found dangling tty"),
         "the tree runs in a session or on a terminal it does not own: pass shell_job: true",
     ),
     Rule(
@@ -179,6 +185,7 @@ CLASSES: dict[str, type[errors.CriudError]] = {
     "external_unix_socket": errors.ExternalUnixSocket,
     "tcp_established_needed": errors.TcpEstablishedNeeded,
     "shell_job_needed": errors.ShellJobNeeded,
+    "external_tty": errors.ExternalTty,
     "file_locks_needed": errors.FileLocksNeeded,
     "ghost_file_too_big": errors.GhostFileTooBig,
     "pid_ns_not_rooted": errors.PidNsNotRooted,

@@ -338,6 +338,12 @@ class ShellJobNeeded(CriuFailed):
     title = "The tree is a shell job"
 
 
+class ExternalTty(CriuFailed):
+    status = 422
+    code = "external_tty"
+    title = "A pty slave's master is outside the tree"
+
+
 class FileLocksNeeded(CriuFailed):
     status = 422
     code = "file_locks_needed"

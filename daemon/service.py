@@ -440,6 +440,8 @@ class CriudService:
     async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
         """Restore a checkpoint, handing in the mapped fds; return the running restore."""
         target = {"checkpoint": spec.checkpoint, "inherit_fds": len(spec.inherit)}
+        if spec.stdio is not None:
+            target["stdio"] = spec.stdio
         op = self._operation(restore_job.run(self, spec, caller), caller)
         return await self._audited("restore", caller, target, op, lambda r: r.id)
 

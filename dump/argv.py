@@ -16,6 +16,7 @@ def dump_argv(
     opts: DumpOptions,
     *,
     external_unix: tuple[int, ...] = (),
+    external_tty: tuple[str, ...] = (),
     network_lock: str | None = None,
     unprivileged: bool = False,
     external_ns: tuple[tuple[str, int, str], ...] = (),
@@ -27,7 +28,10 @@ def dump_argv(
     tree and which the caller declared external: criu dumps them as such and
     the restore must hand in a replacement.  network_lock is given when the
     dump locks a network (TCP connections, or a network namespace of its
-    own) and criu's default (iptables) is not available.
+    own) and criu's default (iptables) is not available.  external_tty
+    holds the tty[rdev:dev] keys of pty slaves whose master is outside the
+    tree (an engine's terminal): criu leaves them out of the image and the
+    restore inherits a new slave for each.
     """
     argv = [
         "dump",
@@ -51,6 +55,9 @@ def dump_argv(
         argv += ["--network-lock", network_lock]
     for ino in external_unix:
         argv += ["--external", f"unix[{ino}]"]
+    # The key is criu's own name for the terminal, tty[rdev:dev], as is.
+    for key in external_tty:
+        argv += ["--external", key]
     # (type, inode, key): the namespace stays out of the image; a restore
     # joins whatever namespace is handed in for the key.
     for ns_type, ino, key in external_ns:

@@ -29,6 +29,7 @@ import socket
 import stat
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from criud.daemon import procutil
@@ -41,6 +42,10 @@ _ACCMODE = {os.O_RDONLY: "r", os.O_WRONLY: "w", os.O_RDWR: "rw"}
 # Character devices CRIU treats as terminals: pty slaves and masters, vt,
 # serial, /dev/tty and /dev/console.
 _TTY_MAJORS = {4, 5, 136, 137, 138, 139, 140, 141, 142, 143, 128, 129, 130, 131, 132, 133, 134, 135}
+# Unix98 pty slaves (/dev/pts/N): majors 136-143 (UNIX98_PTY_SLAVE_MAJOR on).
+_PTS_MAJORS = range(136, 144)
+# A pty master is an fd of the multiplexer, /dev/ptmx or a devpts' own ptmx.
+_PTMX_TARGETS = ("/dev/ptmx", "/dev/pts/ptmx")
 
 _ANON_TYPES = {
     "eventfd": "eventfd",
@@ -111,6 +116,10 @@ class FdInfo:
     # File locks this fd holds, as "TYPE MODE MAJ:MIN:INODE" (the file's
     # identity as /proc/locks prints it), e.g. "FLOCK WRITE fe:00:1234".
     locks: tuple[str, ...] = ()
+    # A pty end: the pair's index (N of /dev/pts/N), for the slave and for
+    # the master (/dev/ptmx) alike; pty_master tells them apart.
+    pty: int | None = None
+    pty_master: bool = False
 
     @classmethod
     def of(cls, d: Mapping[str, Any]) -> FdInfo:
@@ -129,7 +138,8 @@ class FdInfo:
 # (read_fds) gives the compact form, with only the fields that apply: fd,
 # type, key, mode, target and external always; inode when known; append and
 # locks only when set; a file's size, and a socket's peer, sock_type, state,
-# local and remote, only when there is one.  A pipe is 90 bytes of JSON
+# local and remote, only when there is one; a pty end's pty index, and
+# pty_master only when set.  A pipe is 90 bytes of JSON
 # instead of 230.  FdInfo.of() turns either form into the typed view.
 # Whole trees travel in this form (to the manifest, the API, and from a
 # forked reader, criud.daemon.forkmap), so the tree-wide steps work on it.
@@ -488,7 +498,7 @@ def _classify_at(
         if ino is not None:
             d["inode"] = ino
     else:
-        more = _describe_by_stat(d, dirfd, name, target, locked)
+        more = _describe_by_stat(d, pid, dirfd, name, target, locked)
         if more is None:
             return None
         need_fdinfo = need_fdinfo or more
@@ -498,7 +508,7 @@ def _classify_at(
 
 
 def _describe_by_stat(
-    d: Fd, dirfd: int, name: str, target: str, locked: set[tuple[int, int]]
+    d: Fd, pid: int, dirfd: int, name: str, target: str, locked: set[tuple[int, int]]
 ) -> bool | None:
     """Fill d from a stat of the fd's file; whether fdinfo is needed too (None: fd closed)."""
     try:
@@ -513,7 +523,7 @@ def _describe_by_stat(
         d["type"] = "memfd"
         d["size"] = st.st_size
     elif target.startswith("/"):
-        _describe_path(d, st)
+        _describe_path(d, st, pid)
         # O_APPEND matters only for a file open for writing (criu
         # size-checks every other file at restore), and only fdinfo
         # shows it: skip it for read-only fds, the commonest kind.
@@ -540,13 +550,44 @@ def _apply_fdinfo(d: Fd, pid: int, fd: int) -> None:
         d["locks"] = held
 
 
-def _describe_path(d: Fd, st: os.stat_result) -> None:
+def pts_index(rdev: int) -> int:
+    """The index N of /dev/pts/N from a slave's device number (as the kernel numbers them)."""
+    # devpts makes MKDEV(136, N): past 255, N spills into the minor's upper
+    # bits and the major stays 136.  136 + k with a small minor is the
+    # legacy split of the same index space.
+    return (os.major(rdev) - _PTS_MAJORS[0]) * 256 + os.minor(rdev)
+
+
+def _master_index(pid: int, fd: int) -> int | None:
+    """The pty index a master fd serves: fdinfo's "tty-index" line (None if absent)."""
+    try:
+        text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("tty-index:"):
+            try:
+                return int(line.split()[1])
+            except (ValueError, IndexError):
+                return None
+    return None
+
+
+def _describe_path(d: Fd, st: os.stat_result, pid: int) -> None:
     target = d["target"]
     if stat.S_ISFIFO(st.st_mode):
         d["type"] = "fifo"
     elif stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in _TTY_MAJORS:
         d["type"] = "tty"
         d["key"] = tty_key(st)
+        if os.major(st.st_rdev) in _PTS_MAJORS:
+            d["pty"] = pts_index(st.st_rdev)
+        elif target in _PTMX_TARGETS:
+            # Masters are rare: one fdinfo read each says which slave they serve.
+            d["pty_master"] = True
+            index = _master_index(pid, d["fd"])
+            if index is not None:
+                d["pty"] = index
         return
     elif stat.S_ISREG(st.st_mode):
         d["type"] = "deleted" if target.endswith(" (deleted)") else "file"
@@ -680,12 +721,16 @@ def mark_external(tree: Iterable[Sequence[Fd]]) -> list[str]:
 
     tree is the fds of each task.  A pipe or fifo is external when the tree
     holds only its read end or only its write end; a unix socket when its
-    peer's inode is not held by the tree.  The keys come once each, in the
-    order the walk meets them.
+    peer's inode is not held by the tree; a pty slave when no master of its
+    index is (an engine's terminal: the engine holds the master).  The keys
+    come once each, in the order the walk meets them.
     """
     tree = list(tree)
     ends: dict[str, str] = {}
     sockets_held: set[int] = set()
+    # criu pairs a slave with a master by index alone (tty.c's active-pairs
+    # bitmap), whatever devpts instance either lives in: so do we.
+    masters = {f.get("pty") for fds in tree for f in fds if f.get("pty_master")}
     # Two passes over every fd of the tree (10 000 in a big one): plain
     # loops, and the rarer kinds skipped with one comparison.
     for fds in tree:
@@ -705,6 +750,10 @@ def mark_external(tree: Iterable[Sequence[Fd]]) -> list[str]:
                 f["external"] = not ("r" in held and "w" in held)
             elif t == "unix" and f.get("peer"):
                 f["external"] = f["peer"] not in sockets_held
+            elif t == "tty" and f.get("pty") is not None and not f.get("pty_master"):
+                # A master of unknown index (no tty-index in its fdinfo) may
+                # be this slave's: then the slave is taken to be paired.
+                f["external"] = f["pty"] not in masters and None not in masters
             if f["external"]:
                 external[f["key"]] = None
     return list(external)

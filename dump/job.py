@@ -280,6 +280,7 @@ class _Dump:
             images_arg,
             opts,
             external_unix=tuple(m.external_unix_inodes(opts.external)),
+            external_tty=tuple(m.external_tty_keys()),
             network_lock=lock,
             unprivileged=run_as is not None,
             external_ns=tuple((n.type, n.ino, n.key) for n in m.ext_namespaces),

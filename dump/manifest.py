@@ -150,6 +150,20 @@ class Manifest:
                     out.append(f["inode"])
         return out
 
+    def external_tty_keys(self) -> list[str]:
+        """Keys of pty slaves whose master is outside the tree (for --external tty[...]).
+
+        criud passes these by itself, as it marks them: criu then dumps the
+        slave as an external terminal instead of refusing it ("slave peer
+        without master"), and a restore must hand a new slave in for each key.
+        """
+        out: list[str] = []
+        for t in self.tasks:
+            for f in t.fds:
+                if f["type"] == "tty" and f["external"] and f["key"] not in out:
+                    out.append(str(f["key"]))
+        return out
+
 
 def build(tasks: Sequence[TaskInfo], declared_external: Iterable[str]) -> Manifest:
     """The fd part of the manifest; InvalidRequest for a declared key the tree does not hold."""

@@ -27,8 +27,11 @@ JoinNs (ipc, uts, ... with a path)          ``--join-ns TYPE:PATH`` (restore)
 CgRoot, each controller                     ``--cgroup-root PATH`` (restore)
 EvasiveDevices                              ``--evasive-devices`` (restore)
 RstSibling                                  ``--restore-sibling``: criud passes it always
-OrphanPtsMaster                             none: terminal containers are refused (the pty
-                                            master goes back over RPC only)
+OrphanPtsMaster (terminal: true; criu       none, RPC only: the slave is ``--external
+makes a new master and sends it over RPC)   tty[RDEV:DEV]`` (dump), a new slave handed in is
+                                            ``--inherit-fd`` (restore); /dev/console, the
+                                            slave's bind, is ``--external mnt[/dev/console]``
+                                            (dump) and binds the new slave (restore)
 NotifyScripts, ConfigFile                   none: criud passes ``--no-default-config``
 descriptors.json + InheritFd for pipes      criud's fd manifest and ``--inherit-fd``
 ==========================================  ====================================================
@@ -87,6 +90,8 @@ DEFAULT_DEVICES = ("/dev/null", "/dev/random", "/dev/full", "/dev/tty", "/dev/ze
 # runc masks a file by bind-mounting /dev/null over it; all such mounts share
 # this external key, which a restore maps to the host's /dev/null.
 MASK_KEY = "/dev/null"
+# A terminal container's /dev/console: runc binds the pty slave there.
+CONSOLE = "/dev/console"
 # Super options of a cgroup v1 mount that are not controllers.
 _CG_GENERIC_OPTS = frozenset(
     {"rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode", "favordynmods", "all"}
@@ -606,6 +611,13 @@ def _ext_mounts(spec: OciSpec, found: ContainerProbe) -> list[dict[str, Any]]:
                         "path": cg.path,
                     }
                 )
+    if spec.terminal:
+        # runc binds the container's pty slave (/0 of its devpts) onto
+        # /dev/console.  criu would restore that bind only with the slave's
+        # master in the tree ("Unable to find a master for /0"), or over RPC
+        # (orphan-pts-master, runc's way), which the CLI lacks.  So it stays
+        # out of the image, and the restore binds the new slave there.
+        add({"kind": "console", "mountpoint": CONSOLE, "key": CONSOLE})
     for path in found.masked_files:
         add({"kind": "masked", "mountpoint": path, "key": MASK_KEY})
     for dev in (*DEFAULT_DEVICES, *spec.devices):
@@ -653,12 +665,6 @@ def to_record(spec: OciSpec, found: ContainerProbe) -> dict[str, Any]:
 def check_record(saved: Mapping[str, Any]) -> None:
     if saved.get("version") != RECORD_VERSION:
         raise OciError(f"unknown OCI record version {saved.get('version')!r}")
-    if saved.get("terminal"):
-        raise OciError(
-            "process.terminal is true: the container's stdio is a pty whose master "
-            "runc's console socket holds; criu hands it back only over RPC "
-            "(orphan-pts-master), so criud checkpoints terminal=false containers only"
-        )
 
 
 def has_private_netns(namespaces: Iterable[Mapping[str, Any]]) -> bool:

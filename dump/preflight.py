@@ -15,8 +15,12 @@ reported it.
 
 The rules follow what criu 4.2.1 did on this machine (see
 tests/unit/criu_logs/ for the logs):
-- a root task that is not a session leader, or a pty whose master the tree
-  does not hold, needs --shell-job;
+- a root task that is not a session leader needs --shell-job, and so does a
+  controlling pty no fd of the tree holds;
+- a pty slave whose master the tree does not hold is external, like half a
+  pipe: criud dumps it with ``--external tty[rdev:dev]`` and a restore maps a
+  new slave to its key (not --shell-job, which would tie the restore to
+  criu's own terminal);
 - a connected TCP socket needs --tcp-established;
 - a unix socket whose peer is outside the tree needs ``--external
   unix[ino]`` (criud passes it for keys in ``external``); ``--ext-unix-sk``
@@ -149,40 +153,38 @@ def _shell_job(tasks: list[Task], opts: DumpOptions) -> list[Finding]:
                 opts.shell_job,
             )
         )
-    holds_master = any(str(f["target"]) in _PTMX for _, f in _fds(tasks))
-    if holds_master:
-        # We cannot tell which pty a master serves without its fdinfo; one
-        # master in the tree is taken to serve the tree's slaves.
-        return out
+    return out + _ctty_without_fd(tasks, opts)
+
+
+def _ctty_without_fd(tasks: list[Task], opts: DumpOptions) -> list[Finding]:
+    """A controlling pty that no fd of the tree holds, with its master outside.
+
+    A pty slave the tree holds an fd of is fine either way: paired with a
+    master in the tree, or external (criud passes ``--external tty[...]``
+    and the restore maps a new slave to its key; see _external).  Only a
+    terminal kept as nothing but the session's controlling tty leaves criu
+    no fd to restore it by.
+    """
+    held = {str(f["target"]) for _, f in _fds(tasks) if f["type"] == "tty"}
+    if held & set(_PTMX):
+        # One master in the tree is taken to serve the session's terminal.
+        return []
     for t in tasks:
-        slave = next(
-            (
-                f
-                for f in t["fds"]
-                if f["type"] == "tty" and str(f["target"]).startswith("/dev/pts/")
-            ),
-            None,
-        )
         tty = t["tty"]
-        if slave is None and (tty is None or not str(tty["name"] or "").startswith("pts/")):
+        name = str(tty["name"] or "") if tty else ""
+        if not name.startswith("pts/") or f"/dev/{name}" in held:
             continue
-        if slave is not None:
-            what = f"fd {slave['fd']} ({slave['target']})"
-        else:
-            what = f"its controlling tty {tty['name'] if tty else '?'}"
-        out.append(
+        return [
             _finding(
                 "shell_job_needed",
                 t["pid"],
-                f"pid {t['pid']} holds a pty, {what}, whose master is outside the tree",
+                f"pid {t['pid']} has the pty {name} as its controlling tty, but no fd of "
+                "the tree holds it and its master is outside the tree",
                 "shell_job: true",
                 opts.shell_job,
-                fd=slave["fd"] if slave else None,
-                key=str(slave["key"]) if slave else None,
             )
-        )
-        break  # criu stops at the first; so does one finding per tree
-    return out
+        ]
+    return []
 
 
 def _sockets(tasks: list[Task], opts: DumpOptions) -> list[Finding]:
@@ -252,13 +254,22 @@ def _external_fd(t: Task, f: dict[str, Any], key: str, declared: set[str]) -> Fi
         # The path form needs no fd passing; its modes are r, w, a, r+.
         mode = "a" if f.get("append") else _PATH_MODES.get(str(f.get("mode")), "r")
         mapping = {"key": key, "path": "/" + key, "mode": mode}
+    elif f["type"] == "fifo":
+        # A FIFO opens by path once the engine holds its other end.
+        mode = "r" if f.get("mode") == "r" else "w"
+        mapping = {"key": key, "path": "/" + key, "mode": mode, "type": "fifo"}
     else:
         mapping = {"key": key, "handle": "<handle>", "index": 0}
-    why = (
-        "declared external"
-        if key in declared and not f.get("external")
-        else "its other end is outside the tree"
-    )
+    if key in declared and not f.get("external"):
+        why = "declared external"
+    elif f["type"] == "tty":
+        why = (
+            "a pty slave whose master is outside the tree (criud dumps it with "
+            "--external); a new pty slave handed over the fd socket replaces it, and "
+            "the engine sets the window size on its new master"
+        )
+    else:
+        why = "its other end is outside the tree"
     return _finding(
         "external_resource",
         t["pid"],

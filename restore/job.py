@@ -4,10 +4,12 @@
 
 1. validate: the caller's fd handles, the checkpoint (done, the caller's,
    not busy), the OCI rules;
-2. resolve the inherit mappings against the checkpoint's manifest;
+2. expand the stdio shorthand (criud.restore.stdio) and resolve the inherit
+   mappings against the checkpoint's manifest;
 3. lease the fd handles and 4. open the caller's paths (as the caller), all
    into one FdMap, which owns every fd the worker will get;
-5. OCI: prepare the bundle (criud.restore.oci) and hand in its namespaces;
+5. OCI: prepare the bundle (criud.restore.oci; a terminal container's
+   /dev/console binds the new pty slave) and hand in its namespaces;
 6. place the tree in its cgroup;
 7. run criu (through the runtime's runner, in a fresh run dir);
 8. adopt the restored root: verify it, record it running, and give it to
@@ -51,7 +53,7 @@ from criud.daemon.store import CheckpointRecord, RestoreRecord, RestoreState, St
 from criud.dump import images
 from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
-from criud.restore import mappings
+from criud.restore import mappings, stdio
 from criud.restore import oci as restore_oci
 from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
 from criud.restore.paths import Creds, PathOpener, PathRequest
@@ -75,6 +77,8 @@ class RestoreSpec:
     # checkpoint's own when None) and the new container's name.
     oci_bundle: str | None = None
     oci_name: str | None = None
+    # An fd handle of three fds for the root task's 0, 1 and 2 (criud.restore.stdio).
+    stdio: str | None = None
 
 
 class Children(Protocol):
@@ -118,7 +122,7 @@ async def run(rt: RestoreRuntime, spec: RestoreSpec, caller: Caller) -> RestoreR
     with rt.busy(ckpt.id, busy):
         manifest = Manifest.from_json(ckpt.manifest)
         _check_caller(ckpt.id, manifest, spec, caller)
-        resolved = mappings.resolve(spec.inherit, manifest)
+        resolved = mappings.resolve(_with_stdio(rt, spec, manifest, caller), manifest)
         cgroup = check_cgroup(spec.cgroup, rt.settings.cgroup_parent) if spec.cgroup else None
         with Leases(rt.handles, caller.uid) as leases, FdMap() as fds:
             await _inherit(rt, resolved, leases, fds, caller)
@@ -138,10 +142,10 @@ async def run(rt: RestoreRuntime, spec: RestoreSpec, caller: Caller) -> RestoreR
 def _check_handles(rt: RestoreRuntime, spec: RestoreSpec, caller: Caller) -> None:
     """Handles first: an unusable one (unknown, expired, consumed, another uid's) is wrong
     whatever the checkpoint."""
-    for s in spec.inherit:
-        if s.handle is not None:
+    for h_id in [s.handle for s in spec.inherit if s.handle] + [spec.stdio or ""]:
+        if h_id:
             require_unix(caller)
-            rt.handles.get(s.handle, caller.uid)
+            rt.handles.get(h_id, caller.uid)
 
 
 def _check_caller(ckpt_id: str, manifest: Manifest, spec: RestoreSpec, caller: Caller) -> None:
@@ -169,6 +173,19 @@ def check_cgroup(path: str, parent: str) -> str:
     if parts[: len(base)] != base or len(parts) <= len(base):
         raise InvalidCgroup(f"cgroup {path!r} must lie beneath /{'/'.join(base)}/")
     return "/" + "/".join(parts)
+
+
+# -- 2. resolve --------------------------------------------------------------------
+
+
+def _with_stdio(
+    rt: RestoreRuntime, spec: RestoreSpec, manifest: Manifest, caller: Caller
+) -> tuple[mappings.InheritSpec, ...]:
+    """spec's mappings, plus those its stdio handle stands for (criud.restore.stdio)."""
+    if spec.stdio is None:
+        return spec.inherit
+    h = rt.handles.get(spec.stdio, caller.uid)
+    return stdio.expand(spec.inherit, spec.stdio, len(h.fds), manifest)
 
 
 # -- 3, 4. lease handles, open paths ----------------------------------------------
@@ -202,7 +219,8 @@ async def _inherit(
 
 
 def check_fd_types(inherit: Sequence[tuple[int, str]], manifest: Manifest) -> None:
-    """A namespace key needs an fd of a namespace of its type, nothing else."""
+    """A namespace key needs an fd of a namespace of its type; a terminal's, a terminal."""
+    stdio.check_terminals(inherit, manifest)
     for fd, key in inherit:
         ns_type = manifest.namespace_type(key)
         if ns_type is None:
@@ -227,8 +245,10 @@ async def _prepare_oci(
     saved = manifest.oci
     assert saved is not None
     bundle = spec.oci_bundle or str(saved["bundle"])
+    # A terminal container's /dev/console binds the new pty slave handed in.
+    console = restore_oci.console_source(fds.inherited, manifest.external_tty_keys())
     prepared = await asyncio.to_thread(
-        restore_oci.prepare, saved, bundle, spec.oci_name, cgroup, manifest.network_lock
+        restore_oci.prepare, saved, bundle, spec.oci_name, cgroup, manifest.network_lock, console
     )
     for key, path in prepared.ns_files.items():
         try:

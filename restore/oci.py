@@ -15,7 +15,7 @@ import dataclasses
 import os
 import posixpath
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from criud.dump.oci import (
@@ -48,12 +48,14 @@ def prepare(
     name: str | None,
     cgroup: str | None,
     network_lock: str | None,
+    console: str | None = None,
 ) -> OciRestore:
     """Load the bundle to restore into, check it fits (once), make its mountpoints.
 
     Blocking (run it in a thread).  cgroup is criud's placement, if any; the
-    bundle's own (as runc derives it) otherwise.  OciError (a 422
-    invalid_bundle) names the bundle.
+    bundle's own (as runc derives it) otherwise.  console is the new pty
+    slave a terminal container's /dev/console becomes (console_source).
+    OciError (a 422 invalid_bundle) names the bundle.
     """
     try:
         new_spec = load_spec(bundle)
@@ -62,7 +64,9 @@ def prepare(
         ns_files = restore_ns_files(saved, new_spec)
         ensure_mountpoints(new_spec)
         root = cgroup or restore_cgroup_root(new_spec, name)
-        args = restore_args(saved, new_spec, cgroup_root=root, network_lock=network_lock)
+        args = restore_args(
+            saved, new_spec, cgroup_root=root, network_lock=network_lock, console=console
+        )
     except OciError as e:
         e.extra.setdefault("bundle", bundle)
         raise
@@ -139,6 +143,7 @@ def restore_args(
     *,
     cgroup_root: str | None = None,
     network_lock: str | None = None,
+    console: str | None = None,
 ) -> list[str]:
     """Extra `criu restore` arguments to restore `saved` into new_spec's bundle.
 
@@ -147,7 +152,9 @@ def restore_args(
     tasks go (restore_cgroup_root derives runc's choice; the daemon may
     impose its own); the cgroup v1 mounts follow it.  The caller has run
     check_compatible; the fds of restore_ns_files are handed in by the
-    restore's FdMap, which writes their --inherit-fd arguments.
+    restore's FdMap, which writes their --inherit-fd arguments.  console is
+    the host path of the new pty slave a terminal container's /dev/console
+    becomes (console_source finds it).
     """
     check_record(saved)
     args = ["--root", new_spec.rootfs, "--manage-cgroups=soft"]
@@ -163,22 +170,7 @@ def restore_args(
         # With --empty-ns net criu re-applies the dump's lock in the new netns
         # and lifts it at the end: the method must be the dump's.
         args += ["--network-lock", network_lock]
-    sources = {d: s for d, s, _ in new_spec.bind_mounts}
-    done: set[str] = set()
-    for m in saved.get("external_mounts") or []:
-        key = m["key"]
-        if key in done:
-            continue  # masked files share one key
-        done.add(key)
-        kind = m["kind"]
-        if kind == "bind":
-            val = sources[m["mountpoint"]]
-        elif kind == "cgroup":
-            where = cgroup_root if cgroup_root is not None else m["path"]
-            val = posixpath.join(m["host_mountpoint"], where.lstrip("/")).rstrip("/")
-        else:  # masked, device: the host's own node
-            val = key
-        args += ["--external", f"mnt[{key}]:{val}"]
+    args += _external_mounts(saved, new_spec, cgroup_root, console)
     for ns in new_spec.namespaces:
         if ns.path is not None and ns.type in JOINABLE_NS:
             if "," in ns.path:
@@ -187,6 +179,37 @@ def restore_args(
                     f"namespace path {ns.path!r} contains a comma, which criu cannot take"
                 )
             args += ["--join-ns", f"{NS_CRIU_NAMES[ns.type]}:{ns.path}"]
+    return args
+
+
+def _external_mounts(
+    saved: Mapping[str, Any], new_spec: OciSpec, cgroup_root: str | None, console: str | None
+) -> list[str]:
+    """--external mnt[KEY]:SOURCE for each mount the dump left out of the image."""
+    args: list[str] = []
+    sources = {d: s for d, s, _ in new_spec.bind_mounts}
+    done: set[str] = set()
+    for m in saved.get("external_mounts") or []:
+        key = m["key"]
+        if key in done:
+            continue  # masked files share one key
+        done.add(key)
+        kind = m["kind"]
+        if kind == "console":
+            if console is None:
+                raise OciError(
+                    "a terminal container needs a new pty slave for its terminal's key, "
+                    "to bind at /dev/console"
+                )
+            val = console
+        elif kind == "bind":
+            val = sources[m["mountpoint"]]
+        elif kind == "cgroup":
+            where = cgroup_root if cgroup_root is not None else m["path"]
+            val = posixpath.join(m["host_mountpoint"], where.lstrip("/")).rstrip("/")
+        else:  # masked, device: the host's own node
+            val = key
+        args += ["--external", f"mnt[{key}]:{val}"]
     return args
 
 
@@ -271,3 +294,30 @@ def ensure_mountpoints(spec: OciSpec) -> list[str]:
     finally:
         os.close(root_fd)
     return made
+
+
+def console_source(inherit: Iterable[tuple[int, str]], tty_keys: Sequence[str]) -> str | None:
+    """The host path of the new pty slave handed in for a terminal container's tty.
+
+    inherit pairs an fd (open in the daemon) with the key it replaces;
+    tty_keys are the checkpoint's external terminals, the container's own
+    first.  The fd's /proc link names the slave, and the name is believed
+    only if it is that very device, as the daemon sees it: criu binds it by
+    path onto /dev/console.  None when no terminal is being replaced.
+    """
+    fds = {key: fd for fd, key in inherit}
+    fd = next((fds[k] for k in tty_keys if k in fds), None)
+    if fd is None:
+        return None
+    try:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        mine, named = os.fstat(fd), os.stat(path)
+    except OSError as e:
+        raise OciError(f"cannot name the new pty slave: {e.strerror}") from e
+    same = (mine.st_rdev, mine.st_dev) == (named.st_rdev, named.st_dev)
+    if not (path.startswith("/dev/pts/") and stat.S_ISCHR(named.st_mode) and same):
+        raise OciError(
+            f"the new terminal handed in ({path}) is not a pty slave under the daemon's "
+            "/dev/pts: criu binds it by that path onto the container's /dev/console"
+        )
+    return path

@@ -10,10 +10,12 @@ neither see nor disturb containers of the host's runc.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import tempfile
@@ -97,11 +99,13 @@ def build_bundle(
     binds: Mapping[str, str] | None = None,
     network: bool = True,
     cgroups_path: str | None = None,
+    terminal: bool = False,
 ) -> Path:
     """Make an OCI bundle at `bundle`: busybox rootfs and runc's default config.
 
-    The config is `runc spec`'s, with terminal off (so `runc run -d` hands the
-    container its own stdio), the given args, extra bind mounts
+    The config is `runc spec`'s, with terminal off unless asked (off, `runc
+    run -d` hands the container its own stdio; on, runc makes a pty and sends
+    its master to a console socket), the given args, extra bind mounts
     {destination: host source}, and the network namespace dropped unless
     network.  The rootfs gets a /tmp: criu restores into a read-only root
     only through an existing tmp directory (it pivots through it).
@@ -112,7 +116,7 @@ def build_bundle(
     for d in ("tmp", "proc", "sys", "dev"):
         (root / d).mkdir(exist_ok=True)
     spec = runc_spec()
-    spec["process"]["terminal"] = False
+    spec["process"]["terminal"] = terminal
     spec["process"]["args"] = list(args)
     spec["root"]["path"] = rootfs
     for dest, source in (binds or {}).items():
@@ -165,10 +169,14 @@ class Runc:
     def cmd(self, *args: str) -> list[str]:
         return [RUNC, "--root", str(self.state_root), *args]
 
-    def run_detached(self, bundle: Path, container_id: str, stdout_fd: int) -> int:
+    def run_detached(
+        self, bundle: Path, container_id: str, stdout_fd: int, console_socket: Path | None = None
+    ) -> int:
         """`runc run -d`: the container's stdout and stderr are stdout_fd; return its init pid.
 
-        runc's own messages go to a log file beside the state, not into the pipe.
+        With console_socket (a terminal container), runc sends the pty's master
+        there instead.  runc's own messages go to a log file beside the state,
+        not into the pipe.
         """
         pid_file = self.state_root / f"{container_id}.pid"
         log = self.state_root / f"{container_id}.log"
@@ -181,6 +189,7 @@ class Runc:
                 "-d",
                 "--pid-file",
                 str(pid_file),
+                *(["--console-socket", str(console_socket)] if console_socket else []),
                 "--bundle",
                 str(bundle),
                 container_id,
@@ -216,6 +225,40 @@ class Runc:
     def cleanup(self) -> None:
         for cid in reversed(self.started):
             self.delete(cid)
+
+
+class ConsoleSocket:
+    """The engine's console socket, as runc's recvtty serves it: it receives the pty master.
+
+    A unix stream socket at path; runc connects once and sends the master
+    over SCM_RIGHTS.  accept() waits (bounded) for it and returns the fd.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(str(path))
+        self.sock.listen(1)
+
+    def accept(self, timeout: float = 30.0) -> int:
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(timeout)
+            space = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+            _, anc, flags, _ = conn.recvmsg(4096, space, socket.MSG_CMSG_CLOEXEC)
+        assert not flags & socket.MSG_CTRUNC, "console socket: control data truncated"
+        fds = array.array("i")
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        assert len(fds) == 1, f"console socket: expected one fd, got {len(fds)}"
+        return int(fds[0])
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
 
 def cgroup_dirs(path: str) -> list[Path]:

@@ -206,22 +206,29 @@ def test_systemd_socket_activation(procs: Procs) -> None:
 
 
 def test_shell_job_roundtrip(daemon: Daemon, procs: Procs) -> None:
-    # A process with a pty as its controlling terminal needs shell_job.
+    # A root that is not a session leader needs shell_job; a session leader on
+    # a pty whose master is ours does not: its slave is external (issue 17).
     import pty
+
+    p = procs.spawn(["sleep", "1000"], start_new_session=False)
+    r = daemon.client.preflight(p.pid)
+    assert any(f["code"] == "shell_job_needed" and not f["resolved"] for f in r["blockers"])
+    assert daemon.client.preflight(p.pid, shell_job=True)["ok"] is True
+    with pytest.raises(CriudClientError) as e:
+        daemon.client.checkpoint(p.pid, leave_running=True)
+    assert e.value.code == "shell_job_needed" and "shell_job" in e.value.problem["hint"]
+    ck = daemon.client.checkpoint(p.pid, leave_running=True, shell_job=True)
+    assert ck["options"]["shell_job"] is True
 
     pid, master = pty.fork()
     if pid == 0:  # child: a session leader on the pty
         os.execvp("sleep", ["sleep", "1000"])
     try:
-        r = daemon.client.preflight(pid)
-        assert any(f["code"] == "shell_job_needed" and not f["resolved"] for f in r["blockers"])
-        assert daemon.client.preflight(pid, shell_job=True)["ok"] is True
-        with pytest.raises(CriudClientError) as e:
-            daemon.client.checkpoint(pid, leave_running=True)
-        assert e.value.code == "shell_job_needed" and "shell_job" in e.value.problem["hint"]
-        ck = daemon.client.checkpoint(pid, leave_running=True, shell_job=True)
-        assert ck["options"]["shell_job"] is True
-        assert any(f["type"] == "tty" and f["key"].startswith("tty[") for f in ck["fds"])
+        assert daemon.client.preflight(pid)["ok"] is True
+        ck = daemon.client.checkpoint(pid, leave_running=True)
+        tty = [f for f in ck["fds"] if f["type"] == "tty"]
+        assert tty and all(f["key"].startswith("tty[") and f["external"] for f in tty)
+        assert tty[0]["key"] in ck["external"]
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -93,3 +94,56 @@ def test_bad_bundles_refused(daemon: Daemon, procs: Procs, tmp_path: Path) -> No
             daemon.client.checkpoint(p.pid, leave_running=True, oci={"bundle": str(bundle)})
         assert e.value.status == 422 and e.value.code == "invalid_bundle"
     assert p.poll() is None
+
+
+def test_terminal_container_restored_onto_a_new_pty(daemon: Daemon, procs: Procs) -> None:
+    import termios
+
+    from tests.integration.test_stdio import dead, drain_ticks, new_pty, raw, read_until
+
+    with temp_root() as root, oh.runc_env(root / "runc") as runc:
+        loop = "i=0; while true; do echo tick $i $(tty); i=$((i+1)); sleep 0.1; done"
+        bundle = oh.build_bundle(root / "t1", args=("sh", "-c", loop), terminal=True)
+        console = oh.ConsoleSocket(root / "console.sock")
+        try:
+            init = runc.run_detached(
+                bundle, "criud-t1", subprocess.DEVNULL, console_socket=console.path
+            )
+            master = console.accept()
+        finally:
+            console.close()
+        try:
+            raw(master)
+            first = read_until(master, lambda s: s.startswith("tick "))
+            ck = daemon.client.checkpoint(init, name="term", oci={"bundle": str(bundle)})
+            (key,) = ck["external"]
+            assert key.startswith("tty[")
+            wait_for(lambda: oh_gone(init), 10, what="the container's init to be gone")
+            last = drain_ticks(master, int(first.split()[1]))
+        finally:
+            os.close(master)
+
+        bundle2 = oh.copy_bundle(bundle, root / "t2", rootfs="rootfs2")
+        with new_pty() as (master2, slave2):
+            raw(master2)
+            new_rdev = os.fstat(slave2).st_rdev
+            res = daemon.client.restore(
+                "term", fds={key: slave2}, oci={"bundle": str(bundle2), "name": "criud-t2"}
+            )
+            os.close(slave2)
+            procs.adopt(res["pid"])
+            try:
+                line = read_until(master2, lambda s: s.startswith("tick "))
+                assert int(line.split()[1]) > last
+                # It keeps running, on the new pty: a later tick.
+                later = read_until(master2, lambda s: s.startswith("tick "))
+                assert int(later.split()[1]) > int(line.split()[1])
+                assert termios.tcgetattr(master2)  # the master is alive
+                # The container's /dev/console is the new slave too, and its
+                # init's fds 0-2 are that slave.
+                assert os.stat(f"/proc/{res['pid']}/root/dev/console").st_rdev == new_rdev
+                assert os.stat(f"/proc/{res['pid']}/fd/1").st_rdev == new_rdev
+            finally:
+                daemon.client.signal(res["id"], "SIGKILL")
+                wait_for(lambda: dead(res["pid"]), 10, what="restored container to exit")
+                oh.remove_cgroup("/criud-t2")

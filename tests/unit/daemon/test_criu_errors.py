@@ -55,7 +55,7 @@ def test_real_logs(path: Path) -> None:
         ("external_unix_socket-half_stream", "external"),
         ("tcp_established_needed", "tcp_established: true"),
         ("shell_job_needed", "shell_job: true"),
-        ("shell_job_needed-pty_master_outside", "shell_job: true"),
+        ("external_tty-pty_master_outside", '"key": "tty['),
         ("file_locks_needed", "file_locks: true"),
         ("pid_in_use", "pids"),
         ("no_space", "free space"),

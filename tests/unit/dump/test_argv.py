@@ -115,3 +115,9 @@ def test_options_from_dict_ignores_unknown_and_defaults_external() -> None:
     opts = DumpOptions.from_dict({"leave_running": True, "future_option": 1, "external": None})
     assert opts == DumpOptions(leave_running=True)
     assert opts.external == ()
+
+
+def test_external_ttys_are_passed_by_key() -> None:
+    argv = dump_argv(42, Path("/img"), DumpOptions(), external_tty=("tty[8800:1a]",))
+    i = argv.index("tty[8800:1a]")
+    assert argv[i - 1] == "--external"

@@ -220,6 +220,25 @@ def test_tty(closing: list[int]) -> None:
     assert m.type == "tty"
     assert m.key == tty_key(os.fstat(master))
     assert m.key != s.key
+    # Both ends name the pair's index, N of /dev/pts/N; only the master is one.
+    assert s.pty == m.pty == int(s.target.rsplit("/", 1)[1])
+    assert m.pty_master is True and s.pty_master is False
+
+
+def test_pty_slave_external_unless_the_tree_holds_its_master(closing: list[int]) -> None:
+    try:
+        master, slave = os.openpty()
+        other, other_slave = os.openpty()
+    except OSError as e:
+        pytest.skip(f"no pty: {e}")
+    closing += [master, slave, other, other_slave]
+    s, m, o = (info(fd).as_dict() for fd in (slave, master, other))
+    # The slave alone: its master is outside (an engine's terminal).
+    assert mark_external([[dict(s)]]) == [s["key"]]
+    # Its own master in the tree (another task's): a pair, nothing external.
+    assert mark_external([[dict(s)], [dict(m)]]) == []
+    # Another pty's master does not pair with it.
+    assert mark_external([[dict(s), dict(o)]]) == [s["key"]]
 
 
 def test_anon_inodes(closing: list[int]) -> None:

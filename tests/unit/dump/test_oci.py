@@ -438,10 +438,18 @@ def test_record_is_json_and_complete() -> None:
     assert oci.dump_args_from_record(rec) == oci.dump_args(spec, found_for(spec))
 
 
-def test_terminal_is_refused() -> None:
+def test_terminal_console_stays_out_of_the_image() -> None:
+    # The pty slave runc binds on /dev/console: criu cannot restore that bind
+    # without the master (held by the engine), so it is an external mount
+    # (the restore binds the new slave: tests/unit/restore/test_oci.py).
     spec = oci.parse_spec(RUNC_SPEC, B)
-    with pytest.raises(OciError, match=re.escape("process.terminal is true")):
-        oci.dump_args(spec, ContainerProbe(pid=1))
+    assert spec.terminal is True
+    args = oci.dump_args(spec, ContainerProbe(pid=1))
+    assert "mnt[/dev/console]:/dev/console" in args
+    rec = oci.to_record(spec, ContainerProbe(pid=1))
+    assert {"kind": "console", "mountpoint": "/dev/console", "key": "/dev/console"} in rec[
+        "external_mounts"
+    ]
 
 
 # -- probe (reads /proc; this test process stands in for a container) --------------------

@@ -238,12 +238,25 @@ def test_children_in_the_roots_session_are_fine() -> None:
     assert run(tree(task(100), task(101, ppid=100, sid=100)))["ok"] is True
 
 
-def test_pty_slave_without_master_needs_shell_job() -> None:
-    slave = fd(0, "tty", "tty[8800:19]", target="/dev/pts/0")
-    t = tree(task(100), task(101, ppid=100, sid=100, fds=[slave]))
-    b = only(run(t)["blockers"], "shell_job_needed")
-    assert (b["task"], b["fd"], b["key"]) == (101, 0, "tty[8800:19]")
-    assert run(t, shell_job=True)["ok"] is True
+def test_pty_slave_with_its_master_outside_is_external_not_shell_job() -> None:
+    # An engine's terminal: criud dumps the slave with --external tty[...] and
+    # a restore maps a new slave to its key.  shell_job is not the fix.
+    slave = fd(0, "tty", "tty[8800:19]", target="/dev/pts/0", external=True, pty=0)
+    t = tree(task(100, tty="pts/0", fds=[slave]), task(101, ppid=100, sid=100, fds=[dict(slave)]))
+    report = run(t)
+    assert report["ok"] is True and report["blockers"] == []
+    assert report["restore_keys"] == ["tty[8800:19]"]
+    (w,) = [w for w in report["warnings"] if w["code"] == "external_resource"]
+    assert (w["task"], w["fd"], w["key"]) == (100, 0, "tty[8800:19]")
+    assert "shell_job" not in w["resolution"]
+    assert '"key": "tty[8800:19]", "handle": "<handle>"' in w["resolution"]
+    assert "window size" in w["message"]
+
+
+def test_external_fifo_suggests_the_path_form() -> None:
+    out = fd(1, "fifo", "run/engine/c1-stdout", mode="w", external=True)
+    (w,) = run(tree(task(100, fds=[out])))["warnings"]
+    assert '"path": "/run/engine/c1-stdout", "mode": "w", "type": "fifo"' in w["resolution"]
 
 
 def test_controlling_pty_without_master_needs_shell_job() -> None:
@@ -259,9 +272,8 @@ def test_pty_pair_inside_the_tree_is_fine() -> None:
     assert run(t)["ok"] is True
 
 
-def test_one_shell_job_finding_per_pty() -> None:
-    slave = fd(0, "tty", "tty[8800:19]", target="/dev/pts/0")
-    t = tree(task(100, fds=[slave]), task(101, ppid=100, sid=100, fds=[dict(slave)]))
+def test_one_shell_job_finding_per_tree_for_bare_controlling_ptys() -> None:
+    t = tree(task(100, tty="pts/3"), task(101, ppid=100, sid=100, tty="pts/3"))
     assert codes(run(t)["blockers"]) == ["shell_job_needed"]
 
 

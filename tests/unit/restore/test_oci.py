@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,13 @@ from typing import Any
 import pytest
 
 from criud.dump import oci
-from criud.dump.oci import OciError
+from criud.dump.oci import ContainerProbe, OciError
 from criud.restore import oci as roci
 
 from ..dump.test_oci import (
     EXT_DEV,
+    RUNC_SPEC,
+    B,
     container,
     found_for,
     spec_doc,
@@ -159,8 +162,32 @@ def test_restore_refuses_bad_records() -> None:
     rec = saved_record()
     with pytest.raises(OciError, match="unknown OCI record version"):
         roci.restore_args({**rec, "version": 99}, container())
-    with pytest.raises(OciError, match=re.escape("process.terminal is true")):
-        roci.restore_args({**rec, "terminal": True}, container())
+    # A terminal container restores into a terminal bundle only.
+    with pytest.raises(OciError, match=re.escape("process.terminal differs")):
+        roci.check_compatible({**rec, "terminal": True}, container())
+
+
+def test_terminal_console_gets_the_new_slave() -> None:
+    # The record keeps /dev/console out of the image (the slave's master is
+    # the engine's); the restore binds the new slave the engine handed in.
+    spec = oci.parse_spec(RUNC_SPEC, B)
+    rec = oci.to_record(spec, ContainerProbe(pid=1))
+    with pytest.raises(OciError, match="new pty slave"):
+        roci.restore_args(rec, spec)
+    args = roci.restore_args(rec, spec, console="/dev/pts/7")
+    assert args[args.index("mnt[/dev/console]:/dev/pts/7") - 1] == "--external"
+
+
+def test_console_source_is_the_handed_in_slave(tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    try:
+        assert roci.console_source([(slave, "tty[1:2]")], ["tty[1:2]"]) == os.ttyname(slave)
+        assert roci.console_source([(slave, "pipe:[3]")], ["tty[1:2]"]) is None
+        with open(tmp_path / "f", "w") as f, pytest.raises(OciError, match="not a pty slave"):
+            roci.console_source([(f.fileno(), "tty[1:2]")], ["tty[1:2]"])
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 def test_restore_cgroup_root() -> None:
