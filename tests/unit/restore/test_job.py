@@ -161,11 +161,11 @@ def _checkpoint(rt: FakeRuntime, **manifest: Any) -> CheckpointRecord:
     return rec
 
 
-async def _handle(rt: FakeRuntime, fd: int) -> str:
-    """Hand fd in as a handle, by SCM_RIGHTS over a socketpair, as the fd socket does."""
+async def _handle(rt: FakeRuntime, *fds: int) -> str:
+    """Hand fds in as a handle, by SCM_RIGHTS over a socketpair, as the fd socket does."""
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with left, right:
-        send_fds(left, b"{}", [fd])
+        send_fds(left, b"{}", list(fds))
         _, owned = recv_message(right)
     return rt.handles.add(0, os.getpid(), owned, None, 60.0).id
 
@@ -300,3 +300,37 @@ def test_the_argv_is_built_once_with_the_dumps_network_lock(
     assert runtime.criu.argv[i + 1] == "nftables" and runtime.criu.argv.count("--network-lock") == 1
     (h,) = runtime.handles.list(0)
     runtime.handles.delete(h.id, 0)
+
+
+def test_a_stdio_handle_stands_for_the_roots_fds_0_1_2(runtime: FakeRuntime) -> None:
+    """Issue 17's shorthand in the job: expanded before resolve, leased like any handle."""
+    before = open_fds()
+    runtime.criu = FakeCriu("", ok=False)
+    ckpt = _checkpoint(runtime)
+    r, w = os.pipe()
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+
+    async def go(*fds: int) -> Any:
+        hid = await _handle(runtime, *fds)
+        try:
+            return await job.run(runtime, job.RestoreSpec(ckpt.id, stdio=hid), ME)
+        except Exception as e:
+            return e
+
+    try:
+        # Two fds: refused before anything is leased.
+        assert asyncio.run(go(null, w)).code == "bad_fd_handle"
+        # Three: the root's fd 1 (the external pipe) takes index 1, the write end.
+        assert asyncio.run(go(null, w, null)).code == "criu_failed"
+        argv = runtime.criu.argv
+        assert argv.count("--inherit-fd") == 1
+        arg = argv[argv.index("--inherit-fd") + 1]
+        assert arg.endswith(f":{PIPE_KEY}")
+        fd = int(arg.removeprefix("fd[").split("]")[0])
+        assert fd in runtime.criu.pass_fds
+    finally:
+        for h in runtime.handles.list(0):
+            runtime.handles.delete(h.id, 0)
+        for x in (r, w, null):
+            os.close(x)
+    assert open_fds() == before
