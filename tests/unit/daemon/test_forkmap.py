@@ -34,27 +34,30 @@ def no_child_left() -> Iterator[None]:
 
 
 class Gate:
-    """Makes sure the child takes an item: the child says so on a pipe, and
-    our first item waits (at most 10 s) to hear it.  Without it, a child
-    slow to start could find the queue empty and a test pass untested."""
+    """Makes sure both processes take an item: each side's first item tells
+    the other on a pipe, then waits (at most 10 s) to hear from it.
+    Without it, a child slow to start could find the queue empty (and a
+    test pass untested), or a child quick to start could take every item
+    before this process took one."""
 
     def __init__(self) -> None:
-        self.r, self.w = os.pipe()
+        self.to_us_r, self.to_us_w = os.pipe()
+        self.to_child_r, self.to_child_w = os.pipe()
         self.waited = False
 
     def here(self) -> bool:
-        """True in the child (after telling us); in this process, wait once."""
-        if os.getpid() != ME:
-            os.write(self.w, b"c")
-            return False
+        """True in this process, False in the child; each side's first call meets the other."""
+        ours = os.getpid() == ME
         if not self.waited:
             self.waited = True
-            assert select.select([self.r], [], [], 10)[0], "the child took no item"
-        return True
+            os.write(self.to_child_w if ours else self.to_us_w, b"x")
+            heard = select.select([self.to_us_r if ours else self.to_child_r], [], [], 10)[0]
+            assert heard, "the other process took no item"
+        return ours
 
     def close(self) -> None:
-        os.close(self.r)
-        os.close(self.w)
+        for fd in (self.to_us_r, self.to_us_w, self.to_child_r, self.to_child_w):
+            os.close(fd)
 
 
 @pytest.fixture
