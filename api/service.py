@@ -7,6 +7,7 @@ criu, and a test can put a stand-in behind the real app.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from criud.daemon.caller import Caller
@@ -63,3 +64,6 @@ class Service(Protocol):
     async def inspect_process(self, pid: int, caller: Caller) -> Tree: ...
     def list_handles(self, caller: Caller) -> list[FdHandle]: ...
     def delete_handle(self, handle_id: str, caller: Caller) -> None: ...
+
+    # events
+    def event_stream(self, caller: Caller, since: int | None) -> AsyncIterator[bytes]: ...

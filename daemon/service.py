@@ -23,11 +23,11 @@ import resource
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon import imgdir, kdat, names, procutil
+from criud.daemon import events, imgdir, kdat, names, procutil
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
@@ -77,6 +77,14 @@ def _uid_of(owner: str) -> int | None:
         return None
 
 
+def _ckpt_summary(rec: CheckpointRecord) -> dict[str, Any]:
+    return {"checkpoint": rec.id, "name": rec.name, "size_bytes": rec.size_bytes}
+
+
+def _restore_summary(rec: RestoreRecord) -> dict[str, Any]:
+    return {"restore": rec.id, "checkpoint": rec.checkpoint_id, "pid": rec.pid}
+
+
 class CriudService:
     """Everything the API can ask of the daemon (criud.api.service.Service)."""
 
@@ -99,6 +107,9 @@ class CriudService:
         self.paths = PathOpener(
             settings.path_open_timeout_s, self.children.running, self.children.hold
         )
+        self.events = events.EventBus()
+        self.handles.on_expire = self._handle_expired
+        self.children.on_exit = self._restore_exited
         self.started_at = time.time()
         self._busy_pids: set[int] = set()
         self._busy_ckpts: set[str] = set()
@@ -259,6 +270,54 @@ class CriudService:
         self.record(action, caller, target, "ok", **extra)
         return result
 
+    async def _observed(
+        self,
+        kind: str,
+        caller: Caller,
+        target: dict[str, Any],
+        job: Callable[[], Awaitable[T]],
+        summary: Callable[[T], dict[str, Any]],
+    ) -> T:
+        """Await coro with its operation's events (started, then done or failed).
+
+        Runs inside the operation's task (_operation): a client that goes
+        away does not end it, and the events tell how it really ended.
+        """
+        op_id = names.new_id()
+        pub = self.events.publish
+        pub(events.OPERATION_STARTED, caller.uid, operation=op_id, kind=kind, target=target)
+        t0 = time.monotonic()
+        ended = events.OPERATION_FAILED
+        fields: dict[str, Any] = {"code": "internal", "detail": ""}
+        try:
+            result = await job()
+            ended, fields = events.OPERATION_DONE, summary(result)
+            return result
+        except CriudError as e:
+            fields = {"code": e.code, "detail": e.detail}
+            raise
+        except BaseException as e:
+            # What _audited turns into a problem (a full disk), or a bug.
+            fields["detail"] = type(e).__name__
+            raise
+        finally:
+            took = time.monotonic() - t0
+            pub(ended, caller.uid, operation=op_id, kind=kind, duration_s=took, **fields)
+
+    def event_stream(self, caller: Caller, since: int | None) -> AsyncIterator[bytes]:
+        """The caller's Server-Sent Events: root (and TCP) all of them, a user its own."""
+        return self.events.stream(None if caller.is_root else caller.uid, since)
+
+    def _handle_expired(self, h: FdHandle) -> None:
+        self.events.publish(events.FD_HANDLE_EXPIRED, h.owner_uid, handle=h.id, fds=len(h.fds))
+
+    def _restore_exited(
+        self, restore_id: str, owner: int | None, code: int | None, sig: int | None
+    ) -> None:
+        self.events.publish(
+            events.RESTORE_EXITED, owner, restore=restore_id, exit_code=code, exit_signal=sig
+        )
+
     @contextlib.contextmanager
     def busy_pid(self, pid: int) -> Iterator[None]:
         """Mark pid as being checkpointed for the block; Busy if it is already."""
@@ -389,8 +448,14 @@ class CriudService:
     async def checkpoint(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
         """Dump the tree of spec.pid; return the done checkpoint or raise."""
         target = {"pid": spec.pid, "name": spec.name}
-        op = self._operation(dump_job.run(self, spec, caller), caller)
-        return await self._audited("checkpoint", caller, target, op, lambda r: r.id)
+        # The job's coroutine is made once the gate lets it in (a refused
+        # one is never created, so never left unawaited).
+        job = self._observed(
+            "checkpoint", caller, target, lambda: dump_job.run(self, spec, caller), _ckpt_summary
+        )
+        return await self._audited(
+            "checkpoint", caller, target, self._operation(job, caller), lambda r: r.id
+        )
 
     async def delete_checkpoint(self, ref: str, caller: Caller, owner: str | None = None) -> None:
         """Delete a checkpoint's images and record."""
@@ -406,6 +471,9 @@ class CriudService:
         with self.busy(rec.id, f"checkpoint {ref!r} is in use"):
             await asyncio.to_thread(shutil.rmtree, self.settings.checkpoints_dir / rec.id, True)
             await self.store.run(self.store.delete_checkpoint, rec.id)
+        self.events.publish(
+            events.CHECKPOINT_DELETED, rec.owner_uid, checkpoint=rec.id, name=rec.name
+        )
 
     async def checkpoint_log(
         self, ref: str, op: str, caller: Caller, owner: str | None = None
@@ -440,8 +508,12 @@ class CriudService:
     async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
         """Restore a checkpoint, handing in the mapped fds; return the running restore."""
         target = {"checkpoint": spec.checkpoint, "inherit_fds": len(spec.inherit)}
-        op = self._operation(restore_job.run(self, spec, caller), caller)
-        return await self._audited("restore", caller, target, op, lambda r: r.id)
+        job = self._observed(
+            "restore", caller, target, lambda: restore_job.run(self, spec, caller), _restore_summary
+        )
+        return await self._audited(
+            "restore", caller, target, self._operation(job, caller), lambda r: r.id
+        )
 
     async def get_restore(self, restore_id: str, caller: Caller) -> RestoreRecord:
         """One restore the caller may see (404 as for one that does not exist otherwise)."""

@@ -1,0 +1,70 @@
+"""GET /v1/events as real users: each sees its own events only; root sees everyone's.
+
+An event names a pid, a checkpoint, a restore or a handle of its owner:
+another user's stream, live or replayed from the ring (`?since=0`), must
+not carry it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import subprocess
+
+from criud.api.client import CriudClientError
+from tests.integration import sse
+from tests.integration.helpers import Daemon
+from tests.security.users import Accounts, run_as
+
+# As the user: follow the stream (replayed from 0), fail a checkpoint of a
+# gone pid, print the events received until the stream is quiet for 1 s.
+FOLLOW = (
+    inspect.getsource(sse)
+    + r"""
+import sys
+from criud.api.client import Client, CriudClientError
+sock, fdsock, pid = sys.argv[1:4]
+r = SseReader(sock, "/v1/events?since=0")
+try:
+    Client(sock, fdsock, timeout=30).checkpoint(int(pid))
+except CriudClientError:
+    pass
+got = r.take(2, timeout=10)
+with contextlib.suppress(TimeoutError):
+    while True:
+        got.append(r.next(timeout=1))
+print(json.dumps({"status": r.status, "events": got}))
+"""
+).replace("import json\n", "import contextlib, json\n", 1)
+
+
+def _gone_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait(timeout=10)
+    return p.pid
+
+
+def test_a_user_sees_only_its_own_events(users: Accounts, sdaemon: Daemon) -> None:
+    pid = _gone_pid()
+    # Root's own operation first: it is in the ring the user's replay reads.
+    with contextlib.suppress(CriudClientError):
+        sdaemon.client.checkpoint(pid)
+    root_view = sse.SseReader(sdaemon.socket, "/v1/events?since=0")
+    try:
+        out = run_as(users.bob, FOLLOW, str(sdaemon.socket), str(sdaemon.fd_socket), str(pid))
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["status"] == 200
+        bobs = doc["events"]
+        assert [e["event"] for e in bobs] == ["operation.started", "operation.failed"]
+        assert all(e["owner_uid"] == users.bob.uid for e in bobs)
+        # Root sees everything: its own operation and bob's.
+        seen: list[dict[str, object]] = []
+        with contextlib.suppress(TimeoutError):
+            while not any(e.get("owner_uid") == users.bob.uid for e in seen):
+                seen.append(root_view.next(timeout=5))
+        owners = {e["owner_uid"] for e in seen}
+        assert {0, users.bob.uid} <= owners
+    finally:
+        root_view.close()
