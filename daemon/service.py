@@ -40,11 +40,13 @@ from criud.daemon.errors import (
     LogNotFound,
     NoSpace,
     NotRunning,
+    PermissionDenied,
     ProcessNotFound,
     RestoreNotFound,
     ShuttingDown,
 )
 from criud.daemon.handles import FdHandle, HandleStore, require_unix
+from criud.daemon.metrics import Metrics
 from criud.daemon.quotas import FdBudget, Quotas
 from criud.daemon.store import CheckpointRecord, RestoreRecord, Store
 from criud.daemon.supervisor import Supervisor
@@ -108,6 +110,20 @@ class CriudService:
             settings.path_open_timeout_s, self.children.running, self.children.hold
         )
         self.events = events.EventBus()
+        self.metrics = Metrics(
+            {
+                "criud_restores_running": (
+                    "Restored trees running now (their roots watched by the supervisor)",
+                    lambda: self.children.restores_running,
+                ),
+                "criud_fd_handles": ("fd handles held", lambda: len(self.handles)),
+                "criud_fd_handle_fds": ("fds the fd handles hold", lambda: self.handles.usage.fds),
+                "criud_event_subscribers": (
+                    "Readers of /v1/events now",
+                    lambda: len(self.events.subscribers),
+                ),
+            }
+        )
         self.handles.on_expire = self._handle_expired
         self.children.on_exit = self._restore_exited
         self.started_at = time.time()
@@ -286,6 +302,7 @@ class CriudService:
         op_id = names.new_id()
         pub = self.events.publish
         pub(events.OPERATION_STARTED, caller.uid, operation=op_id, kind=kind, target=target)
+        self.metrics.started(kind)
         t0 = time.monotonic()
         ended = events.OPERATION_FAILED
         fields: dict[str, Any] = {"code": "internal", "detail": ""}
@@ -302,11 +319,18 @@ class CriudService:
             raise
         finally:
             took = time.monotonic() - t0
+            self.metrics.ended(kind, fields.get("code"), took)
             pub(ended, caller.uid, operation=op_id, kind=kind, duration_s=took, **fields)
 
     def event_stream(self, caller: Caller, since: int | None) -> AsyncIterator[bytes]:
         """The caller's Server-Sent Events: root (and TCP) all of them, a user its own."""
         return self.events.stream(None if caller.is_root else caller.uid, since)
+
+    def metrics_text(self, caller: Caller) -> tuple[bytes, str]:
+        """The Prometheus exposition and its content type; root's (and TCP's, with the token)."""
+        if not caller.is_root:
+            raise PermissionDenied("the metrics are root's to read")
+        return self.metrics.render()
 
     def _handle_expired(self, h: FdHandle) -> None:
         self.events.publish(events.FD_HANDLE_EXPIRED, h.owner_uid, handle=h.id, fds=len(h.fds))

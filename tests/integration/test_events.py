@@ -127,6 +127,9 @@ def test_a_reader_that_stops_reading_is_dropped_with_lagged(daemon: Daemon) -> N
         follower.join(timeout=90)
         assert not follower.is_alive()
         assert len(got) == 3000 and all(e["event"] != "lagged" for e in got)
+        # Still connected, but no longer subscribed: nothing is queued for it.
+        _, text = daemon.client.request("GET", "/metrics")
+        assert "\ncriud_event_subscribers 1.0\n" in str(text)
         # The stalled reader reads again: what the socket held, "lagged", then the end.
         rest = stalled.rest(timeout=30)
     assert rest[-1]["event"] == "lagged" and rest[-1]["sse_id"] is None

@@ -1,4 +1,7 @@
-"""GET /v1/events as real users: each sees its own events only; root sees everyone's.
+"""Events and metrics as real users.
+
+GET /v1/events: each user sees its own events only; root sees everyone's.
+GET /metrics: root's only on the unix socket (the counts span every user).
 
 An event names a pid, a checkpoint, a restore or a handle of its owner:
 another user's stream, live or replayed from the ring (`?since=0`), must
@@ -15,7 +18,7 @@ import subprocess
 from criud.api.client import CriudClientError
 from tests.integration import sse
 from tests.integration.helpers import Daemon
-from tests.security.users import Accounts, run_as
+from tests.security.users import Accounts, call_as, run_as
 
 # As the user: follow the stream (replayed from 0), fail a checkpoint of a
 # gone pid, print the events received until the stream is quiet for 1 s.
@@ -68,3 +71,11 @@ def test_a_user_sees_only_its_own_events(users: Accounts, sdaemon: Daemon) -> No
         assert {0, users.bob.uid} <= owners
     finally:
         root_view.close()
+
+
+def test_metrics_are_roots_only(users: Accounts, sdaemon: Daemon) -> None:
+    for user in (users.alice, users.bob):
+        status, doc = call_as(user, sdaemon, "GET", "/metrics")
+        assert status == 403 and doc["code"] == "permission_denied", doc
+    status, text = sdaemon.client.request("GET", "/metrics")
+    assert status == 200 and "criud_operations_in_flight" in str(text)
