@@ -10,6 +10,7 @@ from criud.api import (
     fd_handles,
     health,
     metrics,
+    operations,
     problems,
     processes,
     restores,
@@ -36,6 +37,15 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
     # Added last, so outermost: TCP requests show the token before anything.
     app.add_middleware(TcpTokenGate, token=token)
     problems.install(app)
-    for module in (health, checkpoints, restores, fd_handles, processes, events, metrics):
+    for module in (
+        health,
+        checkpoints,
+        restores,
+        fd_handles,
+        processes,
+        events,
+        metrics,
+        operations,
+    ):
         app.include_router(module.router)
     return app

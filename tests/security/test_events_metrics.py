@@ -18,7 +18,7 @@ import subprocess
 from criud.api.client import CriudClientError
 from tests.integration import sse
 from tests.integration.helpers import Daemon
-from tests.security.users import Accounts, call_as, run_as
+from tests.security.users import Accounts, call_as, calls_as, run_as
 
 # As the user: follow the stream (replayed from 0), fail a checkpoint of a
 # gone pid, print the events received until the stream is quiet for 1 s.
@@ -79,3 +79,28 @@ def test_metrics_are_roots_only(users: Accounts, sdaemon: Daemon) -> None:
         assert status == 403 and doc["code"] == "permission_denied", doc
     status, text = sdaemon.client.request("GET", "/metrics")
     assert status == 200 and "criud_operations_in_flight" in str(text)
+
+
+def test_a_user_sees_and_cancels_only_its_own_operations(users: Accounts, sdaemon: Daemon) -> None:
+    _, root_op = sdaemon.client.request(
+        "POST", "/v1/restores?wait=false", {"checkpoint": "no-such-checkpoint"}
+    )
+    path = f"/v1/operations/{root_op['id']}"
+    (st_get, doc), (st_del, _), (_, listed), (st_own, own) = calls_as(
+        users.bob,
+        sdaemon,
+        [
+            ("GET", path, None),
+            ("DELETE", path, None),
+            ("GET", "/v1/operations", None),
+            ("POST", "/v1/checkpoints?wait=false", {"pid": _gone_pid()}),
+        ],
+    )
+    # As if it did not exist: the same 404 as for an unknown id.
+    assert st_get == 404 and doc["code"] == "operation_not_found"
+    assert st_del == 404
+    assert root_op["id"] not in [o["id"] for o in listed]
+    assert all(o["owner_uid"] == users.bob.uid for o in listed)
+    assert st_own == 202 and own["owner_uid"] == users.bob.uid
+    _, everyone = sdaemon.client.request("GET", "/v1/operations")
+    assert {root_op["id"], own["id"]} <= {o["id"] for o in everyone}
