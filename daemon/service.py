@@ -354,6 +354,9 @@ class CriudService:
             if op.cancel_requested:
                 state = OpState.CANCELLED
                 err = OperationCancelled(f"{kind} operation {op.id} was cancelled", operation=op.id)
+            else:
+                # Only stop() cancels otherwise, past its grace.
+                err = ShuttingDown(f"the daemon stopped before {kind} operation {op.id} ended")
             raise
         except BaseException as e:
             # A bug (the audit log has it too): no more than its type leaves here.
