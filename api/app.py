@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from criud.api import checkpoints, fd_handles, health, problems, processes, restores
+from criud.api import (
+    checkpoints,
+    events,
+    fd_handles,
+    health,
+    metrics,
+    operations,
+    problems,
+    processes,
+    restores,
+)
 from criud.api.deps import TcpTokenGate
 from criud.api.limits import LimitsMiddleware
 from criud.api.service import Service
@@ -27,6 +37,15 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
     # Added last, so outermost: TCP requests show the token before anything.
     app.add_middleware(TcpTokenGate, token=token)
     problems.install(app)
-    for module in (health, checkpoints, restores, fd_handles, processes):
+    for module in (
+        health,
+        checkpoints,
+        restores,
+        fd_handles,
+        processes,
+        events,
+        metrics,
+        operations,
+    ):
         app.include_router(module.router)
     return app

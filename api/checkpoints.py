@@ -14,10 +14,12 @@ from criud.api.models import (
     Checkpoint,
     CheckpointRequest,
     FdEntry,
+    Operation,
     PreflightReport,
     PreflightRequest,
     Problem,
 )
+from criud.api.operations import WaitQuery, accepted
 from criud.api.service import Service
 from criud.daemon.caller import Caller
 from criud.daemon.errors import InvalidRequest
@@ -90,9 +92,21 @@ def _spec(body: CheckpointRequest) -> CheckpointSpec:
     )
 
 
-@router.post("", status_code=201, response_model=Checkpoint, responses=ERRORS)
-async def create_checkpoint(body: CheckpointRequest, c: CoreDep, who: CallerDep) -> Checkpoint:
-    """Checkpoint the process tree rooted at pid; answers when the images are complete."""
+@router.post(
+    "",
+    status_code=201,
+    response_model=Checkpoint,
+    responses={**ERRORS, 202: {"model": Operation, "description": "Started (?wait=false)"}},
+)
+async def create_checkpoint(
+    body: CheckpointRequest, c: CoreDep, who: CallerDep, wait: WaitQuery = True
+) -> Checkpoint | Response:
+    """Checkpoint the process tree rooted at pid; answers when the images are complete.
+
+    With ?wait=false: 202 at once, with the operation to follow (its Location).
+    """
+    if not wait:
+        return accepted(c.start_checkpoint(_spec(body), who))
     return to_model(await c.checkpoint(_spec(body), who))
 
 

@@ -226,3 +226,23 @@ class Problem(BaseModel):
     status: int
     detail: str
     code: str
+
+
+class Operation(BaseModel):
+    """A checkpoint or restore: running, or how it ended."""
+
+    id: str
+    kind: Literal["checkpoint", "restore"]
+    state: Literal["running", "done", "failed", "cancelled"]
+    owner_uid: int
+    target: dict[str, Any] = Field(
+        description="What was asked: the pid and name, or the checkpoint"
+    )
+    created_at: float
+    finished_at: float | None
+    result: dict[str, Any] | None = Field(
+        description="Once done: the checkpoint or the restore, as their own GET gives them"
+    )
+    problem: dict[str, Any] | None = Field(
+        description="Once failed or cancelled: the problem the synchronous call would have answered"
+    )

@@ -5,10 +5,11 @@ from __future__ import annotations
 import signal
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 
 from criud.api.deps import caller, service
-from criud.api.models import Problem, Restore, RestoreRequest, SignalRequest
+from criud.api.models import Operation, Problem, Restore, RestoreRequest, SignalRequest
+from criud.api.operations import WaitQuery, accepted
 from criud.api.service import Service
 from criud.daemon.caller import Caller
 from criud.daemon.errors import InvalidRequest
@@ -41,23 +42,31 @@ def to_model(rec: RestoreRecord) -> Restore:
     )
 
 
-@router.post("", status_code=201, response_model=Restore, responses=ERRORS)
-async def create_restore(body: RestoreRequest, c: CoreDep, who: CallerDep) -> Restore:
-    """Restore a checkpoint; inherit_fds name what each handed-in fd replaces."""
+@router.post(
+    "",
+    status_code=201,
+    response_model=Restore,
+    responses={**ERRORS, 202: {"model": Operation, "description": "Started (?wait=false)"}},
+)
+async def create_restore(
+    body: RestoreRequest, c: CoreDep, who: CallerDep, wait: WaitQuery = True
+) -> Restore | Response:
+    """Restore a checkpoint; inherit_fds name what each handed-in fd replaces.
+
+    With ?wait=false: 202 at once, with the operation to follow (its Location).
+    """
     inherit = tuple(InheritSpec(**m.model_dump()) for m in body.inherit_fds)
-    return to_model(
-        await c.restore(
-            RestoreSpec(
-                checkpoint=body.checkpoint,
-                inherit=inherit,
-                cgroup=body.cgroup,
-                oci_bundle=body.oci.bundle if body.oci else None,
-                oci_name=body.oci.name if body.oci else None,
-                stdio=body.stdio.handle if body.stdio else None,
-            ),
-            who,
-        )
+    spec = RestoreSpec(
+        checkpoint=body.checkpoint,
+        inherit=inherit,
+        cgroup=body.cgroup,
+        oci_bundle=body.oci.bundle if body.oci else None,
+        oci_name=body.oci.name if body.oci else None,
+        stdio=body.stdio.handle if body.stdio else None,
     )
+    if not wait:
+        return accepted(c.start_restore(spec, who))
+    return to_model(await c.restore(spec, who))
 
 
 @router.get("", response_model=list[Restore], responses=ERRORS)

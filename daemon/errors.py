@@ -144,6 +144,24 @@ class RestoreNotFound(CriudError):
     title = "No such restore"
 
 
+class OperationNotFound(CriudError):
+    status = 404
+    code = "operation_not_found"
+    title = "No such operation"
+
+
+class OperationCancelled(CriudError):
+    status = 409
+    code = "operation_cancelled"
+    title = "The operation was cancelled"
+
+
+class OperationEnded(CriudError):
+    status = 409
+    code = "operation_ended"
+    title = "The operation has ended already"
+
+
 class FdHandleNotFound(CriudError):
     status = 404
     code = "fd_handle_not_found"

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import secrets
 import time
+from collections.abc import Callable
 
 from criud.daemon.caller import Caller
 from criud.daemon.errors import BadFdHandle, FdHandleNotFound, PermissionDenied
@@ -79,6 +80,8 @@ class HandleStore:
         # What the live handles hold, per uid: the quotas read it.
         self.usage = HandleUsage()
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # Told of each handle that ends by expiry (the service publishes an event).
+        self.on_expire: Callable[[FdHandle], None] | None = None
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -116,6 +119,8 @@ class HandleStore:
         h.owned.close()
         self.usage.remove(h.owner_uid, len(h.fds))
         self._ended[handle_id] = why
+        if why == "expired" and self.on_expire is not None:
+            self.on_expire(h)
         while len(self._ended) > _TOMBSTONES:
             self._ended.popitem(last=False)
 

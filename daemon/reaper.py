@@ -40,6 +40,11 @@ class Reaper:
         self._sweeper: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
 
+    @property
+    def watching(self) -> int:
+        """How many pids are watched."""
+        return len(self._watched)
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGCHLD, self._kick.set)

@@ -23,11 +23,11 @@ import resource
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon import imgdir, kdat, names, procutil
+from criud.daemon import events, imgdir, kdat, names, procutil
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
@@ -40,11 +40,17 @@ from criud.daemon.errors import (
     LogNotFound,
     NoSpace,
     NotRunning,
+    OperationCancelled,
+    OperationEnded,
+    OperationNotFound,
+    PermissionDenied,
     ProcessNotFound,
     RestoreNotFound,
     ShuttingDown,
 )
 from criud.daemon.handles import FdHandle, HandleStore, require_unix
+from criud.daemon.metrics import Metrics
+from criud.daemon.operations import Operation, OperationTable, OpState
 from criud.daemon.quotas import FdBudget, Quotas
 from criud.daemon.store import CheckpointRecord, RestoreRecord, Store
 from criud.daemon.supervisor import Supervisor
@@ -77,6 +83,14 @@ def _uid_of(owner: str) -> int | None:
         return None
 
 
+def _ckpt_summary(rec: CheckpointRecord) -> dict[str, Any]:
+    return {"checkpoint": rec.id, "name": rec.name, "size_bytes": rec.size_bytes}
+
+
+def _restore_summary(rec: RestoreRecord) -> dict[str, Any]:
+    return {"restore": rec.id, "checkpoint": rec.checkpoint_id, "pid": rec.pid}
+
+
 class CriudService:
     """Everything the API can ask of the daemon (criud.api.service.Service)."""
 
@@ -99,6 +113,24 @@ class CriudService:
         self.paths = PathOpener(
             settings.path_open_timeout_s, self.children.running, self.children.hold
         )
+        self.events = events.EventBus()
+        self.operations = OperationTable()
+        self.metrics = Metrics(
+            {
+                "criud_restores_running": (
+                    "Restored trees running now (their roots watched by the supervisor)",
+                    lambda: self.children.restores_running,
+                ),
+                "criud_fd_handles": ("fd handles held", lambda: len(self.handles)),
+                "criud_fd_handle_fds": ("fds the fd handles hold", lambda: self.handles.usage.fds),
+                "criud_event_subscribers": (
+                    "Readers of /v1/events now",
+                    lambda: len(self.events.subscribers),
+                ),
+            }
+        )
+        self.handles.on_expire = self._handle_expired
+        self.children.on_exit = self._restore_exited
         self.started_at = time.time()
         self._busy_pids: set[int] = set()
         self._busy_ckpts: set[str] = set()
@@ -195,8 +227,8 @@ class CriudService:
 
     # -- the gate, the audit, the locks ---------------------------------------------
 
-    async def _operation(self, coro: Coroutine[Any, Any, T], caller: Caller) -> T:
-        """Run an operation as a task the shutdown path can wait for (caller's quota permitting)."""
+    def _operation(self, op: Operation, coro: Coroutine[Any, Any, Any], caller: Caller) -> None:
+        """Start coro as op's task, one the shutdown path waits for (caller's quota permitting)."""
         if not self.accepting:
             coro.close()
             raise ShuttingDown("the daemon is shutting down; retry against the next one")
@@ -211,9 +243,43 @@ class CriudService:
         # Counted until the task ends, not the request: a client that goes
         # away leaves its operation running, and in its quota.
         task.add_done_callback(lambda _: self.quotas.end_op(caller.uid))
-        # shield: a client that goes away must not cancel criu half-way; the
-        # operation finishes and its record says how it ended.
-        return await asyncio.shield(task)
+        op.task = task
+        self.operations.add(op)
+
+    def _submit(
+        self,
+        kind: str,
+        caller: Caller,
+        target: dict[str, Any],
+        job: Callable[[], Awaitable[T]],
+        summary: Callable[[T], dict[str, Any]],
+    ) -> Operation:
+        """Start an operation in the background: its task audits and observes the job."""
+        op = Operation(names.new_id(), kind, caller.uid, target)
+
+        def audited() -> Awaitable[T]:
+            # The job's coroutine is made only once the gate has let it in.
+            return self._audited(kind, caller, target, job(), lambda r: getattr(r, "id", ""))
+
+        try:
+            self._operation(op, self._observed(op, audited, summary), caller)
+        except CriudError as e:
+            self.record(kind, caller, target, e.code, detail=e.detail)
+            raise
+        return op
+
+    async def _wait(self, op: Operation) -> Any:
+        """The operation's result, waited for; a client that goes away does not end it."""
+        assert op.task is not None
+        try:
+            return await asyncio.shield(op.task)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if op.state is OpState.CANCELLED and not (me is not None and me.cancelling()):
+                # Cancelled by DELETE /v1/operations/{id}, not this request ending.
+                assert op.error is not None
+                raise op.error from None
+            raise
 
     def record(
         self, action: str, caller: Caller, target: dict[str, Any], outcome: str, **extra: Any
@@ -258,6 +324,71 @@ class CriudService:
         extra = {"id": result_id(result)} if result_id is not None else {}
         self.record(action, caller, target, "ok", **extra)
         return result
+
+    async def _observed(
+        self,
+        op: Operation,
+        job: Callable[[], Awaitable[T]],
+        summary: Callable[[T], dict[str, Any]],
+    ) -> T:
+        """Await the job with its operation's events and metrics; record how op ended.
+
+        Runs inside the operation's task (_operation): a client that goes
+        away does not end it, and the events tell how it really ended.
+        """
+        pub, kind = self.events.publish, op.kind
+        pub(events.OPERATION_STARTED, op.owner_uid, operation=op.id, kind=kind, target=op.target)
+        self.metrics.started(kind)
+        t0 = time.monotonic()
+        ended, state, err = events.OPERATION_FAILED, OpState.FAILED, None
+        fields: dict[str, Any] = {"code": "internal_error", "detail": ""}
+        result: T | None = None
+        try:
+            result = await job()
+            ended, state, fields = events.OPERATION_DONE, OpState.DONE, summary(result)
+            return result
+        except CriudError as e:
+            err = e
+            raise
+        except asyncio.CancelledError:
+            if op.cancel_requested:
+                state = OpState.CANCELLED
+                err = OperationCancelled(f"{kind} operation {op.id} was cancelled", operation=op.id)
+            else:
+                # Only stop() cancels otherwise, past its grace.
+                err = ShuttingDown(f"the daemon stopped before {kind} operation {op.id} ended")
+            raise
+        except BaseException as e:
+            # A bug (the audit log has it too): no more than its type leaves here.
+            err = CriudError(f"{kind} operation {op.id} failed: {type(e).__name__}")
+            raise
+        finally:
+            if err is not None:
+                fields = {"code": err.code, "detail": err.detail}
+            op.end(state, result, err)
+            took = time.monotonic() - t0
+            self.metrics.ended(kind, fields.get("code"), took)
+            pub(ended, op.owner_uid, operation=op.id, kind=kind, duration_s=took, **fields)
+
+    def event_stream(self, caller: Caller, since: int | None) -> AsyncIterator[bytes]:
+        """The caller's Server-Sent Events: root (and TCP) all of them, a user its own."""
+        return self.events.stream(None if caller.is_root else caller.uid, since)
+
+    def metrics_text(self, caller: Caller) -> tuple[bytes, str]:
+        """The Prometheus exposition and its content type; root's (and TCP's, with the token)."""
+        if not caller.is_root:
+            raise PermissionDenied("the metrics are root's to read")
+        return self.metrics.render()
+
+    def _handle_expired(self, h: FdHandle) -> None:
+        self.events.publish(events.FD_HANDLE_EXPIRED, h.owner_uid, handle=h.id, fds=len(h.fds))
+
+    def _restore_exited(
+        self, restore_id: str, owner: int | None, code: int | None, sig: int | None
+    ) -> None:
+        self.events.publish(
+            events.RESTORE_EXITED, owner, restore=restore_id, exit_code=code, exit_signal=sig
+        )
 
     @contextlib.contextmanager
     def busy_pid(self, pid: int) -> Iterator[None]:
@@ -386,11 +517,17 @@ class CriudService:
             out = [r for r in out if all(r.labels.get(k) == v for k, v in labels.items())]
         return out
 
+    def start_checkpoint(self, spec: CheckpointSpec, caller: Caller) -> Operation:
+        """Start a dump of the tree of spec.pid in the background (?wait=false)."""
+        target = {"pid": spec.pid, "name": spec.name}
+        return self._submit(
+            "checkpoint", caller, target, lambda: dump_job.run(self, spec, caller), _ckpt_summary
+        )
+
     async def checkpoint(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
         """Dump the tree of spec.pid; return the done checkpoint or raise."""
-        target = {"pid": spec.pid, "name": spec.name}
-        op = self._operation(dump_job.run(self, spec, caller), caller)
-        return await self._audited("checkpoint", caller, target, op, lambda r: r.id)
+        rec: CheckpointRecord = await self._wait(self.start_checkpoint(spec, caller))
+        return rec
 
     async def delete_checkpoint(self, ref: str, caller: Caller, owner: str | None = None) -> None:
         """Delete a checkpoint's images and record."""
@@ -406,6 +543,9 @@ class CriudService:
         with self.busy(rec.id, f"checkpoint {ref!r} is in use"):
             await asyncio.to_thread(shutil.rmtree, self.settings.checkpoints_dir / rec.id, True)
             await self.store.run(self.store.delete_checkpoint, rec.id)
+        self.events.publish(
+            events.CHECKPOINT_DELETED, rec.owner_uid, checkpoint=rec.id, name=rec.name
+        )
 
     async def checkpoint_log(
         self, ref: str, op: str, caller: Caller, owner: str | None = None
@@ -437,13 +577,54 @@ class CriudService:
 
     # -- restores -----------------------------------------------------------------
 
-    async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
-        """Restore a checkpoint, handing in the mapped fds; return the running restore."""
-        target = {"checkpoint": spec.checkpoint, "inherit_fds": len(spec.inherit)}
+    def start_restore(self, spec: RestoreSpec, caller: Caller) -> Operation:
+        """Start a restore in the background (?wait=false)."""
+        target: dict[str, Any] = {"checkpoint": spec.checkpoint, "inherit_fds": len(spec.inherit)}
         if spec.stdio is not None:
             target["stdio"] = spec.stdio
-        op = self._operation(restore_job.run(self, spec, caller), caller)
-        return await self._audited("restore", caller, target, op, lambda r: r.id)
+        return self._submit(
+            "restore", caller, target, lambda: restore_job.run(self, spec, caller), _restore_summary
+        )
+
+    async def restore(self, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
+        """Restore a checkpoint, handing in the mapped fds; return the running restore."""
+        rec: RestoreRecord = await self._wait(self.start_restore(spec, caller))
+        return rec
+
+    # -- operations ---------------------------------------------------------------
+
+    def get_operation(self, op_id: str, caller: Caller) -> Operation:
+        """One operation the caller may see (404 as for one that does not exist otherwise)."""
+        op = self.operations.get(op_id) if names.is_id(op_id) else None
+        if op is None or not (caller.is_root or op.owner_uid == caller.uid):
+            raise OperationNotFound(f"no operation {op_id!r}")
+        return op
+
+    def list_operations(self, caller: Caller, state: str | None = None) -> list[Operation]:
+        """The operations the caller may see (the running ones, and the latest ended)."""
+        return self.operations.list(
+            None if caller.is_root else caller.uid, OpState(state) if state else None
+        )
+
+    async def cancel_operation(self, op_id: str, caller: Caller) -> Operation:
+        """Cancel a running operation and wait (bounded) until it has unwound.
+
+        A dump's criu is killed (the target goes on running, untraced) and
+        its partial images removed; the record says failed.
+        """
+        target = {"operation": op_id}
+        try:
+            op = self.get_operation(op_id, caller)
+            if op.state is not OpState.RUNNING or op.task is None:
+                raise OperationEnded(f"operation {op_id} is {op.state}", state=str(op.state))
+        except CriudError as e:
+            self.record("cancel_operation", caller, target, e.code, detail=e.detail)
+            raise
+        op.cancel_requested = True
+        op.task.cancel()
+        await asyncio.wait([op.task], timeout=self.settings.shutdown_grace_s)
+        self.record("cancel_operation", caller, target, "ok", state=str(op.state))
+        return op
 
     async def get_restore(self, restore_id: str, caller: Caller) -> RestoreRecord:
         """One restore the caller may see (404 as for one that does not exist otherwise)."""

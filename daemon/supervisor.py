@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from criud.daemon import orphans, procutil
@@ -39,6 +39,8 @@ class Supervisor:
         criu.spawn_guard = self.reaper.hold
         # Exit records being written (the loop holds tasks only weakly).
         self._bg: set[asyncio.Task[Any]] = set()
+        # Told (restore id, owner uid, exit code, signal) once an exit is recorded.
+        self.on_exit: Callable[[str, int | None, int | None, int | None], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -67,6 +69,11 @@ class Supervisor:
         """Reap the zombie children nobody waits for; return how many."""
         return self.reaper.sweep()
 
+    @property
+    def restores_running(self) -> int:
+        """How many restored roots are watched now."""
+        return self.reaper.watching
+
     def watch_restore(self, restore_id: str, pid: int, pidfd: int) -> None:
         """Watch a restored root (the reaper owns pidfd from now on); record its exit."""
         self.reaper.watch(pid, pidfd, self._exit_callback(restore_id))
@@ -74,20 +81,25 @@ class Supervisor:
     def _exit_callback(self, restore_id: str) -> ExitCallback:
         def on_exit(code: int | None, sig: int | None) -> None:
             log.info("restore %s exited: code %s signal %s", restore_id, code, sig)
-            task = asyncio.get_running_loop().create_task(
-                self._store.settle(
-                    self._store.update_restore,
-                    restore_id,
-                    state=RestoreState.EXITED,
-                    finished_at=time.time(),
-                    exit_code=code,
-                    exit_signal=sig,
-                )
-            )
+            task = asyncio.get_running_loop().create_task(self._exited(restore_id, code, sig))
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
 
         return on_exit
+
+    async def _exited(self, restore_id: str, code: int | None, sig: int | None) -> None:
+        await self._store.settle(
+            self._store.update_restore,
+            restore_id,
+            state=RestoreState.EXITED,
+            finished_at=time.time(),
+            exit_code=code,
+            exit_signal=sig,
+        )
+        if self.on_exit is not None:
+            # After the record: whoever the event wakes reads "exited".
+            rec = await self._store.run(self._store.get_restore, restore_id)
+            self.on_exit(restore_id, rec.owner_uid if rec else None, code, sig)
 
     # -- after a restart ----------------------------------------------------------
 

@@ -210,7 +210,9 @@ class ApiFuzz:
                 self.unsendable += 1
                 return
             resp = conn.getresponse()
-            raw = resp.read()
+            # An event stream (GET /v1/events) never ends: its head is what is checked.
+            streams = resp.getheader("content-type", "").startswith("text/event-stream")
+            raw = b"" if streams else resp.read()
             headers: dict[str, list[str]] = {}
             for k, v in resp.getheaders():
                 headers.setdefault(k.lower(), []).append(v)

@@ -1,0 +1,173 @@
+"""The daemon's event bus: what happened, for `GET /v1/events` (Server-Sent Events).
+
+A bounded ring of the latest events, each with an id that only grows, so a
+client that reconnects (`?since=`, `Last-Event-ID`) is replayed what it
+missed, as far back as the ring goes.  Each subscriber has a bounded queue
+of its own.  publish never blocks and never waits for a reader: a
+subscriber whose queue is full is dropped on the spot and told so with one
+final "lagged" event (the client reconnects with `since=` and gets what
+the ring still holds).  No reader can make the daemon hold more than
+RING + QUEUE events per subscriber, however slowly it reads.
+
+Every event names its owner (the uid whose operation, restore, checkpoint
+or handle it concerns); a subscriber created for a non-root uid is given
+only that uid's events.
+
+Loop-thread only: publish and subscribe run on the daemon's event loop
+(routes, the supervisor's exit callbacks, the handles' timers), so the
+ring and the queues need no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+# What an event is (the SSE `event:` field, and "event" in its data).
+OPERATION_STARTED = "operation.started"
+OPERATION_DONE = "operation.done"
+OPERATION_FAILED = "operation.failed"
+RESTORE_EXITED = "restore.exited"
+CHECKPOINT_DELETED = "checkpoint.deleted"
+FD_HANDLE_EXPIRED = "fd_handle.expired"
+LAGGED = "lagged"
+
+RING = 1024
+QUEUE = 256
+# A comment line sent when nothing happened for this long: proxies keep the
+# stream open, and a client that went away is noticed.
+KEEPALIVE_S = 15.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One thing that happened, as subscribers get it."""
+
+    id: int
+    event: str
+    owner_uid: int | None
+    time: float
+    data: dict[str, Any]
+
+    def sse(self) -> bytes:
+        """The event as one Server-Sent Events message (id 0: no `id:` line)."""
+        body = {**self.data, "id": self.id, "event": self.event, "time": self.time}
+        if self.owner_uid is not None:
+            body["owner_uid"] = self.owner_uid
+        head = b"id: %d\n" % self.id if self.id else b""
+        return head + b"event: %s\ndata: %s\n\n" % (self.event.encode(), orjson.dumps(body))
+
+
+class Subscriber:
+    """One reader's bounded queue; lagged once publish found it full."""
+
+    def __init__(self, uid: int | None, backlog: list[Event], size: int) -> None:
+        self.uid = uid
+        # The replay, then what publish hands in (at most size of those).
+        self._backlog = collections.deque(backlog)
+        self._queue: collections.deque[Event] = collections.deque()
+        self._size = size
+        self._wake = asyncio.Event()
+        self.lagged_at: int | None = None
+
+    def sees(self, ev: Event) -> bool:
+        return self.uid is None or ev.owner_uid == self.uid
+
+    def offer(self, ev: Event) -> bool:
+        """Queue ev; False (and lagged) if the queue is full."""
+        if len(self._queue) >= self._size:
+            self.lagged_at = ev.id
+            self._queue.clear()
+            self._wake.set()
+            return False
+        self._queue.append(ev)
+        self._wake.set()
+        return True
+
+    async def next(self, timeout: float) -> Event | None:
+        """The next event; None after timeout s of nothing; StopAsyncIteration once lagged."""
+        if self._backlog:
+            return self._backlog.popleft()
+        if self.lagged_at is not None:
+            raise StopAsyncIteration
+        if not self._queue:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                return None
+            if self.lagged_at is not None:
+                raise StopAsyncIteration
+        return self._queue.popleft()
+
+    def __len__(self) -> int:
+        return len(self._backlog) + len(self._queue)
+
+
+class EventBus:
+    """The ring and the live subscribers."""
+
+    def __init__(self, ring: int = RING, queue: int = QUEUE) -> None:
+        self._ring: collections.deque[Event] = collections.deque(maxlen=ring)
+        self._queue = queue
+        self._next = 1
+        self.subscribers: set[Subscriber] = set()
+
+    @property
+    def last_id(self) -> int:
+        return self._next - 1
+
+    def publish(self, event: str, owner_uid: int | None, /, **data: Any) -> Event:
+        """Record an event and hand it to every subscriber that may see it; never blocks."""
+        ev = Event(self._next, event, owner_uid, time.time(), data)
+        self._next += 1
+        self._ring.append(ev)
+        for sub in [s for s in self.subscribers if s.sees(ev)]:
+            if not sub.offer(ev):
+                # Dropped here, not when its reader notices: a reader that
+                # never reads again must not keep the subscription alive.
+                self.subscribers.discard(sub)
+        return ev
+
+    def subscribe(self, uid: int | None, since: int | None = None) -> Subscriber:
+        """A new subscriber for uid (None: everything), replayed the ring's events after since."""
+        ring = [] if since is None else [e for e in self._ring if e.id > since]
+        sub = Subscriber(uid, [e for e in ring if uid is None or e.owner_uid == uid], self._queue)
+        self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+
+    async def stream(
+        self, uid: int | None, since: int | None, keepalive: float = KEEPALIVE_S
+    ) -> AsyncIterator[bytes]:
+        """The SSE byte stream of one subscriber, ending with "lagged" if it falls behind."""
+        sub = self.subscribe(uid, since)
+        try:
+            # A first comment: the client sees the stream is open at once.
+            yield b": criud events\n\n"
+            while True:
+                try:
+                    ev = await sub.next(keepalive)
+                except StopAsyncIteration:
+                    break
+                yield b": keepalive\n\n" if ev is None else ev.sse()
+            # No id: the client's Last-Event-ID stays the last event it got,
+            # so reconnecting with it replays what it missed.
+            lagged = Event(
+                0,
+                LAGGED,
+                uid,
+                time.time(),
+                {"detail": "this reader fell behind and was dropped; reconnect with since="},
+            )
+            yield lagged.sse()
+        finally:
+            self.unsubscribe(sub)
