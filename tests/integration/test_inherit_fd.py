@@ -382,7 +382,9 @@ def test_fd_socket_refusals_close_fds(daemon: Daemon) -> None:
     finally:
         os.close(r)
         os.close(w)
-    wait_for(lambda: daemon.fd_count() == base, 5, what="daemon fd count back to baseline")
+    # At most base, not exactly: the session's daemon may close an fd of an
+    # earlier test meanwhile (a pidfd of a restored tree that exits now).
+    wait_for(lambda: daemon.fd_count() <= base, 5, what="daemon fd count back to baseline")
 
 
 def test_thousand_expired_handles_leave_no_fds(daemon: Daemon) -> None:
