@@ -212,6 +212,12 @@ def _add_serve(sub: Subparsers) -> None:
         help="env CRIUD_LOG_LEVEL",
     )
     s.add_argument(
+        "--log-format",
+        default=_env("LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="json: one JSON object a line, with the operation's id (env CRIUD_LOG_FORMAT)",
+    )
+    s.add_argument(
         "--listen",
         default=_env("LISTEN", None),
         metavar="tcp://HOST:PORT",
@@ -308,6 +314,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         state_dir=Path(a.state_dir),
         criu=a.criu,
         log_level=a.log_level,
+        log_format=a.log_format,
         socket_group=a.socket_group,
         listen=a.listen,
         token_file=Path(a.token_file) if a.token_file else None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from criud.daemon.logfmt import LogFormat
+
 DEFAULT_SOCKET = Path("/run/criud/criud.sock")
 DEFAULT_FD_SOCKET = Path("/run/criud/fds.sock")
 DEFAULT_STATE_DIR = Path("/var/lib/criud")
@@ -19,6 +21,8 @@ class Settings:
     state_dir: Path = DEFAULT_STATE_DIR
     criu: str = "criu"
     log_level: str = "info"
+    # "text" or "json" (one object a line, criud.daemon.logfmt).
+    log_format: LogFormat = "text"
     socket_group: str | None = None
     # Optional TCP listener ("tcp://127.0.0.1:PORT"), token-authenticated.
     listen: str | None = None

@@ -31,7 +31,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from criud.api.app import create_app
-from criud.daemon import procutil
+from criud.daemon import logfmt, procutil
 from criud.daemon.caller import Caller, peer_caller
 from criud.daemon.config import Settings
 from criud.daemon.errors import CriudError, CriuUnavailable, HeaderTimeout
@@ -337,6 +337,9 @@ def _uvicorn_config(app: Any, core: CriudService, settings: Settings) -> uvicorn
         http=protocol_for(core.quotas, settings.header_timeout_s),
         lifespan="off",
         log_level=settings.log_level,
+        # JSON: uvicorn's loggers get no handlers of their own and reach the
+        # root's, so every line on stderr is one JSON object.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         access_log=settings.log_level == "debug",
         ws="none",
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
@@ -420,11 +423,7 @@ async def _serve(settings: Settings) -> None:
 
 def serve(settings: Settings) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the process exit status."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logfmt.setup(settings.log_level, settings.log_format)
     if os.geteuid() != 0:
         print("criud serve: must run as root (criu needs CAP_SYS_ADMIN)", file=sys.stderr)
         return 1

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon import events, imgdir, kdat, names, procutil
+from criud.daemon import events, imgdir, kdat, logfmt, names, procutil
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
@@ -337,6 +337,8 @@ class CriudService:
         away does not end it, and the events tell how it really ended.
         """
         pub, kind = self.events.publish, op.kind
+        # This task's own context (and what it starts): its log lines carry op's id.
+        logfmt.current_operation.set(op.id)
         pub(events.OPERATION_STARTED, op.owner_uid, operation=op.id, kind=kind, target=op.target)
         self.metrics.started(kind)
         t0 = time.monotonic()
