@@ -17,12 +17,17 @@ import contextlib
 import http.client
 import json
 import socket
+import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from criud.daemon.config import DEFAULT_FD_SOCKET, DEFAULT_SOCKET
 from criud.daemon.fdpass import send_fds
+
+# `wait_operation` polls at first often (most operations are short), then
+# backs off to this at most.
+WAIT_POLL_MAX_S = 1.0
 
 
 class HasFileno(Protocol):
@@ -219,3 +224,74 @@ class Client:
 
     def delete_fd_handle(self, handle: str) -> None:
         self.request("DELETE", f"/v1/fd-handles/{handle}")
+
+    # -- operations and events -------------------------------------------------------
+
+    def operation(self, op_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/operations/{urllib.parse.quote(op_id, safe='')}")[1])
+
+    def wait_operation(self, op_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Poll the operation until it has ended; TimeoutError past timeout seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            op = self.operation(op_id)
+            if op.get("state") != "running":
+                return op
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise TimeoutError(f"operation {op_id} still running after {timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, WAIT_POLL_MAX_S)
+
+    def events(self, since: int | None = None) -> Iterator[dict[str, Any]]:
+        """Follow GET /v1/events: each event's data, as a dict, until the stream ends.
+
+        The daemon sends a keepalive every 15 s, so the client's timeout (if
+        any longer than that) only ends a stream whose daemon stopped talking.
+        """
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            conn.request("GET", "/v1/events" + (f"?since={since}" if since is not None else ""))
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                raw = resp.read()
+                raise CriudClientError(resp.status, _problem(raw))
+            yield from _sse_events(resp)
+        finally:
+            conn.close()
+
+
+def _problem(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    return doc if isinstance(doc, dict) else {"detail": raw.decode("utf-8", "replace")}
+
+
+def _sse_events(resp: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+    """The messages of a Server-Sent Events stream: data as JSON, with its event and id."""
+    fields: dict[str, str] = {}
+    data: list[str] = []
+    for raw in resp:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if line.startswith(":"):
+            continue  # a comment: the greeting, keepalives
+        if line:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            else:
+                fields[name] = value
+            continue
+        if data:
+            doc = json.loads("\n".join(data))
+            if not isinstance(doc, dict):
+                doc = {"data": doc}
+            doc.setdefault("event", fields.get("event", "message"))
+            if "id" in fields:
+                ident = fields["id"]
+                doc.setdefault("id", int(ident) if ident.isdigit() else ident)
+            yield doc
+        fields, data = {}, []

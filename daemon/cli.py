@@ -11,9 +11,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from criud.daemon.config import DEFAULT_FD_SOCKET, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Settings
+
+if TYPE_CHECKING:
+    from criud.api.client import Client
 
 _INHERIT_RE = re.compile(r"fd\[(\d+)\]:(.+)")
 
@@ -187,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_checkpoint(sub)
     _add_others(sub)
+    _add_watch(sub)
     return p
 
 
@@ -307,6 +311,20 @@ def _add_others(sub: Subparsers) -> None:
     k.add_argument("signal", nargs="?", default="TERM")
 
 
+def _add_watch(sub: Subparsers) -> None:
+    e = sub.add_parser("events", help="follow the daemon's events, one line each, until ^C")
+    e.add_argument(
+        "--since", type=_count, metavar="ID", help="first replay the events after this id"
+    )
+    w = sub.add_parser(
+        "wait", help="wait for an operation; exit 0 when done, 1 when it failed or was cancelled"
+    )
+    w.add_argument("operation", help="an operation id (from ?wait=false or GET /v1/operations)")
+    w.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="give up (exit 2) after this long"
+    )
+
+
 def _settings(a: argparse.Namespace) -> Settings:
     return Settings(
         socket=Path(a.socket),
@@ -383,10 +401,64 @@ def _restores_text(out: list[dict[str, Any]]) -> str:
     return _table(rows, ["id", "checkpoint", "pid", "state", "exit", "started"])
 
 
+def _event_text(ev: dict[str, Any]) -> str:
+    """One event as `docker events` prints them: time, type, then the fields as k=v."""
+    when = ev.get("time")
+    stamp = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(when))
+        if isinstance(when, int | float)
+        else "-"
+    )
+    rest = " ".join(
+        f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+        for k, v in ev.items()
+        if k not in ("time", "event")
+    )
+    return f"{stamp} {ev.get('event', '?')} {rest}"
+
+
+def _run_events(a: argparse.Namespace, cl: Client) -> int:
+    # No read timeout: an idle stream is quiet but for a keepalive each 15 s.
+    cl.timeout = None
+    try:
+        for ev in cl.events(a.since):
+            print(json.dumps(ev) if a.json else _event_text(ev), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    # The daemon ended the stream: it stopped, or this reader lagged.
+    return 1
+
+
+def _run_wait(a: argparse.Namespace, cl: Client) -> int:
+    try:
+        op = cl.wait_operation(a.operation, a.timeout)
+    except TimeoutError as e:
+        print(f"criud wait: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(op, indent=2))
+    elif op["state"] == "done":
+        res = op.get("result") or {}
+        print(f"{op['kind']} {op['id']} done: {op['kind']} {res.get('id', '?')}")
+    if op["state"] == "done":
+        return 0
+    p = op.get("problem") or {}
+    print(
+        f"criud wait: {op['kind']} {op['id']} {op['state']}: "
+        f"{p.get('code', '?')}: {p.get('detail', '')}",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def _run_client(a: argparse.Namespace) -> int:
     from criud.api.client import Client
 
     cl = Client(a.socket, a.fd_socket)
+    if a.cmd == "events":
+        return _run_events(a, cl)
+    if a.cmd == "wait":
+        return _run_wait(a, cl)
     out: Any
     if a.cmd == "checkpoint" and a.dry_run:
         out = cl.preflight(a.pid, **_dump_options(a))
