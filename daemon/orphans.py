@@ -54,13 +54,9 @@ def plan(pids: Sequence[int], uids: Iterable[int], pidns: bool) -> dict[str, Any
 
 def _real_uid(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
+        return procutil.status_ids(pid, "Uid")[0]
     except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return None
 
 
 def _is_ours(pid: int, since: int, uids: set[int]) -> bool:

@@ -18,6 +18,7 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -348,6 +349,25 @@ def start_stdio_tree(procs: Procs, d: Path) -> tuple[subprocess.Popen[bytes], in
     return p, w, master, log
 
 
+def checkpoint_stdio_tree(
+    daemon: Daemon, procs: Procs, d: Path
+) -> tuple[dict[str, Any], int, Path]:
+    """start_stdio_tree, checkpoint it (so it dies), read what it left on its pty.
+
+    Returns the checkpoint, the last tick seen, and the old log.
+    """
+    p, w, master, log = start_stdio_tree(procs, d)
+    try:
+        first = tick_of(read_until(master, is_tick))
+        ck = daemon.client.checkpoint(p.pid)
+        p.wait(timeout=10)
+        last = drain_ticks(master, first)
+    finally:
+        os.close(w)
+        os.close(master)
+    return ck, last, log
+
+
 def check_new_stdio(procs: Procs, pid: int, w: int, master: int, log: Path, last: int) -> None:
     """The restored tree reads the new pipe and writes to the new pty and log."""
     assert tick_of(read_until(master, is_tick)) > last
@@ -359,18 +379,10 @@ def check_new_stdio(procs: Procs, pid: int, w: int, master: int, log: Path, last
 
 def test_stdio_shorthand_pipe_pty_and_file(daemon: Daemon, procs: Procs) -> None:
     with fifo_dir() as d:
-        p, w, master, log = start_stdio_tree(procs, d)
-        try:
-            first = tick_of(read_until(master, is_tick))
-            ck = daemon.client.checkpoint(p.pid)
-            kinds = {f["fd"]: (f["type"], f["external"]) for f in ck["fds"]}
-            assert kinds[0] == ("pipe", True) and kinds[1] == ("tty", True)
-            assert kinds[2] == ("file", False)
-            p.wait(timeout=10)
-            last = drain_ticks(master, first)
-        finally:
-            os.close(w)
-            os.close(master)
+        ck, last, log = checkpoint_stdio_tree(daemon, procs, d)
+        kinds = {f["fd"]: (f["type"], f["external"]) for f in ck["fds"]}
+        assert kinds[0] == ("pipe", True) and kinds[1] == ("tty", True)
+        assert kinds[2] == ("file", False)
 
         r2, w2 = os.pipe()
         with new_pty() as (master2, slave2):
@@ -396,14 +408,7 @@ def test_stdio_shorthand_pipe_pty_and_file(daemon: Daemon, procs: Procs) -> None
 
 def test_stdio_needs_three_fds_and_a_terminal_for_a_pty(daemon: Daemon, procs: Procs) -> None:
     with fifo_dir() as d:
-        p, w, master, _ = start_stdio_tree(procs, d)
-        try:
-            read_until(master, is_tick)
-            ck = daemon.client.checkpoint(p.pid)
-            p.wait(timeout=10)
-        finally:
-            os.close(w)
-            os.close(master)
+        ck, _, _ = checkpoint_stdio_tree(daemon, procs, d)
         r2, w2 = os.pipe()
         try:
             with pytest.raises(CriudClientError) as e:
@@ -422,15 +427,7 @@ def test_stdio_needs_three_fds_and_a_terminal_for_a_pty(daemon: Daemon, procs: P
 
 def test_cli_restore_stdio_hands_over_its_own_0_1_2(daemon: Daemon, procs: Procs) -> None:
     with fifo_dir() as d:
-        p, w, master, _ = start_stdio_tree(procs, d)
-        try:
-            first = tick_of(read_until(master, is_tick))
-            ck = daemon.client.checkpoint(p.pid)
-            p.wait(timeout=10)
-            last = drain_ticks(master, first)
-        finally:
-            os.close(w)
-            os.close(master)
+        ck, last, _ = checkpoint_stdio_tree(daemon, procs, d)
 
         r2, w2 = os.pipe()
         with new_pty() as (master2, slave2):
