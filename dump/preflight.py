@@ -108,13 +108,12 @@ def _fds(tasks: Iterable[Task]) -> Iterable[tuple[Task, dict[str, Any]]]:
             yield t, f
 
 
-def _pid_namespace(root: Task) -> list[Finding]:
-    ns = root["namespaces"].get("pid")
-    if ns is None or not ns["differs"]:
-        return []
+def _pid_namespace(tasks: list[Task]) -> list[Finding]:
+    root = tasks[0]
     pid = root["pid"]
+    ns = root["namespaces"].get("pid")
     inner = root["nspid"][-1] if root["nspid"] else pid
-    if inner != 1:
+    if ns is not None and ns["differs"] and inner != 1:
         return [
             _finding(
                 "pid_ns_not_rooted",
@@ -124,16 +123,21 @@ def _pid_namespace(root: Task) -> list[Finding]:
                 "checkpoint the namespace's init (its pid 1) instead",
             )
         ]
-    if root["nssid"] and root["nssid"][-1] == 0:
-        return [
-            _finding(
-                "pid_ns_not_rooted",
-                pid,
-                f"pid {pid} is the init of its pid namespace but its session leader is "
-                "outside that namespace",
-                "start the namespace's init as a session leader (setsid)",
-            )
-        ]
+    # A session id of 0 in the task's own pid namespace means its session
+    # leader lives in an ancestor namespace. criu refuses any such task, and
+    # no option changes that; it also happens without a namespace of the
+    # tree's own, when the daemon itself runs in one entered without setsid.
+    for t in tasks:
+        if t["nssid"] and t["nssid"][-1] == 0:
+            return [
+                _finding(
+                    "pid_ns_not_rooted",
+                    t["pid"],
+                    f"the session leader of pid {t['pid']} is outside its pid namespace, "
+                    "so criu cannot record the session",
+                    "start the tree's root as a session leader (setsid), inside the namespace",
+                )
+            ]
     return []
 
 
@@ -417,7 +421,7 @@ def preflight(
     blockers: list[Finding] = []
     warnings: list[Finding] = []
 
-    blockers += _pid_namespace(root)
+    blockers += _pid_namespace(tasks)
     blockers += _shell_job(tasks, options)
     blockers += _sockets(tasks, options)
     blockers += _locks(tree, options)

@@ -210,18 +210,25 @@ def test_shell_job_roundtrip(daemon: Daemon, procs: Procs) -> None:
     # a pty whose master is ours does not: its slave is external (issue 17).
     import pty
 
-    p = procs.spawn(["sleep", "1000"], start_new_session=False)
-    r = daemon.client.preflight(p.pid)
+    # The sleep is a child of a session leader we start, not of our own
+    # session: the suite may run in a pid namespace entered without setsid,
+    # where our session's leader is outside and criu refuses any member.
+    leader = procs.spawn(["sh", "-c", "sleep 1000 & echo $!; wait"], stdout=subprocess.PIPE)
+    assert leader.stdout is not None
+    sleeper = int(leader.stdout.readline())
+    assert os.getsid(sleeper) == leader.pid != sleeper
+    r = daemon.client.preflight(sleeper)
     assert any(f["code"] == "shell_job_needed" and not f["resolved"] for f in r["blockers"])
-    assert daemon.client.preflight(p.pid, shell_job=True)["ok"] is True
+    assert daemon.client.preflight(sleeper, shell_job=True)["ok"] is True
     with pytest.raises(CriudClientError) as e:
-        daemon.client.checkpoint(p.pid, leave_running=True)
+        daemon.client.checkpoint(sleeper, leave_running=True)
     assert e.value.code == "shell_job_needed" and "shell_job" in e.value.problem["hint"]
-    ck = daemon.client.checkpoint(p.pid, leave_running=True, shell_job=True)
+    ck = daemon.client.checkpoint(sleeper, leave_running=True, shell_job=True)
     assert ck["options"]["shell_job"] is True
 
     pid, master = pty.fork()
-    if pid == 0:  # child: a session leader on the pty
+    if pid == 0:  # child: a session leader on the pty, holding nothing else
+        os.closerange(3, 65536)
         os.execvp("sleep", ["sleep", "1000"])
     try:
         assert daemon.client.preflight(pid)["ok"] is True

@@ -462,3 +462,12 @@ def test_external_namespaces_are_restore_keys() -> None:
     assert r["restore_keys"] == ["pipe:[5]", "extnet"]
     w = [x for x in r["warnings"] if x["key"] == "extnet"]
     assert len(w) == 1 and w[0]["fd"] is None and "net namespace" in w[0]["message"]
+
+
+def test_session_leader_outside_the_daemons_own_pid_namespace() -> None:
+    # The daemon runs in a pid namespace entered without setsid (as under some
+    # CI runners): a child of its session reads sid 0, and criu refuses it
+    # whatever the options.
+    t = tree(task(4242, nssid=[0], sid=0), task(4243, ppid=4242, nssid=[0], sid=0))
+    b = only(run(t, shell_job=True)["blockers"], "pid_ns_not_rooted")
+    assert b["task"] == 4242 and "setsid" in b["resolution"]
