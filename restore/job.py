@@ -315,6 +315,10 @@ class _Job:
     async def _wait_pids_free(self, pids: Sequence[int]) -> None:
         """Wait (bounded) for the image's pids to be gone; PidInUse if they stay."""
         deadline = time.monotonic() + self.rt.settings.pid_wait_s
+        # A dumped root is usually reaped within a few ms of criu's exit: a
+        # fixed 50 ms poll cost a whole period for a 2 ms late reap (issue
+        # 13), so start at 1 ms and back off to 50 ms for PID 1's slow reaps.
+        delay = 0.001
         while True:
             taken = [p for p in pids if procutil.pid_exists(p)]
             if not taken:
@@ -327,7 +331,8 @@ class _Job:
                     pids=taken,
                 )
             self.rt.children.sweep()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def _insert_record(self, pids: Sequence[int]) -> dict[str, Any]:
         """Record the restore before criu runs, with what it will create (orphan recovery)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import time
@@ -18,7 +19,13 @@ CRIU = "/usr/local/sbin/criu"
 
 
 def open_fds() -> set[int]:
-    """The fd numbers open in this process right now (minus the listdir's own)."""
+    """The fd numbers open in this process right now (minus the listdir's own).
+
+    Collects garbage first: objects an earlier test dropped (a daemon's
+    client, a Popen's pipes) close their fds when collected, and that must
+    not happen between a test's two snapshots.
+    """
+    gc.collect()
     fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         return {int(n) for n in os.listdir(fd)} - {fd}
