@@ -327,35 +327,42 @@ class CheckpointQuota:
             self._judge(uid, await self.usage(uid), adding_bytes)
 
     @contextlib.asynccontextmanager
-    async def reserve(self, uid: int, adding_bytes: int) -> AsyncIterator[None]:
+    async def reserve(self, uid: int, adding_bytes: int) -> AsyncIterator[Reservation]:
         """check(), then hold one record and adding_bytes for uid until the block ends.
 
         End the block once the new checkpoint's record says how it ended.
+        A path that learns the real size as it goes (an import) tells the
+        reservation with Reservation.resize, which judges the bytes again.
         """
         if not self.applies(uid):
-            yield
+            yield Reservation(self, uid, adding_bytes, held=False)
             return
         # No await between the judgement and the hold: on the event loop,
         # two reservations of one uid can never both pass on the same usage.
         self._judge(uid, await self.usage(uid), adding_bytes)
+        held = Reservation(self, uid, adding_bytes, held=True)
         self._held_count[uid] += 1
         self._held_bytes[uid] += adding_bytes
         try:
-            yield
+            yield held
         finally:
-            self._release(uid, adding_bytes)
+            self._releases += 1
+            self._held_count[uid] -= 1
+            self._held_bytes[uid] -= held.bytes
+            if self._held_count[uid] <= 0:
+                del self._held_count[uid]
+                self._held_bytes.pop(uid, None)
 
-    def _release(self, uid: int, adding_bytes: int) -> None:
-        self._releases += 1
-        self._held_count[uid] -= 1
-        self._held_bytes[uid] -= adding_bytes
-        if self._held_count[uid] <= 0:
-            del self._held_count[uid]
-            self._held_bytes.pop(uid, None)
+    async def _resize(self, r: Reservation, nbytes: int) -> None:
+        now = await self.usage(r.uid)
+        # The count was judged when the reservation was made; only the
+        # bytes change, and this reservation's own are not counted twice.
+        self._judge_bytes(r.uid, now.bytes - r.bytes, nbytes)
+        self._held_bytes[r.uid] += nbytes - r.bytes
+        r.bytes = nbytes
 
     def _judge(self, uid: int, now: Usage, adding_bytes: int) -> None:
-        s = self.settings
-        cap = s.max_checkpoints_per_uid
+        cap = self.settings.max_checkpoints_per_uid
         if cap and now.count + 1 > cap:
             raise QuotaExceeded(
                 f"uid {uid} has {now.count} checkpoints, its limit is {cap}: delete some "
@@ -363,13 +370,33 @@ class CheckpointQuota:
                 limit=cap,
                 usage=now.count,
             )
-        cap = s.max_checkpoint_bytes_per_uid
-        if cap and now.bytes + adding_bytes > cap:
+        self._judge_bytes(uid, now.bytes, adding_bytes)
+
+    def _judge_bytes(self, uid: int, used: int, adding_bytes: int) -> None:
+        cap = self.settings.max_checkpoint_bytes_per_uid
+        if cap and used + adding_bytes > cap:
             raise QuotaBytesExceeded(
-                f"uid {uid}'s checkpoints hold {_mib(now.bytes)}; this one needs about "
+                f"uid {uid}'s checkpoints hold {_mib(used)}; this one needs about "
                 f"{_mib(adding_bytes)} more, past its limit of {_mib(cap)}: delete some "
                 "and retry",
                 limit=cap,
-                usage=now.bytes,
+                usage=used,
                 needed=adding_bytes,
             )
+
+
+@dataclasses.dataclass
+class Reservation:
+    """The place one checkpoint in the making holds in its owner's quota."""
+
+    quota: CheckpointQuota
+    uid: int
+    bytes: int
+    # False: the owner is held to no limit, and nothing is held.
+    held: bool
+
+    async def resize(self, nbytes: int) -> None:
+        """The size is now known to be nbytes; QuotaBytesExceeded if that is past the limit."""
+        if self.held and self.quota.bytes_apply(self.uid):
+            await self.quota._resize(self, nbytes)
+        self.bytes = nbytes

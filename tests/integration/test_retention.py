@@ -172,10 +172,12 @@ def test_bulk_delete_skips_a_checkpoint_in_use(daemon: Daemon, procs: Procs) -> 
     st, op = _call(cl, "POST", "/v1/checkpoints?wait=false", {"pid": fat, "labels": {"app": tag}})
     assert st == 202, op
     wait_for(
-        lambda: any(c["labels"].get("app") == tag for c in cl.checkpoints()),
+        lambda: any(
+            c["labels"].get("app") == tag and c["state"] == "dumping" for c in cl.checkpoints()
+        ),
         30,
         0.01,
-        what="the dump's record",
+        what="the dump's record, dumping",
     )
     st, doc = _bulk(cl, label=f"app={tag}")
     done = cl.wait_operation(op["id"], 60)

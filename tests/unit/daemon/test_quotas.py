@@ -309,3 +309,24 @@ def test_a_usage_read_overlapping_a_release_is_read_again() -> None:
         assert usage.reads >= 2
 
     asyncio.run(scenario())
+
+
+def test_a_reservation_resized_is_judged_again_on_its_bytes_alone() -> None:
+    q, usage = ckpt_quota(max_checkpoints_per_uid=1, max_checkpoint_bytes_per_uid=100)
+    usage.by_uid[BOB] = Usage(0, 30)
+
+    async def scenario() -> None:
+        async with q.reserve(BOB, 10) as r:
+            # Its own record and bytes are not counted twice: 30 + 70 fits.
+            await r.resize(70)
+            assert await q.usage(BOB) == Usage(1, 100)
+            with pytest.raises(QuotaBytesExceeded) as e:
+                await r.resize(71)
+            assert e.value.extra["usage"] == 30
+            assert r.bytes == 70
+        assert await q.usage(BOB) == Usage(0, 30)
+        # Not held to a limit: resize only records the size.
+        async with q.reserve(0, 0) as r:
+            await r.resize(1 << 40)
+
+    asyncio.run(scenario())
