@@ -11,6 +11,7 @@ from pydantic import TypeAdapter
 
 from criud.api.deps import caller, service
 from criud.api.models import (
+    BulkDeleteResult,
     Checkpoint,
     CheckpointRequest,
     FdEntry,
@@ -30,7 +31,7 @@ from criud.dump.options import DumpOptions
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
 ERRORS: dict[int | str, dict[str, object]] = {
-    s: {"model": Problem} for s in (403, 404, 409, 422, 503)
+    s: {"model": Problem} for s in (403, 404, 409, 422, 503, 507)
 }
 
 CoreDep = Annotated[Service, Depends(service)]
@@ -171,6 +172,33 @@ async def list_checkpoints(
             cache.clear()
         cache[key] = body
     return _EncodedJSON(content=body)
+
+
+@router.delete("", response_model=BulkDeleteResult, responses={**ERRORS, 400: {"model": Problem}})
+async def delete_checkpoints(
+    c: CoreDep,
+    who: CallerDep,
+    older_than: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="created before: a duration back from now (7d, 12h, 1h30m, 90s) "
+            "or an RFC 3339 time with its offset",
+        ),
+    ] = None,
+    label: Annotated[list[str] | None, Query(description="key=value; repeat to AND")] = None,
+    owner: Annotated[
+        str | None,
+        Query(max_length=40, description="root only: one owner's (uid or user name)"),
+    ] = None,
+) -> BulkDeleteResult:
+    """Delete the caller's checkpoints matching every filter (root: anyone's, or owner's).
+
+    At least one of older_than and label is required (400 otherwise).  A
+    checkpoint in use (being dumped or restored) is skipped, with why.
+    """
+    out = await c.delete_checkpoints(who, older_than, label or [], owner)
+    return BulkDeleteResult.model_validate(out)
 
 
 @router.get("/{ref}", response_model=Checkpoint, responses=ERRORS)

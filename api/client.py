@@ -171,6 +171,21 @@ class Client:
     def delete(self, ref: str) -> None:
         self.request("DELETE", _checkpoint_path(ref))
 
+    def delete_matching(
+        self,
+        older_than: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        owner: str | None = None,
+    ) -> dict[str, Any]:
+        """Delete the caller's checkpoints matching every filter: {"deleted", "skipped"}."""
+        q: list[tuple[str, str]] = [("label", f"{k}={v}") for k, v in (labels or {}).items()]
+        if older_than is not None:
+            q.append(("older_than", older_than))
+        if owner is not None:
+            q.append(("owner", owner))
+        path = "/v1/checkpoints" + (f"?{urllib.parse.urlencode(q)}" if q else "")
+        return dict(self.request("DELETE", path)[1])
+
     def log(self, ref: str, op: str = "dump") -> str:
         return str(self.request("GET", _checkpoint_path(ref, "/log", {"op": op}))[1])
 

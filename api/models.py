@@ -135,6 +135,28 @@ class Checkpoint(BaseModel):
     error: dict[str, Any] | None = None
 
 
+class DeletedCheckpoint(BaseModel):
+    id: str
+    name: str | None
+    owner_uid: int
+    size_bytes: int | None = None
+
+
+class SkippedCheckpoint(BaseModel):
+    id: str
+    name: str | None
+    owner_uid: int
+    code: str = Field(description="Why it was kept, as a problem's code (busy: in use)")
+    detail: str
+
+
+class BulkDeleteResult(BaseModel):
+    """What DELETE /v1/checkpoints?... removed, and what it matched but kept."""
+
+    deleted: list[DeletedCheckpoint]
+    skipped: list[SkippedCheckpoint]
+
+
 class InheritFd(Strict):
     """One replacement: by key, by the (pid, fd) it had at dump time, or by path."""
 

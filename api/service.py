@@ -49,6 +49,9 @@ class Service(Protocol):
     async def delete_checkpoint(
         self, ref: str, caller: Caller, owner: str | None = None
     ) -> None: ...
+    async def delete_checkpoints(
+        self, caller: Caller, older_than: str | None, labels: list[str], owner: str | None = None
+    ) -> dict[str, list[dict[str, Any]]]: ...
     async def checkpoint_log(
         self, ref: str, op: str, caller: Caller, owner: str | None = None
     ) -> str: ...

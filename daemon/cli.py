@@ -36,6 +36,17 @@ def _count(text: str) -> int:
     return n
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """argparse type: bytes, as a number with an optional K, M, G or T (powers of 1024)."""
+    m = re.fullmatch(r"(\d+)([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 10G)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
 # `criud serve`'s numeric tunables: (flag, type, default, metavar, help);
 # each can also come from CRIUD_<FLAG> in the environment.
 _TUNABLES: tuple[tuple[str, Callable[[str], float], str, str, str], ...] = (
@@ -84,6 +95,30 @@ _TUNABLES: tuple[tuple[str, Callable[[str], float], str, str, str], ...] = (
         "fds kept from callers: root's stop at the fd limit - N, others' at the limit - 2N "
         "(0: an eighth of the limit, 32..1024)",
     ),
+    # Retention (criud.daemon.quotas.CheckpointQuota, criud.daemon.retention).
+    (
+        "max-checkpoints-per-uid",
+        _count,
+        "0",
+        "N",
+        "checkpoints one uid may keep, failed ones included (0: no limit; root exempt "
+        "without --quota-root)",
+    ),
+    (
+        "max-checkpoint-bytes-per-uid",
+        _size,
+        "0",
+        "SIZE",
+        "image bytes one uid's checkpoints may hold, e.g. 10G; a dump whose estimate "
+        "would pass it is refused before it starts (0: no limit)",
+    ),
+    (
+        "max-checkpoints-per-pid",
+        _count,
+        "0",
+        "N",
+        "after a checkpoint of a pid, keep only its owner's newest N of that pid (0: all)",
+    ),
     (
         "path-open-timeout",
         float,
@@ -101,6 +136,9 @@ _TUNABLE_FIELDS = {
     "max-ops-per-uid": "max_ops_per_uid",
     "max-handle-fds-per-uid": "max_handle_fds_per_uid",
     "fd-reserve": "fd_reserve",
+    "max-checkpoints-per-uid": "max_checkpoints_per_uid",
+    "max-checkpoint-bytes-per-uid": "max_checkpoint_bytes_per_uid",
+    "max-checkpoints-per-pid": "max_checkpoints_per_pid",
     "path-open-timeout": "path_open_timeout_s",
 }
 
@@ -243,6 +281,12 @@ def _add_serve(sub: Subparsers) -> None:
             help=f"{what} (env CRIUD_{env}; default %(default)s)",
         )
     s.add_argument(
+        "--quota-root",
+        action="store_true",
+        default=_env("QUOTA_ROOT", "") in ("1", "true", "yes"),
+        help="hold root to the per-uid checkpoint quotas too (env CRIUD_QUOTA_ROOT=1)",
+    )
+    s.add_argument(
         "--socket-group",
         default=_env("SOCKET_GROUP", None),
         help="group owning both sockets (env CRIUD_SOCKET_GROUP)",
@@ -300,8 +344,17 @@ def _add_others(sub: Subparsers) -> None:
     sub.add_parser("ls", help="list checkpoints")
     i = sub.add_parser("inspect", help="show one checkpoint")
     i.add_argument("ref", help=ref_help)
-    d = sub.add_parser("rm", help="delete a checkpoint")
-    d.add_argument("ref", help=ref_help)
+    d = sub.add_parser(
+        "rm", help="delete a checkpoint, or every one of yours matching --older-than/--label"
+    )
+    d.add_argument("ref", nargs="?", help=ref_help)
+    d.add_argument(
+        "--older-than",
+        metavar="AGE|TIME",
+        help="made before: a duration back from now (7d, 12h, 1h30m) or an RFC 3339 time",
+    )
+    d.add_argument("--label", action="append", default=[], metavar="K=V", help="repeat to AND")
+    d.add_argument("--owner", help="root: only this owner's (uid or user name)")
     lg = sub.add_parser("log", help="print a checkpoint's criu log")
     lg.add_argument("ref", help=ref_help)
     lg.add_argument("--op", choices=["dump", "restore"], default="dump")
@@ -336,6 +389,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         socket_group=a.socket_group,
         listen=a.listen,
         token_file=Path(a.token_file) if a.token_file else None,
+        quota_root=a.quota_root,
         **{field: getattr(a, flag.replace("-", "_")) for flag, field in _TUNABLE_FIELDS.items()},
     )
 
@@ -451,6 +505,30 @@ def _run_wait(a: argparse.Namespace, cl: Client) -> int:
     return 1
 
 
+def _run_rm(a: argparse.Namespace, cl: Client) -> tuple[dict[str, Any], str]:
+    """`criud rm REF`, or `criud rm --older-than AGE --label K=V ...` (a bulk delete)."""
+    bulk = a.older_than is not None or bool(a.label) or a.owner is not None
+    if a.ref is not None and bulk:
+        raise SystemExit("criud rm: give a checkpoint, or --older-than/--label, not both")
+    if a.ref is None and (a.older_than is None and not a.label):
+        raise SystemExit("criud rm: give a checkpoint, or --older-than AGE and/or --label K=V")
+    if a.ref is not None:
+        cl.delete(a.ref)
+        return {"deleted": a.ref}, f"deleted {a.ref}"
+    labels: dict[str, str] = {}
+    for item in a.label:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"criud rm: --label {item!r} is not K=V")
+        labels[k] = v
+    out = cl.delete_matching(a.older_than, labels, a.owner)
+    lines = [
+        f"deleted {d['id']}" + (f" ({d['name']})" if d["name"] else "") for d in out["deleted"]
+    ]
+    lines += [f"skipped {s['id']}: {s['detail']}" for s in out["skipped"]]
+    return out, "\n".join(lines) or "nothing matched"
+
+
 def _run_client(a: argparse.Namespace) -> int:
     from criud.api.client import Client
 
@@ -490,8 +568,7 @@ def _run_client(a: argparse.Namespace) -> int:
         out = cl.inspect(a.ref)
         text = json.dumps(out, indent=2)
     elif a.cmd == "rm":
-        cl.delete(a.ref)
-        out, text = {"deleted": a.ref}, f"deleted {a.ref}"
+        out, text = _run_rm(a, cl)
     elif a.cmd == "log":
         out = text = cl.log(a.ref, a.op)
     elif a.cmd == "ps":

@@ -71,6 +71,19 @@ class Settings:
     # fd_reserve.  0: an eighth of the limit (at least 32, at most 1024).
     fd_reserve: int = 0
 
+    # -- retention: what one caller may keep (criud.daemon.quotas.CheckpointQuota)
+    # Checkpoint records per uid (every state: a failed one keeps its log)
+    # and the bytes of their images; 0: no limit.  A dump is refused before
+    # it starts when the tree's estimated size would pass the byte limit.
+    max_checkpoints_per_uid: int = 0
+    max_checkpoint_bytes_per_uid: int = 0
+    # Root is exempt from both unless this is set (its checkpoints are the
+    # engine's, which usually keeps its own retention).
+    quota_root: bool = False
+    # After a checkpoint of pid P by U, keep only U's newest N done
+    # checkpoints of P (0: keep all).
+    max_checkpoints_per_pid: int = 0
+
     @property
     def checkpoints_dir(self) -> Path:
         return self.state_dir / "checkpoints"

@@ -30,6 +30,14 @@ class CriudError(Exception):
 # -- 400 / 422: the request itself is wrong -----------------------------------
 
 
+class FilterRequired(CriudError):
+    """A bulk delete named no filter: an empty filter never means "everything"."""
+
+    status = 400
+    code = "filter_required"
+    title = "A filter is required"
+
+
 class InvalidRequest(CriudError):
     status = 422
     code = "invalid_request"
@@ -304,6 +312,24 @@ class OutOfFds(CriudError):
     status = 503
     code = "out_of_fds"
     title = "The daemon is out of file descriptors"
+
+
+class QuotaExceeded(CriudError):
+    """The caller holds as many checkpoints as its quota allows (--max-checkpoints-per-uid).
+
+    Not "retry later": room comes back only when the caller deletes some.
+    """
+
+    status = 409
+    code = "quota_exceeded"
+    title = "Checkpoint quota exceeded"
+
+
+class QuotaBytesExceeded(QuotaExceeded):
+    """The caller's checkpoints, with the new one, would pass its byte quota."""
+
+    status = 507
+    title = "Checkpoint byte quota exceeded"
 
 
 class HeaderTimeout(CriudError):

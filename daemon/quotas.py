@@ -6,8 +6,11 @@ What one caller can pin in the daemon is bounded:
   their own pool (per remote address and in total), so clients that have
   not yet shown a token cannot take the unix sockets' room;
 - fd handles and the fds they hold, per uid;
-- checkpoints and restores in flight, per uid.
-Root is never held to a per-uid cap: it has the room the others leave.
+- checkpoints and restores in flight, per uid;
+- checkpoints kept, per uid, by count and by bytes (CheckpointQuota), off
+  unless configured.
+Root is never held to a per-uid cap: it has the room the others leave (the
+checkpoint quota holds root too with --quota-root).
 
 Over all of that sits the fd budget.  Every connection and every handed-in
 fd is an fd of the daemon's; at its RLIMIT_NOFILE the daemon could no
@@ -23,17 +26,20 @@ Everything here runs on the event loop thread: no locking.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 from criud.daemon.config import Settings
 from criud.daemon.errors import (
     OutOfFds,
+    QuotaBytesExceeded,
+    QuotaExceeded,
     TooManyConnections,
     TooManyHandles,
     TooManyHeldFds,
@@ -250,3 +256,147 @@ class Quotas:
         self._ops[uid] -= 1
         if self._ops[uid] <= 0:
             del self._ops[uid]
+
+
+# -- checkpoints kept ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """What one uid's checkpoints hold: records and image bytes."""
+
+    count: int
+    bytes: int
+
+
+# Reads a uid's usage from the store (finished records only: the ones being
+# made are held here, as reservations).
+UsageReader = Callable[[int], Awaitable[Usage]]
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+class CheckpointQuota:
+    """How many checkpoints, and how many bytes of them, one caller may keep.
+
+    The count is of records (a failed dump's keeps its log and shows in the
+    list); the bytes are the images' sizes.  A checkpoint being made holds a
+    reservation (one record, its estimated bytes) from the check until it is
+    recorded done or failed, so concurrent dumps of one caller cannot all
+    pass one check.  The bytes of a dump are known only once it is done:
+    it is judged before, by the tree's estimated image size; a dump that
+    turns out bigger is kept (deleting it could lose the process it ended).
+    """
+
+    def __init__(self, settings: Settings, usage: UsageReader) -> None:
+        self.settings = settings
+        self._usage = usage
+        self._held_count: collections.Counter[int] = collections.Counter()
+        self._held_bytes: collections.Counter[int] = collections.Counter()
+        # Bumped on each release: a usage read that a release overlapped
+        # may predate the released checkpoint's record, so it is read again.
+        self._releases = 0
+
+    def applies(self, uid: int) -> bool:
+        """Whether uid is held to any checkpoint limit."""
+        s = self.settings
+        limited = s.max_checkpoints_per_uid > 0 or s.max_checkpoint_bytes_per_uid > 0
+        return limited and (uid != 0 or s.quota_root)
+
+    def bytes_apply(self, uid: int) -> bool:
+        """Whether uid is held to a byte limit (then a dump needs its tree's estimate)."""
+        return self.settings.max_checkpoint_bytes_per_uid > 0 and self.applies(uid)
+
+    async def usage(self, uid: int) -> Usage:
+        """uid's recorded usage plus what its checkpoints in the making hold."""
+        for _ in range(8):
+            seen = self._releases
+            recorded = await self._usage(uid)
+            if seen == self._releases:
+                break
+        return Usage(recorded.count + self._held_count[uid], recorded.bytes + self._held_bytes[uid])
+
+    async def check(self, uid: int, adding_bytes: int) -> None:
+        """Raise QuotaExceeded (409) or QuotaBytesExceeded (507) unless uid may add one checkpoint.
+
+        adding_bytes: the new checkpoint's size, or its estimate (0: unknown).
+        """
+        if self.applies(uid):
+            self._judge(uid, await self.usage(uid), adding_bytes)
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, uid: int, adding_bytes: int) -> AsyncIterator[Reservation]:
+        """check(), then hold one record and adding_bytes for uid until the block ends.
+
+        End the block once the new checkpoint's record says how it ended.
+        A path that learns the real size as it goes (an import) tells the
+        reservation with Reservation.resize, which judges the bytes again.
+        """
+        if not self.applies(uid):
+            yield Reservation(self, uid, adding_bytes, held=False)
+            return
+        # No await between the judgement and the hold: on the event loop,
+        # two reservations of one uid can never both pass on the same usage.
+        self._judge(uid, await self.usage(uid), adding_bytes)
+        held = Reservation(self, uid, adding_bytes, held=True)
+        self._held_count[uid] += 1
+        self._held_bytes[uid] += adding_bytes
+        try:
+            yield held
+        finally:
+            self._releases += 1
+            self._held_count[uid] -= 1
+            self._held_bytes[uid] -= held.bytes
+            if self._held_count[uid] <= 0:
+                del self._held_count[uid]
+                self._held_bytes.pop(uid, None)
+
+    async def _resize(self, r: Reservation, nbytes: int) -> None:
+        now = await self.usage(r.uid)
+        # The count was judged when the reservation was made; only the
+        # bytes change, and this reservation's own are not counted twice.
+        self._judge_bytes(r.uid, now.bytes - r.bytes, nbytes)
+        self._held_bytes[r.uid] += nbytes - r.bytes
+        r.bytes = nbytes
+
+    def _judge(self, uid: int, now: Usage, adding_bytes: int) -> None:
+        cap = self.settings.max_checkpoints_per_uid
+        if cap and now.count + 1 > cap:
+            raise QuotaExceeded(
+                f"uid {uid} has {now.count} checkpoints, its limit is {cap}: delete some "
+                "(DELETE /v1/checkpoints?older_than=...) and retry",
+                limit=cap,
+                usage=now.count,
+            )
+        self._judge_bytes(uid, now.bytes, adding_bytes)
+
+    def _judge_bytes(self, uid: int, used: int, adding_bytes: int) -> None:
+        cap = self.settings.max_checkpoint_bytes_per_uid
+        if cap and used + adding_bytes > cap:
+            raise QuotaBytesExceeded(
+                f"uid {uid}'s checkpoints hold {_mib(used)}; this one needs about "
+                f"{_mib(adding_bytes)} more, past its limit of {_mib(cap)}: delete some "
+                "and retry",
+                limit=cap,
+                usage=used,
+                needed=adding_bytes,
+            )
+
+
+@dataclasses.dataclass
+class Reservation:
+    """The place one checkpoint in the making holds in its owner's quota."""
+
+    quota: CheckpointQuota
+    uid: int
+    bytes: int
+    # False: the owner is held to no limit, and nothing is held.
+    held: bool
+
+    async def resize(self, nbytes: int) -> None:
+        """The size is now known to be nbytes; QuotaBytesExceeded if that is past the limit."""
+        if self.held and self.quota.bytes_apply(self.uid):
+            await self.quota._resize(self, nbytes)
+        self.bytes = nbytes

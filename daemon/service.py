@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon import events, imgdir, kdat, logfmt, names, procutil
+from criud.daemon import events, imgdir, kdat, logfmt, names, procutil, retention
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
@@ -36,6 +36,7 @@ from criud.daemon.errors import (
     Busy,
     CheckpointNotFound,
     CriudError,
+    FilterRequired,
     InvalidRequest,
     LogNotFound,
     NoSpace,
@@ -51,7 +52,7 @@ from criud.daemon.errors import (
 from criud.daemon.handles import FdHandle, HandleStore, require_unix
 from criud.daemon.metrics import Metrics
 from criud.daemon.operations import Operation, OperationTable, OpState
-from criud.daemon.quotas import FdBudget, Quotas
+from criud.daemon.quotas import CheckpointQuota, FdBudget, Quotas, Usage
 from criud.daemon.store import CheckpointRecord, RestoreRecord, Store
 from criud.daemon.supervisor import Supervisor
 from criud.dump import inspect as proc_inspect
@@ -108,6 +109,9 @@ class CriudService:
             FdBudget(resource.getrlimit(resource.RLIMIT_NOFILE)[0], settings.fd_reserve),
             self.handles.usage,
         )
+        # Checkpoints kept per caller: the dump path here reserves through
+        # it, and so does any other path that makes a checkpoint (an import).
+        self.checkpoint_quota = CheckpointQuota(settings, self._checkpoint_usage)
         self.children = Supervisor(self.store, self.criu, settings.pid_wait_s)
         self.audit = AuditLog(settings.state_dir / "audit.log")
         self.paths = PathOpener(
@@ -139,6 +143,10 @@ class CriudService:
         self.kdat_cache = False
         # The daemon's own namespaces, read once: introspection compares with them.
         self._daemon_ns = proc_inspect.own_namespaces()
+
+    async def _checkpoint_usage(self, uid: int) -> Usage:
+        count, size = await self.store.run(self.store.checkpoint_usage, uid)
+        return Usage(count, size)
 
     @property
     def list_generation(self) -> int:
@@ -523,8 +531,38 @@ class CriudService:
         """Start a dump of the tree of spec.pid in the background (?wait=false)."""
         target = {"pid": spec.pid, "name": spec.name}
         return self._submit(
-            "checkpoint", caller, target, lambda: dump_job.run(self, spec, caller), _ckpt_summary
+            "checkpoint", caller, target, lambda: self._checkpoint_job(spec, caller), _ckpt_summary
         )
+
+    async def _checkpoint_job(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
+        """The dump, inside the caller's checkpoint quota; then the per-pid retention."""
+        adding = 0
+        if self.checkpoint_quota.bytes_apply(caller.uid):
+            # Judged before criu runs: a dump without leave_running ends
+            # the tree, so one refused after it would lose the process.
+            adding = (await self.preflight(spec, caller))["estimated_image_bytes"]
+        async with self.checkpoint_quota.reserve(caller.uid, adding):
+            rec = await dump_job.run(self, spec, caller)
+        if self.settings.max_checkpoints_per_pid > 0:
+            await self._keep_newest(rec, caller)
+        return rec
+
+    async def _keep_newest(self, rec: CheckpointRecord, caller: Caller) -> None:
+        """Delete the owner's older checkpoints of rec's pid past --max-checkpoints-per-pid.
+
+        Never fails the checkpoint just made: one in use is left for the
+        next time, and an error is logged.
+        """
+        keep = self.settings.max_checkpoints_per_pid
+        recs = await self.store.run(self.store.list_checkpoints, summary=True)
+        for old in retention.beyond_newest(recs, rec.owner_uid, rec.pid, keep):
+            target = {"checkpoint": old.id, "reason": "retention"}
+            try:
+                await self._remove(old, reason="retention")
+            except (CriudError, OSError) as e:
+                log.warning("retention: checkpoint %s kept: %s", old.id, e)
+                continue
+            self.record("delete_checkpoint", caller, target, "ok")
 
     async def checkpoint(self, spec: CheckpointSpec, caller: Caller) -> CheckpointRecord:
         """Dump the tree of spec.pid; return the done checkpoint or raise."""
@@ -540,14 +578,90 @@ class CriudService:
 
     async def _delete_checkpoint(self, ref: str, caller: Caller, owner: str | None) -> None:
         rec = await self.get_checkpoint(ref, caller, owner)
+        await self._remove(rec, f"checkpoint {ref!r} is in use")
+
+    async def _remove(
+        self, rec: CheckpointRecord, in_use: str | None = None, reason: str | None = None
+    ) -> bool:
+        """Delete a checkpoint's images and record; Busy if a dump or a restore uses it.
+
+        False if it was gone already (another delete got there first).
+        """
+        in_use = in_use or f"checkpoint {rec.name or rec.id!r} is in use"
         if rec.state == "dumping":
-            raise Busy(f"checkpoint {ref!r} is in use", checkpoint=rec.id)
-        with self.busy(rec.id, f"checkpoint {ref!r} is in use"):
+            raise Busy(in_use, checkpoint=rec.id)
+        with self.busy(rec.id, in_use):
+            # Read again under the lock: rec may be a list's, taken before.
+            if await self.store.run(self.store.get_checkpoint, rec.id) is None:
+                return False
             await asyncio.to_thread(shutil.rmtree, self.settings.checkpoints_dir / rec.id, True)
             await self.store.run(self.store.delete_checkpoint, rec.id)
+        extra = {"reason": reason} if reason is not None else {}
         self.events.publish(
-            events.CHECKPOINT_DELETED, rec.owner_uid, checkpoint=rec.id, name=rec.name
+            events.CHECKPOINT_DELETED, rec.owner_uid, checkpoint=rec.id, name=rec.name, **extra
         )
+        return True
+
+    async def delete_checkpoints(
+        self,
+        caller: Caller,
+        older_than: str | None,
+        labels: list[str],
+        owner: str | None = None,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Delete the caller's checkpoints (root: anyone's, or owner's) matching every filter.
+
+        At least one of older_than and labels is required.  Returns the
+        deleted checkpoints and the skipped ones (in use), each with why.
+        """
+        target: dict[str, Any] = {"older_than": older_than, "labels": labels}
+        if owner is not None:
+            target["owner"] = owner
+        return await self._audited(
+            "delete_checkpoints",
+            caller,
+            target,
+            self._delete_checkpoints(caller, older_than, labels, owner),
+            lambda r: " ".join(d["id"] for d in r["deleted"]),
+        )
+
+    async def _delete_checkpoints(
+        self, caller: Caller, older_than: str | None, labels: list[str], owner: str | None
+    ) -> dict[str, list[dict[str, Any]]]:
+        if older_than is None and not labels:
+            raise FilterRequired(
+                "a bulk delete needs older_than or label (or both): "
+                "an empty filter never means every checkpoint"
+            )
+        cutoff = None if older_than is None else retention.parse_older_than(older_than, time.time())
+        f = retention.BulkFilter(
+            cutoff, retention.parse_labels(labels), await self._lane(caller, owner)
+        )
+        recs = await self.store.run(self.store.list_checkpoints, summary=True)
+        deleted: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = []
+        for rec in retention.select(recs, f):
+            one = {"id": rec.id, "name": rec.name, "owner_uid": rec.owner_uid}
+            try:
+                if await self._remove(rec):
+                    deleted.append({**one, "size_bytes": rec.size_bytes})
+            except Busy as e:
+                skipped.append({**one, "code": e.code, "detail": e.detail})
+        return {"deleted": deleted, "skipped": skipped}
+
+    async def _lane(self, caller: Caller, owner: str | None) -> int | None:
+        """Whose checkpoints a bulk delete may reach: the caller's own; root's, anyone's."""
+        if owner is None:
+            return None if caller.is_root else caller.uid
+        names.check_owner(owner)
+        uid = await asyncio.to_thread(_uid_of, owner)
+        if caller.is_root:
+            if uid is None:
+                raise InvalidRequest(f"owner {owner!r}: no such user")
+            return uid
+        if uid != caller.uid:
+            raise PermissionDenied("only root may delete another owner's checkpoints")
+        return uid
 
     async def checkpoint_log(
         self, ref: str, op: str, caller: Caller, owner: str | None = None

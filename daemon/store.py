@@ -426,6 +426,19 @@ class Store:
         rows = self.db.execute(f"SELECT {cols} FROM checkpoints ORDER BY created_at").fetchall()
         return [CheckpointRecord(**_load(r)) for r in rows]
 
+    def checkpoint_usage(self, owner_uid: int) -> tuple[int, int]:
+        """(records, image bytes) of owner_uid's checkpoints, those being dumped left out.
+
+        A dump in progress is counted by the quota's reservation instead
+        (criud.daemon.quotas.CheckpointQuota).
+        """
+        row = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM checkpoints "
+            "WHERE owner_uid=? AND state != ?",
+            (owner_uid, CheckpointState.DUMPING),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
     def delete_checkpoint(self, ckpt_id: str) -> None:
         """Forget a checkpoint record."""
         self.generation += 1

@@ -45,3 +45,26 @@ def test_tunables_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 def test_a_negative_count_is_a_usage_error() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-ops-per-uid", "-1"])
+
+
+def test_retention_flags_fill_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = _settings(build_parser().parse_args(["serve"]))
+    assert (s.max_checkpoints_per_uid, s.max_checkpoint_bytes_per_uid, s.quota_root) == (
+        0,
+        0,
+        False,
+    )
+    argv = ["serve", "--max-checkpoints-per-uid", "5", "--max-checkpoint-bytes-per-uid", "10G"]
+    s = _settings(build_parser().parse_args([*argv, "--max-checkpoints-per-pid", "3"]))
+    assert (s.max_checkpoints_per_uid, s.max_checkpoint_bytes_per_uid) == (5, 10 << 30)
+    assert s.max_checkpoints_per_pid == 3
+    monkeypatch.setenv("CRIUD_QUOTA_ROOT", "1")
+    monkeypatch.setenv("CRIUD_MAX_CHECKPOINT_BYTES_PER_UID", "512M")
+    s = _settings(build_parser().parse_args(["serve"]))
+    assert s.quota_root and s.max_checkpoint_bytes_per_uid == 512 << 20
+
+
+@pytest.mark.parametrize("bad", ["10X", "-1G", "G", "1.5G"])
+def test_a_bad_size_is_a_usage_error(bad: str) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-checkpoint-bytes-per-uid", bad])

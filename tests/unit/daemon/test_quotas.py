@@ -13,6 +13,8 @@ from criud.daemon.config import Settings
 from criud.daemon.errors import (
     HeaderTimeout,
     OutOfFds,
+    QuotaBytesExceeded,
+    QuotaExceeded,
     TooManyConnections,
     TooManyHandles,
     TooManyHeldFds,
@@ -20,7 +22,15 @@ from criud.daemon.errors import (
 )
 from criud.daemon.fdpass import OwnedFds
 from criud.daemon.handles import HandleStore
-from criud.daemon.quotas import FdBudget, HandleUsage, Quotas, auto_reserve, raise_nofile
+from criud.daemon.quotas import (
+    CheckpointQuota,
+    FdBudget,
+    HandleUsage,
+    Quotas,
+    Usage,
+    auto_reserve,
+    raise_nofile,
+)
 from criud.daemon.server import raw_problem
 
 BOB, ALICE = 1001, 1002
@@ -198,3 +208,125 @@ def test_raw_problem_is_a_whole_http_answer(err: Exception, status: int) -> None
     assert f"content-length: {len(body)}" in lines
     doc = json.loads(body)
     assert doc["status"] == status and doc["code"] == err.code  # type: ignore[attr-defined]
+
+
+# -- checkpoints kept (CheckpointQuota) ---------------------------------------------
+
+
+class FakeUsage:
+    """A store's usage per uid; `pause` makes each read wait until released."""
+
+    def __init__(self) -> None:
+        self.by_uid: dict[int, Usage] = {}
+        self.reads = 0
+
+    async def __call__(self, uid: int) -> Usage:
+        self.reads += 1
+        await asyncio.sleep(0)
+        return self.by_uid.get(uid, Usage(0, 0))
+
+
+def ckpt_quota(**kw: int | bool) -> tuple[CheckpointQuota, FakeUsage]:
+    usage = FakeUsage()
+    return CheckpointQuota(Settings(**kw), usage), usage  # type: ignore[arg-type]
+
+
+def test_checkpoint_quota_is_off_by_default_and_root_is_exempt() -> None:
+    q, _ = ckpt_quota()
+    assert not q.applies(BOB) and not q.applies(0)
+    q, _ = ckpt_quota(max_checkpoints_per_uid=1)
+    assert q.applies(BOB) and not q.applies(0) and not q.bytes_apply(BOB)
+    q, _ = ckpt_quota(max_checkpoint_bytes_per_uid=10, quota_root=True)
+    assert q.applies(0) and q.bytes_apply(0)
+
+
+def test_over_the_count_is_409_naming_limit_and_usage() -> None:
+    q, usage = ckpt_quota(max_checkpoints_per_uid=3)
+    usage.by_uid[BOB] = Usage(3, 0)
+    with pytest.raises(QuotaExceeded) as e:
+        asyncio.run(q.check(BOB, 0))
+    assert (e.value.status, e.value.code) == (409, "quota_exceeded")
+    assert e.value.extra == {"limit": 3, "usage": 3}
+    assert "3 checkpoints" in e.value.detail and "limit is 3" in e.value.detail
+    asyncio.run(q.check(ALICE, 0))  # alice's usage is her own
+
+
+def test_over_the_bytes_is_507_naming_limit_usage_and_need() -> None:
+    q, usage = ckpt_quota(max_checkpoint_bytes_per_uid=100 << 20)
+    usage.by_uid[BOB] = Usage(1, 60 << 20)
+    asyncio.run(q.check(BOB, 40 << 20))  # exactly at the limit fits
+    with pytest.raises(QuotaBytesExceeded) as e:
+        asyncio.run(q.check(BOB, (40 << 20) + 1))
+    assert (e.value.status, e.value.code) == (507, "quota_exceeded")
+    assert e.value.extra == {"limit": 100 << 20, "usage": 60 << 20, "needed": (40 << 20) + 1}
+    assert "100.0 MiB" in e.value.detail
+
+
+def _three_at_once(q: CheckpointQuota, size: int) -> list[str]:
+    """Three reservations of size by bob at once, each held until all have tried."""
+
+    async def scenario() -> list[str]:
+        outcomes: list[str] = []
+        gate = asyncio.Event()
+
+        async def dump(n: int) -> None:
+            try:
+                async with q.reserve(BOB, size):
+                    outcomes.append(f"in{n}")
+                    await gate.wait()
+            except QuotaExceeded as e:
+                outcomes.append(str(e.status))
+
+        tasks = [asyncio.ensure_future(dump(n)) for n in range(3)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(*tasks)
+        # Released: nothing is held any more.
+        assert await q.usage(BOB) == Usage(0, 0)
+        return sorted(outcomes)
+
+    return asyncio.run(scenario())
+
+
+def test_reservations_hold_room_for_dumps_in_flight() -> None:
+    q, _ = ckpt_quota(max_checkpoints_per_uid=2)
+    assert _three_at_once(q, 0) == ["409", "in0", "in1"]
+    q, _ = ckpt_quota(max_checkpoint_bytes_per_uid=100)
+    assert _three_at_once(q, 40) == ["507", "in0", "in1"]
+
+
+def test_a_usage_read_overlapping_a_release_is_read_again() -> None:
+    q, usage = ckpt_quota(max_checkpoints_per_uid=1)
+
+    async def scenario() -> None:
+        async with q.reserve(BOB, 0):
+            read = asyncio.ensure_future(q.usage(BOB))
+            await asyncio.sleep(0)
+            # The dump's record lands (done) while the read is in flight,
+            # and its reservation ends: the read must see the record.
+            usage.by_uid[BOB] = Usage(1, 0)
+        assert await read == Usage(1, 0)
+        assert usage.reads >= 2
+
+    asyncio.run(scenario())
+
+
+def test_a_reservation_resized_is_judged_again_on_its_bytes_alone() -> None:
+    q, usage = ckpt_quota(max_checkpoints_per_uid=1, max_checkpoint_bytes_per_uid=100)
+    usage.by_uid[BOB] = Usage(0, 30)
+
+    async def scenario() -> None:
+        async with q.reserve(BOB, 10) as r:
+            # Its own record and bytes are not counted twice: 30 + 70 fits.
+            await r.resize(70)
+            assert await q.usage(BOB) == Usage(1, 100)
+            with pytest.raises(QuotaBytesExceeded) as e:
+                await r.resize(71)
+            assert e.value.extra["usage"] == 30
+            assert r.bytes == 70
+        assert await q.usage(BOB) == Usage(0, 30)
+        # Not held to a limit: resize only records the size.
+        async with q.reserve(0, 0) as r:
+            await r.resize(1 << 40)
+
+    asyncio.run(scenario())
