@@ -42,6 +42,14 @@ class InvalidName(CriudError):
     title = "Invalid name"
 
 
+class ManifestInvalid(CriudError):
+    """A manifest (a checkpoint's record of its tree) of the wrong shape."""
+
+    status = 422
+    code = "manifest_invalid"
+    title = "Invalid manifest"
+
+
 class UnknownInheritKey(CriudError):
     status = 422
     code = "unknown_inherit_key"
