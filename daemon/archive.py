@@ -747,20 +747,69 @@ class Inbox:
         return out
 
 
-def coalesce(chunks: Iterable[bytes], size: int = 256 << 10) -> Iterator[bytes]:
-    """chunks regrouped into pieces of at least size bytes (the last one may be short)."""
-    parts: list[bytes] = []
-    have = 0
+def threaded(items: Iterable[bytes], depth: int = 4) -> Iterator[bytes]:
+    """items, produced by a thread of their own, at most depth ahead of the consumer.
+
+    A pipeline stage: the tar writer reads and hashes in one thread while
+    the compressor works in the caller's (both release the GIL), so the two
+    use two cores.  An error of the producer is raised here; a consumer that
+    stops early stops the producer at its next item.
+    """
+    q: queue.Queue[object] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # handed to the consumer, which raises it
+            q.put(e)
+
+    t = threading.Thread(target=run, name="criud-archive-tar", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, bytes)
+            yield item
+    finally:
+        stop.set()
+        # Unblock a producer waiting for room, then let it finish.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()
+        t.join()
+
+
+def coalesce(chunks: Iterable[bytes], size: int = 1 << 20) -> Iterator[bytes]:
+    """chunks regrouped into pieces of about size bytes (fewer hops to the event loop).
+
+    Small pieces (tar headers, zstd's 128 KiB blocks) are gathered in one
+    buffer; a chunk that is big enough on its own passes as it is.
+    """
+    buf = bytearray()
     for c in chunks:
-        if not c:
+        if not buf and len(c) >= size:
+            yield c
             continue
-        parts.append(c)
-        have += len(c)
-        if have >= size:
-            yield b"".join(parts)
-            parts, have = [], 0
-    if parts:
-        yield b"".join(parts)
+        buf += c
+        if len(buf) >= size:
+            yield bytes(buf)
+            buf.clear()
+    if buf:
+        yield bytes(buf)
 
 
 # -- digests (RFC 9530 Content-Digest, RFC 3230 Digest) -------------------------------

@@ -95,6 +95,13 @@ _TUNABLES: tuple[tuple[str, Callable[[str], float], str, str, str], ...] = (
     # Archives (criud.daemon.archive, docs/archives.md).
     ("export-zstd-level", _count, "1", "N", "zstd level of exported archives"),
     (
+        "export-zstd-threads",
+        _count,
+        "0",
+        "N",
+        "zstd worker threads per export (0: compress in the export's own thread)",
+    ),
+    (
         "import-max-bytes",
         _count,
         str(64 << 30),
@@ -127,6 +134,7 @@ _TUNABLE_FIELDS = {
     "fd-reserve": "fd_reserve",
     "path-open-timeout": "path_open_timeout_s",
     "export-zstd-level": "export_zstd_level",
+    "export-zstd-threads": "export_zstd_threads",
     "import-max-bytes": "import_max_bytes",
     "import-max-ratio": "import_max_ratio",
     "import-max-members": "import_max_members",

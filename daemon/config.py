@@ -74,6 +74,10 @@ class Settings:
     # -- archives (criud.daemon.archive) -------------------------------------------
     # zstd level of exports: 1 keeps up with a disk (docs/benchmarks.md).
     export_zstd_level: int = 1
+    # zstd's own worker threads (0: none, compress in the export's thread,
+    # beside the thread that reads and hashes).  Measured on 2 cores, zstd's
+    # multi-threaded mode was slower at level 1 (docs/benchmarks.md).
+    export_zstd_threads: int = 0
     # What one imported archive may unpack to: bytes in total (and of the
     # body itself), the ratio of unpacked to received bytes (a bomb stops
     # within its first ratio_floor), and members.

@@ -633,7 +633,12 @@ class CriudService:
         with stack:
             work = asyncio.ensure_future(
                 asyncio.to_thread(
-                    export_job.produce, prep, outbox, progress, self.settings.export_zstd_level, -1
+                    export_job.produce,
+                    prep,
+                    outbox,
+                    progress,
+                    self.settings.export_zstd_level,
+                    self.settings.export_zstd_threads,
                 )
             )
             try:

@@ -159,7 +159,8 @@ def produce(
             yield chunk
 
     try:
-        chunks = archive.compress(counted(), prep.compression, level, threads)
+        # Two stages, two threads: the tar (reads and sha256) and the compressor.
+        chunks = archive.compress(archive.threaded(counted()), prep.compression, level, threads)
         for chunk in archive.coalesce(chunks):
             outbox.put(chunk)
             sent += len(chunk)
