@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
@@ -24,6 +25,7 @@ from criud.daemon.errors import (
     ArchiveTooLarge,
     ArchiveTruncated,
     ArchiveUnsafeName,
+    InvalidRequest,
 )
 
 
@@ -187,3 +189,57 @@ def test_sums_mismatch(tmp_path: Path) -> None:
     digest = hashlib.sha256(b"x").hexdigest()
     with pytest.raises(ArchiveChecksumMismatch):
         archive.check_sums(files, f"{digest}  nothing\n".encode())
+
+
+def test_threaded_passes_items_errors_and_stops_early() -> None:
+    assert list(archive.threaded(iter([b"a", b"b"]))) == [b"a", b"b"]
+
+    def boom():
+        yield b"x"
+        raise ArchiveCorrupt("bad")
+
+    with pytest.raises(ArchiveCorrupt):
+        list(archive.threaded(boom()))
+    made: list[int] = []
+
+    def endless():
+        i = 0
+        while True:
+            made.append(i)
+            yield b"."
+            i += 1
+
+    it = archive.threaded(endless(), depth=2)
+    assert next(it) == b"."
+    it.close()  # the producer stops (joined), a few items ahead at most
+    assert len(made) < 10
+
+
+def test_coalesce_gathers_small_pieces_and_passes_big_ones() -> None:
+    big = b"b" * 100
+    out = list(archive.coalesce([b"a" * 10, b"a" * 10, big, b"c"], size=15))
+    assert out == [b"a" * 20, big, b"c"]
+
+
+@pytest.mark.parametrize(
+    ("cd", "d", "want"),
+    [
+        (f"sha-256=:{base64.b64encode(b'1' * 32).decode()}:", None, ("sha256", b"1" * 32)),
+        (None, f"SHA-256={base64.b64encode(b'2' * 32).decode()}", ("sha256", b"2" * 32)),
+        (
+            f"md5=:x:, sha-512=:{base64.b64encode(b'3' * 64).decode()}:",
+            None,
+            ("sha512", b"3" * 64),
+        ),
+        ("unixsum=:1:", None, None),
+        (None, None, None),
+    ],
+)
+def test_parse_digest(cd: str | None, d: str | None, want: object) -> None:
+    assert archive.parse_digest(cd, d) == want
+
+
+@pytest.mark.parametrize("bad", ["sha-256=abc", "sha-256=:!!:", "sha-256=:YWJj:"])
+def test_parse_digest_refuses_malformed(bad: str) -> None:
+    with pytest.raises(InvalidRequest):
+        archive.parse_digest(bad, None)
