@@ -276,8 +276,9 @@ async def export_archive(
     openapi_extra={
         "requestBody": {
             "required": True,
+            "description": "The archive: a tar, zstd- or gzip-compressed or not (by magic)",
             "content": {
-                m: {"schema": {"type": "string", "format": "binary"}} for m in _MEDIA.values()
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
             },
         }
     },
