@@ -42,6 +42,7 @@ from criud.daemon.errors import (
     ArchiveManifestInvalid,
     ArchiveTooLarge,
     ArchiveUnsafeName,
+    ClientGone,
     CriudError,
     DigestMismatch,
     InvalidName,
@@ -137,9 +138,13 @@ async def _receive(body: AsyncIterator[bytes], inbox: archive.Inbox, progress: P
                 buf.clear()
         if buf:
             await inbox.put(bytes(buf))
-    except BaseException:
+    except (CriudError, asyncio.CancelledError):
         inbox.abort()
         raise
+    except Exception as e:
+        # The server's ClientDisconnect, a broken body: the client's doing.
+        inbox.abort()
+        raise ClientGone(f"the archive did not arrive whole ({type(e).__name__})") from e
     inbox.close()
 
 

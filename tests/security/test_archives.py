@@ -12,10 +12,15 @@ import io
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from criud.api.client import CriudClientError
 from criud.daemon import archive
 from tests.integration.helpers import Daemon, Procs, temp_root, wait_for
 from tests.security.users import Accounts, User, call_as, run_as, uid_of
@@ -184,3 +189,68 @@ def test_non_root_import_of_someone_elses_tree_is_refused(
 def test_carol_outside_the_group_cannot_import(users: Accounts, sdaemon: Daemon) -> None:
     out = run_as(users.carol, IMPORT, str(sdaemon.socket), str(sdaemon.fd_socket), "/dev/null")
     assert out.returncode != 0 and "PermissionError" in out.stderr
+
+
+# Starts an import as whoever runs it and sends only part of its body; prints
+# "sent", then holds the request open until its stdin closes.
+SLOW_IMPORT = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+head = b"POST /v1/checkpoints/import HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+s.sendall(head + b"\0" * 4096)
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_imports_count_against_the_callers_operations(users: Accounts, procs: Procs) -> None:
+    """With --max-ops-per-uid 1, bob's second import waits its turn: 429; root's does not."""
+    bob = users.bob
+    with temp_root() as root:
+        d = Daemon(root, args=["--socket-group", users.sock_group, "--max-ops-per-uid", "1"])
+        d.start()
+        slow = None
+        try:
+            slow = subprocess.Popen(
+                [
+                    *bob.setpriv(),
+                    os.path.realpath(sys.executable),
+                    "-c",
+                    SLOW_IMPORT,
+                    str(d.socket),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd="/",
+            )
+            assert slow.stdout is not None and slow.stdout.readline() == "sent\n"
+            wait_for(lambda: _running_imports(d), 20, what="bob's import to run")
+            body = root / "empty.tar"
+            body.write_bytes(b"\0" * 1024)
+            body.chmod(0o644)
+            out = run_as(bob, IMPORT, str(d.socket), str(d.fd_socket), str(body))
+            st, doc = json.loads(out.stdout)
+            assert (st, doc["code"]) == (429, "too_many_operations"), doc
+            # Root is held to no per-uid cap.
+            with pytest.raises(CriudClientError) as e:
+                d.client.import_archive(io.BytesIO(b"\0" * 1024))
+            assert e.value.code == "archive_layout_unknown"
+            # bob goes away mid-body: his import fails as client_gone, leaving nothing.
+            slow.kill()
+            slow.wait(timeout=10)
+            wait_for(lambda: not _running_imports(d), 20, what="bob's import to end")
+            ops = d.client.request("GET", "/v1/operations?state=failed")[1]
+            assert any(o["problem"]["code"] == "client_gone" for o in ops), ops
+            assert os.listdir(d.state_dir / "checkpoints") == []
+        finally:
+            if slow is not None:
+                slow.kill()
+                slow.wait(timeout=10)
+            assert d.stop() == 0, d.log()
+
+
+def _running_imports(d: Daemon) -> list[Any]:
+    ops = d.client.request("GET", "/v1/operations?state=running")[1]
+    return [o for o in ops if o["kind"] == "import"]
