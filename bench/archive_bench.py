@@ -171,7 +171,7 @@ def targets(a: dict[str, Any]) -> list[tuple[str, float, str, bool, str]]:
     size = f"{a['mib']} MiB" if a["mib"] < 1024 else f"{a['mib'] // 1024} GiB"
     return [
         (
-            f"archive: export of {size} (zstd -1) / tar | zstd -1 -T0, throughput",
+            f"archive: export of {size} (zstd -1) / tar piped to zstd -1 -T0, throughput",
             a["export_ratio"],
             ">= 0.9",
             a["export_ratio"] >= 0.9,
@@ -185,7 +185,7 @@ def targets(a: dict[str, Any]) -> list[tuple[str, float, str, bool, str]]:
             "MiB",
         ),
         (
-            f"archive: import of {size} / zstd -d | tar -x, throughput",
+            f"archive: import of {size} / zstd -d piped to tar -x, throughput",
             a["import_ratio"],
             ">= 0.9",
             a["import_ratio"] >= 0.9,
