@@ -96,6 +96,11 @@ def test_round_trip_between_daemons(
     assert imp["size_bytes"] == ck["size_bytes"]
     listed = {c["id"]: c for c in b.client.checkpoints()}
     assert listed[imp["id"]]["origin"] == "import:criud"
+    # An import exports again, with the same images (its archive/ subdir stays home).
+    again = io.BytesIO()
+    b.client.export(imp["id"], again, "none")
+    if names is not None:
+        assert _members(again.getvalue()) == names
 
     r, rd = restore_into_pipe(b.client, procs, imp["id"], key)
     try:
