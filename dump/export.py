@@ -21,10 +21,12 @@ import logging
 import os
 import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from criud.daemon import archive, imgdir
 from criud.daemon.archive import Member
+from criud.daemon.errors import CheckpointNotReady
 from criud.daemon.operations import Progress
 from criud.daemon.store import CheckpointRecord
 from criud.dump.argv import DUMP_LOG
@@ -119,12 +121,13 @@ def list_images(dirfd: int) -> list[Member]:
     return images + top
 
 
-def prepare(
-    path: os.PathLike[str], rec: CheckpointRecord, compression: str, meta: dict[str, Any]
-) -> Prepared:
+def prepare(path: Path, rec: CheckpointRecord, compression: str, meta: dict[str, Any]) -> Prepared:
     """Open (and if needed seal) a checkpoint's dir and list its archive's members."""
     archive.check_compression(compression)
-    dirfd = imgdir.open_dir(path)  # type: ignore[arg-type]
+    try:
+        dirfd = imgdir.open_dir(path)
+    except FileNotFoundError:
+        raise CheckpointNotReady(f"checkpoint {rec.id} has no images", checkpoint=rec.id) from None
     try:
         if not imgdir.is_sealed(dirfd):
             run_as = (rec.manifest or {}).get("run_as") or [0]
