@@ -32,9 +32,10 @@ import queue
 import stat
 import tarfile
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from typing import IO, BinaryIO, Protocol, cast
+from typing import IO, Any, BinaryIO, Protocol, TypeVar, cast
 
 import zstandard
 
@@ -67,6 +68,8 @@ class Member:
     mode: int = 0o644
     mtime: int = 0
 
+
+T = TypeVar("T")
 
 BLOCK = 512
 # The last member: "<sha256 hex>  <name>\n" for each member before it.
@@ -665,17 +668,27 @@ class Outbox:
     client's pace) and gives up with Stopped once the reader has gone.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int = 8) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, depth: int = 8, stall_s: float = 300.0
+    ) -> None:
         self._loop = loop
         self._q: asyncio.Queue[object] = asyncio.Queue()
         self._room = threading.Semaphore(depth)
         self.stopped = threading.Event()
+        self.stall_s = stall_s
 
     def put(self, chunk: bytes) -> None:
-        """Hand a chunk to the reader (worker thread); Stopped if it has gone."""
+        """Hand a chunk to the reader (worker thread); Stopped if it has gone.
+
+        A reader that takes nothing for stall_s is taken for gone: a client
+        that holds an export open without reading must not pin it forever.
+        """
+        deadline = time.monotonic() + self.stall_s
         while not self._room.acquire(timeout=0.2):
             if self.stopped.is_set():
                 raise Stopped("the reader went away")
+            if time.monotonic() > deadline:
+                raise Stopped(f"the reader took nothing for {self.stall_s:g} s")
         if self.stopped.is_set():
             raise Stopped("the reader went away")
         self._loop.call_soon_threadsafe(self._q.put_nowait, chunk)
@@ -745,6 +758,37 @@ class Inbox:
         out = self._buf[self._pos : self._pos + n]
         self._pos += len(out)
         return out
+
+
+def in_thread(fn: Callable[..., T], *args: Any, name: str) -> asyncio.Future[T]:
+    """fn(*args) in a thread of its own; its outcome as a future of the running loop.
+
+    Not asyncio.to_thread: an export or import holds its thread for as long
+    as its client streams, and the default executor's few threads are the
+    whole daemon's (a handful of slow clients would stall every other
+    to_thread call).  The operations quota bounds how many of these run.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, e)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
 
 
 def threaded(items: Iterable[bytes], depth: int = 4) -> Iterator[bytes]:

@@ -122,6 +122,13 @@ _TUNABLES: tuple[tuple[str, Callable[[str], float], str, str, str], ...] = (
         "N",
         "refuse an imported archive with more members",
     ),
+    (
+        "archive-stall-timeout",
+        float,
+        "300",
+        "SECONDS",
+        "end an export its client stops reading, or an import whose body stops coming",
+    ),
 )
 # The Settings field each tunable fills.
 _TUNABLE_FIELDS = {
@@ -138,6 +145,7 @@ _TUNABLE_FIELDS = {
     "import-max-bytes": "import_max_bytes",
     "import-max-ratio": "import_max_ratio",
     "import-max-members": "import_max_members",
+    "archive-stall-timeout": "archive_stall_s",
 }
 
 

@@ -84,6 +84,10 @@ class Settings:
     import_max_bytes: int = 64 << 30
     import_max_ratio: int = 200
     import_max_members: int = 100_000
+    # An export whose client reads nothing, or an import whose body brings
+    # nothing, for this long ends (client_gone): a silent client holds no
+    # operation (and its thread) for ever.
+    archive_stall_s: float = 300.0
 
     @property
     def checkpoints_dir(self) -> Path:

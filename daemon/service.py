@@ -606,7 +606,9 @@ class CriudService:
             prep = await asyncio.to_thread(export_job.prepare, path, rec, compression, meta)
             stack.callback(prep.close)
             progress = Progress(total=prep.tar_size)
-            outbox = archive.Outbox(asyncio.get_running_loop())
+            outbox = archive.Outbox(
+                asyncio.get_running_loop(), stall_s=self.settings.archive_stall_s
+            )
             op = self._submit(
                 "export",
                 caller,
@@ -631,15 +633,14 @@ class CriudService:
         stack: contextlib.ExitStack,
     ) -> CheckpointRecord:
         with stack:
-            work = asyncio.ensure_future(
-                asyncio.to_thread(
-                    export_job.produce,
-                    prep,
-                    outbox,
-                    progress,
-                    self.settings.export_zstd_level,
-                    self.settings.export_zstd_threads,
-                )
+            work = archive.in_thread(
+                export_job.produce,
+                prep,
+                outbox,
+                progress,
+                self.settings.export_zstd_level,
+                self.settings.export_zstd_threads,
+                name="criud-export",
             )
             try:
                 await asyncio.shield(work)
@@ -667,7 +668,12 @@ class CriudService:
     ) -> CheckpointRecord:
         """Import an archive (the request body) as a new checkpoint of the caller's."""
         digest = archive.parse_digest(content_digest, digest_header)
-        spec = import_job.ImportSpec(name=name, digest=digest, limits=self.archive_limits)
+        spec = import_job.ImportSpec(
+            name=name,
+            digest=digest,
+            limits=self.archive_limits,
+            stall_s=self.settings.archive_stall_s,
+        )
         progress = Progress()
         op = self._submit(
             "import",

@@ -79,6 +79,8 @@ class ImportSpec:
     # (hashlib name, digest) the client sent (Content-Digest / Digest).
     digest: tuple[str, bytes] | None
     limits: Limits
+    # A body that brings nothing for this long is taken for abandoned.
+    stall_s: float = 300.0
 
 
 class ImportRuntime(Protocol):
@@ -124,13 +126,22 @@ def _unpack(inbox: archive.Inbox, stage_fd: int, spec: ImportSpec) -> _Unpacked:
     return _Unpacked(files, compression, digest, body.count)
 
 
-async def _receive(body: AsyncIterator[bytes], inbox: archive.Inbox, progress: Progress) -> None:
+async def _receive(
+    body: AsyncIterator[bytes], inbox: archive.Inbox, progress: Progress, stall_s: float
+) -> None:
     """Feed the request body to the worker; abort it if the body does not come whole."""
     # The server hands the body over in socket-sized pieces (64 KiB or so);
     # batching them to ~1 MiB makes each hand-off to the thread worth its cost.
     buf = bytearray()
+    it = aiter(body)
     try:
-        async for chunk in body:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(it), stall_s)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise ClientGone(f"the archive's body stalled for {stall_s:g} s") from None
             progress.done += len(chunk)
             buf += chunk
             if len(buf) >= _BATCH:
@@ -153,10 +164,11 @@ async def _receive_and_unpack(
 ) -> _Unpacked:
     """Run the receiver (event loop) and the unpacker (thread) together; both end here."""
     inbox = archive.Inbox(asyncio.get_running_loop())
-    feed = asyncio.ensure_future(_receive(body, inbox, progress))
-    work = asyncio.ensure_future(asyncio.to_thread(_unpack, inbox, stage_fd, spec))
+    feed = asyncio.ensure_future(_receive(body, inbox, progress, spec.stall_s))
+    work = archive.in_thread(_unpack, inbox, stage_fd, spec, name="criud-import")
     try:
-        await asyncio.wait([feed, work], return_when=asyncio.FIRST_EXCEPTION)
+        both: list[asyncio.Future[Any]] = [feed, work]
+        await asyncio.wait(both, return_when=asyncio.FIRST_EXCEPTION)
         if feed.done() and feed.exception() is not None:
             # The client went away (or sent garbage framing): its error, not
             # the worker's "stopped".

@@ -274,3 +274,46 @@ def test_cli_export_import_and_ls(pair: tuple[Daemon, Daemon], procs: Procs, tmp
     for n in ("from-a", "from-stdin"):
         b.client.delete(n)
     a.client.delete(ck["id"])
+
+
+def test_stalled_clients_end_their_operations(procs: Procs) -> None:
+    """--archive-stall-timeout 1: an export nobody reads and an import whose body stops end."""
+    with temp_root() as root:
+        d = Daemon(root, args=["--archive-stall-timeout", "1"]).start()
+        try:
+            p = procs.python("import os, time; x = os.urandom(48 << 20); time.sleep(1000)")
+            time.sleep(1.0)
+            ck = d.client.checkpoint(p.pid, name="stall")
+            p.wait(timeout=20)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(str(d.socket))
+            s.sendall(
+                f"GET /v1/checkpoints/{ck['id']}/archive HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            # An import that sends a head and a little of its body, then nothing.
+            t = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            t.connect(str(d.socket))
+            head = (
+                b"POST /v1/checkpoints/import HTTP/1.1\r\nHost: x\r\nContent-Length: 99999\r\n\r\n"
+            )
+            t.sendall(head + b"\0" * 512)
+            try:
+
+                def ended() -> list[dict[str, Any]]:
+                    ops = d.client.request("GET", "/v1/operations?state=failed")[1]
+                    return [o for o in ops if o["problem"]["code"] == "client_gone"]
+
+                wait_for(lambda: len(ended()) == 2, 30, what="both stalled operations to end")
+                assert {o["kind"] for o in ended()} == {"export", "import"}
+                # The import answered its client, and left nothing.
+                t.settimeout(10)
+                assert b"client_gone" in t.recv(65536)
+                assert os.listdir(d.state_dir / "checkpoints") == [ck["id"]]
+                # The checkpoint is free again.
+                d.client.delete(ck["id"])
+            finally:
+                s.close()
+                t.close()
+        finally:
+            assert d.stop() == 0, d.log()
