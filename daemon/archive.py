@@ -29,7 +29,6 @@ import errno
 import hashlib
 import os
 import queue
-import stat
 import tarfile
 import threading
 import time
@@ -361,6 +360,7 @@ _SPECIAL = {
     tarfile.BLKTYPE: "a block device",
     tarfile.FIFOTYPE: "a fifo",
     tarfile.CONTTYPE: "a contiguous file",
+    tarfile.GNUTYPE_SPARSE: "a sparse file",
 }
 # GNU and PAX extension headers: their content is read (capped), never written.
 _EXT_CAP = 1 << 16
@@ -474,7 +474,10 @@ class _TarReader:
                 continue
             name = pax.get("path") or longname or self._ustar_name(block)
             if "size" in pax:
-                size = _number(pax["size"].encode(), "PAX size")
+                # PAX numbers are decimal (the header's are octal).
+                if not pax["size"].isdigit():
+                    raise ArchiveCorrupt(f"a PAX size is not a number: {pax['size'][:40]!r}")
+                size = int(pax["size"])
             pax, longname = {}, None
             yield _Entry(name, size, kind)
 
@@ -601,7 +604,7 @@ def extract(src: Source, root_fd: int, limits: Limits) -> tuple[list[Extracted],
                     ex._claim(name, "dir")
                     ex.dir(name)
                 reader.skip(entry.size + _pad(entry.size))
-            elif entry.kind in tarfile.REGULAR_TYPES and entry.kind != tarfile.CONTTYPE:
+            elif entry.kind in (tarfile.REGTYPE, tarfile.AREGTYPE):
                 if not name:
                     raise ArchiveUnsafeName("a regular file names the archive's root")
                 ex.file(name, entry.size, reader)
@@ -610,9 +613,11 @@ def extract(src: Source, root_fd: int, limits: Limits) -> tuple[list[Extracted],
         return ex.files, kind
     except OSError as e:
         full = no_space(e, "import")
-        if full is None:
-            raise
-        raise full from e
+        if full is not None:
+            raise full from e
+        if e.errno == errno.ENAMETOOLONG:
+            raise ArchiveUnsafeName(f"a member's name is too long: {e.strerror}") from None
+        raise
     finally:
         ex.close()
 
@@ -631,11 +636,6 @@ def check_sums(files: Sequence[Extracted], sums: bytes) -> None:
             raise ArchiveChecksumMismatch(
                 f"member {name!r} does not match {SUMS_NAME}", member=name
             )
-
-
-def file_mode_ok(st: os.stat_result) -> bool:
-    """A regular file with one link: what extract() makes."""
-    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -466,8 +466,3 @@ def _place(name: str, stage: int, ck: int, tmp_fd: int) -> None:
     if taken:
         raise ArchiveUnsafeName(f"member {name!r} collides with another one", member=name)
     os.rename(base, base, src_dir_fd=src, dst_dir_fd=tmp_fd)
-
-
-def problem_code(e: BaseException) -> str:
-    """The code a failed import reports (for the log)."""
-    return e.code if isinstance(e, CriudError) else type(e).__name__

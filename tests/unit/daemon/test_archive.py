@@ -243,3 +243,33 @@ def test_parse_digest(cd: str | None, d: str | None, want: object) -> None:
 def test_parse_digest_refuses_malformed(bad: str) -> None:
     with pytest.raises(InvalidRequest):
         archive.parse_digest(bad, None)
+
+
+def test_pax_names_and_sizes_are_read(tmp_path: Path) -> None:
+    """A PAX header's path (decimal size too) is honoured, and checked like any name."""
+    long = "checkpoint/" + "p" * 150 + ".img"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo(long)
+        info.size = 5
+        t.addfile(info, io.BytesIO(b"hello"))
+    files, _ = _extract(buf.getvalue(), tmp_path)
+    assert [f.name for f in files] == [long]
+    assert (tmp_path / long).read_bytes() == b"hello"
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("ok")
+        info.pax_headers = {"path": "../../" + "x" * 120}
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    (tmp_path / "e").mkdir()
+    with pytest.raises(ArchiveUnsafeName):
+        _extract(evil.getvalue(), tmp_path / "e")
+
+
+def test_sparse_and_overlong_components_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ArchiveSpecialFile):
+        _extract(_tar((_info("s", tarfile.GNUTYPE_SPARSE), b"")), tmp_path)
+    (tmp_path / "n").mkdir()
+    with pytest.raises(ArchiveUnsafeName):
+        _extract(_tar((_info("checkpoint/" + "n" * 300), b"x")), tmp_path / "n")
