@@ -294,8 +294,12 @@ def _criud_doc(stage_fd: int, files: list[Extracted]) -> dict[str, Any]:
         raise ArchiveInvalid(f"criud's archive has no {archive.SUMS_NAME}")
     if not any(n.startswith(IMAGES_PREFIX) for n in have):
         raise ArchiveLayoutUnknown("criud's archive has no checkpoint/ images")
-    archive.check_sums(files, imgdir.read_small(stage_fd, archive.SUMS_NAME, MANIFEST_CAP))
-    raw = imgdir.read_small(stage_fd, MANIFEST_NAME, MANIFEST_CAP)
+    try:
+        sums = imgdir.read_small(stage_fd, archive.SUMS_NAME, MANIFEST_CAP)
+        raw = imgdir.read_small(stage_fd, MANIFEST_NAME, MANIFEST_CAP)
+    except imgdir.UnsafeEntry as e:
+        raise ArchiveManifestInvalid(f"{MANIFEST_NAME} or {archive.SUMS_NAME}: {e}") from None
+    archive.check_sums(files, sums)
     if json_depth(raw) > MAX_DEPTH:
         raise ArchiveManifestInvalid(f"{MANIFEST_NAME} nests deeper than {MAX_DEPTH} levels")
     try:
