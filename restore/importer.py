@@ -278,17 +278,30 @@ async def _import_into(
 # -- the archive's layout and its criud.json (hostile input, all of it) ---------------
 
 
+def layout_of(files: list[Extracted]) -> str:
+    """Which kind of archive was unpacked: "criud" or "podman"; ArchiveLayoutUnknown else.
+
+    criud's own has criud.json; a Podman/CRI-O export has spec.dump,
+    config.dump and checkpoint/ (ARCHIVE-IFACE.md).
+    """
+    have = {f.name for f in files}
+    if MANIFEST_NAME in have:
+        return "criud"
+    if {"spec.dump", "config.dump"} <= have and any(n.startswith(IMAGES_PREFIX) for n in have):
+        return "podman"
+    raise ArchiveLayoutUnknown(
+        f"the archive has no {MANIFEST_NAME} (criud's archive) nor spec.dump, config.dump "
+        "and checkpoint/ (a Podman/CRI-O export)"
+    )
+
+
 def _criud_doc(stage_fd: int, files: list[Extracted]) -> dict[str, Any]:
     """criud.json, parsed, after the members were checked against criud.sha256."""
     have = {f.name for f in files}
-    if MANIFEST_NAME not in have:
-        if {"spec.dump", "config.dump"} <= have and any(n.startswith(IMAGES_PREFIX) for n in have):
-            raise ArchiveLayoutUnknown(
-                "a Podman/CRI-O checkpoint export: this daemon imports criud's own archives only"
-            )
+    if layout_of(files) == "podman":
+        # The OCI side (restore/oci_archive.from_podman) reads these.
         raise ArchiveLayoutUnknown(
-            f"the archive has no {MANIFEST_NAME} (criud's archive) nor spec.dump, config.dump "
-            "and checkpoint/ (a Podman/CRI-O export)"
+            "a Podman/CRI-O checkpoint export: this daemon imports criud's own archives only"
         )
     if archive.SUMS_NAME not in have:
         raise ArchiveInvalid(f"criud's archive has no {archive.SUMS_NAME}")
