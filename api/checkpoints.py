@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import TypeAdapter
+from starlette.types import Send
 
 from criud.api.deps import caller, service
 from criud.api.models import (
@@ -23,7 +25,7 @@ from criud.api.models import (
 from criud.api.operations import WaitQuery, accepted
 from criud.api.service import Service
 from criud.daemon.caller import Caller
-from criud.daemon.errors import InvalidRequest
+from criud.daemon.errors import CriudError, InvalidRequest
 from criud.daemon.store import CheckpointRecord
 from criud.dump.job import CheckpointSpec
 from criud.dump.manifest import Manifest
@@ -71,6 +73,7 @@ def to_model(rec: CheckpointRecord) -> Checkpoint:
         external=list(manifest.external),
         namespaces=dict(manifest.namespaces),
         error=rec.error,
+        origin=rec.origin or "dump",
     )
 
 
@@ -228,3 +231,102 @@ async def checkpoint_log(
 ) -> PlainTextResponse:
     """criu's dump.log or (latest) restore.log of a checkpoint."""
     return PlainTextResponse(await c.checkpoint_log(ref, op, who, owner))
+
+
+_MEDIA = {"zstd": "application/zstd", "gzip": "application/gzip", "none": "application/x-tar"}
+log = logging.getLogger("criud.api")
+
+
+class _ArchiveResponse(StreamingResponse):
+    """A streamed archive whose failure after the headers cuts the connection.
+
+    Once the 200 is out, a problem can no longer be answered: the response
+    ends without its last chunk (chunked) or short of its Content-Length,
+    so no client takes the part it got for a whole archive.  The failure is
+    the export operation's, in /v1/operations and the events.
+    """
+
+    async def stream_response(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except CriudError as e:
+            log.warning("export cut short: %s: %s", e.code, e.detail)
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+@router.get(
+    "/{ref}/archive",
+    response_class=_ArchiveResponse,
+    responses={
+        **ERRORS,
+        200: {
+            "description": "The archive (a tar, compressed as asked); criud.sha256 is its "
+            "last member. Content-Length only for compression=none.",
+            "content": {m: {} for m in _MEDIA.values()},
+        },
+    },
+)
+async def export_archive(
+    ref: str,
+    c: CoreDep,
+    who: CallerDep,
+    compression: Literal["zstd", "gzip", "none"] = "zstd",
+    owner: OwnerQuery = None,
+) -> _ArchiveResponse:
+    """Stream the checkpoint as an archive (docs/archives.md), as an "export" operation.
+
+    Streamed as it is written; an error once streaming has begun cuts the
+    connection (the archive then lacks its end and its criud.sha256).
+    """
+    exp = await c.export_checkpoint(ref, compression, who, owner)
+    headers = {
+        "content-disposition": f'attachment; filename="{exp.filename}"',
+        "x-criud-operation": exp.operation,
+    }
+    if exp.content_length is not None:
+        headers["content-length"] = str(exp.content_length)
+    return _ArchiveResponse(exp.chunks, media_type=_MEDIA[exp.compression], headers=headers)
+
+
+@router.post(
+    "/import",
+    status_code=201,
+    response_model=Checkpoint,
+    responses={
+        **ERRORS,
+        **{s: {"model": Problem} for s in (400, 413, 507)},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "The archive: a tar, zstd- or gzip-compressed or not (by magic)",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+)
+async def import_archive(
+    request: Request,
+    c: CoreDep,
+    who: CallerDep,
+    name: Annotated[str | None, Query(max_length=128)] = None,
+) -> Checkpoint:
+    """Import an archive (the body: zstd, gzip or plain tar, by magic) as a new checkpoint.
+
+    The caller owns it, whatever the archive says. Content-Digest
+    (sha-256 or sha-512) or Digest is checked against the body.
+    """
+    rec = await c.import_archive(
+        request.stream(),
+        name,
+        request.headers.get("content-digest"),
+        request.headers.get("digest"),
+        who,
+    )
+    return to_model(rec)

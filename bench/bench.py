@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import _repo  # noqa: F401 - the repo root on sys.path, for the tests' helpers
+import archive_bench
 import report
 import workloads
 
@@ -72,7 +73,7 @@ REPO = HERE.parent
 TMPFS_BASE = Path("/dev/shm")
 DISK_BASE = Path("/var/tmp")
 CODE_DIRS = ("daemon", "api", "dump", "restore")
-SECTIONS = ("small", "memory", "concurrency", "api", "fd", "introspection")
+SECTIONS = ("small", "memory", "concurrency", "api", "fd", "introspection", "archive")
 
 # Full and quick sizes of every section.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -92,6 +93,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "tree_procs": 200,
         "tree_fds": 50,
         "tree_reps": 20,
+        "archive_mib": 1024,
+        "archive_reps": 5,
     },
     "quick": {
         "small_rounds": 10,
@@ -109,6 +112,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "tree_procs": 200,
         "tree_fds": 50,
         "tree_reps": 7,
+        "archive_mib": 256,
+        "archive_reps": 2,
     },
 }
 
@@ -1099,6 +1104,7 @@ def main() -> int:
         "api": bench_api,
         "fd": bench_fd,
         "introspection": bench_introspection,
+        "archive": archive_bench.bench_archive,
     }
     try:
         for name in only:

@@ -54,6 +54,11 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 v = row[f"{op}_ratio"]
                 name = f"memory {size} MiB on {loc}: criud/raw {op}"
                 out.append(_t(name, v, "<= 1.03", v <= 1.03, "x"))
+    a = r.get("archive")
+    if a:
+        import archive_bench
+
+        out += [_t(*t) for t in archive_bench.targets(a)]
     c = r.get("concurrency")
     if c:
         v = c["criud_speedup"]
@@ -245,6 +250,11 @@ def markdown(r: dict[str, Any]) -> str:
             f"median {i['headline_ms']} ms, p90 {i['headline_p90_ms']} ms{ref}{dec}.",
             "",
         ]
+    a = r.get("archive")
+    if a:
+        import archive_bench
+
+        out += archive_bench.markdown(a)
     return "\n".join(out)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from criud.daemon import cli_archive
 from criud.daemon.config import DEFAULT_FD_SOCKET, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Settings
 
 if TYPE_CHECKING:
@@ -126,6 +127,43 @@ _TUNABLES: tuple[tuple[str, Callable[[str], float], str, str, str], ...] = (
         "SECONDS",
         "give up opening a restore's inherit paths after this long",
     ),
+    # Archives (criud.daemon.archive, docs/archives.md).
+    ("export-zstd-level", _count, "1", "N", "zstd level of exported archives"),
+    (
+        "export-zstd-threads",
+        _count,
+        "0",
+        "N",
+        "zstd worker threads per export (0: compress in the export's own thread)",
+    ),
+    (
+        "import-max-bytes",
+        _count,
+        str(64 << 30),
+        "BYTES",
+        "refuse an imported archive that is, or unpacks to, more than this",
+    ),
+    (
+        "import-max-ratio",
+        _count,
+        "200",
+        "N",
+        "refuse an imported archive that decompresses more than N:1 (a bomb)",
+    ),
+    (
+        "import-max-members",
+        _count,
+        "100000",
+        "N",
+        "refuse an imported archive with more members",
+    ),
+    (
+        "archive-stall-timeout",
+        float,
+        "300",
+        "SECONDS",
+        "end an export its client stops reading, or an import whose body stops coming",
+    ),
 )
 # The Settings field each tunable fills.
 _TUNABLE_FIELDS = {
@@ -140,6 +178,12 @@ _TUNABLE_FIELDS = {
     "max-checkpoint-bytes-per-uid": "max_checkpoint_bytes_per_uid",
     "max-checkpoints-per-pid": "max_checkpoints_per_pid",
     "path-open-timeout": "path_open_timeout_s",
+    "export-zstd-level": "export_zstd_level",
+    "export-zstd-threads": "export_zstd_threads",
+    "import-max-bytes": "import_max_bytes",
+    "import-max-ratio": "import_max_ratio",
+    "import-max-members": "import_max_members",
+    "archive-stall-timeout": "archive_stall_s",
 }
 
 
@@ -229,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint(sub)
     _add_others(sub)
     _add_watch(sub)
+    cli_archive.add_parsers(sub, "a checkpoint id or name (owner/name for another user's)")
     return p
 
 
@@ -440,7 +485,7 @@ def _checkpoints_text(out: list[dict[str, Any]]) -> str:
         }
         for r in out
     ]
-    return _table(rows, ["id", "owner", "name", "pid", "state", "size", "created"])
+    return _table(rows, ["id", "owner", "name", "pid", "state", "size", "created", "origin"])
 
 
 def _restores_text(out: list[dict[str, Any]]) -> str:
@@ -538,7 +583,10 @@ def _run_client(a: argparse.Namespace) -> int:
     if a.cmd == "wait":
         return _run_wait(a, cl)
     out: Any
-    if a.cmd == "checkpoint" and a.dry_run:
+    if a.cmd in ("export", "import"):
+        run = cli_archive.run_export if a.cmd == "export" else cli_archive.run_import
+        out, text = run(a, cl)
+    elif a.cmd == "checkpoint" and a.dry_run:
         out = cl.preflight(a.pid, **_dump_options(a))
         text = _preflight_text(out)
     elif a.cmd == "inspect-pid":
@@ -579,7 +627,9 @@ def _run_client(a: argparse.Namespace) -> int:
         text = f"signalled {a.restore_id} (pid {out['pid']})"
     else:  # pragma: no cover - argparse refuses unknown commands
         raise SystemExit(2)
-    print(json.dumps(out, indent=2) if a.json and not isinstance(out, str) else text)
+    # An archive written to stdout keeps it: the summary goes to stderr.
+    to = sys.stderr if a.cmd == "export" and a.output == "-" else sys.stdout
+    print(json.dumps(out, indent=2) if a.json and not isinstance(out, str) else text, file=to)
     return 0
 
 

@@ -84,6 +84,24 @@ class Settings:
     # checkpoints of P (0: keep all).
     max_checkpoints_per_pid: int = 0
 
+    # -- archives (criud.daemon.archive) -------------------------------------------
+    # zstd level of exports: 1 keeps up with a disk (docs/benchmarks.md).
+    export_zstd_level: int = 1
+    # zstd's own worker threads (0: none, compress in the export's thread,
+    # beside the thread that reads and hashes).  Measured on 2 cores, zstd's
+    # multi-threaded mode was slower at level 1 (docs/benchmarks.md).
+    export_zstd_threads: int = 0
+    # What one imported archive may unpack to: bytes in total (and of the
+    # body itself), the ratio of unpacked to received bytes (a bomb stops
+    # within its first ratio_floor), and members.
+    import_max_bytes: int = 64 << 30
+    import_max_ratio: int = 200
+    import_max_members: int = 100_000
+    # An export whose client reads nothing, or an import whose body brings
+    # nothing, for this long ends (client_gone): a silent client holds no
+    # operation (and its thread) for ever.
+    archive_stall_s: float = 300.0
+
     @property
     def checkpoints_dir(self) -> Path:
         return self.state_dir / "checkpoints"

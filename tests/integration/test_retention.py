@@ -14,6 +14,8 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from criud.api.client import Client, CriudClientError
 from tests.integration.helpers import Daemon, Procs, temp_root, wait_for
 from tests.integration.sse import SseReader
@@ -224,3 +226,33 @@ def test_cli_rm_older_than_and_label(daemon: Daemon, procs: Procs) -> None:
     assert f"deleted {ck['id']}" in out.stdout, out.stdout
     assert ck["id"] not in _ids(cl) and keep["id"] in _ids(cl)
     cl.delete(keep["id"])
+
+
+def test_imports_count_against_both_quotas(procs: Procs) -> None:
+    # An import makes a checkpoint as a dump does: the count is judged
+    # before the body is read, the bytes once the images are unpacked; a
+    # refusal leaves no record and no dir behind.
+    import io
+
+    with own_daemon("--max-checkpoints-per-uid", "2", "--quota-root") as d:
+        pid = procs.spawn(SLEEP).pid
+        ck = d.client.checkpoint(pid, leave_running=True)
+        buf = io.BytesIO()
+        d.client.export(ck["id"], buf, compression="none")
+        assert d.client.import_archive(io.BytesIO(buf.getvalue()), name="one")["origin"]
+        with pytest.raises(CriudClientError) as e:
+            d.client.import_archive(io.BytesIO(buf.getvalue()), name="two")
+        assert (e.value.status, e.value.code) == (409, "quota_exceeded")
+        assert len(d.client.checkpoints()) == 2
+        assert not [p for p in (d.state_dir / "checkpoints").iterdir() if ".tmp" in p.name]
+    with own_daemon("--max-checkpoint-bytes-per-uid", "40M", "--quota-root") as d:
+        fat = _fat(procs, 24)
+        ck = d.client.checkpoint(fat, leave_running=True)
+        buf = io.BytesIO()
+        d.client.export(ck["id"], buf, compression="zstd")
+        # 24 MiB held, 24 MiB more would pass 40M: refused after unpacking.
+        with pytest.raises(CriudClientError) as e:
+            d.client.import_archive(io.BytesIO(buf.getvalue()), name="big")
+        assert (e.value.status, e.value.code) == (507, "quota_exceeded")
+        assert [c["id"] for c in d.client.checkpoints()] == [ck["id"]]
+        assert not [p for p in (d.state_dir / "checkpoints").iterdir() if ".tmp" in p.name]
