@@ -35,7 +35,7 @@ from typing import IO, Any
 from criud.daemon import imgdir
 from criud.daemon.errors import InvalidBundle, PodmanArchiveInvalid, RootfsDiffUnsafe
 from criud.daemon.jsonlimits import MAX_DEPTH, json_depth
-from criud.dump import images, oci
+from criud.dump import images, oci, oci_archive
 from criud.dump.manifest import ExtNamespace, Manifest, Task
 
 SPEC_DUMP = "spec.dump"
@@ -196,7 +196,10 @@ def _podman_fields(config: Mapping[str, Any]) -> dict[str, str]:
 
 
 def imported_record(
-    spec: oci.OciSpec, config: Mapping[str, Any], hierarchies: Sequence[tuple[str, str]]
+    spec: oci.OciSpec,
+    spec_doc: Mapping[str, Any],
+    config: Mapping[str, Any],
+    hierarchies: Sequence[tuple[str, str]],
 ) -> dict[str, Any]:
     """The OCI record of a Podman export: to_record's, from spec.dump and this host.
 
@@ -214,6 +217,7 @@ def imported_record(
     )
     record = oci.to_record(spec, found)
     record.update(bundle=None, pid=0, origin=ORIGIN_PODMAN, podman=_podman_fields(config))
+    record[oci_archive.SPEC_KEY] = spec_doc
     return record
 
 
@@ -269,7 +273,7 @@ def from_podman(tmp_dirfd: int) -> PodmanImport:
         )
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         hierarchies = host_cgroup_v1(f.read())
-    record = imported_record(spec, config, hierarchies)
+    record = imported_record(spec, spec_doc, config, hierarchies)
     manifest = imported_manifest(spec, descriptors, tasks, record)
     return PodmanImport(manifest=manifest, oci=record, name_hint=_name_hint(config))
 
