@@ -393,9 +393,13 @@ def root_mode(images_fd: int) -> int | None:
 # -- rootfs-diff.tar, applied beneath the rootfs --------------------------------------
 
 
-def _parts(name: str, what: str) -> list[str]:
-    """A member name's components; RootfsDiffUnsafe if it could leave the rootfs."""
-    if "\0" in name or name.startswith("/"):
+def _parts(name: str, what: str, in_root: bool = False) -> list[str]:
+    """A name's components; RootfsDiffUnsafe if it could leave the rootfs.
+
+    in_root: an absolute name is taken inside the rootfs (Podman's
+    deleted.files lists paths as the container sees them).
+    """
+    if "\0" in name or (name.startswith("/") and not in_root):
         raise RootfsDiffUnsafe(f"{what} {name!r} is absolute", member=name)
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
@@ -536,7 +540,7 @@ def apply_rootfs_diff(f: IO[bytes], root_fd: int) -> None:
 def remove_deleted(paths: Sequence[str], root_fd: int) -> None:
     """Remove each path the container deleted (a dir with its contents), beneath root_fd."""
     for path in paths:
-        parts = _parts(path, "deleted path")
+        parts = _parts(path, "deleted path", in_root=True)
         if not parts:
             continue
         try:
