@@ -21,9 +21,33 @@ stable codes (criud.daemon.errors).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
-from typing import BinaryIO
+import errno
+import hashlib
+import os
+import stat
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import IO, BinaryIO, Protocol, cast
+
+import zstandard
+
+from criud.daemon.errors import (
+    ArchiveChecksumMismatch,
+    ArchiveCorrupt,
+    ArchiveDuplicate,
+    ArchiveInvalid,
+    ArchiveLink,
+    ArchiveRatio,
+    ArchiveSpecialFile,
+    ArchiveTooLarge,
+    ArchiveTruncated,
+    ArchiveUnsafeName,
+    InvalidRequest,
+    NoSpace,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,3 +61,570 @@ class Member:
     open: Callable[[], BinaryIO]
     mode: int = 0o644
     mtime: int = 0
+
+
+BLOCK = 512
+# The last member: "<sha256 hex>  <name>\n" for each member before it.
+SUMS_NAME = "criud.sha256"
+COMPRESSIONS = ("zstd", "gzip", "none")
+# How much of a member is read (and handed to the compressor) at a time.
+CHUNK = 1 << 20
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+
+# -- writing ----------------------------------------------------------------------
+
+
+def _pad(size: int) -> int:
+    return -size % BLOCK
+
+
+def _header(name: str, size: int, mode: int, mtime: int, kind: bytes) -> bytes:
+    """A ustar header; ValueError for a name ustar cannot hold (ours are short)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime, info.type = size, mode, mtime, kind
+    info.uname = info.gname = "root"
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def _dirs_of(members: Sequence[Member]) -> Iterator[tuple[Member, list[str]]]:
+    """Each member with the parent dirs not yet seen before it ("a/", "a/b/")."""
+    seen: set[str] = set()
+    for m in members:
+        new: list[str] = []
+        parts = m.name.split("/")[:-1]
+        for i in range(len(parts)):
+            d = "/".join(parts[: i + 1]) + "/"
+            if d not in seen:
+                seen.add(d)
+                new.append(d)
+        yield m, new
+
+
+def _sums_text(sums: Iterable[tuple[str, str]]) -> bytes:
+    return "".join(f"{digest}  {name}\n" for name, digest in sums).encode()
+
+
+def tar_size(members: Sequence[Member]) -> int:
+    """The exact size of the uncompressed tar tar_stream(members) writes (Content-Length)."""
+    total = 2 * BLOCK  # the end-of-archive marker
+    sums = 0
+    for m, dirs in _dirs_of(members):
+        total += BLOCK * len(dirs) + BLOCK + m.size + _pad(m.size)
+        sums += 64 + 2 + len(m.name.encode()) + 1
+    return total + BLOCK + sums + _pad(sums)
+
+
+def check_members(members: Sequence[Member]) -> None:
+    """ValueError unless every name is relative, clean, unique and fits a ustar header."""
+    seen: set[str] = set()
+    for m in members:
+        parts = m.name.split("/")
+        if m.name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"archive member name {m.name!r} is not a clean relative path")
+        if m.name in seen or m.name == SUMS_NAME:
+            raise ValueError(f"archive member {m.name!r} is listed twice")
+        seen.add(m.name)
+        _header(m.name, m.size, m.mode, m.mtime, tarfile.REGTYPE)
+
+
+def tar_stream(members: Sequence[Member]) -> Iterator[bytes]:
+    """The uncompressed tar of members, then criud.sha256, in chunks of at most CHUNK.
+
+    A member whose source yields other than its declared size raises
+    ArchiveInvalid mid-stream: the archive could not be what it claims.
+    """
+    check_members(members)
+    sums: list[tuple[str, str]] = []
+    for m, dirs in _dirs_of(members):
+        for d in dirs:
+            yield _header(d, 0, 0o755, m.mtime, tarfile.DIRTYPE)
+        yield _header(m.name, m.size, m.mode, m.mtime, tarfile.REGTYPE)
+        digest = hashlib.sha256()
+        with contextlib.closing(m.open()) as f:
+            left = m.size
+            while left > 0:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    raise ArchiveInvalid(f"{m.name} shrank while being archived")
+                digest.update(chunk)
+                left -= len(chunk)
+                yield chunk
+        yield b"\0" * _pad(m.size)
+        sums.append((m.name, digest.hexdigest()))
+    text = _sums_text(sums)
+    yield _header(SUMS_NAME, len(text), 0o644, 0, tarfile.REGTYPE)
+    yield text + b"\0" * _pad(len(text))
+    yield b"\0" * (2 * BLOCK)
+
+
+def compress(
+    chunks: Iterable[bytes], compression: str, level: int = 1, threads: int = -1
+) -> Iterator[bytes]:
+    """chunks compressed as they come (zstd with threads, gzip, or none)."""
+    if compression == "none":
+        yield from chunks
+        return
+    if compression == "zstd":
+        zobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj()
+        for c in chunks:
+            out = zobj.compress(c)
+            if out:
+                yield out
+        yield zobj.flush()
+        return
+    if compression == "gzip":
+        gobj = zlib.compressobj(max(1, min(level, 9)), zlib.DEFLATED, 31)
+        for c in chunks:
+            out = gobj.compress(c)
+            if out:
+                yield out
+        yield gobj.flush()
+        return
+    raise InvalidRequest(
+        f"compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}"
+    )
+
+
+def check_compression(compression: str) -> None:
+    """InvalidRequest unless compression is one the writer knows."""
+    if compression not in COMPRESSIONS:
+        raise InvalidRequest(
+            f"compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}"
+        )
+
+
+# -- reading ----------------------------------------------------------------------
+
+
+class Source(Protocol):
+    """A blocking byte source: read(n) returns at most n bytes, b"" at the end."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What an imported archive may unpack to."""
+
+    max_bytes: int = 64 << 30
+    # Decompressed bytes per compressed byte, checked once past ratio_floor.
+    max_ratio: int = 200
+    ratio_floor: int = 16 << 20
+    max_members: int = 100_000
+    max_name: int = 1024
+    max_depth: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Extracted:
+    """A regular file extract() wrote: its archive name, size and sha256."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+class _Counting:
+    """The raw source, counted (compressed bytes in, for the ratio cap)."""
+
+    def __init__(self, src: Source, head: bytes) -> None:
+        self.src, self.head, self.count = src, head, len(head)
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out, self.head = self.head, b""
+            return out
+        data = self.src.read(n if n > 0 else CHUNK)
+        self.count += len(data)
+        return data
+
+
+class _Gunzip:
+    """gzip members one after another, decompressed with a bound on each read's output."""
+
+    def __init__(self, raw: _Counting) -> None:
+        self.raw = raw
+        self.obj = zlib.decompressobj(31)
+        self.pending = b""
+        self.started = False
+
+    def read(self, n: int) -> bytes:
+        while True:
+            if self.pending:
+                data, self.pending = self.pending, b""
+            elif self.obj.unconsumed_tail:
+                data = self.obj.unconsumed_tail
+            else:
+                data = self.raw.read(CHUNK)
+                if not data:
+                    if self.started and not self.obj.eof:
+                        raise ArchiveTruncated("the gzip stream ends mid-member")
+                    return b""
+            self.started = True
+            try:
+                out = self.obj.decompress(data, n)
+            except zlib.error as e:
+                raise ArchiveCorrupt(f"the gzip stream is corrupt: {e}") from None
+            if self.obj.eof:
+                # Concatenated members (pigz, gzip -c a b) decode as one stream.
+                self.pending = self.obj.unused_data
+                self.obj = zlib.decompressobj(31)
+                self.started = bool(self.pending)
+            if out:
+                return out
+
+
+class _Capped:
+    """The decompressed stream, under the total and ratio caps."""
+
+    def __init__(self, inner: Source, raw: _Counting, limits: Limits) -> None:
+        self.inner, self.raw, self.limits = inner, raw, limits
+        self.count = 0
+
+    def read(self, n: int) -> bytes:
+        try:
+            data = self.inner.read(n)
+        except zstandard.ZstdError as e:
+            raise ArchiveCorrupt(f"the zstd stream is corrupt: {e}") from None
+        self.count += len(data)
+        lim = self.limits
+        if self.count > lim.max_bytes:
+            raise ArchiveTooLarge(
+                f"the archive unpacks to more than {lim.max_bytes} bytes", limit=lim.max_bytes
+            )
+        if self.count > lim.ratio_floor and self.count > lim.max_ratio * max(self.raw.count, 1):
+            raise ArchiveRatio(
+                f"the archive decompresses more than {lim.max_ratio}:1 "
+                f"({self.count} bytes from {self.raw.count})",
+                limit=lim.max_ratio,
+            )
+        return data
+
+    def exact(self, n: int) -> bytes:
+        """Exactly n bytes, or ArchiveTruncated."""
+        parts: list[bytes] = []
+        while n > 0:
+            b = self.read(min(n, CHUNK))
+            if not b:
+                raise ArchiveTruncated("the archive ends in the middle of a member")
+            parts.append(b)
+            n -= len(b)
+        return b"".join(parts)
+
+
+def _head(src: Source) -> bytes:
+    """The first bytes of src (at least 4, unless it is shorter)."""
+    head = b""
+    while len(head) < 4:
+        b = src.read(4 - len(head))
+        if not b:
+            break
+        head += b
+    return head
+
+
+def open_decompressed(src: Source, limits: Limits) -> tuple[_Capped, str]:
+    """src decompressed by its magic (zstd, gzip, else plain tar) under limits."""
+    head = _head(src)
+    raw = _Counting(src, head)
+    inner: Source
+    if head.startswith(ZSTD_MAGIC):
+        kind = "zstd"
+        # The window a frame may ask for is capped: a frame cannot make the
+        # decoder allocate more than 128 MiB.
+        dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+        # stream_reader needs only read(n) of its source.
+        inner = dctx.stream_reader(
+            cast(IO[bytes], raw), read_size=CHUNK, read_across_frames=True, closefd=False
+        )
+    elif head.startswith(GZIP_MAGIC):
+        kind, inner = "gzip", _Gunzip(raw)
+    else:
+        kind, inner = "none", raw
+    return _Capped(inner, raw, limits), kind
+
+
+# -- the tar parser ----------------------------------------------------------------
+
+_LINKS = (tarfile.LNKTYPE, tarfile.SYMTYPE, b"K")
+_SPECIAL = {
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a fifo",
+    tarfile.CONTTYPE: "a contiguous file",
+}
+# GNU and PAX extension headers: their content is read (capped), never written.
+_EXT_CAP = 1 << 16
+
+
+def _number(field: bytes, what: str) -> int:
+    """A tar numeric field: octal (NUL/space padded) or GNU base-256."""
+    if field[:1] and field[0] & 0x80:
+        if field[0] != 0x80:
+            raise ArchiveCorrupt(f"the {what} field is negative")
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise ArchiveCorrupt(f"the {what} field is not a number: {field!r}") from None
+
+
+def _check_sum(block: bytes) -> None:
+    want = _number(block[148:156], "checksum")
+    got = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+    if want != got:
+        raise ArchiveCorrupt("a tar header's checksum is wrong (not a tar archive?)")
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """The records of a PAX extended header ("<len> <key>=<value>\\n")."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            raise ArchiveCorrupt("a PAX header record has no length") from None
+        if sp < 0 or length <= 0 or pos + length > len(data):
+            raise ArchiveCorrupt("a PAX header record overruns its header")
+        rec = data[sp + 1 : pos + length - 1]
+        key, eq, value = rec.partition(b"=")
+        if not eq:
+            raise ArchiveCorrupt("a PAX header record has no '='")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+@dataclasses.dataclass
+class _Entry:
+    name: str
+    size: int
+    kind: bytes
+
+
+def clean_name(raw: str, limits: Limits) -> str:
+    """A member's name made relative and checked; ArchiveUnsafeName if it points out.
+
+    A leading "./" (tar -C dir .) is dropped and a dir's trailing "/" too;
+    "" is the archive's root.  Absolute names, `..` anywhere, empty or "."
+    components inside, NUL, and names past the caps are refused, never
+    rewritten into something else.
+    """
+    if "\0" in raw or len(raw.encode("utf-8", "surrogateescape")) > limits.max_name:
+        raise ArchiveUnsafeName(f"member name {raw[:200]!r} is too long or holds NUL")
+    if raw.startswith("/"):
+        raise ArchiveUnsafeName(f"member name {raw!r} is absolute", member=raw)
+    name = raw
+    while name.startswith("./"):
+        name = name[2:]
+    name = name.rstrip("/") if name not in ("", ".") else ""
+    if not name:
+        return ""
+    parts = name.split("/")
+    if ".." in parts:
+        raise ArchiveUnsafeName(f"member name {raw!r} has a '..' component", member=raw)
+    if any(p in ("", ".") for p in parts) or len(parts) > limits.max_depth:
+        raise ArchiveUnsafeName(f"member name {raw!r} is not a clean relative path", member=raw)
+    return name
+
+
+class _TarReader:
+    """The members of a tar stream, header by header (extension headers folded in)."""
+
+    def __init__(self, stream: _Capped, limits: Limits) -> None:
+        self.stream, self.limits = stream, limits
+
+    def _block(self) -> bytes | None:
+        first = self.stream.read(BLOCK)
+        if not first:
+            return None
+        return first + self.stream.exact(BLOCK - len(first)) if len(first) < BLOCK else first
+
+    def entries(self) -> Iterator[_Entry]:
+        """Each member's header; the caller consumes its content before the next."""
+        pax: dict[str, str] = {}
+        longname: str | None = None
+        while True:
+            block = self._block()
+            if block is None:
+                raise ArchiveTruncated("the archive ends without its end-of-archive marker")
+            if block == b"\0" * BLOCK:
+                return
+            _check_sum(block)
+            kind = block[156:157]
+            size = _number(block[124:136], "size")
+            if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME):
+                data = self._ext(size)
+                if kind == tarfile.XHDTYPE:
+                    pax = _pax(data)
+                elif kind == tarfile.GNUTYPE_LONGNAME:
+                    longname = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                continue
+            name = pax.get("path") or longname or self._ustar_name(block)
+            if "size" in pax:
+                size = _number(pax["size"].encode(), "PAX size")
+            pax, longname = {}, None
+            yield _Entry(name, size, kind)
+
+    def _ext(self, size: int) -> bytes:
+        if size > _EXT_CAP:
+            raise ArchiveUnsafeName(f"an extension header of {size} bytes is past the cap")
+        data = self.stream.exact(size)
+        self.skip(_pad(size))
+        return data
+
+    @staticmethod
+    def _ustar_name(block: bytes) -> str:
+        name = block[0:100].split(b"\0", 1)[0]
+        if block[257:262] == b"ustar":
+            prefix = block[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+        return name.decode("utf-8", "surrogateescape")
+
+    def skip(self, n: int) -> None:
+        """Read and drop n bytes (padding, a skipped member)."""
+        while n > 0:
+            got = len(self.stream.exact(min(n, CHUNK)))
+            n -= got
+
+
+# -- extraction ---------------------------------------------------------------------
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def no_space(e: OSError, what: str) -> NoSpace | None:
+    """The NoSpace an ENOSPC/EDQUOT means while writing what; None for other errors."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{what}: {e.strerror}; nothing was kept")
+    return None
+
+
+class _Extractor:
+    """Members written under a fresh dir, each created once through its parent's fd."""
+
+    def __init__(self, root_fd: int, limits: Limits) -> None:
+        self.limits = limits
+        self.dirs: dict[str, int] = {"": root_fd}
+        self.kinds: dict[str, str] = {"": "dir"}
+        self.files: list[Extracted] = []
+
+    def close(self) -> None:
+        for name, fd in self.dirs.items():
+            if name:
+                os.close(fd)
+
+    def _claim(self, name: str, kind: str) -> None:
+        have = self.kinds.get(name)
+        if have is not None and not (have == kind == "dir"):
+            raise ArchiveDuplicate(f"member {name!r} appears twice", member=name)
+        self.kinds[name] = kind
+
+    def dir(self, name: str) -> int:
+        """The fd of dir `name` (made, with its parents, on first use)."""
+        fd = self.dirs.get(name)
+        if fd is not None:
+            return fd
+        parent, _, base = name.rpartition("/")
+        pfd = self.dir(parent)
+        if self.kinds.get(name, "dir") != "dir":
+            raise ArchiveDuplicate(f"member {name!r} is a file and a dir", member=name)
+        self.kinds[name] = "dir"
+        os.mkdir(base, 0o700, dir_fd=pfd)
+        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        self.dirs[name] = fd
+        return fd
+
+    def file(self, name: str, size: int, reader: _TarReader) -> None:
+        """Write member `name` (size bytes from reader) as a new 0600 file."""
+        self._claim(name, "file")
+        parent, _, base = name.rpartition("/")
+        fd = os.open(base, _NEW_FILE, 0o600, dir_fd=self.dir(parent))
+        digest = hashlib.sha256()
+        try:
+            left = size
+            while left > 0:
+                chunk = reader.stream.exact(min(CHUNK, left))
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                left -= len(chunk)
+        finally:
+            os.close(fd)
+        reader.skip(_pad(size))
+        self.files.append(Extracted(name, size, digest.hexdigest()))
+
+
+def _refuse(entry: _Entry, name: str) -> None:
+    if entry.kind in _LINKS:
+        raise ArchiveLink(
+            f"member {name!r} is a link; checkpoint archives hold regular files only",
+            member=name,
+        )
+    what = _SPECIAL.get(entry.kind, f"of tar type {entry.kind!r}")
+    raise ArchiveSpecialFile(f"member {name!r} is {what}", member=name)
+
+
+def extract(src: Source, root_fd: int, limits: Limits) -> tuple[list[Extracted], str]:
+    """Unpack the archive from src into the empty dir root_fd; (its files, compression).
+
+    root_fd must be a dir the caller made fresh and nobody else can write:
+    entries are still made only through dir fds, with O_EXCL and
+    O_NOFOLLOW, so nothing is ever resolved outside it.  On any error what
+    was written is left for the caller to remove with the dir.
+    """
+    stream, kind = open_decompressed(src, limits)
+    reader = _TarReader(stream, limits)
+    ex = _Extractor(root_fd, limits)
+    try:
+        for count, entry in enumerate(reader.entries()):
+            if count >= limits.max_members:
+                raise ArchiveTooLarge(f"the archive has more than {limits.max_members} members")
+            name = clean_name(entry.name, limits)
+            if entry.kind == tarfile.DIRTYPE:
+                if name:
+                    ex._claim(name, "dir")
+                    ex.dir(name)
+                reader.skip(entry.size + _pad(entry.size))
+            elif entry.kind in tarfile.REGULAR_TYPES and entry.kind != tarfile.CONTTYPE:
+                if not name:
+                    raise ArchiveUnsafeName("a regular file names the archive's root")
+                ex.file(name, entry.size, reader)
+            else:
+                _refuse(entry, name or entry.name)
+        return ex.files, kind
+    except OSError as e:
+        full = no_space(e, "import")
+        if full is None:
+            raise
+        raise full from e
+    finally:
+        ex.close()
+
+
+def check_sums(files: Sequence[Extracted], sums: bytes) -> None:
+    """Check extracted files against a criud.sha256 (every file listed, every digest right)."""
+    want: dict[str, str] = {}
+    for line in sums.decode("utf-8", "replace").splitlines():
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise ArchiveChecksumMismatch(f"{SUMS_NAME} has a malformed line: {line[:200]!r}")
+        want[name] = digest
+    have = {f.name: f.sha256 for f in files if f.name != SUMS_NAME}
+    for name in sorted(set(want) | set(have)):
+        if want.get(name) != have.get(name):
+            raise ArchiveChecksumMismatch(
+                f"member {name!r} does not match {SUMS_NAME}", member=name
+            )
+
+
+def file_mode_ok(st: os.stat_result) -> bool:
+    """A regular file with one link: what extract() makes."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1

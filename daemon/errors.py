@@ -42,6 +42,14 @@ class InvalidName(CriudError):
     title = "Invalid name"
 
 
+class ManifestInvalid(CriudError):
+    """A manifest (a checkpoint's record of its tree) of the wrong shape."""
+
+    status = 422
+    code = "manifest_invalid"
+    title = "Invalid manifest"
+
+
 class UnknownInheritKey(CriudError):
     status = 422
     code = "unknown_inherit_key"
@@ -451,3 +459,82 @@ class StoreUnusable(CriudError):
     status = 503
     code = "store_unusable"
     title = "The daemon's database is unusable"
+
+
+# -- archives (criud.daemon.archive): a hostile body is the caller's fault -------
+
+
+class ArchiveInvalid(CriudError):
+    """An imported archive that is not a well-formed tar of the accepted kinds."""
+
+    status = 400
+    code = "archive_invalid"
+    title = "The archive is not valid"
+
+
+class ArchiveCorrupt(ArchiveInvalid):
+    code = "archive_corrupt"
+    title = "The archive's compression or tar headers are corrupt"
+
+
+class ArchiveTruncated(ArchiveInvalid):
+    code = "archive_truncated"
+    title = "The archive ends before its end-of-archive marker"
+
+
+class ArchiveUnsafeName(ArchiveInvalid):
+    """An absolute name, a `..` component, or a name beyond the caps."""
+
+    code = "archive_unsafe_name"
+    title = "An archive member's name points outside the archive"
+
+
+class ArchiveLink(ArchiveInvalid):
+    code = "archive_link"
+    title = "The archive holds a symlink or a hardlink"
+
+
+class ArchiveSpecialFile(ArchiveInvalid):
+    code = "archive_special_file"
+    title = "The archive holds a device, a fifo or another special file"
+
+
+class ArchiveDuplicate(ArchiveInvalid):
+    code = "archive_duplicate_member"
+    title = "The archive holds a member twice"
+
+
+class ArchiveChecksumMismatch(ArchiveInvalid):
+    code = "archive_checksum_mismatch"
+    title = "A member does not match the archive's criud.sha256"
+
+
+class ArchiveLayoutUnknown(ArchiveInvalid):
+    code = "archive_layout_unknown"
+    title = "The archive is neither criud's nor a Podman/CRI export"
+
+
+class ArchiveManifestInvalid(ArchiveInvalid):
+    code = "archive_manifest_invalid"
+    title = "The archive's criud.json is not a valid manifest"
+
+
+class DigestMismatch(CriudError):
+    """The body does not match the Content-Digest (or Digest) the client sent."""
+
+    status = 400
+    code = "digest_mismatch"
+    title = "The body does not match its digest"
+
+
+class ArchiveTooLarge(CriudError):
+    """The archive unpacks to more than the daemon's cap (total bytes, members, ratio)."""
+
+    status = 413
+    code = "archive_too_large"
+    title = "The archive unpacks to more than allowed"
+
+
+class ArchiveRatio(ArchiveTooLarge):
+    code = "archive_ratio_exceeded"
+    title = "The archive decompresses beyond the allowed ratio"

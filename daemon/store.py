@@ -141,14 +141,24 @@ def _v2_to_v3(db: sqlite3.Connection) -> None:
     _add_column(db, "restores", "tree_pids", "TEXT")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v0_to_v1, _v1_to_v2, _v2_to_v3)
+def _v3_to_v4(db: sqlite3.Connection) -> None:
+    """Checkpoints record where they came from: NULL a dump, "import:criud" an archive."""
+    _add_column(db, "checkpoints", "origin", "TEXT")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _v0_to_v1,
+    _v1_to_v2,
+    _v2_to_v3,
+    _v3_to_v4,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # What a list of checkpoints reads: everything but the manifest, whose fd
 # tables can be large (json.loads of 1,000 of them dominated a list).
 _SUMMARY_COLUMNS = (
     "id, name, pid, state, created_at, finished_at, size_bytes, options, labels, "
-    "criu_version, stats, error, owner_uid, external_keys"
+    "criu_version, stats, error, owner_uid, external_keys, origin"
 )
 
 
@@ -174,6 +184,9 @@ class CheckpointRecord:
     error: dict[str, Any] | None = None
     # The manifest's external keys, kept apart so a list need not parse it.
     external_keys: list[str] | None = None
+    # Where it came from: None a dump of this daemon's, "import:criud" (or
+    # "import:podman") an imported archive.
+    origin: str | None = None
 
 
 @dataclasses.dataclass

@@ -17,8 +17,69 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from criud.daemon.errors import InvalidRequest
+from criud.daemon.errors import InvalidRequest, ManifestInvalid
 from criud.dump.fds import TaskInfo
+
+
+def _int(v: Any) -> int:
+    # bool is an int to Python, and never a pid, fd or id.
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{v!r} is not an integer")
+    return v
+
+
+def _ints(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise TypeError(f"{v!r} is not a list")
+    return tuple(_int(x) for x in v)
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"{v!r} is not a string")
+    return v
+
+
+def _strs(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise TypeError(f"{v!r} is not a list")
+    return tuple(_str(x) for x in v)
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None else _str(v)
+
+
+def _opt_mapping(v: Any) -> Mapping[str, Any] | None:
+    if v is not None and not isinstance(v, Mapping):
+        raise TypeError("oci is not an object")
+    return v
+
+
+def _run_as(v: Any) -> tuple[Any, ...]:
+    """[uid, gid] or [uid, gid, groups], each an integer (criud.daemon.creds.run_as_of)."""
+    if not isinstance(v, (list, tuple)) or len(v) not in (2, 3):
+        raise ValueError(f"run_as {v!r} is not [uid, gid, groups]")
+    return (_int(v[0]), _int(v[1]), *([list(_ints(v[2]))] if len(v) == 3 else []))
+
+
+# What an fd record must hold (criud.dump.fds), and what it may, each with its type.
+_FD_NEEDS = {"fd": int, "type": str, "key": str}
+_FD_MAY = {"mode": str, "target": str, "external": bool, "append": bool, "inode": int, "peer": int}
+
+
+def _fd(f: Any) -> dict[str, Any]:
+    """One fd record, its fields checked (the API and the restore index them)."""
+    if not isinstance(f, dict):
+        raise TypeError("an fd record is not an object")
+    for field, kind in (*_FD_NEEDS.items(), *_FD_MAY.items()):
+        v = f.get(field)
+        if v is None and field in _FD_MAY:
+            continue
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise TypeError(f"fd record field {field!r} is {v!r}, not a {kind.__name__}")
+    # Readers index "external" (records of every release carry it).
+    return f if "external" in f else {**f, "external": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,33 +126,45 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> Manifest:
-        """Read a stored manifest (any release's); None reads as an empty one."""
-        d = data or {}
+        """Read a stored manifest (any release's); None reads as an empty one.
+
+        Also reads a hostile one (an imported archive's criud.json): any
+        field of the wrong shape is a ManifestInvalid (422), never a crash.
+        """
+        try:
+            return cls._from_json(data or {})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ManifestInvalid(f"the manifest is malformed: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def _from_json(cls, d: Mapping[str, Any]) -> Manifest:
+        if not isinstance(d, Mapping):
+            raise TypeError("not an object")
         tasks = tuple(
             Task(
-                pid=int(t["pid"]),
-                ppid=int(t.get("ppid") or 0),
-                tids=tuple(t.get("tids") or ()),
-                fds=tuple(t.get("fds") or ()),
+                pid=_int(t["pid"]),
+                ppid=_int(t.get("ppid") or 0),
+                tids=_ints(t.get("tids") or ()),
+                fds=tuple(_fd(f) for f in t.get("fds") or ()),
             )
             for t in d.get("tasks") or ()
         )
         return cls(
             tasks=tasks,
-            external=tuple(d.get("external") or ()),
-            pids=tuple(d.get("pids") or ()),
-            uids={k: tuple(v) for k, v in (d.get("uids") or {}).items()},
-            gids={k: tuple(v) for k, v in (d.get("gids") or {}).items()},
-            groups=tuple(d["groups"]) if d.get("groups") is not None else None,
-            run_as=tuple(d["run_as"]) if d.get("run_as") else None,
-            namespaces=dict(d.get("namespaces") or {}),
+            external=_strs(d.get("external") or ()),
+            pids=_ints(d.get("pids") or ()),
+            uids={str(k): _ints(v) for k, v in (d.get("uids") or {}).items()},
+            gids={str(k): _ints(v) for k, v in (d.get("gids") or {}).items()},
+            groups=_ints(d["groups"]) if d.get("groups") is not None else None,
+            run_as=_run_as(d["run_as"]) if d.get("run_as") else None,
+            namespaces={str(k): _int(v) for k, v in (d.get("namespaces") or {}).items()},
             pidns_init=bool(d.get("pidns_init")),
-            network_lock=d.get("network_lock"),
+            network_lock=_opt_str(d.get("network_lock")),
             ext_namespaces=tuple(
-                ExtNamespace(type=n["type"], key=n["key"], ino=int(n["ino"]))
+                ExtNamespace(type=_str(n["type"]), key=_str(n["key"]), ino=_int(n["ino"]))
                 for n in d.get("ext_namespaces") or ()
             ),
-            oci=d.get("oci"),
+            oci=_opt_mapping(d.get("oci")),
         )
 
     def to_json(self) -> dict[str, Any]:

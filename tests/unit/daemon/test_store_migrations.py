@@ -64,7 +64,7 @@ def _version(path: Path) -> int:
 
 
 def test_every_version_has_one_step() -> None:
-    assert len(MIGRATIONS) == SCHEMA_VERSION == 3
+    assert len(MIGRATIONS) == SCHEMA_VERSION == 4
 
 
 def test_previous_release_database_migrates_and_keeps_its_records(tmp_path: Path) -> None:
@@ -77,6 +77,8 @@ def test_previous_release_database_migrates_and_keeps_its_records(tmp_path: Path
         assert web is not None and (web.name, web.owner_uid, web.state) == ("web", 1000, "done")
         assert web.manifest == {"tasks": [], "external": ["pipe:[1]"]}
         assert web.external_keys == ["pipe:[1]"]
+        # v4: a record from before imports is a dump (no origin).
+        assert web.origin is None
         assert s.find_checkpoint("web", 1000) == web
         assert s.find_checkpoint("db", 0) is not None
         (r,) = s.list_restores()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from criud.daemon.errors import InvalidRequest
+from criud.daemon.errors import InvalidRequest, ManifestInvalid
 from criud.dump import manifest as mf
 from criud.dump.fds import FdInfo, TaskInfo
 
@@ -110,3 +110,33 @@ def test_from_json_reads_earlier_rows(row: str) -> None:
     assert m.oci is None and m.ext_namespaces == () and not m.pidns_init
     assert mf.Manifest.from_json(m.to_json()) == m
     assert mf.Manifest.from_json(None) == mf.Manifest()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        [1],
+        "x",
+        {"tasks": "x"},
+        {"tasks": [{"ppid": 1}]},
+        {"tasks": [{"pid": "1"}]},
+        {"tasks": [{"pid": True}]},
+        {"tasks": [{"pid": 1, "fds": [{"fd": 0}]}]},
+        {"tasks": [{"pid": 1, "fds": [{"fd": 0, "type": "pipe", "key": 3}]}]},
+        {"tasks": [{"pid": 1, "fds": [{"fd": 0, "type": "pipe", "key": "k", "inode": "x"}]}]},
+        {"uids": {"1": [0, "a"]}},
+        {"uids": [1]},
+        {"run_as": [0]},
+        {"run_as": ["0", 0]},
+        {"run_as": [1000, 1000, "wheel"]},
+        {"namespaces": {"net": "x"}},
+        {"ext_namespaces": [{"type": "net"}]},
+        {"external": [1]},
+        {"oci": [1]},
+        {"network_lock": 5},
+    ],
+)
+def test_from_json_refuses_garbage_with_a_4xx(garbage: object) -> None:
+    with pytest.raises(ManifestInvalid) as e:
+        mf.Manifest.from_json(garbage)  # type: ignore[arg-type]
+    assert 400 <= e.value.status < 500
