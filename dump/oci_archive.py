@@ -31,6 +31,7 @@ import datetime
 import hashlib
 import io
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,6 +59,10 @@ IMAGE_NAME_ANNOTATIONS = (
 )
 IMAGE_ID_ANNOTATIONS = ("io.kubernetes.cri-o.ImageRef", "io.kubernetes.cri.image-ref")
 CREATED_ANNOTATION = "io.kubernetes.cri-o.Created"
+# checkpointctl decodes createdTime into a Go time.Time: RFC 3339 or nothing.
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 def _json_member(name: str, doc: Any) -> Member:
@@ -68,6 +73,10 @@ def _json_member(name: str, doc: Any) -> Member:
 def _rfc3339(ts: float | None) -> str:
     when = datetime.datetime.fromtimestamp(ts or 0, datetime.UTC)
     return when.isoformat().replace("+00:00", "Z")
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, str) and _RFC3339.fullmatch(value) is not None
 
 
 def _first(*values: object) -> str:
@@ -100,7 +109,8 @@ def config_dump(record: CheckpointRecord, saved: Mapping[str, Any]) -> dict[str,
             podman.get("rootfsImageID"),
         ),
         "createdTime": _first(
-            notes.get(CREATED_ANNOTATION), podman.get("createdTime"), _rfc3339(record.created_at)
+            *(t for t in (notes.get(CREATED_ANNOTATION), podman.get("createdTime")) if _is_time(t)),
+            _rfc3339(record.created_at),
         ),
         "checkpointedTime": _rfc3339(record.finished_at or record.created_at),
     }

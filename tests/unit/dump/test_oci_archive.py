@@ -47,7 +47,10 @@ def _docs(record: CheckpointRecord, manifest: Manifest) -> dict[str, Any]:
 
 
 def test_members_have_podmans_names_and_fields() -> None:
-    spec = {"ociVersion": "1.0.2", "annotations": {"io.kubernetes.cri-o.Created": "T0"}}
+    spec = {
+        "ociVersion": "1.0.2",
+        "annotations": {"io.kubernetes.cri-o.Created": "2026-12-01T22:51:41.137870403Z"},
+    }
     docs = _docs(
         _record(**{"oci/image-name": "localhost/bb:1", "oci/image-id": "f" * 64}), _manifest(spec)
     )
@@ -57,15 +60,21 @@ def test_members_have_podmans_names_and_fields() -> None:
     cfg = docs["config.dump"]
     assert cfg["runtime"] == "runc" and cfg["name"] == "web"
     assert cfg["rootfsImageName"] == "localhost/bb:1" and cfg["rootfsImageID"] == "f" * 64
-    assert cfg["createdTime"] == "T0"
+    assert cfg["createdTime"] == "2026-12-01T22:51:41.137870403Z"
     assert cfg["checkpointedTime"] == "2027-01-15T08:00:01.250000Z"
     assert len(cfg["id"]) == 64 and int(cfg["id"], 16) >= 0
 
 
 def test_image_from_engine_annotations_then_an_imported_export() -> None:
-    spec = {"annotations": {"io.kubernetes.cri-o.ImageName": "quay.io/x:1"}}
+    spec = {
+        "annotations": {
+            "io.kubernetes.cri-o.ImageName": "quay.io/x:1",
+            "io.kubernetes.cri-o.Created": "yesterday",  # not RFC 3339: not taken
+        }
+    }
     cfg = _docs(_record(), _manifest(spec))["config.dump"]
     assert cfg["rootfsImageName"] == "quay.io/x:1" and cfg["rootfsImageID"] == ""
+    assert cfg["createdTime"] == "2027-01-15T08:00:00.500000Z"
     podman = {"id": "c" * 64, "name": "old", "rootfsImageName": "n", "rootfsImageID": "i"}
     cfg = _docs(_record(), _manifest({}, podman=podman))["config.dump"]
     assert (cfg["id"], cfg["name"], cfg["rootfsImageName"], cfg["rootfsImageID"]) == (
