@@ -6,7 +6,7 @@ import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import TypeAdapter
 
 from criud.api.deps import caller, service
@@ -70,6 +70,7 @@ def to_model(rec: CheckpointRecord) -> Checkpoint:
         external=list(manifest.external),
         namespaces=dict(manifest.namespaces),
         error=rec.error,
+        origin=rec.origin or "dump",
     )
 
 
@@ -200,3 +201,78 @@ async def checkpoint_log(
 ) -> PlainTextResponse:
     """criu's dump.log or (latest) restore.log of a checkpoint."""
     return PlainTextResponse(await c.checkpoint_log(ref, op, who, owner))
+
+
+_MEDIA = {"zstd": "application/zstd", "gzip": "application/gzip", "none": "application/x-tar"}
+
+
+@router.get(
+    "/{ref}/archive",
+    response_class=StreamingResponse,
+    responses={
+        **ERRORS,
+        200: {
+            "description": "The archive (a tar, compressed as asked); criud.sha256 is its "
+            "last member. Content-Length only for compression=none.",
+            "content": {m: {} for m in _MEDIA.values()},
+        },
+    },
+)
+async def export_archive(
+    ref: str,
+    c: CoreDep,
+    who: CallerDep,
+    compression: Literal["zstd", "gzip", "none"] = "zstd",
+    owner: OwnerQuery = None,
+) -> StreamingResponse:
+    """Stream the checkpoint as an archive (docs/archives.md), as an "export" operation.
+
+    Streamed as it is written; an error once streaming has begun cuts the
+    connection (the archive then lacks its end and its criud.sha256).
+    """
+    exp = await c.export_checkpoint(ref, compression, who, owner)
+    headers = {
+        "content-disposition": f'attachment; filename="{exp.filename}"',
+        "x-criud-operation": exp.operation,
+    }
+    if exp.content_length is not None:
+        headers["content-length"] = str(exp.content_length)
+    return StreamingResponse(exp.chunks, media_type=_MEDIA[exp.compression], headers=headers)
+
+
+@router.post(
+    "/import",
+    status_code=201,
+    response_model=Checkpoint,
+    responses={
+        **ERRORS,
+        **{s: {"model": Problem} for s in (400, 413, 507)},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                m: {"schema": {"type": "string", "format": "binary"}} for m in _MEDIA.values()
+            },
+        }
+    },
+)
+async def import_archive(
+    request: Request,
+    c: CoreDep,
+    who: CallerDep,
+    name: Annotated[str | None, Query(max_length=128)] = None,
+) -> Checkpoint:
+    """Import an archive (the body: zstd, gzip or plain tar, by magic) as a new checkpoint.
+
+    The caller owns it, whatever the archive says. Content-Digest
+    (sha-256 or sha-512) or Digest is checked against the body.
+    """
+    rec = await c.import_archive(
+        request.stream(),
+        name,
+        request.headers.get("content-digest"),
+        request.headers.get("digest"),
+        who,
+    )
+    return to_model(rec)

@@ -19,11 +19,16 @@ import json
 import socket
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, Protocol
 
 from criud.daemon.config import DEFAULT_FD_SOCKET, DEFAULT_SOCKET
 from criud.daemon.fdpass import send_fds
+
+# How much of an archive is read or written at a time.
+ARCHIVE_CHUNK = 1 << 20
+# progress(done_bytes, total_bytes or None), after each chunk of an archive.
+ProgressFn = Callable[[int, int | None], None]
 
 # `wait_operation` polls at first often (most operations are short), then
 # backs off to this at most.
@@ -224,6 +229,86 @@ class Client:
 
     def delete_fd_handle(self, handle: str) -> None:
         self.request("DELETE", f"/v1/fd-handles/{handle}")
+
+    # -- archives --------------------------------------------------------------------
+
+    def export(
+        self,
+        ref: str,
+        out: BinaryIO,
+        compression: str = "zstd",
+        progress: ProgressFn | None = None,
+    ) -> int:
+        """Write checkpoint ref's archive to out as it streams; return its bytes.
+
+        progress(done, total) is called after each chunk (total None unless
+        the archive is uncompressed).  A stream cut short raises
+        http.client.IncompleteRead: what was written is not a whole archive.
+        """
+        q = {"compression": compression}
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            conn.request("GET", _checkpoint_path(ref, "/archive", q))
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                raise CriudClientError(resp.status, _problem(resp.read()))
+            length = resp.getheader("Content-Length")
+            total = int(length) if length is not None and length.isdigit() else None
+            done = 0
+            while chunk := resp.read(ARCHIVE_CHUNK):
+                out.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+            if total is not None and done != total:
+                raise http.client.IncompleteRead(b"", total - done)
+            return done
+        finally:
+            conn.close()
+
+    def import_archive(
+        self,
+        src: BinaryIO,
+        name: str | None = None,
+        size: int | None = None,
+        digest: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, Any]:
+        """Send an archive (any compression) as a new checkpoint; return the checkpoint.
+
+        size sets Content-Length (else the body is chunked); digest, the
+        base64 sha-256 of the whole body, is sent as Content-Digest for
+        the daemon to check.
+        """
+        headers = {"Content-Type": "application/octet-stream"}
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        if digest is not None:
+            headers["Content-Digest"] = f"sha-256=:{digest}:"
+
+        def body() -> Iterator[bytes]:
+            done = 0
+            while chunk := src.read(ARCHIVE_CHUNK):
+                done += len(chunk)
+                yield chunk
+                if progress is not None:
+                    progress(done, size)
+
+        path = "/v1/checkpoints/import" + (
+            f"?{urllib.parse.urlencode({'name': name})}" if name is not None else ""
+        )
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            # The daemon may answer (a refusal) before it has taken the whole body.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.request("POST", path, body=body(), headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            raise CriudClientError(resp.status, _problem(raw))
+        return dict(json.loads(raw))
 
     # -- operations and events -------------------------------------------------------
 

@@ -15,6 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from criud.daemon.jsonlimits import MAX_DEPTH, json_depth
 
 MAX_BODY = 1 << 20
+# Routes whose body is a stream, not JSON: the route reads it itself, bounded
+# (an archive import: criud.restore.importer).
+STREAMED = frozenset({"/v1/checkpoints/import"})
 
 
 async def _problem(send: Send, status: int, code: str, title: str, detail: str) -> None:
@@ -52,7 +55,11 @@ class LimitsMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        if (
+            scope["type"] != "http"
+            or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE")
+            or scope.get("path") in STREAMED
+        ):
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")

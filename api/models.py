@@ -133,6 +133,10 @@ class Checkpoint(BaseModel):
         description="Namespaces of the tree that differ from the daemon's (dumped), by inode",
     )
     error: dict[str, Any] | None = None
+    origin: str = Field(
+        default="dump",
+        description='"dump" (made here), "import:criud" or "import:podman" (an imported archive)',
+    )
 
 
 class InheritFd(Strict):
@@ -232,7 +236,7 @@ class Operation(BaseModel):
     """A checkpoint or restore: running, or how it ended."""
 
     id: str
-    kind: Literal["checkpoint", "restore"]
+    kind: Literal["checkpoint", "restore", "export", "import"]
     state: Literal["running", "done", "failed", "cancelled"]
     owner_uid: int
     target: dict[str, Any] = Field(
@@ -245,4 +249,8 @@ class Operation(BaseModel):
     )
     problem: dict[str, Any] | None = Field(
         description="Once failed or cancelled: the problem the synchronous call would have answered"
+    )
+    progress: dict[str, int | None] | None = Field(
+        default=None,
+        description="Exports and imports: {bytes, total_bytes} so far (total null: unknown)",
     )

@@ -49,6 +49,11 @@ def to_model(op: Op) -> Operation:
             "finished_at": op.finished_at,
             "result": result,
             "problem": problem,
+            "progress": (
+                {"bytes": op.progress.done, "total_bytes": op.progress.total}
+                if op.progress is not None
+                else None
+            ),
         }
     )
 

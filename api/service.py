@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from criud.daemon.archive import Export
 from criud.daemon.caller import Caller
 from criud.daemon.handles import FdHandle
 from criud.daemon.operations import Operation
@@ -52,6 +53,19 @@ class Service(Protocol):
     async def checkpoint_log(
         self, ref: str, op: str, caller: Caller, owner: str | None = None
     ) -> str: ...
+
+    # archives
+    async def export_checkpoint(
+        self, ref: str, compression: str, caller: Caller, owner: str | None = None
+    ) -> Export: ...
+    async def import_archive(
+        self,
+        body: AsyncIterator[bytes],
+        name: str | None,
+        content_digest: str | None,
+        digest_header: str | None,
+        caller: Caller,
+    ) -> CheckpointRecord: ...
 
     # operations (?wait=false)
     def start_checkpoint(self, spec: CheckpointSpec, caller: Caller) -> Operation: ...

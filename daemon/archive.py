@@ -21,15 +21,19 @@ stable codes (criud.daemon.errors).
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import dataclasses
 import errno
 import hashlib
 import os
+import queue
 import stat
 import tarfile
+import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import IO, BinaryIO, Protocol, cast
 
 import zstandard
@@ -628,3 +632,165 @@ def check_sums(files: Sequence[Extracted], sums: bytes) -> None:
 def file_mode_ok(st: os.stat_result) -> bool:
     """A regular file with one link: what extract() makes."""
     return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """An export under way: what its response says of it, and its chunks as they come."""
+
+    filename: str
+    # Known up front for an uncompressed archive only.
+    content_length: int | None
+    compression: str
+    chunks: AsyncIterator[bytes]
+    operation: str
+
+
+# -- between the event loop and the thread that does the tar work ----------------------
+
+
+class Stopped(Exception):
+    """The other side of an Outbox or Inbox went away (client gone, cancelled)."""
+
+
+_END = object()
+_ABORT = object()
+
+
+class Outbox:
+    """Chunks made in a worker thread, read on the event loop; at most depth in flight.
+
+    The thread waits for room (so memory stays bounded whatever the
+    client's pace) and gives up with Stopped once the reader has gone.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int = 8) -> None:
+        self._loop = loop
+        self._q: asyncio.Queue[object] = asyncio.Queue()
+        self._room = threading.Semaphore(depth)
+        self.stopped = threading.Event()
+
+    def put(self, chunk: bytes) -> None:
+        """Hand a chunk to the reader (worker thread); Stopped if it has gone."""
+        while not self._room.acquire(timeout=0.2):
+            if self.stopped.is_set():
+                raise Stopped("the reader went away")
+        if self.stopped.is_set():
+            raise Stopped("the reader went away")
+        self._loop.call_soon_threadsafe(self._q.put_nowait, chunk)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The end of the chunks: cleanly (None) or with an error for the reader."""
+        self._loop.call_soon_threadsafe(self._q.put_nowait, _END if error is None else error)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The chunks as they come; re-raises the worker's error; stops the worker on exit."""
+        try:
+            while True:
+                item = await self._q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, bytes)
+                self._room.release()
+                yield item
+        finally:
+            self.stopped.set()
+
+
+class Inbox:
+    """Chunks received on the event loop, read by a worker thread as a Source.
+
+    put() waits (asynchronously) for room, so a fast client cannot make
+    the daemon buffer more than depth chunks of its body.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int = 8) -> None:
+        self._loop = loop
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._room = asyncio.Semaphore(depth)
+        self._buf = b""
+        self._pos = 0
+        self._ended = False
+
+    async def put(self, chunk: bytes) -> None:
+        """Queue a chunk for the thread (event loop)."""
+        await self._room.acquire()
+        self._q.put(chunk)
+
+    def close(self) -> None:
+        """No more chunks: the thread reads the end."""
+        self._q.put(_END)
+
+    def abort(self) -> None:
+        """The body will not come whole: the thread's next read raises Stopped."""
+        self._q.put(_ABORT)
+
+    def read(self, n: int, /) -> bytes:
+        """At most n bytes (worker thread); b"" at the end."""
+        if self._pos >= len(self._buf):
+            if self._ended:
+                return b""
+            item = self._q.get()
+            if item is _END:
+                self._ended = True
+                return b""
+            if item is _ABORT:
+                raise Stopped("the body did not arrive whole")
+            assert isinstance(item, bytes)
+            self._loop.call_soon_threadsafe(self._room.release)
+            self._buf, self._pos = item, 0
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
+
+
+def coalesce(chunks: Iterable[bytes], size: int = 256 << 10) -> Iterator[bytes]:
+    """chunks regrouped into pieces of at least size bytes (the last one may be short)."""
+    parts: list[bytes] = []
+    have = 0
+    for c in chunks:
+        if not c:
+            continue
+        parts.append(c)
+        have += len(c)
+        if have >= size:
+            yield b"".join(parts)
+            parts, have = [], 0
+    if parts:
+        yield b"".join(parts)
+
+
+# -- digests (RFC 9530 Content-Digest, RFC 3230 Digest) -------------------------------
+
+_DIGEST_ALGOS = {"sha-256": "sha256", "sha-512": "sha512"}
+
+
+def parse_digest(content_digest: str | None, digest: str | None) -> tuple[str, bytes] | None:
+    """The (hashlib name, digest) a client sent for its body, if one we can check.
+
+    Content-Digest: sha-256=:<base64>: (RFC 9530) is preferred; the legacy
+    Digest: SHA-256=<base64> is read too.  Algorithms we do not know are
+    ignored (as RFC 9530 allows); a malformed value of one we know is an
+    InvalidRequest.
+    """
+    for header, sep in ((content_digest, ":"), (digest, "")):
+        if not header:
+            continue
+        for item in header.split(","):
+            algo, eq, value = item.strip().partition("=")
+            name = _DIGEST_ALGOS.get(algo.strip().lower())
+            if not eq or name is None:
+                continue
+            value = value.strip()
+            if sep and not (len(value) >= 2 and value[0] == value[-1] == sep):
+                raise InvalidRequest(f"Content-Digest {algo}: the value is not :base64:")
+            try:
+                raw = base64.b64decode(value.strip(sep), validate=True)
+            except ValueError:
+                raise InvalidRequest(f"digest {algo}: the value is not base64") from None
+            if len(raw) != hashlib.new(name).digest_size:
+                raise InvalidRequest(f"digest {algo}: {len(raw)} bytes, not a {algo} digest")
+            return name, raw
+    return None

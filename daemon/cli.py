@@ -91,6 +91,29 @@ _TUNABLES: tuple[tuple[str, Callable[[str], float], str, str, str], ...] = (
         "SECONDS",
         "give up opening a restore's inherit paths after this long",
     ),
+    # Archives (criud.daemon.archive, docs/archives.md).
+    ("export-zstd-level", _count, "1", "N", "zstd level of exported archives"),
+    (
+        "import-max-bytes",
+        _count,
+        str(64 << 30),
+        "BYTES",
+        "refuse an imported archive that is, or unpacks to, more than this",
+    ),
+    (
+        "import-max-ratio",
+        _count,
+        "200",
+        "N",
+        "refuse an imported archive that decompresses more than N:1 (a bomb)",
+    ),
+    (
+        "import-max-members",
+        _count,
+        "100000",
+        "N",
+        "refuse an imported archive with more members",
+    ),
 )
 # The Settings field each tunable fills.
 _TUNABLE_FIELDS = {
@@ -102,6 +125,10 @@ _TUNABLE_FIELDS = {
     "max-handle-fds-per-uid": "max_handle_fds_per_uid",
     "fd-reserve": "fd_reserve",
     "path-open-timeout": "path_open_timeout_s",
+    "export-zstd-level": "export_zstd_level",
+    "import-max-bytes": "import_max_bytes",
+    "import-max-ratio": "import_max_ratio",
+    "import-max-members": "import_max_members",
 }
 
 

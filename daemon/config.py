@@ -71,6 +71,16 @@ class Settings:
     # fd_reserve.  0: an eighth of the limit (at least 32, at most 1024).
     fd_reserve: int = 0
 
+    # -- archives (criud.daemon.archive) -------------------------------------------
+    # zstd level of exports: 1 keeps up with a disk (docs/benchmarks.md).
+    export_zstd_level: int = 1
+    # What one imported archive may unpack to: bytes in total (and of the
+    # body itself), the ratio of unpacked to received bytes (a bomb stops
+    # within its first ratio_floor), and members.
+    import_max_bytes: int = 64 << 30
+    import_max_ratio: int = 200
+    import_max_members: int = 100_000
+
     @property
     def checkpoints_dir(self) -> Path:
         return self.state_dir / "checkpoints"

@@ -519,6 +519,14 @@ class ArchiveManifestInvalid(ArchiveInvalid):
     title = "The archive's criud.json is not a valid manifest"
 
 
+class ClientGone(CriudError):
+    """The client stopped reading an export (or sending an import) before its end."""
+
+    status = 400
+    code = "client_gone"
+    title = "The client went away"
+
+
 class DigestMismatch(CriudError):
     """The body does not match the Content-Digest (or Digest) the client sent."""
 

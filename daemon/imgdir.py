@@ -31,6 +31,10 @@ from criud.daemon.errors import CheckpointTampered
 SEALED_DIR_MODE = 0o755
 SEALED_FILE_MODE = 0o644
 
+# The one subdir an images dir may hold: an imported archive's other members
+# (criud.json, spec.dump, ...), made by the daemon, root's 0755.
+ARCHIVE_SUBDIR = "archive"
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a fifo planted under a checked name must not hang the open.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -205,12 +209,20 @@ def seal(dirfd: int, owner_uid: int, expect: Mapping[str, tuple[int, int]] | Non
     total = 0
     names = sorted(os.listdir(dirfd))
     for name in names:
+        if name == ARCHIVE_SUBDIR and _is_daemons_dir(dirfd, name):
+            continue
         total += _seal_file(dirfd, name, owner_uid, (expect or {}).get(name))
     missing = set(expect or {}) - set(names)
     if missing:
         raise UnsafeEntry(f"{', '.join(sorted(missing))} went missing")
     os.fchmod(dirfd, SEALED_DIR_MODE)
     return total
+
+
+def _is_daemons_dir(dirfd: int, name: str) -> bool:
+    """Whether name is a dir only the daemon could have made (root's, not a link)."""
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o755
 
 
 def is_sealed(dirfd: int) -> bool:

@@ -30,6 +30,14 @@ KEEP_FINISHED = 256
 
 
 @dataclasses.dataclass
+class Progress:
+    """How far an export or import has come, in bytes (total None: not known)."""
+
+    done: int = 0
+    total: int | None = None
+
+
+@dataclasses.dataclass
 class Operation:
     """One checkpoint or restore, running or ended."""
 
@@ -45,6 +53,9 @@ class Operation:
     error: CriudError | None = None
     task: asyncio.Task[Any] | None = None
     cancel_requested: bool = False
+    # Exports and imports: bytes so far (written by the worker thread; an
+    # int's assignment is atomic, and readers only display it).
+    progress: Progress | None = None
 
     def end(self, state: OpState, result: Any = None, error: CriudError | None = None) -> None:
         """Record how it ended (once)."""

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon import events, imgdir, kdat, logfmt, names, procutil
+from criud.daemon import archive, events, imgdir, kdat, logfmt, names, procutil
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
@@ -35,6 +35,8 @@ from criud.daemon.criu import Criu
 from criud.daemon.errors import (
     Busy,
     CheckpointNotFound,
+    CheckpointNotReady,
+    ClientGone,
     CriudError,
     InvalidRequest,
     LogNotFound,
@@ -50,15 +52,17 @@ from criud.daemon.errors import (
 )
 from criud.daemon.handles import FdHandle, HandleStore, require_unix
 from criud.daemon.metrics import Metrics
-from criud.daemon.operations import Operation, OperationTable, OpState
+from criud.daemon.operations import Operation, OperationTable, OpState, Progress
 from criud.daemon.quotas import FdBudget, Quotas
 from criud.daemon.store import CheckpointRecord, RestoreRecord, Store
 from criud.daemon.supervisor import Supervisor
+from criud.dump import export as export_job
 from criud.dump import inspect as proc_inspect
 from criud.dump import job as dump_job
 from criud.dump import preflight as dump_preflight
 from criud.dump.argv import DUMP_LOG
 from criud.dump.job import TMP_PREFIX, CheckpointSpec
+from criud.restore import importer as import_job
 from criud.restore import job as restore_job
 from criud.restore.argv import RESTORE_LOG
 from criud.restore.job import RestoreSpec
@@ -576,6 +580,106 @@ class CriudService:
             raise imgdir.tampered(ckpt_id, e) from None
         finally:
             os.close(dfd)
+
+    # -- archives (export, import) ------------------------------------------------------
+
+    async def export_checkpoint(
+        self, ref: str, compression: str, caller: Caller, owner: str | None = None
+    ) -> archive.Export:
+        """Start streaming a checkpoint as an archive (an "export" operation).
+
+        Everything that can be refused (lookup, state, compression, a
+        tampered dir, the busy lock, the quota) is, before the first byte:
+        the route answers a problem then.  The checkpoint is held busy (no
+        delete, no restore) until the last chunk is out.
+        """
+        rec = await self.get_checkpoint(ref, caller, owner)
+        if rec.state != "done":
+            raise CheckpointNotReady(f"checkpoint {ref!r} is {rec.state}", checkpoint=rec.id)
+        archive.check_compression(compression)
+        meta = {"criud": self.version()["criud"], "criu": self.criu.version}
+        meta["kernel"] = platform.release()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.busy(rec.id, f"checkpoint {ref!r} is in use"))
+        try:
+            path = self.settings.checkpoints_dir / rec.id
+            prep = await asyncio.to_thread(export_job.prepare, path, rec, compression, meta)
+            stack.callback(prep.close)
+            progress = Progress(total=prep.tar_size)
+            outbox = archive.Outbox(asyncio.get_running_loop())
+            op = self._submit(
+                "export",
+                caller,
+                {"checkpoint": rec.id, "compression": compression},
+                lambda: self._export(rec, prep, outbox, progress, stack),
+                lambda r: {**_ckpt_summary(r), "bytes": progress.done},
+            )
+        except BaseException:
+            stack.close()
+            raise
+        op.progress = progress
+        return archive.Export(
+            prep.filename, prep.content_length, compression, outbox.chunks(), op.id
+        )
+
+    async def _export(
+        self,
+        rec: CheckpointRecord,
+        prep: export_job.Prepared,
+        outbox: archive.Outbox,
+        progress: Progress,
+        stack: contextlib.ExitStack,
+    ) -> CheckpointRecord:
+        with stack:
+            work = asyncio.ensure_future(
+                asyncio.to_thread(
+                    export_job.produce, prep, outbox, progress, self.settings.export_zstd_level, -1
+                )
+            )
+            try:
+                await asyncio.shield(work)
+            except archive.Stopped:
+                raise ClientGone(f"the client stopped reading the export of {rec.id}") from None
+            finally:
+                # Cancelled (DELETE, shutdown): the reader's side says stop,
+                # and the images dir stays open until the worker let go.
+                outbox.stopped.set()
+                if not work.done():
+                    await asyncio.wait([work], timeout=self.settings.shutdown_grace_s)
+        return rec
+
+    async def import_archive(
+        self,
+        body: AsyncIterator[bytes],
+        name: str | None,
+        content_digest: str | None,
+        digest_header: str | None,
+        caller: Caller,
+    ) -> CheckpointRecord:
+        """Import an archive (the request body) as a new checkpoint of the caller's."""
+        digest = archive.parse_digest(content_digest, digest_header)
+        spec = import_job.ImportSpec(name=name, digest=digest, limits=self.archive_limits)
+        progress = Progress()
+        op = self._submit(
+            "import",
+            caller,
+            {"name": name},
+            lambda: import_job.run(self, spec, body, caller, progress),
+            _ckpt_summary,
+        )
+        op.progress = progress
+        rec: CheckpointRecord = await self._wait(op)
+        return rec
+
+    @property
+    def archive_limits(self) -> archive.Limits:
+        """What an imported archive may unpack to (the settings' caps)."""
+        s = self.settings
+        return archive.Limits(
+            max_bytes=s.import_max_bytes,
+            max_ratio=s.import_max_ratio,
+            max_members=s.import_max_members,
+        )
 
     # -- restores -----------------------------------------------------------------
 

@@ -123,7 +123,23 @@ def test_seal_makes_root_read_only_and_sums_sizes(tmp_path: Path) -> None:
         assert (fst.st_uid, fst.st_gid, stat.S_IMODE(fst.st_mode)) == (0, 0, 0o644)
 
 
-@pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo", "subdir", "foreign"])
+def test_seal_passes_over_the_daemons_archive_subdir(tmp_path: Path) -> None:
+    need_root()
+    d = tmp_path / "ck"
+    d.mkdir(mode=0o700)
+    (d / "pstree.img").write_bytes(b"xy")
+    (d / imgdir.ARCHIVE_SUBDIR).mkdir(mode=0o755)
+    (d / imgdir.ARCHIVE_SUBDIR / "criud.json").write_text("{}")
+    fd = imgdir.open_dir(d)
+    try:
+        assert imgdir.seal(fd, 0) == 2 and imgdir.is_sealed(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "plant", ["symlink", "hardlink", "fifo", "subdir", "foreign", "owners-archive-dir"]
+)
 def test_seal_refuses_tampering_and_chowns_nothing_outside(tmp_path: Path, plant: str) -> None:
     need_root()
     d = tmp_path / "ck"
@@ -134,7 +150,12 @@ def test_seal_refuses_tampering_and_chowns_nothing_outside(tmp_path: Path, plant
     outside.write_text("root's")
     outside.chmod(0o600)
     planted = d / "x.img"
-    if plant == "symlink":
+    if plant == "owners-archive-dir":
+        # The owner's dir under the one name an images dir may hold a dir.
+        planted = d / imgdir.ARCHIVE_SUBDIR
+        planted.mkdir(mode=0o755)
+        os.chown(planted, 65534, 65534)
+    elif plant == "symlink":
         planted.symlink_to(outside)
     elif plant == "hardlink":
         os.link(outside, planted)
