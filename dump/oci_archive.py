@@ -31,6 +31,8 @@ import datetime
 import hashlib
 import io
 import json
+import os
+import posixpath
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -142,16 +144,17 @@ def descriptors(manifest: Manifest) -> list[str]:
 def oci_members(record: CheckpointRecord, manifest: Manifest, images_dirfd: int) -> list[Member]:
     """spec.dump, config.dump and checkpoint/descriptors.json for an OCI checkpoint.
 
-    images_dirfd is unused for now (every member comes from the record and
-    the manifest); it stays in the signature for a rootfs-diff.tar taken at
-    dump time.
+    A checkpoint imported from an archive may hold descriptors.json among
+    its images already (images_dirfd): it is then exported from there.
     """
-    del images_dirfd
     saved = manifest.oci or {}
     members: list[Member] = []
     spec = saved.get(SPEC_KEY)
     if isinstance(spec, dict):
         members.append(_json_member(SPEC_DUMP, spec))
     members.append(_json_member(CONFIG_DUMP, config_dump(record, saved)))
-    members.append(_json_member(DESCRIPTORS, descriptors(manifest)))
+    try:
+        os.stat(posixpath.basename(DESCRIPTORS), dir_fd=images_dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        members.append(_json_member(DESCRIPTORS, descriptors(manifest)))
     return members

@@ -58,6 +58,7 @@ from criud.dump.export import FORMAT, IMAGES_PREFIX, MANIFEST_NAME, STATS
 from criud.dump.job import TMP_PREFIX
 from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
+from criud.restore import oci_archive
 
 log = logging.getLogger("criud.import")
 
@@ -245,7 +246,11 @@ async def _import_into(
         stats=stats,
         manifest=manifest.to_json(),
         external_keys=list(manifest.external),
-        origin="import:criud",
+        origin=(
+            "import:criud"
+            if any(f.name == MANIFEST_NAME for f in got.files)
+            else oci_archive.ORIGIN_PODMAN
+        ),
     )
 
 
@@ -257,9 +262,8 @@ def _criud_doc(stage_fd: int, files: list[Extracted]) -> dict[str, Any]:
     have = {f.name for f in files}
     if MANIFEST_NAME not in have:
         if {"spec.dump", "config.dump"} <= have and any(n.startswith(IMAGES_PREFIX) for n in have):
-            raise ArchiveLayoutUnknown(
-                "a Podman/CRI-O checkpoint export: this daemon imports criud's own archives only"
-            )
+            # A Podman export: criud.restore.oci_archive reads it (hostile input).
+            return oci_archive.podman_doc(stage_fd, FORMAT)
         raise ArchiveLayoutUnknown(
             f"the archive has no {MANIFEST_NAME} (criud's archive) nor spec.dump, config.dump "
             "and checkpoint/ (a Podman/CRI-O export)"

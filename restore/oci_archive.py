@@ -278,6 +278,16 @@ def from_podman(tmp_dirfd: int) -> PodmanImport:
     return PodmanImport(manifest=manifest, oci=record, name_hint=_name_hint(config))
 
 
+def podman_doc(stage_fd: int, fmt: int) -> dict[str, Any]:
+    """from_podman's reading, in the shape of a criud.json (the import job validates it)."""
+    imp = from_podman(stage_fd)
+    return {
+        "format": fmt,
+        "checkpoint": {"name": imp.name_hint or None},
+        "manifest": imp.manifest.to_json(),
+    }
+
+
 def is_imported(saved: Mapping[str, Any]) -> bool:
     """Whether an OCI record came from a Podman export (restored into a new bundle only)."""
     return saved.get("origin") == ORIGIN_PODMAN

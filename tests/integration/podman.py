@@ -10,6 +10,7 @@ here lacks CAP_SYS_RESOURCE and runc could not raise them.  Whatever a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -154,3 +155,12 @@ def new_bundle(spec_doc: Mapping[str, Any], image_tar: Path, dest: Path, cgroup:
     spec["linux"]["cgroupsPath"] = cgroup
     (dest / "config.json").write_text(json.dumps(spec))
     return dest
+
+
+def spec_dump(archive: Path) -> dict[str, Any]:
+    """The spec.dump of a Podman export (a zstd tar)."""
+    raw = subprocess.run(["zstd", "-dc", str(archive)], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(raw)) as t:
+        f = t.extractfile("spec.dump")
+        assert f is not None
+        return dict(json.loads(f.read()))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from criud.daemon.store import CheckpointRecord
@@ -36,9 +38,14 @@ def _manifest(spec: dict[str, Any] | None = None, **oci: Any) -> Manifest:
     return Manifest(tasks=(Task(pid=42, ppid=1, tids=(42,), fds=fds),), oci=saved)
 
 
-def _docs(record: CheckpointRecord, manifest: Manifest) -> dict[str, Any]:
+def _docs(record: CheckpointRecord, manifest: Manifest, images: Path) -> dict[str, Any]:
+    dirfd = os.open(images, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        members = oa.oci_members(record, manifest, dirfd)
+    finally:
+        os.close(dirfd)
     out: dict[str, Any] = {}
-    for m in oa.oci_members(record, manifest, -1):
+    for m in members:
         with m.open() as f:
             data = f.read()
         assert len(data) == m.size
@@ -46,13 +53,15 @@ def _docs(record: CheckpointRecord, manifest: Manifest) -> dict[str, Any]:
     return out
 
 
-def test_members_have_podmans_names_and_fields() -> None:
+def test_members_have_podmans_names_and_fields(tmp_path: Path) -> None:
     spec = {
         "ociVersion": "1.0.2",
         "annotations": {"io.kubernetes.cri-o.Created": "2026-12-01T22:51:41.137870403Z"},
     }
     docs = _docs(
-        _record(**{"oci/image-name": "localhost/bb:1", "oci/image-id": "f" * 64}), _manifest(spec)
+        _record(**{"oci/image-name": "localhost/bb:1", "oci/image-id": "f" * 64}),
+        _manifest(spec),
+        tmp_path,
     )
     assert set(docs) == {"spec.dump", "config.dump", "checkpoint/descriptors.json"}
     assert docs["spec.dump"] == spec
@@ -65,18 +74,18 @@ def test_members_have_podmans_names_and_fields() -> None:
     assert len(cfg["id"]) == 64 and int(cfg["id"], 16) >= 0
 
 
-def test_image_from_engine_annotations_then_an_imported_export() -> None:
+def test_image_from_engine_annotations_then_an_imported_export(tmp_path: Path) -> None:
     spec = {
         "annotations": {
             "io.kubernetes.cri-o.ImageName": "quay.io/x:1",
             "io.kubernetes.cri-o.Created": "yesterday",  # not RFC 3339: not taken
         }
     }
-    cfg = _docs(_record(), _manifest(spec))["config.dump"]
+    cfg = _docs(_record(), _manifest(spec), tmp_path)["config.dump"]
     assert cfg["rootfsImageName"] == "quay.io/x:1" and cfg["rootfsImageID"] == ""
     assert cfg["createdTime"] == "2027-01-15T08:00:00.500000Z"
     podman = {"id": "c" * 64, "name": "old", "rootfsImageName": "n", "rootfsImageID": "i"}
-    cfg = _docs(_record(), _manifest({}, podman=podman))["config.dump"]
+    cfg = _docs(_record(), _manifest({}, podman=podman), tmp_path)["config.dump"]
     assert (cfg["id"], cfg["name"], cfg["rootfsImageName"], cfg["rootfsImageID"]) == (
         "c" * 64,
         "old",
@@ -85,8 +94,14 @@ def test_image_from_engine_annotations_then_an_imported_export() -> None:
     )
 
 
-def test_no_spec_no_spec_dump_and_closed_fds_read_as_dev_null() -> None:
+def test_no_spec_no_spec_dump_and_closed_fds_read_as_dev_null(tmp_path: Path) -> None:
     m = Manifest(tasks=(Task(pid=1, ppid=0, tids=(1,), fds=()),), oci={"version": 1})
-    docs = _docs(_record(), m)
+    docs = _docs(_record(), m, tmp_path)
     assert "spec.dump" not in docs
     assert docs["checkpoint/descriptors.json"] == ["/dev/null"] * 3
+
+
+def test_descriptors_already_among_the_images_are_not_added_twice(tmp_path: Path) -> None:
+    (tmp_path / "descriptors.json").write_text('["/dev/null"]')
+    docs = _docs(_record(), _manifest({}), tmp_path)
+    assert "checkpoint/descriptors.json" not in docs
