@@ -34,8 +34,10 @@ RUN_FLAGS = (
     "--ulimit",
     "nproc=4096:4096",
 )
-# One number a line, from 0, ten a second.
-COUNTER = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.1; done"
+# One number a line, from 0, ten a second; first a change to the rootfs
+# (Podman's export carries it in rootfs-diff.tar).
+MARKER = "/etc/criud-marker"
+COUNTER = f"echo changed > {MARKER}; i=0; while true; do echo $i; i=$((i+1)); sleep 0.1; done"
 APPLETS = ("sh", "sleep", "echo", "cat", "ls", "true")
 
 
