@@ -15,6 +15,7 @@ import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -162,3 +163,66 @@ def test_a_good_diff_keeps_owner_mode_and_links(world: tuple[Path, Path, int]) -
     st = os.stat(rootfs / "var/lib/app/data")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 4321, 0o640)
     assert os.readlink(rootfs / "etc/mtab") == "/proc/mounts"
+
+
+# -- a Podman export imported by a non-root caller --------------------------------
+
+
+def _fake_podman_export(path: Path) -> None:
+    """The files Podman's import reads, hand-made (no Podman needed): spec, config, images."""
+    import json
+    import struct
+
+    from criud.dump import images
+
+    spec = {
+        "root": {"path": "/var/lib/x/merged"},
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]},
+    }
+    pstree = bytes([0x08, 0x01, 0x10, 0x00, 0x18, 0x01, 0x20, 0x01])
+    files = {
+        "spec.dump": json.dumps(spec).encode(),
+        "config.dump": json.dumps(
+            {"name": "web", "rootfsImageName": "x", "rootfsImageID": "y"}
+        ).encode(),
+        "checkpoint/descriptors.json": b'["/dev/null", "pipe:[1]", "pipe:[2]"]',
+        "checkpoint/pstree.img": struct.pack(
+            "<III", images.IMG_COMMON_MAGIC, images.PSTREE_MAGIC, len(pstree)
+        )
+        + pstree,
+    }
+    with tarfile.open(path, "w") as t:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+
+
+IMPORT_AS = """
+import sys
+from criud.api.client import Client, CriudClientError
+c = Client(sys.argv[1], sys.argv[2])
+try:
+    with open(sys.argv[3], "rb") as f:
+        print(c.import_archive(f, name="pod")["id"])
+except CriudClientError as e:
+    print(e.status, e.code)
+"""
+
+
+def test_a_podman_export_is_roots_to_import(sdaemon: Any, users: Any) -> None:
+    """Its restore is an OCI restore (root's): a non-root caller gets a 403, nothing kept."""
+    from tests.integration.helpers import temp_root
+    from tests.security.users import run_as
+
+    with temp_root() as root:  # traversable by bob
+        archive = root / "podman.tar"
+        _fake_podman_export(archive)
+        archive.chmod(0o644)
+        before = sorted(os.listdir(sdaemon.state_dir / "checkpoints"))
+        out = run_as(
+            users.bob, IMPORT_AS, str(sdaemon.socket), str(sdaemon.fd_socket), str(archive)
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["403", "permission_denied"], out.stdout
+        assert sorted(os.listdir(sdaemon.state_dir / "checkpoints")) == before
