@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import TypeAdapter
+from starlette.types import Send
 
 from criud.api.deps import caller, service
 from criud.api.models import (
@@ -22,7 +24,7 @@ from criud.api.models import (
 from criud.api.operations import WaitQuery, accepted
 from criud.api.service import Service
 from criud.daemon.caller import Caller
-from criud.daemon.errors import InvalidRequest
+from criud.daemon.errors import CriudError, InvalidRequest
 from criud.daemon.store import CheckpointRecord
 from criud.dump.job import CheckpointSpec
 from criud.dump.manifest import Manifest
@@ -204,11 +206,34 @@ async def checkpoint_log(
 
 
 _MEDIA = {"zstd": "application/zstd", "gzip": "application/gzip", "none": "application/x-tar"}
+log = logging.getLogger("criud.api")
+
+
+class _ArchiveResponse(StreamingResponse):
+    """A streamed archive whose failure after the headers cuts the connection.
+
+    Once the 200 is out, a problem can no longer be answered: the response
+    ends without its last chunk (chunked) or short of its Content-Length,
+    so no client takes the part it got for a whole archive.  The failure is
+    the export operation's, in /v1/operations and the events.
+    """
+
+    async def stream_response(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except CriudError as e:
+            log.warning("export cut short: %s: %s", e.code, e.detail)
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 @router.get(
     "/{ref}/archive",
-    response_class=StreamingResponse,
+    response_class=_ArchiveResponse,
     responses={
         **ERRORS,
         200: {
@@ -224,7 +249,7 @@ async def export_archive(
     who: CallerDep,
     compression: Literal["zstd", "gzip", "none"] = "zstd",
     owner: OwnerQuery = None,
-) -> StreamingResponse:
+) -> _ArchiveResponse:
     """Stream the checkpoint as an archive (docs/archives.md), as an "export" operation.
 
     Streamed as it is written; an error once streaming has begun cuts the
@@ -237,7 +262,7 @@ async def export_archive(
     }
     if exp.content_length is not None:
         headers["content-length"] = str(exp.content_length)
-    return StreamingResponse(exp.chunks, media_type=_MEDIA[exp.compression], headers=headers)
+    return _ArchiveResponse(exp.chunks, media_type=_MEDIA[exp.compression], headers=headers)
 
 
 @router.post(

@@ -49,6 +49,7 @@ from criud.daemon.errors import (
     ArchiveTooLarge,
     ArchiveTruncated,
     ArchiveUnsafeName,
+    ClientGone,
     InvalidRequest,
     NoSpace,
 )
@@ -649,7 +650,7 @@ class Export:
 # -- between the event loop and the thread that does the tar work ----------------------
 
 
-class Stopped(Exception):
+class Stopped(ClientGone):
     """The other side of an Outbox or Inbox went away (client gone, cancelled)."""
 
 

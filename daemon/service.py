@@ -640,6 +640,10 @@ class CriudService:
                 await asyncio.shield(work)
             except archive.Stopped:
                 raise ClientGone(f"the client stopped reading the export of {rec.id}") from None
+            except asyncio.CancelledError:
+                # The reader learns why before the worker's own "stopped".
+                outbox.finish(OperationCancelled(f"the export of {rec.id} was cancelled"))
+                raise
             finally:
                 # Cancelled (DELETE, shutdown): the reader's side says stop,
                 # and the images dir stays open until the worker let go.

@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from criud.daemon import archive, imgdir, names
+from criud.daemon import archive, creds, imgdir, names
 from criud.daemon.archive import Extracted, Limits
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
@@ -288,10 +288,11 @@ def _criud_doc(stage_fd: int, files: list[Extracted]) -> dict[str, Any]:
 def _validate(doc: dict[str, Any], caller: Caller) -> tuple[Manifest, dict[str, Any]]:
     """The manifest to keep, and the checkpoint's recorded fields; owner forced to caller.
 
-    A non-root caller gets a manifest whose run_as is its own ids: criu
-    restores the tree as the caller, whatever the archive claims.  A tree
-    whose tasks ran as anyone else is refused here (the restore would
-    refuse it too, but the caller learns it now, and nothing is kept).
+    A non-root caller gets a manifest whose run_as is its own uid (and
+    groups it holds): criu restores the tree as the caller, whatever the
+    archive claims.  A tree whose tasks ran as anyone else is refused here
+    (the restore would refuse it too, but the caller learns it now, and
+    nothing is kept).
     """
     ckpt = doc.get("checkpoint")
     if not isinstance(ckpt, dict):
@@ -311,8 +312,28 @@ def _validate(doc: dict[str, Any], caller: Caller) -> tuple[Manifest, dict[str, 
         )
     if manifest.oci is not None:
         raise PermissionDenied("OCI checkpoints are root's to import (their restore is root's)")
-    run_as = (caller.uid, caller.gid, list(caller.groups))
-    return dataclasses.replace(manifest, run_as=run_as), ckpt
+    return dataclasses.replace(manifest, run_as=_callers_run_as(manifest, caller)), ckpt
+
+
+def _callers_run_as(manifest: Manifest, caller: Caller) -> tuple[Any, ...]:
+    """What criu restores a non-root caller's import as: the caller's uid, and groups it holds.
+
+    The archive's gid and groups are kept (criu must run with the tree's
+    groups to give them back) only if the caller holds each of them: it
+    never runs with a group the caller does not have.
+    """
+    claimed = creds.run_as_of(manifest.run_as)
+    gid = claimed.gid if claimed is not None else caller.gid
+    groups = tuple(claimed.groups) if claimed is not None else caller.groups
+    held = {caller.gid, *caller.groups}
+    foreign = sorted({gid, *groups} - held)
+    if foreign:
+        raise PermissionDenied(
+            f"the archive's tree ran with group {', '.join(map(str, foreign))}, which uid "
+            f"{caller.uid} does not hold: a non-root caller imports only its own trees",
+            gids=foreign,
+        )
+    return (caller.uid, gid, list(groups))
 
 
 def _name_from(ckpt: dict[str, Any]) -> str | None:

@@ -7,12 +7,17 @@ Daemons A and B have state dirs of their own; the tree's stdout is a pipe
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import http.client
 import io
 import os
+import socket
 import tarfile
+import threading
+import time
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +31,7 @@ from tests.integration.helpers import (
     restore_into_pipe,
     start_hello,
     temp_root,
+    wait_for,
 )
 
 
@@ -119,8 +125,101 @@ def test_export_refusals(pair: tuple[Daemon, Daemon], procs: Procs) -> None:
         a.client.delete(ck["id"])
 
 
-def _tmp_left(d: Daemon) -> list[str]:
-    return [n for n in os.listdir(d.state_dir / "checkpoints") if n.startswith(".tmp-")]
+def _running(d: Daemon, kind: str) -> dict[str, Any] | None:
+    ops = d.client.request("GET", "/v1/operations?state=running")[1]
+    return next((o for o in ops if o["kind"] == kind), None)
 
 
-__all__ = ["Path"]
+def test_cancel_a_running_import_leaves_nothing(pair: tuple[Daemon, Daemon], procs: Procs) -> None:
+    a, b = pair
+    ck, _, _ = _checkpoint_counter(a, procs, "to-cancel")
+    out = io.BytesIO()
+    a.client.export(ck["id"], out, "none")
+    blob = out.getvalue()
+    before = set(os.listdir(b.state_dir / "checkpoints"))
+    go_on = threading.Event()
+    answer: list[Any] = []
+
+    def body() -> Iterator[bytes]:
+        yield blob[: len(blob) // 2]
+        go_on.wait(30)
+        yield blob[len(blob) // 2 :]
+
+    def upload() -> None:
+        try:
+            answer.append(b.client.import_archive(_Chunks(body()), name="cancelled"))
+        except Exception as e:
+            answer.append(e)
+
+    t = threading.Thread(target=upload)
+    t.start()
+    try:
+        wait_for(lambda: _running(b, "import") is not None, 20, what="the import to run")
+        op = _running(b, "import")
+        assert op is not None and op["progress"]["bytes"] > 0
+        _st, ended = b.client.request("DELETE", f"/v1/operations/{op['id']}")
+        assert ended["state"] == "cancelled"
+        assert ended["problem"]["code"] == "operation_cancelled"
+    finally:
+        go_on.set()
+        t.join(60)
+    assert isinstance(answer[0], (CriudClientError, OSError)), answer
+    assert set(os.listdir(b.state_dir / "checkpoints")) == before
+    assert all(c["name"] != "cancelled" for c in b.client.checkpoints())
+    a.client.delete(ck["id"])
+
+
+class _Chunks:
+    """A file whose read() gives the next chunk of an iterator (b"" at its end)."""
+
+    def __init__(self, it: Iterator[bytes]) -> None:
+        self.it = it
+
+    def read(self, n: int = -1) -> bytes:
+        return next(self.it, b"")
+
+
+def test_export_shows_as_an_operation_and_can_be_cancelled(
+    pair: tuple[Daemon, Daemon], procs: Procs
+) -> None:
+    """An export whose reader stalls runs (bounded) until DELETE ends it; the stream is cut."""
+    a, _ = pair
+    p = procs.python(
+        "x = bytearray(os.urandom(64 << 20)); import time; time.sleep(1000)".replace(
+            "x =", "import os; x ="
+        )
+    )
+    time.sleep(1.0)
+    ck = a.client.checkpoint(p.pid, name="big")
+    p.wait(timeout=20)
+    conn = http.client.HTTPConnection("localhost")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(str(a.socket))
+    conn.sock = s
+    try:
+        conn.request("GET", f"/v1/checkpoints/{ck['id']}/archive?compression=none")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        length = int(resp.getheader("Content-Length"))
+        assert length > 64 << 20
+        op_id = resp.getheader("X-Criud-Operation")
+        op = a.client.operation(op_id)
+        assert op["kind"] == "export" and op["state"] == "running"
+        assert op["progress"]["total_bytes"] > 64 << 20
+        # Busy while it streams: no delete under its feet.
+        with pytest.raises(CriudClientError) as e:
+            a.client.delete(ck["id"])
+        assert e.value.code == "busy"
+        _st, ended = a.client.request("DELETE", f"/v1/operations/{op_id}")
+        assert ended["state"] == "cancelled"
+        # The stream is cut: fewer bytes than its Content-Length, then the end.
+        got = 0
+        with contextlib.suppress(http.client.IncompleteRead):
+            while chunk := resp.read(1 << 20):
+                got += len(chunk)
+        assert got < length
+    finally:
+        conn.close()
+    wait_for(lambda: _running(a, "export") is None, 20, what="the export to end")
+    a.client.delete(ck["id"])
