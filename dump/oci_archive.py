@@ -19,10 +19,13 @@ containerd's CRI put in config.json; what an imported Podman export said.
 The container id and name likewise: labels `oci/container-id` and
 `oci/container-name`, else the checkpoint's own id and name.
 
-`rootfs-diff.tar` is not written: criud sees the container's rootfs only
-while it runs, and by export time an engine has usually unmounted it; the
-changes would have to be taken at dump time from the overlay's upper dir.
-Podman's import treats the member as optional.
+`rootfs-diff.tar` is not taken at dump time: criud sees the container's
+rootfs only while it runs, and by export time an engine has usually
+unmounted it; the changes would have to be tarred from the overlay's upper
+dir during the dump.  Podman's import treats the member as optional.  A
+checkpoint imported from a Podman export keeps its `rootfs-diff.tar` and
+`deleted.files` (in the checkpoint's archive/ subdir), and exports them
+again.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Mapping
-from typing import Any
+import stat
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
 
+from criud.daemon import imgdir
 from criud.daemon.archive import Member
 from criud.daemon.store import CheckpointRecord
 from criud.dump.manifest import Manifest
@@ -46,6 +51,8 @@ SPEC_KEY = "spec"
 SPEC_DUMP = "spec.dump"
 CONFIG_DUMP = "config.dump"
 DESCRIPTORS = "checkpoint/descriptors.json"
+# Members of an imported export that its archive/ subdir keeps, exported again.
+KEPT_MEMBERS = ("rootfs-diff.tar", "deleted.files")
 # runc is the runtime criud's bundle support mirrors (docs/containers.md).
 RUNTIME = "runc"
 
@@ -157,4 +164,46 @@ def oci_members(record: CheckpointRecord, manifest: Manifest, images_dirfd: int)
         os.stat(posixpath.basename(DESCRIPTORS), dir_fd=images_dirfd, follow_symlinks=False)
     except FileNotFoundError:
         members.append(_json_member(DESCRIPTORS, descriptors(manifest)))
+    members += kept_rootfs_members(images_dirfd)
     return members
+
+
+def kept_rootfs_members(images_dirfd: int) -> list[Member]:
+    """rootfs-diff.tar and deleted.files kept in the checkpoint's archive/ subdir.
+
+    An imported Podman export keeps them there (the import job); exported
+    again, they go back to the top of the archive.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        sub = os.open(imgdir.ARCHIVE_SUBDIR, flags, dir_fd=images_dirfd)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    members: list[Member] = []
+    try:
+        for name in KEPT_MEMBERS:
+            try:
+                st = os.stat(name, dir_fd=sub, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                members.append(Member(name, st.st_size, _opener(images_dirfd, name), mode=0o644))
+    finally:
+        os.close(sub)
+    return members
+
+
+def _opener(images_dirfd: int, name: str) -> Callable[[], BinaryIO]:
+    def open_member() -> BinaryIO:
+        # Opened again when written: the export runs after this listing.
+        sub = os.open(
+            imgdir.ARCHIVE_SUBDIR,
+            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            dir_fd=images_dirfd,
+        )
+        try:
+            return os.fdopen(imgdir.open_beneath(sub, name), "rb")
+        finally:
+            os.close(sub)
+
+    return open_member

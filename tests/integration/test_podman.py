@@ -160,3 +160,27 @@ def test_an_imported_podman_checkpoint_needs_a_new_bundle(
             assert "new one" in e.value.detail
         finally:
             daemon.client.delete(ck["id"])
+
+
+def test_podman_export_through_criud_and_back_to_podman(daemon: Daemon, podman: pm.Podman) -> None:
+    """Imported into criud, exported again, restored by Podman: the rootfs change survives."""
+    with temp_root() as root:
+        image, _ = podman.build_image(root)
+        ctr = podman.run_counter(image)
+        _wait_count_past(podman, ctr["Id"], 3)
+        first_export = root / "first.tar.zst"
+        podman.export(ctr["Id"], first_export)
+        last = podman.numbers(ctr["Id"])[-1]
+        with open(first_export, "rb") as f:
+            ck = daemon.client.import_archive(f, name=f"podimp-{uuid.uuid4().hex[:6]}")
+        try:
+            again = root / "again.tar.zst"
+            with open(again, "wb") as f:
+                daemon.client.export(ck["id"], f)
+            assert {"rootfs-diff.tar", "spec.dump", "config.dump"} <= set(_members(again))
+            new = podman.restore_import(again, f"criud-test-back-{uuid.uuid4().hex[:6]}")
+            nums = _wait_count_past(podman, new["Id"], 3)
+            assert nums[0] == last + 1, (last, nums[:5])
+            assert podman("exec", new["Id"], "cat", pm.MARKER) == "changed"
+        finally:
+            daemon.client.delete(ck["id"])

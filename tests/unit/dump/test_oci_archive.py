@@ -105,3 +105,21 @@ def test_descriptors_already_among_the_images_are_not_added_twice(tmp_path: Path
     (tmp_path / "descriptors.json").write_text('["/dev/null"]')
     docs = _docs(_record(), _manifest({}), tmp_path)
     assert "checkpoint/descriptors.json" not in docs
+
+
+def test_an_imports_rootfs_diff_is_exported_again(tmp_path: Path) -> None:
+    kept = tmp_path / "archive"
+    kept.mkdir(mode=0o755)
+    (kept / "rootfs-diff.tar").write_bytes(b"\0" * 1024)
+    (kept / "deleted.files").write_text('["/etc/motd"]')
+    (kept / "ctr.log").write_text("not exported: Podman's own log")
+    dirfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        members = {m.name: m for m in oa.oci_members(_record(), _manifest({}), dirfd)}
+        assert "ctr.log" not in members
+        with members["rootfs-diff.tar"].open() as f:
+            assert f.read() == b"\0" * 1024 and members["rootfs-diff.tar"].size == 1024
+        with members["deleted.files"].open() as f:
+            assert f.read() == b'["/etc/motd"]'
+    finally:
+        os.close(dirfd)
