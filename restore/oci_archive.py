@@ -46,7 +46,7 @@ ROOTFS_DIFF = "rootfs-diff.tar"
 DELETED_FILES = "deleted.files"
 # The import job keeps an archive's top-level members (spec.dump,
 # config.dump, rootfs-diff.tar, ...) in this subdir of the checkpoint's dir.
-ARCHIVE_DIR = "archive"
+ARCHIVE_DIR = imgdir.ARCHIVE_SUBDIR
 ORIGIN_PODMAN = "import:podman"
 # spec.dump parses against this placeholder: Podman's paths are absolute,
 # and an imported checkpoint is always restored into a bundle named then.
@@ -319,6 +319,13 @@ def prepare_bundle(bundle: str | None, images_dir: Path) -> None:
                 os.fchmod(root_fd, mode)
         finally:
             os.close(root_fd)
+    except OSError as e:
+        # A full disk, a read-only rootfs, ...: the bundle cannot take it.
+        raise InvalidBundle(
+            f"cannot fit rootfs {spec.rootfs} to the checkpoint: {e.strerror}"
+            + (f" ({e.filename})" if e.filename else ""),
+            bundle=bundle,
+        ) from None
     finally:
         os.close(images_fd)
 

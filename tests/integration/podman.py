@@ -38,7 +38,7 @@ RUN_FLAGS = (
 # (Podman's export carries it in rootfs-diff.tar).
 MARKER = "/etc/criud-marker"
 COUNTER = f"echo changed > {MARKER}; i=0; while true; do echo $i; i=$((i+1)); sleep 0.1; done"
-APPLETS = ("sh", "sleep", "echo", "cat", "ls", "true")
+APPLETS = ("sh", "sleep", "echo", "cat", "ls", "true", "dd")
 
 
 def missing() -> str | None:
@@ -108,6 +108,15 @@ class Podman:
     def export(self, ref: str, archive: Path) -> None:
         """`podman container checkpoint --export` (the container stops)."""
         self("container", "checkpoint", "--export", str(archive), ref)
+
+    def cleanup_containers(self, ids: list[str]) -> None:
+        """Remove these containers (by id) now."""
+        for cid in ids:
+            subprocess.run(
+                [PODMAN, "rm", "-f", "-t", "0", cid], capture_output=True, timeout=60, check=False
+            )
+            if cid in self.containers:
+                self.containers.remove(cid)
 
     def cleanup(self) -> None:
         """Remove every container and image this made, by id; report nothing."""
