@@ -27,6 +27,8 @@ from criud.daemon.fdpass import send_fds
 
 # How much of an archive is read or written at a time.
 ARCHIVE_CHUNK = 1 << 20
+# How often an export's progress asks for its operation's (compressed archives).
+PROGRESS_POLL_S = 0.25
 # progress(done_bytes, total_bytes or None), after each chunk of an archive.
 ProgressFn = Callable[[int, int | None], None]
 
@@ -241,9 +243,13 @@ class Client:
     ) -> int:
         """Write checkpoint ref's archive to out as it streams; return its bytes.
 
-        progress(done, total) is called after each chunk (total None unless
-        the archive is uncompressed).  A stream cut short raises
-        http.client.IncompleteRead: what was written is not a whole archive.
+        progress(done, total) is called as chunks come.  An uncompressed
+        archive counts its own bytes (its Content-Length the total); a
+        compressed one, whose size is known only at its end, reports its
+        export operation's progress instead (bytes of the tar read, out of
+        the tar's size), polled at most every PROGRESS_POLL_S.  A stream
+        cut short raises http.client.IncompleteRead: what was written is
+        not a whole archive.
         """
         q = {"compression": compression}
         conn = _UnixConnection(self.socket_path, self.timeout)
@@ -254,12 +260,19 @@ class Client:
                 raise CriudClientError(resp.status, _problem(resp.read()))
             length = resp.getheader("Content-Length")
             total = int(length) if length is not None and length.isdigit() else None
-            done = 0
+            op_id = resp.getheader("X-Criud-Operation")
+            done, polled = 0, 0.0
             while chunk := resp.read(ARCHIVE_CHUNK):
                 out.write(chunk)
                 done += len(chunk)
-                if progress is not None:
+                if progress is None:
+                    continue
+                if total is not None or op_id is None:
                     progress(done, total)
+                elif time.monotonic() - polled >= PROGRESS_POLL_S:
+                    polled = time.monotonic()
+                    p = self.operation(op_id).get("progress") or {}
+                    progress(int(p.get("bytes") or 0), p.get("total_bytes"))
             if total is not None and done != total:
                 raise http.client.IncompleteRead(b"", total - done)
             return done

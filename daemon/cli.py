@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from criud.daemon import cli_archive
 from criud.daemon.config import DEFAULT_FD_SOCKET, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Settings
 
 if TYPE_CHECKING:
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint(sub)
     _add_others(sub)
     _add_watch(sub)
+    cli_archive.add_parsers(sub, "a checkpoint id or name (owner/name for another user's)")
     return p
 
 
@@ -413,7 +415,7 @@ def _checkpoints_text(out: list[dict[str, Any]]) -> str:
         }
         for r in out
     ]
-    return _table(rows, ["id", "owner", "name", "pid", "state", "size", "created"])
+    return _table(rows, ["id", "owner", "name", "pid", "state", "size", "created", "origin"])
 
 
 def _restores_text(out: list[dict[str, Any]]) -> str:
@@ -487,7 +489,10 @@ def _run_client(a: argparse.Namespace) -> int:
     if a.cmd == "wait":
         return _run_wait(a, cl)
     out: Any
-    if a.cmd == "checkpoint" and a.dry_run:
+    if a.cmd in ("export", "import"):
+        run = cli_archive.run_export if a.cmd == "export" else cli_archive.run_import
+        out, text = run(a, cl)
+    elif a.cmd == "checkpoint" and a.dry_run:
         out = cl.preflight(a.pid, **_dump_options(a))
         text = _preflight_text(out)
     elif a.cmd == "inspect-pid":
@@ -529,7 +534,9 @@ def _run_client(a: argparse.Namespace) -> int:
         text = f"signalled {a.restore_id} (pid {out['pid']})"
     else:  # pragma: no cover - argparse refuses unknown commands
         raise SystemExit(2)
-    print(json.dumps(out, indent=2) if a.json and not isinstance(out, str) else text)
+    # An archive written to stdout keeps it: the summary goes to stderr.
+    to = sys.stderr if a.cmd == "export" and a.output == "-" else sys.stdout
+    print(json.dumps(out, indent=2) if a.json and not isinstance(out, str) else text, file=to)
     return 0
 
 

@@ -13,6 +13,7 @@ import http.client
 import io
 import os
 import socket
+import subprocess
 import tarfile
 import threading
 import time
@@ -222,4 +223,49 @@ def test_export_shows_as_an_operation_and_can_be_cancelled(
     finally:
         conn.close()
     wait_for(lambda: _running(a, "export") is None, 20, what="the export to end")
+    a.client.delete(ck["id"])
+
+
+def test_cli_export_import_and_ls(pair: tuple[Daemon, Daemon], procs: Procs, tmp_path) -> None:
+    """criud export -o FILE / -o -, criud import FILE --name, criud ls's origin column."""
+    a, b = pair
+    ck, _, _ = _checkpoint_counter(a, procs, "cli")
+    path = tmp_path / "cli.tar.gz"
+    out = subprocess.run(
+        a.cli("export", "cli", "-o", str(path), "--compression", "gzip"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"exported cli to {path}" in out.stdout
+    assert path.read_bytes()[:2] == b"\x1f\x8b"
+    # Never overwrites a file.
+    again = subprocess.run(
+        a.cli("export", "cli", "-o", str(path)), capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode != 0
+    # To stdout: the archive alone on stdout, the summary on stderr.
+    piped = subprocess.run(a.cli("export", "cli", "-o", "-"), capture_output=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout[:4] == b"\x28\xb5\x2f\xfd"
+    assert b"exported cli" in piped.stderr
+
+    imp = subprocess.run(
+        b.cli("import", str(path), "--name", "from-a"), capture_output=True, text=True, timeout=120
+    )
+    assert imp.returncode == 0, imp.stderr
+    assert "as checkpoint" in imp.stdout and "(from-a)" in imp.stdout
+    from_stdin = subprocess.run(
+        b.cli("import", "-", "--name", "from-stdin"),
+        input=piped.stdout,
+        capture_output=True,
+        timeout=120,
+    )
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    ls = subprocess.run(b.cli("ls"), capture_output=True, text=True, timeout=60).stdout
+    (line,) = [ln for ln in ls.splitlines() if " from-a " in ln]
+    assert line.split()[-1] == "import:criud"
+    assert ls.splitlines()[0].split()[-1] == "ORIGIN"
+    for n in ("from-a", "from-stdin"):
+        b.client.delete(n)
     a.client.delete(ck["id"])
