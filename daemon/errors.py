@@ -463,6 +463,22 @@ class InvalidBundle(CriudError):
     title = "Unusable OCI bundle"
 
 
+class PodmanArchiveInvalid(CriudError):
+    """A Podman export whose spec.dump, config.dump or descriptors.json is malformed."""
+
+    status = 400
+    code = "podman_archive_invalid"
+    title = "The Podman checkpoint archive is malformed"
+
+
+class RootfsDiffUnsafe(CriudError):
+    """A rootfs-diff.tar member that leaves the rootfs, or a device node or fifo."""
+
+    status = 422
+    code = "rootfs_diff_unsafe"
+    title = "The checkpoint's rootfs-diff.tar cannot be applied safely"
+
+
 class StoreUnusable(CriudError):
     """The database cannot be used: not a database, or of a newer schema."""
 

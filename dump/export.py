@@ -29,7 +29,9 @@ from criud.daemon.archive import Member
 from criud.daemon.errors import CheckpointNotReady
 from criud.daemon.operations import Progress
 from criud.daemon.store import CheckpointRecord
+from criud.dump import oci_archive
 from criud.dump.argv import DUMP_LOG
+from criud.dump.manifest import Manifest
 
 log = logging.getLogger("criud.export")
 
@@ -133,6 +135,10 @@ def prepare(path: Path, rec: CheckpointRecord, compression: str, meta: dict[str,
             run_as = (rec.manifest or {}).get("run_as") or [0]
             imgdir.seal(dirfd, int(run_as[0]))
         members = [*list_images(dirfd), _bytes_member(MANIFEST_NAME, manifest_json(rec, meta))]
+        manifest = Manifest.from_json(rec.manifest)
+        if manifest.oci is not None:
+            # spec.dump, config.dump, descriptors.json: Podman's and checkpointctl's.
+            members += oci_archive.oci_members(rec, manifest, dirfd)
         archive.check_members(members)
         name = rec.name or rec.id
         return Prepared(

@@ -36,7 +36,7 @@ from criud.daemon.errors import (
 )
 from criud.daemon.store import CheckpointRecord, CheckpointState, Store
 from criud.dump import fds as fdinfo
-from criud.dump import images, oci
+from criud.dump import images, oci, oci_archive
 from criud.dump import manifest as mf
 from criud.dump.argv import DUMP_LOG, dump_argv
 from criud.dump.options import DumpOptions
@@ -291,8 +291,12 @@ class _Dump:
 def oci_probe(bundle: str, pid: int) -> dict[str, Any]:
     """Read an OCI bundle and check pid is its container's init; return the record."""
     try:
-        spec = oci.load_spec(bundle)
-        return oci.to_record(spec, oci.probe(spec, pid))
+        spec, doc = oci.load_spec_doc(bundle)
+        record = oci.to_record(spec, oci.probe(spec, pid))
+        # Kept for an export's spec.dump (criud.dump.oci_archive): the
+        # bundle's config.json as it was at dump time.
+        record[oci_archive.SPEC_KEY] = doc
+        return record
     except oci.OciError as e:
         e.extra.setdefault("bundle", bundle)
         raise

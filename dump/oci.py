@@ -308,6 +308,11 @@ def load_spec(bundle: str) -> OciSpec:
     The rootfs path is resolved (symlinks included), because that is the path
     the container's mount table shows and criu compares against.
     """
+    return load_spec_doc(bundle)[0]
+
+
+def load_spec_doc(bundle: str) -> tuple[OciSpec, dict[str, Any]]:
+    """load_spec, and config.json as decoded (an archive's spec.dump is that document)."""
     if not isinstance(bundle, str) or not bundle.startswith("/"):
         raise OciError(f"the bundle path must be absolute, not {bundle!r}")
     try:
@@ -327,6 +332,7 @@ def load_spec(bundle: str) -> OciSpec:
     except OSError as e:
         raise OciError(f"{config}: {e.strerror}") from None
     spec = parse_config(data, bundle)
+    doc = json.loads(data)  # parse_config has decoded it once already: it is valid
     try:
         st = os.stat(spec.rootfs)
     except FileNotFoundError:
@@ -335,7 +341,7 @@ def load_spec(bundle: str) -> OciSpec:
         raise OciError(f"rootfs {spec.rootfs}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise OciError(f"rootfs {spec.rootfs} (root.path) is not a directory")
-    return dataclasses.replace(spec, rootfs=os.path.realpath(spec.rootfs))
+    return dataclasses.replace(spec, rootfs=os.path.realpath(spec.rootfs)), doc
 
 
 # -- what the running container says ------------------------------------------------

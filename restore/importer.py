@@ -59,6 +59,7 @@ from criud.dump.export import FORMAT, IMAGES_PREFIX, MANIFEST_NAME, STATS
 from criud.dump.job import TMP_PREFIX
 from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
+from criud.restore import oci_archive
 
 log = logging.getLogger("criud.import")
 
@@ -279,7 +280,7 @@ async def _import_into(
         stats=stats,
         manifest=manifest.to_json(),
         external_keys=list(manifest.external),
-        origin="import:criud",
+        origin=("import:criud" if layout_of(got.files) == "criud" else oci_archive.ORIGIN_PODMAN),
     )
 
 
@@ -307,10 +308,8 @@ def _criud_doc(stage_fd: int, files: list[Extracted]) -> dict[str, Any]:
     """criud.json, parsed, after the members were checked against criud.sha256."""
     have = {f.name for f in files}
     if layout_of(files) == "podman":
-        # The OCI side (restore/oci_archive.from_podman) reads these.
-        raise ArchiveLayoutUnknown(
-            "a Podman/CRI-O checkpoint export: this daemon imports criud's own archives only"
-        )
+        # A Podman export: criud.restore.oci_archive reads it (hostile input).
+        return oci_archive.podman_doc(stage_fd, FORMAT)
     if archive.SUMS_NAME not in have:
         raise ArchiveInvalid(f"criud's archive has no {archive.SUMS_NAME}")
     if not any(n.startswith(IMAGES_PREFIX) for n in have):

@@ -53,7 +53,7 @@ from criud.daemon.store import CheckpointRecord, RestoreRecord, RestoreState, St
 from criud.dump import images
 from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
-from criud.restore import mappings, stdio
+from criud.restore import mappings, oci_archive, stdio
 from criud.restore import oci as restore_oci
 from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
 from criud.restore.paths import Creds, PathOpener, PathRequest
@@ -129,7 +129,8 @@ async def run(rt: RestoreRuntime, spec: RestoreSpec, caller: Caller) -> RestoreR
             check_fd_types(fds.inherited, manifest)
             oci_args: tuple[str, ...] = ()
             if manifest.oci is not None:
-                oci_args = await _prepare_oci(manifest, spec, cgroup, fds)
+                images_dir = rt.settings.checkpoints_dir / ckpt.id
+                oci_args = await _prepare_oci(manifest, spec, cgroup, fds, images_dir)
                 # The bundle's cgroup comes with its args; no criud placement.
                 cgroup = None
             job = _Job(rt, ckpt, manifest, caller, fds)
@@ -239,11 +240,14 @@ def check_fd_types(inherit: Sequence[tuple[int, str]], manifest: Manifest) -> No
 
 
 async def _prepare_oci(
-    manifest: Manifest, spec: RestoreSpec, cgroup: str | None, fds: FdMap
+    manifest: Manifest, spec: RestoreSpec, cgroup: str | None, fds: FdMap, images_dir: Path
 ) -> tuple[str, ...]:
     """Fit the checkpoint into its bundle; hand in the namespaces it joins; its criu args."""
     saved = manifest.oci
     assert saved is not None
+    if oci_archive.is_imported(saved):
+        # A Podman export: its rootfs changes go over the new bundle's rootfs.
+        await asyncio.to_thread(oci_archive.prepare_bundle, spec.oci_bundle, images_dir)
     bundle = spec.oci_bundle or str(saved["bundle"])
     # A terminal container's /dev/console binds the new pty slave handed in.
     console = restore_oci.console_source(fds.inherited, manifest.external_tty_keys())
