@@ -222,6 +222,13 @@ def _add_serve(sub: Subparsers) -> None:
         help="json: one JSON object a line, with the operation's id (env CRIUD_LOG_FORMAT)",
     )
     s.add_argument(
+        "--observability",
+        default=_env("OBSERVABILITY", "on"),
+        choices=["on", "off"],
+        help="off: operations publish no events and update no metrics, for measuring "
+        "what they cost (env CRIUD_OBSERVABILITY; default %(default)s)",
+    )
+    s.add_argument(
         "--listen",
         default=_env("LISTEN", None),
         metavar="tcp://HOST:PORT",
@@ -333,6 +340,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         criu=a.criu,
         log_level=a.log_level,
         log_format=a.log_format,
+        observability=a.observability == "on",
         socket_group=a.socket_group,
         listen=a.listen,
         token_file=Path(a.token_file) if a.token_file else None,

@@ -31,6 +31,7 @@ import orjson
 
 # What an event is (the SSE `event:` field, and "event" in its data).
 OPERATION_STARTED = "operation.started"
+OPERATION_PROGRESS = "operation.progress"
 OPERATION_DONE = "operation.done"
 OPERATION_FAILED = "operation.failed"
 RESTORE_EXITED = "restore.exited"
