@@ -94,7 +94,7 @@ def render(
         TextColumn("{task.description}"),
         TextColumn("[bold]{task.fields[phase]:<10}"),
         BarColumn(),
-        DownloadColumn(binary_units=True),
+        DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )

@@ -93,7 +93,7 @@ def test_checkpoint_draws_a_bar_on_a_terminal(daemon: Daemon, procs: Procs, tmp_
     plain = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", out)
     assert f"checkpoint pid {p.pid}".encode() in plain
     assert b"dumping" in plain, plain[-2000:]
-    assert re.search(rb"\d+(\.\d+)?/\d+(\.\d+)? [MG]iB", plain), plain[-2000:]
+    assert re.search(rb"\d+(\.\d+)?/\d+(\.\d+)? [MG]B", plain), plain[-2000:]
     m = RESULT_RE.search(plain)
     assert m and int(m.group(2)) == p.pid, plain[-2000:]
     p.wait(timeout=10)
