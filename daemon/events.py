@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,6 +42,8 @@ LAGGED = "lagged"
 
 RING = 1024
 QUEUE = 256
+# The most events one write to a reader carries.
+BATCH = 64
 # A comment line sent when nothing happened for this long: proxies keep the
 # stream open, and a client that went away is noticed.
 KEEPALIVE_S = 15.0
@@ -57,7 +60,15 @@ class Event:
     data: dict[str, Any]
 
     def sse(self) -> bytes:
-        """The event as one Server-Sent Events message (id 0: no `id:` line)."""
+        """The event as one Server-Sent Events message (id 0: no `id:` line).
+
+        Encoded once, by the first reader that sends it: every other reader
+        of the same event sends the same bytes.
+        """
+        return self._encoded
+
+    @functools.cached_property
+    def _encoded(self) -> bytes:
         body = {**self.data, "id": self.id, "event": self.event, "time": self.time}
         if self.owner_uid is not None:
             body["owner_uid"] = self.owner_uid
@@ -106,6 +117,15 @@ class Subscriber:
             if self.lagged_at is not None:
                 raise StopAsyncIteration
         return self._queue.popleft()
+
+    def ready(self, limit: int) -> list[Event]:
+        """Up to limit events that are there now, without waiting (none once lagged)."""
+        out: list[Event] = []
+        while len(out) < limit and self._backlog:
+            out.append(self._backlog.popleft())
+        while len(out) < limit and self._queue and self.lagged_at is None:
+            out.append(self._queue.popleft())
+        return out
 
     def __len__(self) -> int:
         return len(self._backlog) + len(self._queue)
@@ -159,7 +179,13 @@ class EventBus:
                     ev = await sub.next(keepalive)
                 except StopAsyncIteration:
                     break
-                yield b": keepalive\n\n" if ev is None else ev.sse()
+                if ev is None:
+                    yield b": keepalive\n\n"
+                    continue
+                # What else is queued goes in the same write: one send per
+                # burst, not per event, for each reader.
+                more = sub.ready(BATCH - 1)
+                yield b"".join([ev.sse(), *(e.sse() for e in more)])
             # No id: the client's Last-Event-ID stays the last event it got,
             # so reconnecting with it replays what it missed.
             lagged = Event(
