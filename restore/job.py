@@ -366,15 +366,17 @@ class _Job:
         mid-restore, and what it had forked stays, half restored or even
         running, holding the image's pids.  They are recognised as at start-up after a crash
         (criud.daemon.orphans: a recorded pid, started after criu, as one
-        of the recorded uids), killed through pidfds, and reaped by the
+        of the recorded uids, and a child of the daemon or of another
+        recorded pid), killed through pidfds, and reaped by the
         supervisor's sweep.  Only then: criu that failed on its own has
         killed its tasks already.
         """
         if self.spawned is None:
             return
         with contextlib.suppress(Exception):
+            # criu's orphans went to the daemon, its subreaper.
             killed, left = await asyncio.to_thread(
-                orphans.kill_leftovers, self.spawned, self.rt.settings.pid_wait_s
+                orphans.kill_leftovers, self.spawned, self.rt.settings.pid_wait_s, (os.getpid(),)
             )
             if killed:
                 log.warning(
