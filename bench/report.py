@@ -271,7 +271,9 @@ def markdown(r: dict[str, Any]) -> str:
             *(_row(k, _ms(v), _ms(v, "p90_ms")) for k, v in o["sides"].items()),
             "",
             f"Added: {o['added_median_ms']} ms (difference of medians), "
-            f"{o['paired_diff_median_ms']} ms (median of the paired differences).",
+            f"{o['paired_diff_median_ms']} ms (median of the paired differences). "
+            f"What they do for one cycle, timed in-process (two operations: four events "
+            f"published and encoded, the metrics): {o['in_process_us_per_cycle']} µs.",
             "",
             f"`GET /v1/version`, {sub['clients']} keep-alive clients x {sub['requests_each']} "
             f"requests per condition, the four conditions alternated: no SSE reader or {n}, "
