@@ -345,7 +345,8 @@ class CriudService:
         # This task's own context (and what it starts): its log lines carry
         # op's id, and its job's progress reports reach op.
         logfmt.current_operation.set(op.id)
-        operations.current.set(operations.Reporter(op, self._progressed if observe else None))
+        if observe:
+            operations.current.set(operations.Reporter(op, self._progressed))
         pub(events.OPERATION_STARTED, op.owner_uid, operation=op.id, kind=kind, target=op.target)
         if observe:
             self.metrics.started(kind)
@@ -356,7 +357,8 @@ class CriudService:
         try:
             result = await job()
             ended, state, fields = events.OPERATION_DONE, OpState.DONE, summary(result)
-            op.progress.phase = "done"
+            if observe:
+                op.progress.phase = "done"
             if observe:
                 self._account(op, result)
             return result

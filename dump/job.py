@@ -142,12 +142,13 @@ class _Dump:
         """Record, dump, seal and rename; the record says how it ended."""
         pid, rt = self.spec.pid, self.rt
         operations.report(phase="inspecting")
+        watched = operations.current.get() is not None
         try:
-            tasks = await asyncio.to_thread(fdinfo.read_tree, pid)
+            # The estimate in the same thread hop, and only for an operation.
+            tasks, estimate = await asyncio.to_thread(_read_tree, pid, watched)
         except (ProcessLookupError, FileNotFoundError):
             raise ProcessNotFound(f"pid {pid} exited", pid=pid) from None
-        if operations.current.get() is not None:
-            operations.report(**await asyncio.to_thread(_estimate, tasks))
+        operations.report(**estimate)
         # Read again after the tree walk (a task may have forked since), and
         # before the record: a refusal leaves nothing behind.
         ids, run_as = await tree_creds(rt.criu, pid, self.caller)
@@ -300,6 +301,12 @@ class _Dump:
             external_ns=tuple((n.type, n.ino, n.key) for n in m.ext_namespaces),
             extra=oci_extra,
         )
+
+
+def _read_tree(pid: int, estimate: bool) -> tuple[list[fdinfo.TaskInfo], dict[str, int]]:
+    """The tree's tasks and fds; with estimate, also its expected bytes and pages."""
+    tasks = fdinfo.read_tree(pid)
+    return tasks, _estimate(tasks) if estimate else {}
 
 
 def _estimate(tasks: list[fdinfo.TaskInfo]) -> dict[str, int]:

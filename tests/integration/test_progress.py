@@ -175,7 +175,8 @@ def test_a_cancelled_restore_leaves_no_task_behind(
 
 
 def test_observability_off_publishes_nothing(procs: Procs) -> None:
-    """--observability off: an operation publishes no event and counts in no metric."""
+    """--observability off: an operation publishes no event, counts in no metric, and
+    tracks no progress."""
     from tests.integration.helpers import temp_root
 
     with temp_root() as root:
@@ -183,7 +184,12 @@ def test_observability_off_publishes_nothing(procs: Procs) -> None:
         try:
             ev = SseReader(d.socket)
             p = procs.spawn(["sleep", "1000"])
-            ck = d.client.checkpoint(p.pid)
+            op = d.client.checkpoint(p.pid, wait=False)
+            done = d.client.wait_operation(op["id"], 60)
+            assert done["state"] == "done", done
+            # No progress tracked either: no phase, no figures.
+            assert done["phase"] is None and set(done["progress"].values()) == {None}
+            ck = done["result"]
             fams = scrape(d)
             assert value(fams, "criud_operations_total") == 0
             assert value(fams, "criud_checkpoint_bytes_written_total") == 0
