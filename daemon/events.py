@@ -44,6 +44,18 @@ RING = 1024
 QUEUE = 256
 # The most events one write to a reader carries.
 BATCH = 64
+# How long after a publish the readers are woken: events published
+# meanwhile share one write per reader.
+FLUSH_S = 0.005
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 # A comment line sent when nothing happened for this long: proxies keep the
 # stream open, and a client that went away is noticed.
 KEEPALIVE_S = 15.0
@@ -91,16 +103,25 @@ class Subscriber:
     def sees(self, ev: Event) -> bool:
         return self.uid is None or ev.owner_uid == self.uid
 
-    def offer(self, ev: Event) -> bool:
-        """Queue ev; False (and lagged) if the queue is full."""
+    def offer(self, ev: Event, wake: bool = True) -> bool:
+        """Queue ev (wake: and wake the reader now); False (and lagged) if the queue is full.
+
+        A lagged reader is always woken at once: its stream ends there.
+        """
         if len(self._queue) >= self._size:
             self.lagged_at = ev.id
             self._queue.clear()
             self._wake.set()
             return False
         self._queue.append(ev)
-        self._wake.set()
+        if wake:
+            self._wake.set()
         return True
+
+    def wake(self) -> None:
+        """Let the reader send what is queued."""
+        if self._queue:
+            self._wake.set()
 
     async def next(self, timeout: float) -> Event | None:
         """The next event; None after timeout s of nothing; StopAsyncIteration once lagged."""
@@ -139,22 +160,40 @@ class EventBus:
         self._queue = queue
         self._next = 1
         self.subscribers: set[Subscriber] = set()
+        # The pending wake-up of the readers (publish).
+        self._flush: asyncio.TimerHandle | None = None
 
     @property
     def last_id(self) -> int:
         return self._next - 1
 
     def publish(self, event: str, owner_uid: int | None, /, **data: Any) -> Event:
-        """Record an event and hand it to every subscriber that may see it; never blocks."""
+        """Record an event and hand it to every subscriber that may see it; never blocks.
+
+        Readers are woken by one flush FLUSH_S later, not here: what is
+        published meanwhile goes out in the same write to each, and the
+        writes never come before the answer of the request that caused the
+        event (the event loop runs callbacks in order, and a reader woken
+        now would write first).  Without a running loop (tests) they are
+        woken at once.
+        """
         ev = Event(self._next, event, owner_uid, time.time(), data)
         self._next += 1
         self._ring.append(ev)
+        loop = _running_loop()
         for sub in [s for s in self.subscribers if s.sees(ev)]:
-            if not sub.offer(ev):
+            if not sub.offer(ev, wake=loop is None):
                 # Dropped here, not when its reader notices: a reader that
                 # never reads again must not keep the subscription alive.
                 self.subscribers.discard(sub)
+        if loop is not None and self._flush is None and self.subscribers:
+            self._flush = loop.call_later(FLUSH_S, self._wake_all)
         return ev
+
+    def _wake_all(self) -> None:
+        self._flush = None
+        for sub in self.subscribers:
+            sub.wake()
 
     def subscribe(self, uid: int | None, since: int | None = None) -> Subscriber:
         """A new subscriber for uid (None: everything), replayed the ring's events after since."""
