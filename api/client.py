@@ -35,6 +35,8 @@ ProgressFn = Callable[[int, int | None], None]
 # `wait_operation` polls at first often (most operations are short), then
 # backs off to this at most.
 WAIT_POLL_MAX_S = 1.0
+# The query a POST adds for wait=False (the default, True, adds none).
+_NO_WAIT = {True: "", False: "?wait=false"}
 
 
 class HasFileno(Protocol):
@@ -152,12 +154,17 @@ class Client:
     def version(self) -> dict[str, Any]:
         return dict(self.request("GET", "/v1/version")[1])
 
-    def checkpoint(self, pid: int, name: str | None = None, **options: Any) -> dict[str, Any]:
-        """Checkpoint the tree of pid; options as in POST /v1/checkpoints."""
+    def checkpoint(
+        self, pid: int, name: str | None = None, wait: bool = True, **options: Any
+    ) -> dict[str, Any]:
+        """Checkpoint the tree of pid; options as in POST /v1/checkpoints.
+
+        wait=False: start it and return the operation (?wait=false) to follow.
+        """
         body = {"pid": pid, **options}
         if name is not None:
             body["name"] = name
-        return dict(self.request("POST", "/v1/checkpoints", body)[1])
+        return dict(self.request("POST", "/v1/checkpoints" + _NO_WAIT[wait], body)[1])
 
     def preflight(self, pid: int, **options: Any) -> dict[str, Any]:
         """What would block a checkpoint of pid (options as for checkpoint, plus pre_dump)."""
@@ -203,9 +210,10 @@ class Client:
         paths: Mapping[str, tuple[str, str]] | None = None,
         inherit_fds: Sequence[dict[str, Any]] = (),
         stdio: Sequence[FdLike] | None = None,
+        wait: bool = True,
         **fields: Any,
     ) -> dict[str, Any]:
-        """Restore checkpoint, replacing external resources.
+        """Restore checkpoint, replacing external resources (wait=False: return the operation).
 
         fds maps a key or a (pid, fd) pair to a fresh fd; they are sent over
         the fd socket first.  stdio, three fds, replaces the root task's
@@ -230,7 +238,7 @@ class Client:
         if stdio is not None:
             fields["stdio"] = {"handle": self.send_fds(list(stdio))["handle"]}
         body = {"checkpoint": checkpoint, "inherit_fds": mappings, **fields}
-        return dict(self.request("POST", "/v1/restores", body)[1])
+        return dict(self.request("POST", "/v1/restores" + _NO_WAIT[wait], body)[1])
 
     def restores(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/v1/restores")[1])
@@ -287,7 +295,7 @@ class Client:
                 elif time.monotonic() - polled >= PROGRESS_POLL_S:
                     polled = time.monotonic()
                     p = self.operation(op_id).get("progress") or {}
-                    progress(int(p.get("bytes") or 0), p.get("total_bytes"))
+                    progress(int(p.get("bytes_done") or 0), p.get("bytes_total"))
             if total is not None and done != total:
                 raise http.client.IncompleteRead(b"", total - done)
             return done
@@ -342,6 +350,11 @@ class Client:
 
     def operation(self, op_id: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/v1/operations/{urllib.parse.quote(op_id, safe='')}")[1])
+
+    def cancel_operation(self, op_id: str) -> dict[str, Any]:
+        """DELETE the operation: cancel it; the operation once it has unwound."""
+        path = f"/v1/operations/{urllib.parse.quote(op_id, safe='')}"
+        return dict(self.request("DELETE", path)[1])
 
     def wait_operation(self, op_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Poll the operation until it has ended; TimeoutError past timeout seconds."""

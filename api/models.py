@@ -254,6 +254,23 @@ class Problem(BaseModel):
     code: str
 
 
+class OperationProgress(BaseModel):
+    """What was observed of an operation's work; null where nothing could be."""
+
+    bytes_done: int | None = Field(
+        None, description="Bytes of images written so far (a dump's images dir, as it grows)"
+    )
+    bytes_total: int | None = Field(
+        None,
+        description="Expected bytes: a dump's estimate from the tree's memory, a restore's "
+        "checkpoint size",
+    )
+    pages_done: int | None = Field(None, description="Pages written so far (pages-*.img)")
+    pages_total: int | None = Field(
+        None, description="Expected pages: the tree's private and shared resident memory"
+    )
+
+
 class Operation(BaseModel):
     """A checkpoint or restore: running, or how it ended."""
 
@@ -266,13 +283,15 @@ class Operation(BaseModel):
     )
     created_at: float
     finished_at: float | None
+    phase: str | None = Field(
+        None,
+        description="Where it is: inspecting, dumping, writing (checkpoint); preparing, "
+        "restoring (restore); done",
+    )
+    progress: OperationProgress | None = None
     result: dict[str, Any] | None = Field(
         description="Once done: the checkpoint or the restore, as their own GET gives them"
     )
     problem: dict[str, Any] | None = Field(
         description="Once failed or cancelled: the problem the synchronous call would have answered"
-    )
-    progress: dict[str, int | None] | None = Field(
-        default=None,
-        description="Exports and imports: {bytes, total_bytes} so far (total null: unknown)",
     )

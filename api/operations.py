@@ -47,13 +47,10 @@ def to_model(op: Op) -> Operation:
             "target": op.target,
             "created_at": op.created_at,
             "finished_at": op.finished_at,
+            "phase": op.progress.phase,
+            "progress": op.progress.as_dict(),
             "result": result,
             "problem": problem,
-            "progress": (
-                {"bytes": op.progress.done, "total_bytes": op.progress.total}
-                if op.progress is not None
-                else None
-            ),
         }
     )
 

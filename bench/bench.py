@@ -13,6 +13,8 @@ paths) and real criu, as root.  Sections:
   api            GET /v1/checkpoints with 1,000 records, 50 keep-alive clients
   fd             fd hand-off: fds sent -> first byte from the restored tree
   introspection  a tree of 200 processes x 50 fds: GET /v1/processes/{pid}
+  observability  events + metrics on vs off (interleaved small cycles); GET /v1/version
+                 p99 with 0 vs 100 SSE subscribers
 
 "Raw criu" runs the criu CLI with the argv criud builds (criud.dump.argv,
 criud.restore.argv), with images on the same filesystem as the daemon's
@@ -73,7 +75,16 @@ REPO = HERE.parent
 TMPFS_BASE = Path("/dev/shm")
 DISK_BASE = Path("/var/tmp")
 CODE_DIRS = ("daemon", "api", "dump", "restore")
-SECTIONS = ("small", "memory", "concurrency", "api", "fd", "introspection", "archive")
+SECTIONS = (
+    "small",
+    "memory",
+    "concurrency",
+    "api",
+    "fd",
+    "introspection",
+    "archive",
+    "observability",
+)
 
 # Full and quick sizes of every section.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -95,6 +106,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "tree_reps": 20,
         "archive_mib": 1024,
         "archive_reps": 5,
+        "obs_rounds": 40,
+        "obs_subscribers": 100,
+        "obs_clients": 10,
+        "obs_requests": 300,
+        "obs_alternations": 4,
     },
     "quick": {
         "small_rounds": 10,
@@ -114,6 +130,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "tree_reps": 7,
         "archive_mib": 256,
         "archive_reps": 2,
+        "obs_rounds": 12,
+        "obs_subscribers": 100,
+        "obs_clients": 10,
+        "obs_requests": 100,
+        "obs_alternations": 2,
     },
 }
 
@@ -311,9 +332,11 @@ def warm_memory(gib: int) -> float:
 class Daemon(TestDaemon):
     """The tests' daemon (tests.integration.helpers), quieter and with patience for big runs."""
 
-    def __init__(self, root: Path, criu: str, state_dir: Path | None = None) -> None:
+    def __init__(
+        self, root: Path, criu: str, state_dir: Path | None = None, args: Sequence[str] = ()
+    ) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        super().__init__(root, criu, args=["--log-level", "warning"])
+        super().__init__(root, criu, args=["--log-level", "warning", *args])
         if state_dir is not None:
             self.state_dir = state_dir
 
@@ -337,8 +360,10 @@ class Daemon(TestDaemon):
 
 
 @contextlib.contextmanager
-def running_daemon(root: Path, criu: str, state_dir: Path | None = None) -> Iterator[Daemon]:
-    d = Daemon(root, criu, state_dir)
+def running_daemon(
+    root: Path, criu: str, state_dir: Path | None = None, args: Sequence[str] = ()
+) -> Iterator[Daemon]:
+    d = Daemon(root, criu, state_dir, args)
     d.start()
     try:
         yield d
@@ -700,7 +725,7 @@ def bench_api(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str,
         assert status == 200 and len(body) == n, (status, len(body))
         out["response_bytes"] = len(json.dumps(body))
         # Unloaded latency: one keep-alive client, one request at a time.
-        conn = KeepAliveUnix(str(d.sock))
+        conn = KeepAliveUnix(str(d.socket))
         single: list[float] = []
         for _ in range(20):
             t = time.perf_counter()
@@ -718,7 +743,7 @@ def bench_api(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str,
         deadline: list[float] = [0.0]
 
         def client(i: int) -> None:
-            cn = KeepAliveUnix(str(d.sock), timeout=120)
+            cn = KeepAliveUnix(str(d.socket), timeout=120)
             cn.connect()
             barrier.wait()
             try:
@@ -764,6 +789,197 @@ def bench_api(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str,
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return out
+
+
+# -- 7. events and metrics ------------------------------------------------------
+
+
+def _small_cycle(c: Client) -> float:
+    """One checkpoint + restore of a sleep through criud (warm cache); seconds."""
+    pid = spawn_sleep()
+    t0 = time.perf_counter()
+    ck = c.checkpoint(pid)
+    td = time.perf_counter() - t0
+    reap_dumped(pid)
+    t0 = time.perf_counter()
+    r = c.restore(ck["id"])
+    tr = time.perf_counter() - t0
+    TRACK.add(int(r["pid"]))
+    criud_restore_kill(c, r)
+    c.delete(ck["id"])
+    return td + tr
+
+
+class SseSubscribers:
+    """n raw readers of /v1/events on one thread that reads and drops what they get."""
+
+    def __init__(self, sock: Path, n: int) -> None:
+        import selectors
+
+        self.sel = selectors.DefaultSelector()
+        self.socks: list[socket.socket] = []
+        self.received = 0
+        for _ in range(n):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            s.connect(str(sock))
+            s.sendall(b"GET /v1/events HTTP/1.0\r\nHost: criud\r\n\r\n")
+            s.setblocking(False)
+            self.sel.register(s, selectors.EVENT_READ)
+            self.socks.append(s)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while not self.stop.is_set():
+            for key, _ in self.sel.select(0.1):
+                with contextlib.suppress(BlockingIOError):
+                    self.received += len(key.fileobj.recv(65536))  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for s in self.socks:
+            self.sel.unregister(s)
+            s.close()
+
+
+def _version_load(sock: Path, clients: int, per: int) -> list[float]:
+    """clients keep-alive threads, per GET /v1/version each; every latency, seconds."""
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    barrier = threading.Barrier(clients)
+
+    def client(i: int) -> None:
+        cn = KeepAliveUnix(str(sock), timeout=60)
+        cn.connect()
+        barrier.wait()
+        try:
+            for _ in range(per):
+                t = time.perf_counter()
+                cn.request("GET", "/v1/version")
+                r = cn.getresponse()
+                r.read()
+                lat[i].append(time.perf_counter() - t)
+        finally:
+            cn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [x for v in lat for x in v]
+
+
+def _event_source(c: Client, stop: threading.Event) -> None:
+    """Two events (started, failed) every 50 ms: a restore of no checkpoint, no criu run."""
+    while not stop.wait(0.05):
+        with contextlib.suppress(CriudClientError):
+            c.restore("bench-no-such-checkpoint")
+
+
+def _in_process_us(n: int = 5000) -> float:
+    """What events and metrics do for one checkpoint + restore, run in this process; µs.
+
+    Per operation: two events published to one reader's queue and encoded
+    for it, the in-flight gauge up and down, the counter and histogram, the
+    bytes (and a dump's frozen time).  The socket write to the reader is
+    not in it: the interleaved cycles above include it.
+    """
+    from criud.daemon.events import EventBus
+    from criud.daemon.metrics import Metrics
+
+    bus, metrics = EventBus(), Metrics({})
+    sub = bus.subscribe(None)
+    stats = {"frozen_time_us": 4200, "pages_written": 30}
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for kind in ("checkpoint", "restore"):
+            bus.publish("operation.started", 0, operation="x" * 24, kind=kind, target={"pid": 1})
+            metrics.started(kind)
+            metrics.ended(kind, None, 0.02)
+            if kind == "checkpoint":
+                metrics.checkpointed(180_000, stats)
+            else:
+                metrics.restored(180_000)
+            bus.publish("operation.done", 0, operation="x" * 24, kind=kind, duration_s=0.02)
+        for ev in sub.ready(8):
+            ev.sse()
+    return round((time.perf_counter() - t0) / n * 1e6, 1)
+
+
+def bench_observability(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Events and metrics on vs off (interleaved cycles); API p99 with 0 vs n SSE readers."""
+    root = Path(tempfile.mkdtemp(prefix="obs-", dir=base))
+    out: dict[str, Any] = {"rounds": cfg["obs_rounds"]}
+    try:
+        with (
+            running_daemon(root / "on", env["criu"]) as on,
+            running_daemon(root / "off", env["criu"], args=["--observability", "off"]) as off,
+        ):
+            # The on side as it runs in earnest: someone follows its events.
+            watch = SseSubscribers(on.socket, 1)
+            sides = {"on": on.new_client(), "off": off.new_client()}
+            for c in sides.values():
+                _small_cycle(c)  # warm both
+            rows: dict[str, list[float]] = {"on": [], "off": []}
+            for i in range(cfg["obs_rounds"]):
+                for side in ("on", "off") if i % 2 == 0 else ("off", "on"):
+                    rows[side].append(_small_cycle(sides[side]))
+            watch.close()
+        out["sides"] = {k: summary_ms(v) for k, v in rows.items()}
+        pairs = [a - b for a, b in zip(rows["on"], rows["off"], strict=True)]
+        out["added_median_ms"] = round(
+            out["sides"]["on"]["median_ms"] - out["sides"]["off"]["median_ms"], 3
+        )
+        out["paired_diff_median_ms"] = round(statistics.median(pairs) * 1000, 3)
+        out["in_process_us_per_cycle"] = _in_process_us()
+        out["subscribers"] = _bench_subscribers(cfg, env, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def _bench_subscribers(cfg: dict[str, Any], env: dict[str, Any], root: Path) -> dict[str, Any]:
+    """GET /v1/version under load: 0 vs n SSE readers, with no events and with a steady flow.
+
+    The four conditions alternate, so the machine's drift falls on all of
+    them alike.  The flow: a restore of no checkpoint every 50 ms (two
+    events each, started and failed; no criu runs), from a thread that
+    runs in the with-events conditions only.
+    """
+    n, nc, per = cfg["obs_subscribers"], cfg["obs_clients"], cfg["obs_requests"]
+    conds = [(0, False), (n, False), (0, True), (n, True)]
+    lat: dict[tuple[int, bool], list[float]] = {k: [] for k in conds}
+    received = 0
+    with running_daemon(root / "sse", env["criu"]) as d:
+        _version_load(d.socket, nc, 20)  # warm
+        for _ in range(cfg["obs_alternations"]):
+            for readers, flowing in conds:
+                stop = threading.Event()
+                src = threading.Thread(target=_event_source, args=(d.new_client(), stop))
+                if flowing:
+                    src.start()
+                subs = SseSubscribers(d.socket, readers) if readers else None
+                time.sleep(0.3)
+                lat[(readers, flowing)] += _version_load(d.socket, nc, per)
+                stop.set()
+                if flowing:
+                    src.join(5)
+                if subs is not None:
+                    received += subs.received
+                    subs.close()
+    res: dict[str, Any] = {"subscribers": n, "clients": nc, "requests_each": per}
+    for (readers, flowing), v in lat.items():
+        res[f"{readers}{'_events' if flowing else ''}"] = {
+            "requests": len(v),
+            "p50_ms": round(pct(v, 0.5) * 1000, 2),
+            "p99_ms": round(pct(v, 0.99) * 1000, 2),
+        }
+    res["p99_ratio_idle"] = round(res[str(n)]["p99_ms"] / res["0"]["p99_ms"], 3)
+    res["p99_ratio_events"] = round(res[f"{n}_events"]["p99_ms"] / res["0_events"]["p99_ms"], 3)
+    res["sse_bytes_received"] = received
+    return res
 
 
 # -- 5. fd hand-off latency ------------------------------------------------------
@@ -911,7 +1127,7 @@ def bench_introspection(cfg: dict[str, Any], env: dict[str, Any], base: Path) ->
                 decode: list[float] = []
                 size = 0
                 for _ in range(cfg["tree_reps"]):
-                    conn = KeepAliveUnix(str(d.sock), timeout=120)
+                    conn = KeepAliveUnix(str(d.socket), timeout=120)
                     try:
                         t = time.perf_counter()
                         conn.request("GET", path)
@@ -1105,6 +1321,7 @@ def main() -> int:
         "fd": bench_fd,
         "introspection": bench_introspection,
         "archive": archive_bench.bench_archive,
+        "observability": bench_observability,
     }
     try:
         for name in only:

@@ -71,6 +71,19 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(_t(name, v, "<= 20", v <= 20, "ms"))
         v = a["rss_idle_mib"]
         out.append(_t("api: daemon idle RSS", v, "<= 60", v <= 60, "MiB"))
+    o = r.get("observability")
+    if o:
+        v = o["paired_diff_median_ms"]
+        name = "observability: events + metrics add to a small cycle, median of paired diffs"
+        out.append(_t(name, v, "<= 1", v <= 1, "ms"))
+        sub = o["subscribers"]
+        for key, what in (("idle", "no events"), ("events", "40 events/s")):
+            v = sub[f"p99_ratio_{key}"]
+            name = (
+                f"observability: GET /v1/version p99, {sub['subscribers']} SSE readers / none "
+                f"({what})"
+            )
+            out.append(_t(name, v, "<= 1.2", v <= 1.2, "x"))
     i = r.get("introspection")
     if i:
         v = i["headline_ms"]
@@ -255,6 +268,40 @@ def markdown(r: dict[str, Any]) -> str:
         import archive_bench
 
         out += archive_bench.markdown(a)
+    o = r.get("observability")
+    if o:
+        sub = o["subscribers"]
+        n = str(sub["subscribers"])
+        out += [
+            f"**8. Events and metrics**: {o['rounds']} interleaved pairs of a small checkpoint + "
+            "restore, one daemon with them on (one SSE reader attached) and one with "
+            "`--observability off`; ms.",
+            "",
+            *_head("side", "median", "p90"),
+            *(_row(k, _ms(v), _ms(v, "p90_ms")) for k, v in o["sides"].items()),
+            "",
+            f"Added: {o['added_median_ms']} ms (difference of medians), "
+            f"{o['paired_diff_median_ms']} ms (median of the paired differences). "
+            f"What they do for one cycle, timed in-process (two operations: four events "
+            f"published and encoded, the metrics): {o['in_process_us_per_cycle']} µs.",
+            "",
+            f"`GET /v1/version`, {sub['clients']} keep-alive clients x {sub['requests_each']} "
+            f"requests per condition, the four conditions alternated: no SSE reader or {n}, "
+            "with no events or with a failing restore publishing two events every 50 ms:",
+            "",
+            *_head("SSE readers", "events", "requests", "p50 ms", "p99 ms"),
+            *(
+                _row(
+                    k.split("_")[0],
+                    "40/s" if k.endswith("_events") else "none",
+                    sub[k]["requests"],
+                    sub[k]["p50_ms"],
+                    sub[k]["p99_ms"],
+                )
+                for k in ("0", n, "0_events", f"{n}_events")
+            ),
+            "",
+        ]
     return "\n".join(out)
 
 

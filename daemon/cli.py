@@ -8,6 +8,7 @@ import os
 import pwd
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -292,18 +293,7 @@ def _add_serve(sub: Subparsers) -> None:
         help="state dir (env CRIUD_STATE_DIR; default %(default)s)",
     )
     s.add_argument("--criu", default=_env("CRIU", "criu"), help="criu binary (env CRIUD_CRIU)")
-    s.add_argument(
-        "--log-level",
-        default=_env("LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="env CRIUD_LOG_LEVEL",
-    )
-    s.add_argument(
-        "--log-format",
-        default=_env("LOG_FORMAT", "text"),
-        choices=["text", "json"],
-        help="json: one JSON object a line, with the operation's id (env CRIUD_LOG_FORMAT)",
-    )
+    _add_serve_logging(s)
     s.add_argument(
         "--listen",
         default=_env("LISTEN", None),
@@ -338,6 +328,29 @@ def _add_serve(sub: Subparsers) -> None:
     )
 
 
+def _add_serve_logging(s: argparse.ArgumentParser) -> None:
+    """`serve`'s flags for what the daemon tells: logs, events and metrics."""
+    s.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="env CRIUD_LOG_LEVEL",
+    )
+    s.add_argument(
+        "--log-format",
+        default=_env("LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="json: one JSON object a line, with the operation's id (env CRIUD_LOG_FORMAT)",
+    )
+    s.add_argument(
+        "--observability",
+        default=_env("OBSERVABILITY", "on"),
+        choices=["on", "off"],
+        help="off: operations publish no events and update no metrics, for measuring "
+        "what they cost (env CRIUD_OBSERVABILITY; default %(default)s)",
+    )
+
+
 def _add_checkpoint(sub: Subparsers) -> None:
     c = sub.add_parser("checkpoint", help="checkpoint a process tree")
     c.add_argument("pid", type=int)
@@ -357,14 +370,31 @@ def _add_checkpoint(sub: Subparsers) -> None:
         action="store_true",
         help="freeze nothing: say what would block the checkpoint and what resolves it",
     )
+    _add_following(c)
     ip = sub.add_parser("inspect-pid", help="show a process tree and its fds as criu sees them")
     ip.add_argument("pid", type=int)
+
+
+def _add_following(p: argparse.ArgumentParser) -> None:
+    """Flags of the commands that start a long operation and follow it."""
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="start the operation, print its id and exit (follow it with criud wait)",
+    )
+    p.add_argument(
+        "--cancel-on-interrupt",
+        action="store_true",
+        help="on ^C cancel the operation without asking (else a terminal asks, and "
+        "otherwise it is left running)",
+    )
 
 
 def _add_others(sub: Subparsers) -> None:
     ref_help = "id, name (your own), or OWNER/NAME with OWNER a uid or user name"
     r = sub.add_parser("restore", help="restore a checkpoint")
     r.add_argument("checkpoint", help=ref_help)
+    _add_following(r)
     r.add_argument(
         "--inherit-fd",
         action="append",
@@ -431,6 +461,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         criu=a.criu,
         log_level=a.log_level,
         log_format=a.log_format,
+        observability=a.observability == "on",
         socket_group=a.socket_group,
         listen=a.listen,
         token_file=Path(a.token_file) if a.token_file else None,
@@ -574,6 +605,125 @@ def _run_rm(a: argparse.Namespace, cl: Client) -> tuple[dict[str, Any], str]:
     return out, "\n".join(lines) or "nothing matched"
 
 
+def _run_long(a: argparse.Namespace, cl: Client) -> tuple[dict[str, Any], str] | None:
+    """`criud checkpoint` and `criud restore`: (the result, its line); None with --no-wait."""
+    if a.cmd == "checkpoint":
+        labels = dict(item.split("=", 1) for item in a.label if "=" in item)
+        out = _long_op(
+            a,
+            cl,
+            f"checkpoint pid {a.pid}",
+            lambda w: cl.checkpoint(a.pid, name=a.name, labels=labels, wait=w, **_dump_options(a)),
+        )
+        if out is None:
+            return None
+        return out, (
+            f"checkpoint {out['id']} ({out['name'] or 'unnamed'}) of pid {out['pid']}: "
+            f"{out['state']}, {out['size_bytes']} bytes"
+            + (f"; external: {', '.join(out['external'])}" if out["external"] else "")
+        )
+    fds, paths = _restore_mappings(a)
+    out = _long_op(
+        a,
+        cl,
+        f"restore {a.checkpoint}",
+        lambda w: cl.restore(
+            a.checkpoint,
+            fds=fds,  # type: ignore[arg-type]
+            paths=paths,
+            stdio=(0, 1, 2) if a.stdio else None,
+            wait=w,
+        ),
+    )
+    if out is None:
+        return None
+    return out, f"restore {out['id']}: pid {out['pid']} {out['state']}"
+
+
+def _long_op(
+    a: argparse.Namespace, cl: Client, label: str, start: Callable[[bool], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Start an operation (start(wait=False)) and follow it; its result (None: --no-wait).
+
+    With stderr a terminal (and without --json) a live bar there shows its
+    phase, bytes, rate and time left; stdout gets only the result, as the
+    synchronous call printed it.  An operation that failed or was cancelled
+    raises its problem, as the synchronous call would have answered it.
+    """
+    from criud.api.client import CriudClientError
+
+    op = start(False)
+    if a.no_wait:
+        print(json.dumps(op, indent=2) if a.json else op["id"])
+        return None
+    final = _follow(a, cl, op["id"], label)
+    if final["state"] != "done":
+        problem = final.get("problem") or {"code": final["state"], "detail": ""}
+        raise CriudClientError(int(problem.get("status") or 500), problem)
+    result: dict[str, Any] = final["result"]
+    return result
+
+
+def _follow(a: argparse.Namespace, cl: Client, op_id: str, label: str) -> dict[str, Any]:
+    """Poll the operation until it ends (drawing it on a terminal); ^C may cancel it."""
+    from criud.daemon import progress
+
+    # The bar goes to stderr: stdout carries the result alone, byte for byte
+    # as the synchronous call printed it, terminal or not (a restore's
+    # --stdio hands this very stdout to the restored tree).
+    tty = sys.stderr.isatty() and not a.json
+    while True:
+        with progress.interrupt_sets(threading.Event()) as interrupted:
+            poll = progress.OperationPoll(cl, op_id, stop=interrupted)
+            if tty:
+                progress.render(poll, label, stderr=True)
+            else:
+                for _ in poll:
+                    pass
+        if poll.final is not None:
+            return poll.final
+        what = _on_interrupt(a, op_id, tty)
+        if what == "cancel":
+            return _cancel(cl, op_id)
+        if what == "leave":
+            print(
+                f"criud {a.cmd}: operation {op_id} left running (follow it: criud wait {op_id})",
+                file=sys.stderr,
+            )
+            raise SystemExit(130)
+        # "follow": the user said no; draw on.
+
+
+def _on_interrupt(a: argparse.Namespace, op_id: str, tty: bool) -> str:
+    """What ^C does: "cancel", "leave" (running, and exit) or "follow" (on)."""
+    if a.cancel_on_interrupt:
+        return "cancel"
+    if not (tty and sys.stdin.isatty()):
+        return "leave"
+    print(f"cancel operation {op_id}? [y/N] ", end="", file=sys.stderr, flush=True)
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        answer = ""
+    if not answer.endswith("\n"):  # ^C again, or end of input: leave it
+        print(file=sys.stderr)
+        return "leave"
+    return "cancel" if answer.strip().lower() in ("y", "yes") else "follow"
+
+
+def _cancel(cl: Client, op_id: str) -> dict[str, Any]:
+    """DELETE the operation; the operation as it ended (it may have ended first)."""
+    from criud.api.client import CriudClientError
+
+    print(f"cancelling operation {op_id}", file=sys.stderr)
+    try:
+        return cl.cancel_operation(op_id)
+    except CriudClientError as e:
+        if e.code != "operation_ended":
+            raise
+        return cl.operation(op_id)
+
+
 def _run_client(a: argparse.Namespace) -> int:
     from criud.api.client import Client
 
@@ -592,23 +742,11 @@ def _run_client(a: argparse.Namespace) -> int:
     elif a.cmd == "inspect-pid":
         out = cl.inspect_pid(a.pid)
         text = _tree_text(out)
-    elif a.cmd == "checkpoint":
-        labels = dict(item.split("=", 1) for item in a.label if "=" in item)
-        out = cl.checkpoint(a.pid, name=a.name, labels=labels, **_dump_options(a))
-        text = (
-            f"checkpoint {out['id']} ({out['name'] or 'unnamed'}) of pid {out['pid']}: "
-            f"{out['state']}, {out['size_bytes']} bytes"
-            + (f"; external: {', '.join(out['external'])}" if out["external"] else "")
-        )
-    elif a.cmd == "restore":
-        fds, paths = _restore_mappings(a)
-        out = cl.restore(
-            a.checkpoint,
-            fds=fds,  # type: ignore[arg-type]
-            paths=paths,
-            stdio=(0, 1, 2) if a.stdio else None,
-        )
-        text = f"restore {out['id']}: pid {out['pid']} {out['state']}"
+    elif a.cmd in ("checkpoint", "restore"):
+        done = _run_long(a, cl)
+        if done is None:
+            return 0
+        out, text = done
     elif a.cmd == "ls":
         out = cl.checkpoints()
         text = _checkpoints_text(out)
@@ -652,6 +790,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"criud {a.cmd}: cannot reach the daemon at {a.socket}: {e.strerror}", file=sys.stderr
         )
         return 1
+    except KeyboardInterrupt:
+        # Before an operation started, or in a short command: nothing to undo.
+        return 130
 
 
 if __name__ == "__main__":

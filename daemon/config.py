@@ -23,6 +23,9 @@ class Settings:
     log_level: str = "info"
     # "text" or "json" (one object a line, criud.daemon.logfmt).
     log_format: LogFormat = "text"
+    # False: operations publish no events and update no metrics (a
+    # benchmark's baseline; the routes stay, with nothing new to tell).
+    observability: bool = True
     socket_group: str | None = None
     # Optional TCP listener ("tcp://127.0.0.1:PORT"), token-authenticated.
     listen: str | None = None

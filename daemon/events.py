@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,6 +32,7 @@ import orjson
 
 # What an event is (the SSE `event:` field, and "event" in its data).
 OPERATION_STARTED = "operation.started"
+OPERATION_PROGRESS = "operation.progress"
 OPERATION_DONE = "operation.done"
 OPERATION_FAILED = "operation.failed"
 RESTORE_EXITED = "restore.exited"
@@ -40,6 +42,20 @@ LAGGED = "lagged"
 
 RING = 1024
 QUEUE = 256
+# The most events one write to a reader carries.
+BATCH = 64
+# How long after a publish the readers are woken: events published
+# meanwhile share one write per reader.
+FLUSH_S = 0.005
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 # A comment line sent when nothing happened for this long: proxies keep the
 # stream open, and a client that went away is noticed.
 KEEPALIVE_S = 15.0
@@ -56,7 +72,15 @@ class Event:
     data: dict[str, Any]
 
     def sse(self) -> bytes:
-        """The event as one Server-Sent Events message (id 0: no `id:` line)."""
+        """The event as one Server-Sent Events message (id 0: no `id:` line).
+
+        Encoded once, by the first reader that sends it: every other reader
+        of the same event sends the same bytes.
+        """
+        return self._encoded
+
+    @functools.cached_property
+    def _encoded(self) -> bytes:
         body = {**self.data, "id": self.id, "event": self.event, "time": self.time}
         if self.owner_uid is not None:
             body["owner_uid"] = self.owner_uid
@@ -79,16 +103,25 @@ class Subscriber:
     def sees(self, ev: Event) -> bool:
         return self.uid is None or ev.owner_uid == self.uid
 
-    def offer(self, ev: Event) -> bool:
-        """Queue ev; False (and lagged) if the queue is full."""
+    def offer(self, ev: Event, wake: bool = True) -> bool:
+        """Queue ev (wake: and wake the reader now); False (and lagged) if the queue is full.
+
+        A lagged reader is always woken at once: its stream ends there.
+        """
         if len(self._queue) >= self._size:
             self.lagged_at = ev.id
             self._queue.clear()
             self._wake.set()
             return False
         self._queue.append(ev)
-        self._wake.set()
+        if wake:
+            self._wake.set()
         return True
+
+    def wake(self) -> None:
+        """Let the reader send what is queued."""
+        if self._queue:
+            self._wake.set()
 
     async def next(self, timeout: float) -> Event | None:
         """The next event; None after timeout s of nothing; StopAsyncIteration once lagged."""
@@ -106,6 +139,15 @@ class Subscriber:
                 raise StopAsyncIteration
         return self._queue.popleft()
 
+    def ready(self, limit: int) -> list[Event]:
+        """Up to limit events that are there now, without waiting (none once lagged)."""
+        out: list[Event] = []
+        while len(out) < limit and self._backlog:
+            out.append(self._backlog.popleft())
+        while len(out) < limit and self._queue and self.lagged_at is None:
+            out.append(self._queue.popleft())
+        return out
+
     def __len__(self) -> int:
         return len(self._backlog) + len(self._queue)
 
@@ -118,22 +160,40 @@ class EventBus:
         self._queue = queue
         self._next = 1
         self.subscribers: set[Subscriber] = set()
+        # The pending wake-up of the readers (publish).
+        self._flush: asyncio.TimerHandle | None = None
 
     @property
     def last_id(self) -> int:
         return self._next - 1
 
     def publish(self, event: str, owner_uid: int | None, /, **data: Any) -> Event:
-        """Record an event and hand it to every subscriber that may see it; never blocks."""
+        """Record an event and hand it to every subscriber that may see it; never blocks.
+
+        Readers are woken by one flush FLUSH_S later, not here: what is
+        published meanwhile goes out in the same write to each, and the
+        writes never come before the answer of the request that caused the
+        event (the event loop runs callbacks in order, and a reader woken
+        now would write first).  Without a running loop (tests) they are
+        woken at once.
+        """
         ev = Event(self._next, event, owner_uid, time.time(), data)
         self._next += 1
         self._ring.append(ev)
+        loop = _running_loop()
         for sub in [s for s in self.subscribers if s.sees(ev)]:
-            if not sub.offer(ev):
+            if not sub.offer(ev, wake=loop is None):
                 # Dropped here, not when its reader notices: a reader that
                 # never reads again must not keep the subscription alive.
                 self.subscribers.discard(sub)
+        if loop is not None and self._flush is None and self.subscribers:
+            self._flush = loop.call_later(FLUSH_S, self._wake_all)
         return ev
+
+    def _wake_all(self) -> None:
+        self._flush = None
+        for sub in self.subscribers:
+            sub.wake()
 
     def subscribe(self, uid: int | None, since: int | None = None) -> Subscriber:
         """A new subscriber for uid (None: everything), replayed the ring's events after since."""
@@ -158,7 +218,13 @@ class EventBus:
                     ev = await sub.next(keepalive)
                 except StopAsyncIteration:
                     break
-                yield b": keepalive\n\n" if ev is None else ev.sse()
+                if ev is None:
+                    yield b": keepalive\n\n"
+                    continue
+                # What else is queued goes in the same write: one send per
+                # burst, not per event, for each reader.
+                more = sub.ready(BATCH - 1)
+                yield b"".join([ev.sse(), *(e.sse() for e in more)])
             # No id: the client's Last-Event-ID stays the last event it got,
             # so reconnecting with it replays what it missed.
             lagged = Event(

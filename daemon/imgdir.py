@@ -225,6 +225,43 @@ def _is_daemons_dir(dirfd: int, name: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o755
 
 
+# The most entries `usage` looks at: a dir the owner can write may hold
+# anything it planted, and a progress sample must stay cheap.
+USAGE_MAX_ENTRIES = 4096
+
+
+def usage(dirfd: int, max_entries: int = USAGE_MAX_ENTRIES) -> tuple[int, int]:
+    """(bytes of image files, bytes of pages-*.img files) in the dir at dirfd, as of now.
+
+    For progress while criu writes a dir the tree's owner may write too:
+    nothing is opened or followed, each entry is only lstat'ed relative to
+    the dir's fd (fstatat, AT_SYMLINK_NOFOLLOW), and only regular files
+    count.  What the owner plants can only skew its own progress figures.
+    """
+    total = pages = 0
+    # A fresh open file description of the dir: scandir moves its offset,
+    # and the caller's fd is shared with what else reads the dir.
+    fd = os.open(".", _DIR_FLAGS, dir_fd=dirfd)
+    try:
+        with os.scandir(fd) as it:
+            for n, entry in enumerate(it):
+                if n >= max_entries:
+                    break
+                if not entry.name.endswith(".img"):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+                    if entry.name.startswith("pages-"):
+                        pages += st.st_size
+    finally:
+        os.close(fd)
+    return total, pages
+
+
 def is_sealed(dirfd: int) -> bool:
     """Whether seal() finished on this dir (root's, in the sealed mode).
 

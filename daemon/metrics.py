@@ -23,6 +23,8 @@ from prometheus_client import (
 
 # Small checkpoints and restores take tens of ms here; big ones, seconds to minutes.
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+# A small tree is frozen for a few ms; 1 GiB for about a second here.
+FROZEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
@@ -47,6 +49,23 @@ class Metrics:
         self.in_flight = Gauge(
             "criud_operations_in_flight", "Operations running now", ["kind"], registry=r
         )
+        self.frozen = Histogram(
+            "criud_frozen_seconds",
+            "How long checkpointed trees were frozen (criu's frozen_time)",
+            buckets=FROZEN_BUCKETS,
+            registry=r,
+        )
+        # Counter adds the _total suffix.
+        self.bytes_written = Counter(
+            "criud_checkpoint_bytes_written",
+            "Bytes of images checkpoints wrote (the sealed images dir of each done checkpoint)",
+            registry=r,
+        )
+        self.bytes_read = Counter(
+            "criud_restore_bytes_read",
+            "Bytes of images restores read (the size of each checkpoint restored)",
+            registry=r,
+        )
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=r).set_function(read)
         # process_open_fds, process_resident_memory_bytes, cpu, start time: the daemon's own.
@@ -62,6 +81,17 @@ class Metrics:
         outcome = "ok" if code is None else "error"
         self.operations.labels(kind, outcome, code or "").inc()
         self.duration.labels(kind).observe(seconds)
+
+    def checkpointed(self, size_bytes: int | None, stats: dict[str, int] | None) -> None:
+        """A checkpoint is done: its images' size, and criu's stats-dump counters."""
+        self.bytes_written.inc(size_bytes or 0)
+        frozen_us = (stats or {}).get("frozen_time_us")
+        if frozen_us is not None:
+            self.frozen.observe(frozen_us / 1e6)
+
+    def restored(self, size_bytes: int | None) -> None:
+        """A restore is done: the size of the checkpoint it read."""
+        self.bytes_read.inc(size_bytes or 0)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format, and its content type."""

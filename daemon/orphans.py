@@ -30,7 +30,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from criud.daemon import procutil
@@ -85,8 +85,25 @@ def _kill_pinned(pid: int, check: Any) -> int | None:
         os.close(fd)
 
 
-def kill_leftovers(info: Mapping[str, Any], timeout_s: float) -> tuple[list[int], list[int]]:
-    """Kill what a killed restore left; return (killed pids, pids still there at timeout)."""
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(procutil.stat_fields(pid)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def kill_leftovers(
+    info: Mapping[str, Any], timeout_s: float, parents: Collection[int] = ()
+) -> tuple[list[int], list[int]]:
+    """Kill what a killed restore left; return (killed pids, pids still there at timeout).
+
+    parents, when given (a restore cancelled under a running daemon: the
+    daemon's own pid, the subreaper criu's orphans went to), is a further
+    check: a task is the restore's only if its parent is one of them or
+    another of the recorded pids, so a process someone else forked onto a
+    recorded pid while criu ran is never hit.  After a crash nothing
+    reliable is left to compare with, and it is not given.
+    """
     killed: dict[int, int] = {}
     criu_pid, criu_start = info.get("criu_pid"), info.get("criu_start")
     if criu_pid is not None and criu_start is not None:
@@ -98,8 +115,13 @@ def kill_leftovers(info: Mapping[str, Any], timeout_s: float) -> tuple[list[int]
     # The restored tasks are forked by criu: none started before it did.
     since = int(criu_start if criu_start is not None else info.get("since", 0))
     uids = {int(u) for u in info.get("uids", ())}
+    family = {*parents, *(int(p) for p in info.get("pids", ()))}
+
+    def ours(p: int) -> bool:
+        return _is_ours(p, since, uids) and (not parents or _ppid(p) in family)
+
     for pid in info.get("pids", ()):
-        start = _kill_pinned(int(pid), lambda p: _is_ours(p, since, uids))
+        start = _kill_pinned(int(pid), ours)
         if start is not None:
             killed[int(pid)] = start
     # Killed tasks are zombies until init reaps them (about once a second

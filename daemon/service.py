@@ -27,7 +27,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from pathlib import Path
 from typing import Any, TypeVar
 
-from criud.daemon import archive, events, imgdir, kdat, logfmt, names, procutil, retention
+from criud.daemon import (
+    archive,
+    events,
+    imgdir,
+    kdat,
+    logfmt,
+    names,
+    operations,
+    procutil,
+    retention,
+)
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
@@ -86,6 +96,10 @@ def _uid_of(owner: str) -> int | None:
         return pwd.getpwnam(owner).pw_uid
     except KeyError:
         return None
+
+
+def _unpublished(event: str, owner_uid: int | None, /, **data: Any) -> None:
+    """EventBus.publish's stand-in with --observability off: nothing is made or kept."""
 
 
 def _ckpt_summary(rec: CheckpointRecord) -> dict[str, Any]:
@@ -348,11 +362,16 @@ class CriudService:
         Runs inside the operation's task (_operation): a client that goes
         away does not end it, and the events tell how it really ended.
         """
-        pub, kind = self.events.publish, op.kind
-        # This task's own context (and what it starts): its log lines carry op's id.
+        kind, observe = op.kind, self.settings.observability
+        pub = self.events.publish if observe else _unpublished
+        # This task's own context (and what it starts): its log lines carry
+        # op's id, and its job's progress reports reach op.
         logfmt.current_operation.set(op.id)
+        if observe:
+            operations.current.set(operations.Reporter(op, self._progressed))
         pub(events.OPERATION_STARTED, op.owner_uid, operation=op.id, kind=kind, target=op.target)
-        self.metrics.started(kind)
+        if observe:
+            self.metrics.started(kind)
         t0 = time.monotonic()
         ended, state, err = events.OPERATION_FAILED, OpState.FAILED, None
         fields: dict[str, Any] = {"code": "internal_error", "detail": ""}
@@ -360,6 +379,10 @@ class CriudService:
         try:
             result = await job()
             ended, state, fields = events.OPERATION_DONE, OpState.DONE, summary(result)
+            if observe:
+                op.progress.phase = "done"
+            if observe:
+                self._account(op, result)
             return result
         except CriudError as e:
             err = e
@@ -381,8 +404,28 @@ class CriudService:
                 fields = {"code": err.code, "detail": err.detail}
             op.end(state, result, err)
             took = time.monotonic() - t0
-            self.metrics.ended(kind, fields.get("code"), took)
+            if observe:
+                self.metrics.ended(kind, fields.get("code"), took)
             pub(ended, op.owner_uid, operation=op.id, kind=kind, duration_s=took, **fields)
+
+    def _progressed(self, op: Operation) -> None:
+        """An operation's progress changed (the Reporter's rate limit passed): publish it."""
+        self.events.publish(
+            events.OPERATION_PROGRESS,
+            op.owner_uid,
+            operation=op.id,
+            kind=op.kind,
+            phase=op.progress.phase,
+            **op.progress.as_dict(),
+        )
+
+    def _account(self, op: Operation, result: Any) -> None:
+        """A done operation's bytes (and a dump's frozen time) into the metrics."""
+        if isinstance(result, CheckpointRecord):
+            self.metrics.checkpointed(result.size_bytes, result.stats)
+        elif isinstance(result, RestoreRecord):
+            # What the restore read: the checkpoint's images, whose size it reported.
+            self.metrics.restored(op.progress.bytes_total)
 
     def event_stream(self, caller: Caller, since: int | None) -> AsyncIterator[bytes]:
         """The caller's Server-Sent Events: root (and TCP) all of them, a user its own."""
@@ -719,7 +762,7 @@ class CriudService:
             path = self.settings.checkpoints_dir / rec.id
             prep = await asyncio.to_thread(export_job.prepare, path, rec, compression, meta)
             stack.callback(prep.close)
-            progress = Progress(total=prep.tar_size)
+            progress = Progress(phase="exporting", bytes_done=0, bytes_total=prep.tar_size)
             outbox = archive.Outbox(
                 asyncio.get_running_loop(), stall_s=self.settings.archive_stall_s
             )
@@ -728,7 +771,7 @@ class CriudService:
                 caller,
                 {"checkpoint": rec.id, "compression": compression},
                 lambda: self._export(rec, prep, outbox, progress, stack),
-                lambda r: {**_ckpt_summary(r), "bytes": progress.done},
+                lambda r: {**_ckpt_summary(r), "bytes": progress.bytes_done},
             )
         except BaseException:
             stack.close()
@@ -788,7 +831,7 @@ class CriudService:
             limits=self.archive_limits,
             stall_s=self.settings.archive_stall_s,
         )
-        progress = Progress()
+        progress = Progress(phase="importing", bytes_done=0)
         op = self._submit(
             "import",
             caller,

@@ -164,7 +164,7 @@ def produce(
 
     def counted() -> Any:
         for chunk in archive.tar_stream(prep.members):
-            progress.done += len(chunk)
+            progress.add_bytes(len(chunk))
             yield chunk
 
     try:

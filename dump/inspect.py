@@ -214,6 +214,21 @@ def _memory(status: dict[str, str]) -> Memory:
     return {"rss": _kb(status, "VmRSS"), "shared": file_ + shmem, "private": anon, "shmem": shmem}
 
 
+def memory_of(pid: int) -> Memory | None:
+    """One task's memory figures, read as inspect_tree reads them; None if it is gone."""
+    try:
+        dirfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    try:
+        text = _read_at(dirfd, "status").decode("utf-8", "replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    finally:
+        os.close(dirfd)
+    return _memory(dict(_status_line(line) for line in text.splitlines()))
+
+
 def _read_task(pid: int, daemon_ns: Mapping[str, int]) -> Task | None:
     """One task's description, without fds; None if it exited meanwhile."""
     try:

@@ -21,10 +21,11 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from criud.daemon import creds, criu_errors, imgdir, names, procutil
+from criud.daemon import creds, criu_errors, imgdir, names, operations, procutil
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
 from criud.daemon.criu import Criu, LogFile, RunAs
@@ -37,7 +38,9 @@ from criud.daemon.errors import (
 from criud.daemon.store import CheckpointRecord, CheckpointState, Store
 from criud.dump import fds as fdinfo
 from criud.dump import images, oci, oci_archive
+from criud.dump import inspect as proc_inspect
 from criud.dump import manifest as mf
+from criud.dump import preflight as dump_preflight
 from criud.dump.argv import DUMP_LOG, dump_argv
 from criud.dump.options import DumpOptions
 
@@ -45,6 +48,9 @@ log = logging.getLogger("criud.dump")
 
 # A dump writes into this dir until it is sealed and renamed to its id.
 TMP_PREFIX = ".tmp-"
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# How often the images dir is looked at while criu writes it.
+WATCH_INTERVAL_S = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +141,14 @@ class _Dump:
     async def run(self) -> CheckpointRecord:
         """Record, dump, seal and rename; the record says how it ended."""
         pid, rt = self.spec.pid, self.rt
+        operations.report(phase="inspecting")
+        watched = operations.current.get() is not None
         try:
-            tasks = await asyncio.to_thread(fdinfo.read_tree, pid)
+            # The estimate in the same thread hop, and only for an operation.
+            tasks, estimate = await asyncio.to_thread(_read_tree, pid, watched)
         except (ProcessLookupError, FileNotFoundError):
             raise ProcessNotFound(f"pid {pid} exited", pid=pid) from None
+        operations.report(**estimate)
         # Read again after the tree walk (a task may have forked since), and
         # before the record: a refusal leaves nothing behind.
         ids, run_as = await tree_creds(rt.criu, pid, self.caller)
@@ -150,7 +160,11 @@ class _Dump:
             self.manifest = await self._build_manifest(tasks, ids, run_as)
             if procutil.proc_start(pid) != self.start:
                 raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
+            operations.report(phase="dumping")
             size, stats = await self._dump(self.manifest, run_as)
+            operations.report(
+                phase="writing", bytes_done=size, pages_done=stats.get("pages_written")
+            )
             await asyncio.to_thread(os.rename, self.tmp, self.final)
             await rt.store.run(
                 rt.store.update_checkpoint,
@@ -241,13 +255,14 @@ class _Dump:
             log_st = os.fstat(log_fd)
             ids = (run_as.uid, run_as.gid) if run_as is not None else None
             images_arg = imgdir.criu_dir(self.tmp, tmp_fd, ids, writable=True)
-            result = await self.rt.criu.run(
-                self._argv(m, images_arg, run_as),
-                LogFile(log_fd, self.tmp / DUMP_LOG),
-                pass_fds=[tmp_fd] if run_as is not None else [],
-                run_as=run_as,
-                watch_pid=self.spec.pid,
-            )
+            async with _watching(tmp_fd):
+                result = await self.rt.criu.run(
+                    self._argv(m, images_arg, run_as),
+                    LogFile(log_fd, self.tmp / DUMP_LOG),
+                    pass_fds=[tmp_fd] if run_as is not None else [],
+                    run_as=run_as,
+                    watch_pid=self.spec.pid,
+                )
             if not result.ok:
                 err = await criu_errors.failure(
                     self.rt.criu,
@@ -286,6 +301,60 @@ class _Dump:
             external_ns=tuple((n.type, n.ino, n.key) for n in m.ext_namespaces),
             extra=oci_extra,
         )
+
+
+def _read_tree(pid: int, estimate: bool) -> tuple[list[fdinfo.TaskInfo], dict[str, int]]:
+    """The tree's tasks and fds; with estimate, also its expected bytes and pages."""
+    tasks = fdinfo.read_tree(pid)
+    return tasks, _estimate(tasks) if estimate else {}
+
+
+def _estimate(tasks: list[fdinfo.TaskInfo]) -> dict[str, int]:
+    """The dump's expected bytes and pages, from the tasks' memory as preflight reads it."""
+    mems = [m for t in tasks if (m := proc_inspect.memory_of(t.pid)) is not None]
+    return {
+        "bytes_total": dump_preflight.estimate_from_memory(mems),
+        "pages_total": dump_preflight.dumped_memory(mems) // PAGE_SIZE,
+    }
+
+
+@contextlib.asynccontextmanager
+async def _watching(dirfd: int) -> AsyncIterator[None]:
+    """Report the images dir's growth as the operation's progress while the block runs.
+
+    A timer on the event loop, each look a short thread job (a scandir and
+    an lstat per image, imgdir.usage); nothing runs outside an operation.
+    The watcher is stopped, not cancelled, and awaited: a look in flight
+    finishes before the caller may close dirfd.
+    """
+    if operations.current.get() is None:
+        yield
+        return
+    stop = asyncio.Event()
+    # The watcher's own fd of the dir (CLOEXEC), closed when it ends: even a
+    # second cancel of the caller never has it look at a closed, reused fd.
+    own = os.dup(dirfd)
+
+    async def watch() -> None:
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), WATCH_INTERVAL_S)
+                return
+            except TimeoutError:
+                pass
+            try:
+                total, pages = await asyncio.to_thread(imgdir.usage, own)
+            except OSError:
+                return  # the dir went away: the dump is failing anyway
+            operations.report(bytes_done=total, pages_done=pages // PAGE_SIZE)
+
+    task = asyncio.ensure_future(watch())
+    task.add_done_callback(lambda _: os.close(own))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.shield(task)
 
 
 def oci_probe(bundle: str, pid: int) -> dict[str, Any]:

@@ -34,10 +34,10 @@ tests/unit/criu_logs/ for the logs):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
-from criud.dump.inspect import Task, Tree
+from criud.dump.inspect import Memory, Task, Tree
 from criud.dump.options import DumpOptions
 
 # Above this much memfd and /dev/shm content, warn: it is all copied.
@@ -402,8 +402,17 @@ def estimate_image_bytes(tree: Tree, ghost_bytes: int = 0) -> int:
 
     Shared memory is counted in each task that maps it, so this leans high.
     """
-    mem = sum(t["memory"]["private"] + t["memory"]["shmem"] for t in tree["tasks"])
-    return mem + ghost_bytes + TASK_OVERHEAD_BYTES * len(tree["tasks"])
+    return estimate_from_memory([t["memory"] for t in tree["tasks"]], ghost_bytes)
+
+
+def dumped_memory(memories: Sequence[Memory]) -> int:
+    """Bytes of memory a dump copies into pages images: private RSS + shmem per task."""
+    return sum(m["private"] + m["shmem"] for m in memories)
+
+
+def estimate_from_memory(memories: Sequence[Memory], ghost_bytes: int = 0) -> int:
+    """estimate_image_bytes from the tasks' memory figures alone (one Memory per task)."""
+    return dumped_memory(memories) + ghost_bytes + TASK_OVERHEAD_BYTES * len(memories)
 
 
 def preflight(

@@ -143,7 +143,7 @@ async def _receive(
                 break
             except TimeoutError:
                 raise ClientGone(f"the archive's body stalled for {stall_s:g} s") from None
-            progress.done += len(chunk)
+            progress.add_bytes(len(chunk))
             buf += chunk
             if len(buf) >= _BATCH:
                 await inbox.put(bytes(buf))

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-from criud.daemon import creds, criu_errors, imgdir, names, orphans, procutil
+from criud.daemon import creds, criu_errors, imgdir, names, operations, orphans, procutil
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
 from criud.daemon.criu import Criu, LogFile, RunAs
@@ -115,7 +115,10 @@ class RestoreRuntime(Protocol):
 async def run(rt: RestoreRuntime, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
     """Restore a checkpoint, handing in the mapped fds; return the running restore."""
     _check_handles(rt, spec, caller)
+    operations.report(phase="preparing")
     ckpt = await rt.checkpoint_for(spec.checkpoint, caller)
+    # Nothing of a restore's reading can be watched: its total only.
+    operations.report(bytes_total=ckpt.size_bytes)
     if ckpt.state != "done":
         raise CheckpointNotReady(f"checkpoint {spec.checkpoint!r} is {ckpt.state}")
     busy = f"checkpoint {spec.checkpoint!r} is being restored or deleted"
@@ -284,6 +287,11 @@ class _Job:
         self.run_as = creds.run_as_of(manifest.run_as)
         self.images_dir = rt.settings.checkpoints_dir / ckpt.id
         self.id = names.new_id()
+        # The plan with criu's pid and start, once criu runs: what to kill
+        # if the restore does not finish.
+        self.spawned: dict[str, Any] | None = None
+        # criu was killed by the daemon (its timeout): it cleaned nothing up.
+        self.criu_killed = False
 
     async def restore(self, cgroup: str | None, oci_args: tuple[str, ...]) -> RestoreRecord:
         """Record the restore, run criu, adopt its root; the record says how it ended."""
@@ -309,6 +317,8 @@ class _Job:
         except RootExited:
             raise  # recorded as exited already
         except BaseException as e:
+            if isinstance(e, asyncio.CancelledError) or self.criu_killed:
+                await self._kill_leftovers()
             await self._fail(e)
             raise
         out = await self.rt.store.run(self.rt.store.get_restore, self.id)
@@ -358,6 +368,33 @@ class _Job:
         await self.rt.store.run(self.rt.store.insert_restore, rec)
         return plan
 
+    async def _kill_leftovers(self) -> None:
+        """Kill the tasks criu forked for a restore that did not finish.
+
+        A cancel (or the daemon's stop, or criu's timeout) kills criu
+        mid-restore, and what it had forked stays, half restored or even
+        running, holding the image's pids.  They are recognised as at start-up after a crash
+        (criud.daemon.orphans: a recorded pid, started after criu, as one
+        of the recorded uids, and a child of the daemon or of another
+        recorded pid), killed through pidfds, and reaped by the
+        supervisor's sweep.  Only then: criu that failed on its own has
+        killed its tasks already.
+        """
+        if self.spawned is None:
+            return
+        with contextlib.suppress(Exception):
+            # criu's orphans went to the daemon, its subreaper.
+            killed, left = await asyncio.to_thread(
+                orphans.kill_leftovers, self.spawned, self.rt.settings.pid_wait_s, (os.getpid(),)
+            )
+            if killed:
+                log.warning(
+                    "restore %s did not finish: killed pids %s%s",
+                    self.id,
+                    killed,
+                    f" ({left} not reaped yet)" if left else "",
+                )
+
     async def _fail(self, e: BaseException) -> None:
         """The one place a restore is recorded as failed (now, or once the disk has room)."""
         changes: dict[str, Any] = {"state": RestoreState.FAILED, "finished_at": time.time()}
@@ -396,6 +433,7 @@ class _Job:
             argv = self._argv(images_arg, run_fd, cgroup, oci_args)
             # Hold orphan sweeps from spawn until the restored root is watched:
             # it is our child from the moment criu forks it.
+            operations.report(phase="restoring")
             with rt.children.hold():
                 result = await rt.criu.run(
                     argv,
@@ -406,6 +444,7 @@ class _Job:
                     on_spawn=self._criu_spawned(plan),
                 )
                 if not result.ok:
+                    self.criu_killed = result.stopped is not None
                     raise await criu_errors.failure(
                         rt.criu,
                         f"restore of checkpoint {self.ckpt.id}",
@@ -440,6 +479,7 @@ class _Job:
         async def record(criu_pid: int) -> None:
             # Restored tasks are forked by criu, never before it started.
             info = {**plan, "criu_pid": criu_pid, "criu_start": procutil.proc_start(criu_pid)}
+            self.spawned = info
             await self.rt.store.run(self.rt.store.update_restore, self.id, tree_pids=info)
 
         return record

@@ -162,7 +162,7 @@ def test_cancel_a_running_import_leaves_nothing(pair: tuple[Daemon, Daemon], pro
     try:
         wait_for(lambda: _running(b, "import") is not None, 20, what="the import to run")
         op = _running(b, "import")
-        assert op is not None and op["progress"]["bytes"] > 0
+        assert op is not None and op["progress"]["bytes_done"] > 0
         _st, ended = b.client.request("DELETE", f"/v1/operations/{op['id']}")
         assert ended["state"] == "cancelled"
         assert ended["problem"]["code"] == "operation_cancelled"
@@ -212,7 +212,7 @@ def test_export_shows_as_an_operation_and_can_be_cancelled(
         op_id = resp.getheader("X-Criud-Operation")
         op = a.client.operation(op_id)
         assert op["kind"] == "export" and op["state"] == "running"
-        assert op["progress"]["total_bytes"] > 64 << 20
+        assert op["progress"]["bytes_total"] > 64 << 20
         # Busy while it streams: no delete under its feet.
         with pytest.raises(CriudClientError) as e:
             a.client.delete(ck["id"])

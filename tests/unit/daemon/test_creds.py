@@ -132,7 +132,10 @@ def test_orphans_kill_only_matching_tasks() -> None:
                 [],
             )
             assert procutil.proc_start(new.pid) is not None
-            got = orphans.kill_leftovers({**info, "pids": [new.pid]}, 0)
+            # Someone else's child (its parent is not among the parents given): left alone.
+            assert orphans.kill_leftovers({**info, "pids": [new.pid]}, 0, (1,)) == ([], [])
+            assert procutil.proc_start(new.pid) is not None
+            got = orphans.kill_leftovers({**info, "pids": [new.pid]}, 0, (os.getpid(),))
             assert got[0] == [new.pid]
             assert new.wait(timeout=10) == -signal.SIGKILL
         finally:
