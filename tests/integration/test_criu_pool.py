@@ -9,14 +9,18 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from criud.api.client import CriudClientError
+from criud.daemon.procutil import children
 from tests.integration.helpers import (
     Daemon,
     Procs,
     fd_table,
     pid_gone,
+    pool_workers,
     proc_state,
     temp_root,
     wait_for,
@@ -25,20 +29,11 @@ from tests.integration.helpers import (
 pytestmark = __import__("pytest").mark.criu
 
 
-def _workers(daemon_pid: int) -> list[int]:
-    """The daemon's children that are `criu swrk` workers."""
-    with open(f"/proc/{daemon_pid}/task/{daemon_pid}/children") as f:
-        kids = [int(x) for x in f.read().split()]
-    out = []
-    for k in kids:
-        try:
-            with open(f"/proc/{k}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if len(argv) > 1 and argv[1] == b"swrk":
-            out.append(k)
-    return out
+def _two_workers(daemon_pid: int) -> list[int]:
+    """Wait for the pool's 2 idle workers; their pids."""
+    return wait_for(
+        lambda: len(pool_workers(daemon_pid)) >= 2 and pool_workers(daemon_pid), what="2 workers"
+    )
 
 
 def _tracer(pid: int) -> int:
@@ -53,7 +48,9 @@ def test_worker_killed_mid_dump_leaves_target_running(procs: Procs) -> None:
     with temp_root() as root:
         d = Daemon(root).start()
         try:
-            warm = wait_for(lambda: len(_workers(d.pid)) >= 2 and _workers(d.pid), what="2 workers")
+            warm = wait_for(
+                lambda: len(pool_workers(d.pid)) >= 2 and pool_workers(d.pid), what="2 workers"
+            )
             # 256 MiB of touched pages: the dump runs long enough to be hit.
             p = procs.python(
                 "import sys, time\nb = b'x' * (256 << 20)\nsys.stdout.write('ok\\n')\n"
@@ -87,7 +84,7 @@ def test_worker_killed_mid_dump_leaves_target_running(procs: Procs) -> None:
             assert p.poll() is None
             assert proc_state(p.pid) in ("S", "R")
             # The pool is back to strength, and the next dump works.
-            wait_for(lambda: len(_workers(d.pid)) >= 2, what="refill")
+            wait_for(lambda: len(pool_workers(d.pid)) >= 2, what="refill")
             q = procs.spawn(["sleep", "1000"])
             d.client.checkpoint(q.pid)
         finally:
@@ -98,7 +95,9 @@ def test_daemon_sigkill_leaves_no_worker() -> None:
     with temp_root() as root:
         d = Daemon(root).start()
         try:
-            warm = wait_for(lambda: len(_workers(d.pid)) >= 2 and _workers(d.pid), what="workers")
+            warm = wait_for(
+                lambda: len(pool_workers(d.pid)) >= 2 and pool_workers(d.pid), what="workers"
+            )
         finally:
             d.kill()
         # pdeathsig: each worker is killed with the daemon; reaped by init.
@@ -110,7 +109,7 @@ def test_sixteen_at_once_on_a_pool_of_two(procs: Procs) -> None:
     with temp_root() as root:
         d = Daemon(root, args=["--criu-pool", "2", "--log-level", "debug"]).start()
         try:
-            wait_for(lambda: len(_workers(d.pid)) >= 2, what="2 workers")
+            wait_for(lambda: len(pool_workers(d.pid)) >= 2, what="2 workers")
             targets = [procs.spawn(["sleep", "1000"]) for _ in range(16)]
             results: list[Any] = [None] * 16
 
@@ -162,14 +161,14 @@ def test_workers_hold_no_daemon_fds(procs: Procs) -> None:
             p = procs.spawn(["sleep", "1000"])
             d.client.checkpoint(p.pid)
             # ...and the workers started after that hold none of it.
-            wait_for(lambda: len(_workers(d.pid)) >= 2, what="refill")
-            for pid in _workers(d.pid):
+            wait_for(lambda: len(pool_workers(d.pid)) >= 2, what="refill")
+            for pid in pool_workers(d.pid):
                 table = fd_table(pid)
                 sock = {n: t for n, t in table.items() if n > 2}
                 assert {table[0], table[1], table[2]} == {"/dev/null"}, table
                 assert len(sock) == 1 and next(iter(sock.values())).startswith("socket:["), table
             # A worker killed while idle is dropped, not handed a request.
-            idle = _workers(d.pid)
+            idle = pool_workers(d.pid)
             for pid in idle:
                 os.kill(pid, signal.SIGKILL)
             q = procs.spawn(["sleep", "1000"])
@@ -177,5 +176,36 @@ def test_workers_hold_no_daemon_fds(procs: Procs) -> None:
             assert h["handle"] in {x["handle"] for x in d.client.fd_handles()}
             os.close(r)
             os.close(w)
+        finally:
+            assert d.stop() == 0
+
+
+# A worker that never answers: the request's timeout applies as to the CLI.
+SILENT_SWRK = """#!/bin/sh
+[ "$1" = swrk ] && exec sleep 600
+exec {criu} "$@"
+"""
+
+
+def test_silent_worker_times_out(procs: Procs) -> None:
+    from tests.integration.helpers import CRIU
+
+    with temp_root() as root:
+        wrapper = Path(root) / "criu-silent"
+        wrapper.write_text(SILENT_SWRK.format(criu=CRIU))
+        wrapper.chmod(0o755)
+        d = Daemon(root, criu=str(wrapper), args=["--criu-timeout", "2"]).start()
+        try:
+            # The workers are `sleep`s here, not `criu swrk`.
+            wait_for(lambda: len(children(d.pid)) >= 2, what="2 workers")
+            p = procs.spawn(["sleep", "1000"])
+            t0 = time.monotonic()
+            try:
+                d.client.checkpoint(p.pid)
+                raise AssertionError("the checkpoint should time out")
+            except CriudClientError as e:
+                assert e.status == 504 and e.code == "criu_timeout", e.problem
+            assert 2 <= time.monotonic() - t0 < 30
+            assert p.poll() is None and _tracer(p.pid) == 0
         finally:
             assert d.stop() == 0
