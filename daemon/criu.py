@@ -470,6 +470,8 @@ class Criu:
         finally:
             w.sock.close()
             os.close(dir_fd)
+            if self.pool is not None:
+                self.pool.fill()
         if ok:
             return CriuResult(returncode=0, log_path=log_file.path, first_error=None, log_tail=[])
         # A worker that answered "failed" exits 0 or 1; one that never

@@ -184,7 +184,7 @@ Spawner = Callable[[Sequence[str], int], Awaitable[asyncio.subprocess.Process]]
 
 
 class WarmPool:
-    """Pre-started criu swrk workers; take() one, and the pool starts a replacement."""
+    """Pre-started criu swrk workers; take() one, fill() to start its replacement."""
 
     def __init__(
         self,
@@ -258,9 +258,12 @@ class WarmPool:
             self._forget(cand.proc.pid)
         if w is None:
             self.missed += 1
+            self.fill()
         else:
+            # The replacement starts once this request is done (the runner
+            # calls fill()): on 2 cores a worker's exec and library loading
+            # would otherwise compete with the request it replaces.
             self.taken += 1
-        self.fill()
         return w
 
     @property
