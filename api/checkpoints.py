@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -169,8 +170,7 @@ async def list_checkpoints(
     cache: dict[Any, bytes] = request.app.state.list_cache
     body = cache.get(key)
     if body is None:
-        models = [to_model(r) for r in await c.list_checkpoints(who, wanted)]
-        body = await asyncio.to_thread(_LIST.dump_json, models)
+        body = await _single_flight(request.app.state, key, lambda: _build_list(c, who, wanted))
         if len(cache) >= _LIST_CACHE_SIZE or any(k[0] != key[0] for k in cache):
             cache.clear()
         cache[key] = body
@@ -202,6 +202,31 @@ async def delete_checkpoints(
     """
     out = await c.delete_checkpoints(who, older_than, label or [], owner)
     return BulkDeleteResult.model_validate(out)
+
+
+async def _build_list(c: Service, who: Caller, wanted: dict[str, str]) -> bytes:
+    """The encoded list: the models and the JSON both built off the loop."""
+    recs = await c.list_checkpoints(who, wanted)
+    return await asyncio.to_thread(lambda: _LIST.dump_json([to_model(r) for r in recs]))
+
+
+async def _single_flight(
+    state: Any, key: Any, build: Callable[[], Coroutine[Any, Any, bytes]]
+) -> bytes:
+    """Build the body for key once, however many requests miss the cache together.
+
+    The first miss starts the build as its own task; the others await that
+    task (shielded, so one client going away cancels no one else's answer).
+    """
+    flights: dict[Any, asyncio.Task[bytes]] | None = getattr(state, "list_flights", None)
+    if flights is None:
+        flights = state.list_flights = {}
+    task = flights.get(key)
+    if task is None:
+        task = asyncio.ensure_future(build())
+        flights[key] = task
+        task.add_done_callback(lambda _t: flights.pop(key, None))
+    return await asyncio.shield(task)
 
 
 @router.get("/{ref}", response_model=Checkpoint, responses=ERRORS)

@@ -17,7 +17,13 @@ from criud.daemon.errors import PermissionDenied, Unauthorized
 OPEN_ON_TCP = frozenset({"/healthz"})
 
 
-def service(request: Request) -> Service:
+# Both dependencies are async on purpose: FastAPI runs a plain `def`
+# dependency in the thread pool, two hops a request for a few attribute
+# reads (issue 13 measured half the server's CPU under load on them).
+# Neither may block.
+
+
+async def service(request: Request) -> Service:
     """The daemon service the app was built with."""
     s: Service = request.app.state.service
     return s
@@ -37,7 +43,7 @@ def token_ok(authorization: str, token: str | None) -> bool:
 NO_TOKEN = "a valid bearer token is required on the TCP listener"
 
 
-def caller(request: Request) -> Caller:
+async def caller(request: Request) -> Caller:
     """Who is calling: SO_PEERCRED on the unix socket, a bearer token on TCP."""
     if getattr(request.state, "tcp", False):
         # TcpTokenGate has checked already; checked again here so that no

@@ -60,6 +60,13 @@ _TUNABLES: tuple[tuple[str, Callable[[str], float], str, str, str], ...] = (
         "SECONDS",
         "kill a dump's criu this long after its process died, if it has not finished",
     ),
+    (
+        "criu-pool",
+        _count,
+        "2",
+        "N",
+        "pre-started criu workers kept ready for dumps and restores (0: none)",
+    ),
     # Quotas (criud.daemon.quotas); the rest of them are Settings fields.
     (
         "header-timeout",
@@ -170,6 +177,7 @@ _TUNABLES: tuple[tuple[str, Callable[[str], float], str, str, str], ...] = (
 _TUNABLE_FIELDS = {
     "criu-timeout": "criu_timeout_s",
     "criu-gone-grace": "criu_gone_grace_s",
+    "criu-pool": "criu_pool",
     "header-timeout": "header_timeout_s",
     "max-conns-per-uid": "max_conns_per_uid",
     "max-ops-per-uid": "max_ops_per_uid",

@@ -48,6 +48,9 @@ class Settings:
     # How long a dump's criu may go on once the process it dumps has died
     # before it is killed (a target killed mid-dump can leave criu hanging).
     criu_gone_grace_s: float = 10.0
+    # Pre-started `criu swrk` workers kept ready (0: every run execs the CLI).
+    # A warm worker saves criu's exec, library loading and kdat per run.
+    criu_pool: int = 2
     # The longest the opening of a restore's inherit paths may take (a
     # caller's path on a hung filesystem) before its opener child is killed.
     path_open_timeout_s: float = 5.0

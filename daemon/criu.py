@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import logging
 import os
@@ -23,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from criud.daemon import imgdir
+from criud.daemon import criu_rpc, imgdir
 from criud.daemon.errors import CriuUnavailable, out_of_fds
 
 log = logging.getLogger("criud.criu")
@@ -181,6 +182,66 @@ def wrap_argv(
     return [*cmd, "--", criu, *argv]
 
 
+def _log_dir_fd(req: criu_rpc.Request) -> int | str:
+    """An fd of the dir criu will open its RPC log in, checked to be root's alone; or why not.
+
+    criu opens the log by name (O_CREAT|O_TRUNC, following links) in its
+    work dir: the run dir of a restore, or the images dir of a dump.  Only
+    a dir that no one but root can write is safe for that; any other goes
+    the CLI way (the daemon's own log fd as criu's stdout).
+    """
+    if req.work_dir_fd is not None:
+        fd = fcntl.fcntl(req.work_dir_fd, fcntl.F_DUPFD_CLOEXEC, 0)
+    elif req.images_dir is not None:
+        try:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(req.images_dir, flags)
+        except OSError as e:
+            return f"images dir: {e.strerror}"
+    else:
+        return "no dir for the log"
+    st = os.fstat(fd)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        os.close(fd)
+        return "the log dir is writable by others than root"
+    return fd
+
+
+def _collect_log(dir_fd: int, log: LogFile) -> None:
+    """Move what criu logged in its work dir into the daemon's log (if not the same file)."""
+    log_ = logging.getLogger("criud.criu")
+    name = log.path.name
+    try:
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return  # criu died before it opened its log
+    try:
+        a, b = os.fstat(src), os.fstat(log.fd)
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            return  # a dump: criu wrote into the daemon's log itself
+        # Plain reads and writes: sendfile and copy_file_range refuse an
+        # O_APPEND destination.
+        left = LOG_READ_CAP
+        while left > 0 and (chunk := os.read(src, min(left, 1 << 20))):
+            os.write(log.fd, chunk)
+            left -= len(chunk)
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError as e:
+        # The run's outcome stands; only its log is short.
+        log_.warning("cannot copy criu's log into %s: %s", log.path, e)
+    finally:
+        os.close(src)
+
+
+def _write_pid(procs_file: str, pid: int) -> None:
+    """Move pid into the cgroup whose cgroup.procs this is."""
+    fd = os.open(procs_file, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(pid).encode())
+    finally:
+        os.close(fd)
+
+
 def _join_cgroups(procs_files: tuple[str, ...]) -> None:
     """In the child before exec: move this process into each cgroup ("0" is self)."""
     for path in procs_files:
@@ -222,6 +283,36 @@ class Criu:
         self.spawn_guard: Callable[[], contextlib.AbstractContextManager[object]] = (
             contextlib.nullcontext
         )
+        # Pre-started `criu swrk` workers (start_pool); None: every run is the CLI.
+        self.pool: criu_rpc.WarmPool | None = None
+
+    def start_pool(self, size: int) -> None:
+        """Keep size warm criu workers ready (0: none); they start in the background."""
+        if size <= 0 or self.pool is not None:
+            return
+
+        async def spawn(cmd: Sequence[str], sock_fd: int) -> asyncio.subprocess.Process:
+            # Before any request the worker logs nothing worth keeping;
+            # each request names its own log (see _warm).
+            dn = asyncio.subprocess.DEVNULL
+            return await self._spawn(cmd, dn, dn, (sock_fd,))
+
+        self.pool = criu_rpc.WarmPool(
+            size,
+            # Under setpriv --pdeathsig KILL, as every criu run: an idle
+            # worker dies with the daemon, SIGKILL included.  The exec
+            # costs nothing on a request's path.
+            lambda fd: wrap_argv(self.setpriv, self.path, ["swrk", str(fd)], None),
+            spawn,
+            self.running.discard,
+        )
+        self.pool.fill()
+
+    async def close_pool(self) -> None:
+        """Kill and reap the idle workers; later runs use the CLI."""
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            await pool.close()
 
     async def _capture(self, *args: str) -> tuple[int, str]:
         proc = await self._spawn(
@@ -283,6 +374,9 @@ class Criu:
         if watch_pid is not None:
             with contextlib.suppress(OSError):
                 target = os.pidfd_open(watch_pid)
+        warm = self._warm(argv, log, pass_fds, run_as)
+        if warm is not None:
+            return await self._run_warm(*warm, log, target, cgroup_procs, on_spawn)
         cmd = wrap_argv(self.setpriv, self.path, argv, run_as)
         extra: dict[str, object] = {}
         if cgroup_procs:
@@ -303,6 +397,90 @@ class Criu:
             return CriuResult(returncode=rc, log_path=log.path, first_error=None, log_tail=[])
         err, tail, lines = await asyncio.to_thread(read_log_fd, log_fd)
         return CriuResult(rc, log.path, err, tail, stopped=stopped, log_lines=lines)
+
+    def _warm(
+        self, argv: Sequence[str], log_file: LogFile, pass_fds: Sequence[int], run_as: RunAs | None
+    ) -> tuple[criu_rpc.Worker, criu_rpc.Request, int] | None:
+        """A warm worker and the run as its request (+ the log dir's fd), or None: the CLI.
+
+        The CLI path stays for (each logged at debug level with its reason):
+        a run as the tree's owner (a pre-started worker is root's, and the
+        owner's criu could not open the root daemon's /proc/<pid>/fd that
+        RPC names dirs by); whatever criu_rpc.to_request refuses (inherit
+        fds: a warm worker cannot hold them); a log dir anyone but root can
+        write (criu opens its RPC log by name there); no idle worker.
+        """
+        if self.pool is None:
+            return None
+        why = self._warm_refusal(argv, log_file, pass_fds, run_as)
+        if isinstance(why, tuple):
+            req, dir_fd = why
+            w = self.pool.take()
+            if w is not None:
+                return w, req, dir_fd
+            os.close(dir_fd)
+            why = "no idle warm worker"
+        log.debug("criu %s: CLI path: %s", argv[0] if argv else "?", why)
+        return None
+
+    @staticmethod
+    def _warm_refusal(
+        argv: Sequence[str], log_file: LogFile, pass_fds: Sequence[int], run_as: RunAs | None
+    ) -> tuple[criu_rpc.Request, int] | str:
+        """The request and its log dir's fd, or why the run must take the CLI path."""
+        if run_as is not None:
+            return "runs as the tree's owner"
+        req = criu_rpc.to_request(argv, pass_fds, log_file.path.name)
+        if isinstance(req, str):
+            return req
+        dir_fd = _log_dir_fd(req)
+        if isinstance(dir_fd, str):
+            return dir_fd
+        return req, dir_fd
+
+    async def _run_warm(
+        self,
+        w: criu_rpc.Worker,
+        req: criu_rpc.Request,
+        dir_fd: int,
+        log_file: LogFile,
+        target: int | None,
+        cgroup_procs: Sequence[str],
+        on_spawn: Callable[[int], Awaitable[None]] | None,
+    ) -> CriuResult:
+        """Serve the run on a warm worker; the result as the CLI run would have given it."""
+
+        async def started(pid: int) -> None:
+            if on_spawn is not None:
+                await on_spawn(pid)
+            # The worker, not a child before exec, joins the cgroups: the
+            # restored tree inherits them from it, as from the CLI's criu.
+            for path in cgroup_procs:
+                _write_pid(path, pid)
+            await criu_rpc.exchange(w, req.req)
+
+        try:
+            rc, stopped = await self._supervise(w.proc, target, started)
+            resp = criu_rpc.reply(w)
+            ok = resp is not None and resp.success
+            if ok and req.pidfile is not None and req.work_dir_fd is not None:
+                assert resp is not None
+                criu_rpc.write_pidfile(req.work_dir_fd, req.pidfile, resp.restore.pid)
+            await asyncio.to_thread(_collect_log, dir_fd, log_file)
+        finally:
+            w.sock.close()
+            os.close(dir_fd)
+            if self.pool is not None:
+                self.pool.fill()
+        if ok:
+            return CriuResult(returncode=0, log_path=log_file.path, first_error=None, log_tail=[])
+        # A worker that answered "failed" exits 0 or 1; one that never
+        # answered was killed (rc < 0) or broke: never a success.
+        rc = rc if rc != 0 else 1
+        err, tail, lines = await asyncio.to_thread(read_log_fd, log_file.fd)
+        if err is None and resp is not None and resp.cr_errmsg:
+            err = resp.cr_errmsg
+        return CriuResult(rc, log_file.path, err, tail, stopped=stopped, log_lines=lines)
 
     async def _supervise(
         self,

@@ -186,6 +186,7 @@ class CriudService:
         # criu run (the start-up check writes the cache).  Never fatal.
         self.kdat_cache = await asyncio.to_thread(kdat.ensure_kdat_tmpfs, kdat.KDAT_DIR)
         await self.criu.probe()
+        self.criu.start_pool(self.settings.criu_pool)
         await asyncio.to_thread(self.prepare_dirs)
         await asyncio.to_thread(self.store.open)
         self.audit.start()
@@ -244,6 +245,7 @@ class CriudService:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self.handles.close_all()
+        await self.criu.close_pool()
         await self.children.stop()
         # What is still unsettled is left as dumping/restoring: the next
         # start marks it interrupted.

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from criud.api.client import Client
 
 # /proc reads as the daemon does them: one copy, shared by every test.
-from criud.daemon.procutil import proc_start, proc_state
+from criud.daemon.procutil import children, proc_start, proc_state
 
 T = TypeVar("T")
 CRIU = shutil.which("criu") or "/usr/local/sbin/criu"
@@ -41,6 +41,26 @@ def wait_for(
 
 def pid_gone(pid: int) -> bool:
     return not os.path.exists(f"/proc/{pid}")
+
+
+def is_pool_worker(pid: int) -> bool:
+    """Whether pid is one of the daemon's warm `criu swrk` workers (--criu-pool)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return len(argv) > 1 and argv[1] == b"swrk"
+
+
+def pool_workers(pid: int) -> list[int]:
+    """The daemon's children that are warm criu workers (idle or serving a request)."""
+    return [c for c in children(pid) if is_pool_worker(c)]
+
+
+def other_children(pid: int) -> list[int]:
+    """The daemon's children that are not warm criu workers (CLI criu runs, helpers)."""
+    return [c for c in children(pid) if not is_pool_worker(c)]
 
 
 def fd_table(pid: int) -> dict[int, str]:

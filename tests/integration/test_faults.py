@@ -287,7 +287,9 @@ def _hanging_daemon(root: Path, *args: str) -> Daemon:
     wrapper = root / "criu-hangs"
     wrapper.write_text(HANGING_CRIU.format(mark=root / "dump-started", criu=CRIU))
     wrapper.chmod(0o755)
-    return Daemon(root, criu=str(wrapper), args=args).start()
+    # The wrapper stands in for the CLI's `criu dump`: no warm workers, whose
+    # requests come over RPC (test_criu_pool covers a worker that hangs).
+    return Daemon(root, criu=str(wrapper), args=["--criu-pool", "0", *args]).start()
 
 
 def test_a_criu_past_its_timeout_is_killed(procs: Procs) -> None:

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from criud.daemon.procutil import children
 from tests.integration.helpers import (
     Daemon,
     Procs,
     _shared_src,
+    other_children,
     pid_gone,
     proc_state,
     read_line,
@@ -198,7 +198,8 @@ def popen_calls_as(user: User, daemon: Daemon, calls: list[Any]) -> subprocess.P
 
 
 def criu_child(daemon_pid: int) -> int | None:
-    for c in children(daemon_pid):
+    # A warm worker is idle root's criu; bob's runs as the CLI.
+    for c in other_children(daemon_pid):
         try:
             if Path(f"/proc/{c}/comm").read_text().strip() == "criu":
                 return c

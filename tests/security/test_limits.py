@@ -24,8 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from criud.api.client import Client, _UnixConnection
-from criud.daemon.procutil import children
-from tests.integration.helpers import Daemon, Procs, _shared_src, read_line, temp_root, wait_for
+from tests.integration.helpers import (
+    Daemon,
+    Procs,
+    _shared_src,
+    other_children,
+    read_line,
+    temp_root,
+    wait_for,
+)
 from tests.security.users import Accounts, User, call_as, calls_as, run_as, spawn_as
 
 # Bob's fd-socket flood: up to max_msgs messages of `per` copies of one pipe
@@ -466,7 +473,8 @@ def test_inflight_operations_are_capped_per_uid(users: Accounts, procs: Procs) -
                 env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(_shared_src())},
             )
             # While bob's checkpoints run (criu is a child of the daemon), root's runs too.
-            wait_for(lambda: children(d.pid), 30, interval=0.01, what="bob's criu to start")
+            # Not a warm worker: bob's criu runs as bob, the CLI way.
+            wait_for(lambda: other_children(d.pid), 30, interval=0.01, what="bob's criu to start")
             ck = d.client.checkpoint(mine.pid, leave_running=True)
             assert ck["state"] == "done"
             out, err = p.communicate(timeout=180)
