@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import Progress as RichProgress
 
     from criud.api.client import Client
 
@@ -73,14 +74,12 @@ def interrupt_sets(flag: threading.Event) -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, old)
 
 
-def render(
-    updates: Iterable[Update], label: str, console: Console | None = None, stderr: bool = False
-) -> None:
-    """Draw updates as a live bar (phase, bytes, rate, time left) until they end.
+def byte_bar(console: Console, *between: Any, **kw: Any) -> RichProgress:
+    """A rich bar of bytes: label, the columns `between`, bar, size, rate, time left.
 
-    On console if given, else on a new one of stdout (stderr=True: of stderr).
+    The one look of every long CLI command (checkpoint, restore, export,
+    import); kw goes to rich's Progress (transient=, refresh_per_second=).
     """
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -92,14 +91,28 @@ def render(
 
     columns = (
         TextColumn("{task.description}"),
-        TextColumn("[bold]{task.fields[phase]:<10}"),
+        *between,
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
+    return Progress(*columns, console=console, **kw)
+
+
+def render(
+    updates: Iterable[Update], label: str, console: Console | None = None, stderr: bool = False
+) -> None:
+    """Draw updates as a live bar (phase, bytes, rate, time left) until they end.
+
+    On console if given, else on a new one of stdout (stderr=True: of stderr).
+    """
+    from rich.console import Console
+    from rich.progress import TextColumn
+
     console = console or Console(stderr=stderr)
-    with Progress(*columns, console=console, refresh_per_second=8) as bar:
+    phase_col = TextColumn("[bold]{task.fields[phase]:<10}")
+    with byte_bar(console, phase_col, refresh_per_second=8) as bar:
         task = bar.add_task(label, total=None, phase="")
         for phase, done, total in updates:
             if done is None:
