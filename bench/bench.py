@@ -794,9 +794,9 @@ def bench_api(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str,
 # -- 7. events and metrics ------------------------------------------------------
 
 
-def _small_cycle(c: Client) -> float:
-    """One checkpoint + restore of a sleep through criud (warm cache); seconds."""
-    pid = spawn_sleep()
+def _small_cycle(c: Client, pid: int | None = None) -> float:
+    """One checkpoint + restore of a sleep (pid, or a new one) through criud; seconds."""
+    pid = spawn_sleep() if pid is None else pid
     t0 = time.perf_counter()
     ck = c.checkpoint(pid)
     td = time.perf_counter() - t0

@@ -17,14 +17,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import _repo  # noqa: F401  (puts the repo on sys.path)
 
 from bench import (
     TRACK,
     Daemon,
-    criud_restore_kill,
+    _small_cycle,
     kill,
     loadavg,
     raw_dump,
@@ -32,20 +31,6 @@ from bench import (
     reap_dumped,
     spawn_sleep,
 )
-
-
-def _criud_cycle(c: Any, pid: int) -> float:
-    t0 = time.perf_counter()
-    ck = c.checkpoint(pid)
-    td = time.perf_counter() - t0
-    reap_dumped(pid)
-    t0 = time.perf_counter()
-    r = c.restore(ck["id"])
-    tr = time.perf_counter() - t0
-    TRACK.add(int(r["pid"]))
-    criud_restore_kill(c, r)
-    c.delete(ck["id"])
-    return td + tr
 
 
 def _raw_cycle(criu: str, root: Path, i: int) -> float:
@@ -81,7 +66,7 @@ def main() -> None:
                 if side == "raw":
                     got[side] = _raw_cycle(criu, root, i)
                 else:
-                    got[side] = _criud_cycle(cp if side == "pool" else cn, spawn_sleep())
+                    got[side] = _small_cycle(cp if side == "pool" else cn, spawn_sleep())
                 # Let the pool refill off the measured path, as between requests.
                 time.sleep(0.1)
             if i >= 2:  # two warm-up rounds
