@@ -77,6 +77,10 @@ class CriuResult:
         return self.returncode == 0
 
 
+def _harmless(msg: str) -> bool:
+    return any(p.search(msg) for p in _HARMLESS)
+
+
 def first_error(lines: Sequence[str]) -> str | None:
     """Return criu's first meaningful error line (source location stripped)."""
     for line in lines:
@@ -84,7 +88,7 @@ def first_error(lines: Sequence[str]) -> str | None:
         if m is None:
             continue
         msg = m.group(2).strip()
-        if any(p.search(msg) for p in _HARMLESS):
+        if _harmless(msg):
             continue
         return msg
     # Some failures print nothing in criu's format (exec errors, usage).
@@ -479,7 +483,13 @@ class Criu:
         rc = rc if rc != 0 else 1
         err, tail, lines = await asyncio.to_thread(read_log_fd, log_file.fd)
         if err is None and resp is not None and resp.cr_errmsg:
-            err = resp.cr_errmsg
+            # The reply's message is a log line of criu's; the same filter
+            # applies (a full disk leaves no log, and the reply may then
+            # carry only the harmless rlimit complaint of a root without
+            # CAP_SYS_RESOURCE, which is no reason for the failure).
+            err = first_error(resp.cr_errmsg.splitlines()) or (
+                None if _harmless(resp.cr_errmsg) else resp.cr_errmsg
+            )
         return CriuResult(rc, log_file.path, err, tail, stopped=stopped, log_lines=lines)
 
     async def _supervise(
