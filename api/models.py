@@ -61,6 +61,13 @@ class CheckpointRequest(Strict):
         max_length=64,
         description="At most 64; keys [A-Za-z0-9][A-Za-z0-9_.-/]{0,62}, values up to 256 chars",
     )
+    pre_dumps: int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="Iterative pre-dumps before the final dump; needs the kernel's soft-dirty "
+        "tracking (422 unsupported_by_kernel where it is missing)",
+    )
 
     @field_validator("labels")
     @classmethod
@@ -205,6 +212,11 @@ class RestoreRequest(Strict):
         "and 2 at dump time, whatever their kind (pipe, pty, FIFO or file); other "
         "external fds still need their own inherit_fds",
     )
+    lazy: bool = Field(
+        default=False,
+        description="Run the tree before its memory is in: criu lazy-pages serves its pages "
+        "on first touch (userfaultfd; 422 unsupported_by_kernel where missing)",
+    )
 
 
 class Restore(BaseModel):
@@ -221,6 +233,13 @@ class Restore(BaseModel):
     exit_signal: int | None = None
     stats: dict[str, int] | None = None
     error: dict[str, Any] | None = None
+    lazy: bool = False
+    pages_lazy: int | None = Field(
+        default=None, description="Pages served lazily (once the lazy-pages server ended)"
+    )
+    lazy_done_at: float | None = Field(
+        default=None, description="When the last lazily served page came in"
+    )
 
 
 class SignalRequest(Strict):

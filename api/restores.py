@@ -39,6 +39,9 @@ def to_model(rec: RestoreRecord) -> Restore:
         exit_signal=rec.exit_signal,
         stats=rec.stats,
         error=rec.error,
+        lazy=bool(rec.lazy),
+        pages_lazy=rec.pages_lazy,
+        lazy_done_at=rec.lazy_done_at,
     )
 
 
@@ -63,6 +66,7 @@ async def create_restore(
         oci_bundle=body.oci.bundle if body.oci else None,
         oci_name=body.oci.name if body.oci else None,
         stdio=body.stdio.handle if body.stdio else None,
+        lazy=body.lazy,
     )
     if not wait:
         return accepted(c.start_restore(spec, who))

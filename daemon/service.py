@@ -13,6 +13,7 @@ store.  Nothing here blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -32,6 +33,7 @@ from criud.daemon import (
     events,
     imgdir,
     kdat,
+    kprobe,
     logfmt,
     names,
     operations,
@@ -155,7 +157,11 @@ class CriudService:
         self.children.on_exit = self._restore_exited
         self.started_at = time.time()
         self._busy_pids: set[int] = set()
-        self._busy_ckpts: set[str] = set()
+        # Checkpoints in use: held alone (a delete, an export, a restore that
+        # keeps its pids), or by shared holders (restores of a tree in its
+        # own pid namespace, lazy restores' pins), counted.
+        self._busy_excl: set[str] = set()
+        self._busy_shared: collections.Counter[str] = collections.Counter()
         self._ops: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self.kdat_cache = False
@@ -188,6 +194,9 @@ class CriudService:
         await self.criu.probe()
         self.criu.start_pool(self.settings.criu_pool)
         await asyncio.to_thread(self.prepare_dirs)
+        # Lazy restore, pre-dump, post-copy: feature checks, and real
+        # attempts where a check cannot tell (criud.daemon.kprobe).
+        self.criu.supports = await kprobe.probe(self.criu, self.settings.run_dir)
         await asyncio.to_thread(self.store.open)
         self.audit.start()
         ck = await self.store.run(self.store.interrupt_unfinished)
@@ -246,7 +255,7 @@ class CriudService:
             await asyncio.gather(*pending, return_exceptions=True)
         self.handles.close_all()
         await self.criu.close_pool()
-        await self.children.stop()
+        await self.children.stop(self.settings.shutdown_grace_s)
         # What is still unsettled is left as dumping/restoring: the next
         # start marks it interrupted.
         await self.store.stop_settling()
@@ -461,15 +470,52 @@ class CriudService:
             self._busy_pids.discard(pid)
 
     @contextlib.contextmanager
-    def busy(self, ckpt_id: str, message: str) -> Iterator[None]:
-        """Mark a checkpoint in use (restored, deleted) for the block; Busy if it is already."""
-        if ckpt_id in self._busy_ckpts:
-            raise Busy(message, checkpoint=ckpt_id)
-        self._busy_ckpts.add(ckpt_id)
+    def busy(self, ckpt_id: str, message: str, shared: bool = False) -> Iterator[None]:
+        """Mark a checkpoint in use (restored, deleted) for the block; Busy if it is already.
+
+        shared holders (clones' restores) may hold it together; an exclusive
+        one (a delete, an export, any other restore) only alone.
+        """
+        release = self._hold(ckpt_id, message, shared)
         try:
             yield
         finally:
-            self._busy_ckpts.discard(ckpt_id)
+            release()
+
+    def pin(self, ckpt_id: str, message: str) -> Callable[[], None]:
+        """A shared hold that outlives a block (a lazy restore's images); its release.
+
+        Taken by a job inside its own busy block, so never refused: it only
+        keeps the checkpoint held once that block ends.
+        """
+        self._busy_shared[ckpt_id] += 1
+        return self._release(ckpt_id, shared=True)
+
+    def _hold(self, ckpt_id: str, message: str, shared: bool) -> Callable[[], None]:
+        if ckpt_id in self._busy_excl or (self._busy_shared[ckpt_id] and not shared):
+            raise Busy(message, checkpoint=ckpt_id)
+        if shared:
+            self._busy_shared[ckpt_id] += 1
+        else:
+            self._busy_excl.add(ckpt_id)
+        return self._release(ckpt_id, shared)
+
+    def _release(self, ckpt_id: str, shared: bool) -> Callable[[], None]:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            if not shared:
+                self._busy_excl.discard(ckpt_id)
+            elif self._busy_shared[ckpt_id] > 1:
+                self._busy_shared[ckpt_id] -= 1
+            else:
+                del self._busy_shared[ckpt_id]
+
+        return release
 
     # -- info and introspection -----------------------------------------------------
 
@@ -486,6 +532,7 @@ class CriudService:
             "criu": {"version": self.criu.version, "path": self.criu.path},
             "kernel": platform.release(),
             "features": dict(self.criu.features),
+            "supports": {m: c.as_dict() for m, c in self.criu.supports.items()},
             "kdat_cache": self.kdat_cache,
         }
 
