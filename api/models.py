@@ -191,6 +191,13 @@ class StdioRef(Strict):
     handle: str = Field(max_length=64)
 
 
+class CopyFds(Strict):
+    """What one copy of a clone restore gets: its own inherit fds and stdio."""
+
+    inherit_fds: list[InheritFd] = Field(default_factory=list, max_length=64)
+    stdio: StdioRef | None = None
+
+
 class RestoreRequest(Strict):
     checkpoint: str = Field(
         max_length=192,
@@ -211,6 +218,19 @@ class RestoreRequest(Strict):
         description="Indices 0, 1 and 2 of this fd handle replace the root task's fds 0, 1 "
         "and 2 at dump time, whatever their kind (pipe, pty, FIFO or file); other "
         "external fds still need their own inherit_fds",
+    )
+    copies: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description="Restore this many copies at once (clones), each in fresh namespaces; "
+        "only for a tree rooted in its own pid namespace",
+    )
+    per_copy: list[CopyFds] = Field(
+        default_factory=list,
+        max_length=32,
+        description="With copies: one entry per copy, its own inherit_fds and stdio (an fd "
+        "handle is consumed by one restore, so copies cannot share the top-level ones)",
     )
     lazy: bool = Field(
         default=False,
@@ -240,6 +260,12 @@ class Restore(BaseModel):
     lazy_done_at: float | None = Field(
         default=None, description="When the last lazily served page came in"
     )
+
+
+class RestoreCopies(BaseModel):
+    """The copies a clone restore started, in the order of per_copy."""
+
+    copies: list[Restore]
 
 
 class SignalRequest(Strict):

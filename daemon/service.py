@@ -75,6 +75,7 @@ from criud.dump import job as dump_job
 from criud.dump import preflight as dump_preflight
 from criud.dump.argv import DUMP_LOG
 from criud.dump.job import TMP_PREFIX, CheckpointSpec
+from criud.dump.manifest import Manifest
 from criud.restore import importer as import_job
 from criud.restore import job as restore_job
 from criud.restore.argv import RESTORE_LOG
@@ -933,6 +934,32 @@ class CriudService:
         """Restore a checkpoint, handing in the mapped fds; return the running restore."""
         rec: RestoreRecord = await self._wait(self.start_restore(spec, caller))
         return rec
+
+    async def restore_copies(self, specs: list[RestoreSpec], caller: Caller) -> list[RestoreRecord]:
+        """Restore copies of one checkpoint at once (clones); all of them run, or none.
+
+        Only a tree rooted in its own pid namespace: each copy gets a fresh
+        one, so the copies' pids never collide.  Each copy is an ordinary
+        restore (its own operation, record and fds); if any fails, the
+        copies that did start are killed and the first failure answers.
+        """
+        ckpt = await self.get_checkpoint(specs[0].checkpoint, caller)
+        if ckpt.state == "done" and not Manifest.from_json(ckpt.manifest).pidns_init:
+            raise InvalidRequest(
+                f"checkpoint {specs[0].checkpoint!r} cannot be restored in copies: its tree "
+                "is not rooted in a pid namespace of its own (its pids would collide)"
+            )
+        results = await asyncio.gather(
+            *(self.restore(s, caller) for s in specs), return_exceptions=True
+        )
+        done = [r for r in results if isinstance(r, RestoreRecord)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            for r in done:
+                with contextlib.suppress(CriudError):
+                    await self.signal_restore(r.id, signal.SIGKILL, caller)
+            raise failed[0]
+        return done
 
     # -- operations ---------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -183,3 +184,22 @@ def test_pre_dump_real_attempt_reports_why(daemon: Daemon) -> None:
     else:
         # This kernel: "Dirty tracking is OFF" (criu then aborts).
         assert why is not None and "real attempt failed" in why, why
+
+
+def test_cli_restore_lazy(daemon: Daemon, procs: Procs) -> None:
+    p = procs.spawn(["sleep", "1000"])
+    ck = daemon.client.checkpoint(p.pid, name=f"cli-lazy-{p.pid}")
+    p.wait(timeout=10)
+    out = subprocess.run(
+        daemon.cli("restore", ck["id"], "--lazy"), capture_output=True, timeout=60, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "lazy" in out.stdout, out.stdout
+    (rec,) = [r for r in daemon.client.restores() if r["checkpoint"] == ck["id"]]
+    procs.adopt(rec["pid"])
+    assert rec["lazy"] is True
+    # A sleep's few pages come in at once: the server ends, the record says so.
+    wait_for(lambda: daemon.client.get_restore(rec["id"])["lazy_done_at"], 30, what="lazy done")
+    daemon.client.signal(rec["id"], "KILL")
+    wait_for(lambda: daemon.client.get_restore(rec["id"])["state"] == "exited", 10)
+    daemon.client.delete(ck["id"])
