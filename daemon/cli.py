@@ -647,7 +647,7 @@ def _run_long(a: argparse.Namespace, cl: Client) -> tuple[dict[str, Any], str] |
             paths=paths,
             stdio=(0, 1, 2) if a.stdio else None,
             wait=w,
-            **({"lazy": True} if a.lazy else {}),
+            lazy=a.lazy,
         ),
     )
     if out is None:
