@@ -80,6 +80,31 @@ def require(criu: Criu, mode: str, asked: str) -> None:
     )
 
 
+UFFD_SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
+
+
+def require_user_uffd(asked: str) -> None:
+    """UnsupportedByKernel unless a user's criu may create userfaultfds.
+
+    A tree restored as its owner (root lacks CAP_SYS_RESOURCE here) has its
+    criu, and its lazy-pages server, run as that user: with
+    vm.unprivileged_userfaultfd = 0 their kernel probe finds no uffd and
+    `criu lazy-pages` exits 1 logging nothing.  Granting them CAP_SYS_PTRACE
+    instead would hand the user a ptrace-everything process: refused.
+    """
+    try:
+        allowed = UFFD_SYSCTL.read_text().strip() == "1"
+    except OSError:
+        allowed = False
+    if not allowed:
+        raise UnsupportedByKernel(
+            f"{asked}: the tree is restored as its owner, whose criu may not use "
+            "userfaultfd here (vm.unprivileged_userfaultfd is 0)",
+            capability="lazy_restore",
+            feature="unprivileged_userfaultfd",
+        )
+
+
 async def probe(criu: Criu, scratch: Path) -> dict[str, Capability]:
     """Every mode's Capability (feature checks from Criu.probe, then real attempts)."""
     out: dict[str, Capability] = {}

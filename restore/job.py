@@ -148,6 +148,8 @@ async def run(rt: RestoreRuntime, spec: RestoreSpec, caller: Caller) -> RestoreR
         raise CheckpointNotReady(f"checkpoint {spec.checkpoint!r} is {ckpt.state}")
     busy = f"checkpoint {spec.checkpoint!r} is being restored or deleted"
     manifest = Manifest.from_json(ckpt.manifest)
+    if spec.lazy and creds.run_as_of(manifest.run_as) is not None:
+        kprobe.require_user_uffd(f"lazy restore of {spec.checkpoint!r}")
     # A tree in its own pid namespace is restored into a fresh one each
     # time: copies of it may be restored at once (clones).  Any other
     # would collide on its pids.
