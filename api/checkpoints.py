@@ -94,6 +94,7 @@ def _spec(body: CheckpointRequest) -> CheckpointSpec:
         options=opts,
         labels=body.labels,
         oci_bundle=body.oci.bundle if body.oci else None,
+        pre_dumps=body.pre_dumps,
     )
 
 

@@ -61,6 +61,13 @@ class CheckpointRequest(Strict):
         max_length=64,
         description="At most 64; keys [A-Za-z0-9][A-Za-z0-9_.-/]{0,62}, values up to 256 chars",
     )
+    pre_dumps: int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="Iterative pre-dumps before the final dump; needs the kernel's soft-dirty "
+        "tracking (422 unsupported_by_kernel where it is missing)",
+    )
 
     @field_validator("labels")
     @classmethod
@@ -184,6 +191,13 @@ class StdioRef(Strict):
     handle: str = Field(max_length=64)
 
 
+class CopyFds(Strict):
+    """What one copy of a clone restore gets: its own inherit fds and stdio."""
+
+    inherit_fds: list[InheritFd] = Field(default_factory=list, max_length=64)
+    stdio: StdioRef | None = None
+
+
 class RestoreRequest(Strict):
     checkpoint: str = Field(
         max_length=192,
@@ -205,6 +219,24 @@ class RestoreRequest(Strict):
         "and 2 at dump time, whatever their kind (pipe, pty, FIFO or file); other "
         "external fds still need their own inherit_fds",
     )
+    copies: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description="Restore this many copies at once (clones), each in fresh namespaces; "
+        "only for a tree rooted in its own pid namespace",
+    )
+    per_copy: list[CopyFds] = Field(
+        default_factory=list,
+        max_length=32,
+        description="With copies: one entry per copy, its own inherit_fds and stdio (an fd "
+        "handle is consumed by one restore, so copies cannot share the top-level ones)",
+    )
+    lazy: bool = Field(
+        default=False,
+        description="Run the tree before its memory is in: criu lazy-pages serves its pages "
+        "on first touch (userfaultfd; 422 unsupported_by_kernel where missing)",
+    )
 
 
 class Restore(BaseModel):
@@ -221,6 +253,19 @@ class Restore(BaseModel):
     exit_signal: int | None = None
     stats: dict[str, int] | None = None
     error: dict[str, Any] | None = None
+    lazy: bool = False
+    pages_lazy: int | None = Field(
+        default=None, description="Pages served lazily (once the lazy-pages server ended)"
+    )
+    lazy_done_at: float | None = Field(
+        default=None, description="When the last lazily served page came in"
+    )
+
+
+class RestoreCopies(BaseModel):
+    """The copies a clone restore started, in the order of per_copy."""
+
+    copies: list[Restore]
 
 
 class SignalRequest(Strict):

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import signal
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
 
 from criud.api.deps import caller, service
-from criud.api.models import Operation, Problem, Restore, RestoreRequest, SignalRequest
+from criud.api.models import (
+    CopyFds,
+    Operation,
+    Problem,
+    Restore,
+    RestoreCopies,
+    RestoreRequest,
+    SignalRequest,
+)
 from criud.api.operations import WaitQuery, accepted
 from criud.api.service import Service
 from criud.daemon.caller import Caller
@@ -39,34 +47,58 @@ def to_model(rec: RestoreRecord) -> Restore:
         exit_signal=rec.exit_signal,
         stats=rec.stats,
         error=rec.error,
+        lazy=bool(rec.lazy),
+        pages_lazy=rec.pages_lazy,
+        lazy_done_at=rec.lazy_done_at,
     )
 
 
 @router.post(
     "",
     status_code=201,
-    response_model=Restore,
+    response_model=Restore | RestoreCopies,
     responses={**ERRORS, 202: {"model": Operation, "description": "Started (?wait=false)"}},
 )
 async def create_restore(
     body: RestoreRequest, c: CoreDep, who: CallerDep, wait: WaitQuery = True
-) -> Restore | Response:
+) -> Restore | RestoreCopies | Response:
     """Restore a checkpoint; inherit_fds name what each handed-in fd replaces.
 
-    With ?wait=false: 202 at once, with the operation to follow (its Location).
+    With copies > 1: that many copies at once, each with its per_copy fds
+    (answered as {"copies": [...]}).  With ?wait=false: 202 at once, with
+    the operation to follow (its Location).
     """
-    inherit = tuple(InheritSpec(**m.model_dump()) for m in body.inherit_fds)
-    spec = RestoreSpec(
-        checkpoint=body.checkpoint,
-        inherit=inherit,
-        cgroup=body.cgroup,
-        oci_bundle=body.oci.bundle if body.oci else None,
-        oci_name=body.oci.name if body.oci else None,
-        stdio=body.stdio.handle if body.stdio else None,
-    )
+    if body.copies > 1 or body.per_copy:
+        specs = _copy_specs(body)
+        if not wait:
+            raise InvalidRequest("copies are restored with wait=true only")
+        return RestoreCopies(copies=[to_model(r) for r in await c.restore_copies(specs, who)])
+    spec = _spec(body, body.inherit_fds, body.stdio.handle if body.stdio else None)
     if not wait:
         return accepted(c.start_restore(spec, who))
     return to_model(await c.restore(spec, who))
+
+
+def _spec(body: RestoreRequest, fds: list[Any], stdio: str | None) -> RestoreSpec:
+    return RestoreSpec(
+        checkpoint=body.checkpoint,
+        inherit=tuple(InheritSpec(**m.model_dump()) for m in fds),
+        cgroup=body.cgroup,
+        oci_bundle=body.oci.bundle if body.oci else None,
+        oci_name=body.oci.name if body.oci else None,
+        stdio=stdio,
+        lazy=body.lazy,
+    )
+
+
+def _copy_specs(body: RestoreRequest) -> list[RestoreSpec]:
+    """One spec per copy, each with its own fds (per_copy, or none)."""
+    if body.inherit_fds or body.stdio:
+        raise InvalidRequest("with copies, give each copy its fds in per_copy")
+    per: list[CopyFds] = body.per_copy or [CopyFds() for _ in range(body.copies)]
+    if len(per) != body.copies:
+        raise InvalidRequest(f"per_copy has {len(per)} entries for {body.copies} copies")
+    return [_spec(body, p.inherit_fds, p.stdio.handle if p.stdio else None) for p in per]
 
 
 @router.get("", response_model=list[Restore], responses=ERRORS)

@@ -56,6 +56,7 @@ from typing import Any
 
 import _repo  # noqa: F401 - the repo root on sys.path, for the tests' helpers
 import archive_bench
+import lazy_bench
 import report
 import workloads
 
@@ -84,6 +85,7 @@ SECTIONS = (
     "introspection",
     "archive",
     "observability",
+    "lazy",
 )
 
 # Full and quick sizes of every section.
@@ -111,6 +113,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "obs_clients": 10,
         "obs_requests": 300,
         "obs_alternations": 4,
+        "lazy_rounds": 7,
+        "lazy_mib": 1024,
+        "clone_rounds": 7,
+        "clone_copies": 10,
     },
     "quick": {
         "small_rounds": 10,
@@ -135,6 +141,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "obs_clients": 10,
         "obs_requests": 100,
         "obs_alternations": 2,
+        "lazy_rounds": 3,
+        "lazy_mib": 1024,
+        "clone_rounds": 3,
+        "clone_copies": 10,
     },
 }
 
@@ -1322,6 +1332,7 @@ def main() -> int:
         "introspection": bench_introspection,
         "archive": archive_bench.bench_archive,
         "observability": bench_observability,
+        "lazy": lazy_bench.bench_lazy,
     }
     try:
         for name in only:

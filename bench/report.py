@@ -71,6 +71,11 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(_t(name, v, "<= 20", v <= 20, "ms"))
         v = a["rss_idle_mib"]
         out.append(_t("api: daemon idle RSS", v, "<= 60", v <= 60, "MiB"))
+    lz = r.get("lazy")
+    if lz:
+        import lazy_bench
+
+        out += [_t(*t) for t in lazy_bench.targets(lz)]
     o = r.get("observability")
     if o:
         v = o["paired_diff_median_ms"]
@@ -268,6 +273,11 @@ def markdown(r: dict[str, Any]) -> str:
         import archive_bench
 
         out += archive_bench.markdown(a)
+    lz = r.get("lazy")
+    if lz:
+        import lazy_bench
+
+        out += lazy_bench.markdown(lz)
     o = r.get("observability")
     if o:
         sub = o["subscribers"]

@@ -423,6 +423,12 @@ def _add_others(sub: Subparsers) -> None:
         help="hand this command's own fds 0, 1 and 2 in for the tree's (a pipe, pty, FIFO "
         "or file each, as they were at checkpoint)",
     )
+    r.add_argument(
+        "--lazy",
+        action="store_true",
+        help="run the tree before its memory is in (criu lazy-pages serves each page on "
+        "first touch; needs userfaultfd)",
+    )
 
     sub.add_parser("ls", help="list checkpoints")
     i = sub.add_parser("inspect", help="show one checkpoint")
@@ -641,11 +647,13 @@ def _run_long(a: argparse.Namespace, cl: Client) -> tuple[dict[str, Any], str] |
             paths=paths,
             stdio=(0, 1, 2) if a.stdio else None,
             wait=w,
+            lazy=a.lazy,
         ),
     )
     if out is None:
         return None
-    return out, f"restore {out['id']}: pid {out['pid']} {out['state']}"
+    lazy = " (lazy: pages still coming in)" if out.get("lazy") else ""
+    return out, f"restore {out['id']}: pid {out['pid']} {out['state']}{lazy}"
 
 
 def _long_op(

@@ -24,12 +24,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from criud.daemon import criu_rpc, imgdir
-from criud.daemon.errors import CriuUnavailable, out_of_fds
+from criud.daemon import criu_rpc, imgdir, kprobe
+from criud.daemon.errors import CriuFailed, CriuUnavailable, out_of_fds
 
 log = logging.getLogger("criud.criu")
 
-FEATURES = ("mem_dirty_track", "uffd-noncoop", "pidfd_store", "network_lock_nftables", "timens")
+FEATURES = (
+    "mem_dirty_track",
+    "uffd",
+    "uffd-noncoop",
+    "pidfd_store",
+    "network_lock_nftables",
+    "timens",
+)
 
 # Lines criu logs as "Error" on every run here that do not mean failure:
 # root lacks CAP_SYS_RESOURCE in this kind of VM.  Success is the exit status.
@@ -279,6 +286,9 @@ class Criu:
         # such trees are dumped and restored as their owner, --unprivileged.
         self.unprivileged_for_users = not has_cap(CAP_SYS_RESOURCE)
         self.features: dict[str, bool] = {}
+        # What each mode (lazy_restore, pre_dump, ...) can do here, probed at
+        # start-up by criud.daemon.kprobe; empty until then.
+        self.supports: dict[str, kprobe.Capability] = {}
         # Pids of criu processes we spawned and have not reaped yet: the
         # orphan reaper must leave them to asyncio's child watcher.
         self.running: set[int] = set()
@@ -342,6 +352,75 @@ class Criu:
             *(self._capture("check", "--no-default-config", "--feature", f) for f in FEATURES)
         )
         self.features = {f: rc == 0 for f, (rc, _) in zip(FEATURES, results, strict=True)}
+
+    async def spawn_plain(
+        self, cmd: Sequence[str], start_new_session: bool = False, capture: bool = False
+    ) -> asyncio.subprocess.Process:
+        """Start cmd as a child we own (in `running`, reaped by end()): probes, helpers.
+
+        stdin and stdout are /dev/null unless capture (stdout and stderr piped).
+        """
+        out = asyncio.subprocess.PIPE if capture else asyncio.subprocess.DEVNULL
+        err = asyncio.subprocess.STDOUT if capture else asyncio.subprocess.DEVNULL
+        return await self._spawn(cmd, out, err, (), {"start_new_session": start_new_session})
+
+    async def end(self, proc: asyncio.subprocess.Process) -> None:
+        """Kill proc if it still runs, reap it, and forget it."""
+        try:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await asyncio.shield(proc.wait())
+        finally:
+            self.running.discard(proc.pid)
+
+    async def start_server(
+        self,
+        argv: Sequence[str],
+        log: LogFile,
+        pass_fds: Sequence[int],
+        run_as: RunAs | None,
+        ready_s: float = 10.0,
+    ) -> asyncio.subprocess.Process:
+        """Start a criu that serves others (`lazy-pages`); return once it says it is ready.
+
+        Always the CLI path: criu's RPC has no lazy-pages request, and the
+        server must outlive the request that starts it.  criu writes one
+        byte to its --status-fd once it listens; EOF (it exited) or no byte
+        within ready_s is a failure: the server is killed and reaped, and
+        CriuFailed carries the log's first error.  The caller owns the
+        process from here (end() kills and reaps it).
+        """
+        if not os.access(self.path, os.X_OK):
+            raise CriuUnavailable(f"cannot run criu at {self.path}: not an executable file")
+        r, w = os.pipe()
+        try:
+            cmd = wrap_argv(self.setpriv, self.path, [*argv, "--status-fd", str(w)], run_as)
+            proc = await self._spawn(cmd, log.fd, log.fd, [*pass_fds, w])
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        try:
+            # The read returns the byte, or EOF once criu (the only other
+            # holder of w) exits, or when end() below kills it.
+            ready = asyncio.ensure_future(asyncio.to_thread(os.read, r, 1))
+            done, _ = await asyncio.wait({ready}, timeout=ready_s)
+            if ready in done and ready.result():
+                return proc
+            await self.end(proc)
+            await ready
+            err, tail, _ = await asyncio.to_thread(read_log_fd, log.fd)
+            raise CriuFailed(
+                f"criu {argv[0]} did not start: {err or 'no error logged'} (log: {log.path})",
+                log_tail=tail,
+            )
+        except BaseException:
+            await self.end(proc)
+            raise
+        finally:
+            os.close(r)
 
     async def run(
         self,
@@ -434,6 +513,10 @@ class Criu:
         """The request and its log dir's fd, or why the run must take the CLI path."""
         if run_as is not None:
             return "runs as the tree's owner"
+        if "--lazy-pages" in argv:
+            # A lazy restore meets its lazy-pages server through a socket in
+            # its -W dir, which the CLI's argv names as is.
+            return "a lazy restore"
         req = criu_rpc.to_request(argv, pass_fds, log_file.path.name)
         if isinstance(req, str):
             return req

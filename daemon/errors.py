@@ -30,6 +30,18 @@ class CriudError(Exception):
 # -- 400 / 422: the request itself is wrong -----------------------------------
 
 
+class UnsupportedByKernel(CriudError):
+    """A mode this host's kernel (or criu) cannot do: lazy pages, pre-dump, post-copy.
+
+    Answered before anything is made.  `feature` names what is missing as
+    criu calls it (`criu check --feature X`), `capability` the mode asked for.
+    """
+
+    status = 422
+    code = "unsupported_by_kernel"
+    title = "Not supported by this host's kernel"
+
+
 class FilterRequired(CriudError):
     """A bulk delete named no filter: an empty filter never means "everything"."""
 

@@ -13,6 +13,7 @@ store.  Nothing here blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -32,6 +33,7 @@ from criud.daemon import (
     events,
     imgdir,
     kdat,
+    kprobe,
     logfmt,
     names,
     operations,
@@ -73,6 +75,7 @@ from criud.dump import job as dump_job
 from criud.dump import preflight as dump_preflight
 from criud.dump.argv import DUMP_LOG
 from criud.dump.job import TMP_PREFIX, CheckpointSpec
+from criud.dump.manifest import Manifest
 from criud.restore import importer as import_job
 from criud.restore import job as restore_job
 from criud.restore.argv import RESTORE_LOG
@@ -155,7 +158,11 @@ class CriudService:
         self.children.on_exit = self._restore_exited
         self.started_at = time.time()
         self._busy_pids: set[int] = set()
-        self._busy_ckpts: set[str] = set()
+        # Checkpoints in use: held alone (a delete, an export, a restore that
+        # keeps its pids), or by shared holders (restores of a tree in its
+        # own pid namespace, lazy restores' pins), counted.
+        self._busy_excl: set[str] = set()
+        self._busy_shared: collections.Counter[str] = collections.Counter()
         self._ops: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self.kdat_cache = False
@@ -188,6 +195,9 @@ class CriudService:
         await self.criu.probe()
         self.criu.start_pool(self.settings.criu_pool)
         await asyncio.to_thread(self.prepare_dirs)
+        # Lazy restore, pre-dump, post-copy: feature checks, and real
+        # attempts where a check cannot tell (criud.daemon.kprobe).
+        self.criu.supports = await kprobe.probe(self.criu, self.settings.run_dir)
         await asyncio.to_thread(self.store.open)
         self.audit.start()
         ck = await self.store.run(self.store.interrupt_unfinished)
@@ -246,7 +256,7 @@ class CriudService:
             await asyncio.gather(*pending, return_exceptions=True)
         self.handles.close_all()
         await self.criu.close_pool()
-        await self.children.stop()
+        await self.children.stop(self.settings.shutdown_grace_s)
         # What is still unsettled is left as dumping/restoring: the next
         # start marks it interrupted.
         await self.store.stop_settling()
@@ -461,15 +471,52 @@ class CriudService:
             self._busy_pids.discard(pid)
 
     @contextlib.contextmanager
-    def busy(self, ckpt_id: str, message: str) -> Iterator[None]:
-        """Mark a checkpoint in use (restored, deleted) for the block; Busy if it is already."""
-        if ckpt_id in self._busy_ckpts:
-            raise Busy(message, checkpoint=ckpt_id)
-        self._busy_ckpts.add(ckpt_id)
+    def busy(self, ckpt_id: str, message: str, shared: bool = False) -> Iterator[None]:
+        """Mark a checkpoint in use (restored, deleted) for the block; Busy if it is already.
+
+        shared holders (clones' restores) may hold it together; an exclusive
+        one (a delete, an export, any other restore) only alone.
+        """
+        release = self._hold(ckpt_id, message, shared)
         try:
             yield
         finally:
-            self._busy_ckpts.discard(ckpt_id)
+            release()
+
+    def pin(self, ckpt_id: str, message: str) -> Callable[[], None]:
+        """A shared hold that outlives a block (a lazy restore's images); its release.
+
+        Taken by a job inside its own busy block, so never refused: it only
+        keeps the checkpoint held once that block ends.
+        """
+        self._busy_shared[ckpt_id] += 1
+        return self._release(ckpt_id, shared=True)
+
+    def _hold(self, ckpt_id: str, message: str, shared: bool) -> Callable[[], None]:
+        if ckpt_id in self._busy_excl or (self._busy_shared[ckpt_id] and not shared):
+            raise Busy(message, checkpoint=ckpt_id)
+        if shared:
+            self._busy_shared[ckpt_id] += 1
+        else:
+            self._busy_excl.add(ckpt_id)
+        return self._release(ckpt_id, shared)
+
+    def _release(self, ckpt_id: str, shared: bool) -> Callable[[], None]:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            if not shared:
+                self._busy_excl.discard(ckpt_id)
+            elif self._busy_shared[ckpt_id] > 1:
+                self._busy_shared[ckpt_id] -= 1
+            else:
+                del self._busy_shared[ckpt_id]
+
+        return release
 
     # -- info and introspection -----------------------------------------------------
 
@@ -486,6 +533,7 @@ class CriudService:
             "criu": {"version": self.criu.version, "path": self.criu.path},
             "kernel": platform.release(),
             "features": dict(self.criu.features),
+            "supports": {m: c.as_dict() for m, c in self.criu.supports.items()},
             "kdat_cache": self.kdat_cache,
         }
 
@@ -886,6 +934,32 @@ class CriudService:
         """Restore a checkpoint, handing in the mapped fds; return the running restore."""
         rec: RestoreRecord = await self._wait(self.start_restore(spec, caller))
         return rec
+
+    async def restore_copies(self, specs: list[RestoreSpec], caller: Caller) -> list[RestoreRecord]:
+        """Restore copies of one checkpoint at once (clones); all of them run, or none.
+
+        Only a tree rooted in its own pid namespace: each copy gets a fresh
+        one, so the copies' pids never collide.  Each copy is an ordinary
+        restore (its own operation, record and fds); if any fails, the
+        copies that did start are killed and the first failure answers.
+        """
+        ckpt = await self.get_checkpoint(specs[0].checkpoint, caller)
+        if ckpt.state == "done" and not Manifest.from_json(ckpt.manifest).pidns_init:
+            raise InvalidRequest(
+                f"checkpoint {specs[0].checkpoint!r} cannot be restored in copies: its tree "
+                "is not rooted in a pid namespace of its own (its pids would collide)"
+            )
+        results = await asyncio.gather(
+            *(self.restore(s, caller) for s in specs), return_exceptions=True
+        )
+        done = [r for r in results if isinstance(r, RestoreRecord)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            for r in done:
+                with contextlib.suppress(CriudError):
+                    await self.signal_restore(r.id, signal.SIGKILL, caller)
+            raise failed[0]
+        return done
 
     # -- operations ---------------------------------------------------------------
 

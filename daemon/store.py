@@ -146,11 +146,19 @@ def _v3_to_v4(db: sqlite3.Connection) -> None:
     _add_column(db, "checkpoints", "origin", "TEXT")
 
 
+def _v4_to_v5(db: sqlite3.Connection) -> None:
+    """Lazy restores: whether one was, how many pages came in lazily, and when the last did."""
+    _add_column(db, "restores", "lazy", "INTEGER")
+    _add_column(db, "restores", "pages_lazy", "INTEGER")
+    _add_column(db, "restores", "lazy_done_at", "REAL")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v0_to_v1,
     _v1_to_v2,
     _v2_to_v3,
     _v3_to_v4,
+    _v4_to_v5,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -209,6 +217,11 @@ class RestoreRecord:
     # What a restore will create, recorded before criu runs (criud.daemon.
     # orphans.plan): how a restarted daemon finds what a killed one left.
     tree_pids: dict[str, Any] | None = None
+    # A lazy restore (its memory served by `criu lazy-pages` after it runs):
+    # the pages served that way and when the last came in (None until then).
+    lazy: bool | None = None
+    pages_lazy: int | None = None
+    lazy_done_at: float | None = None
 
 
 _JSON_FIELDS = {"options", "labels", "stats", "manifest", "error", "external_keys", "tree_pids"}

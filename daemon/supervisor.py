@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from criud.daemon import orphans, procutil
@@ -39,6 +39,8 @@ class Supervisor:
         criu.spawn_guard = self.reaper.hold
         # Exit records being written (the loop holds tasks only weakly).
         self._bg: set[asyncio.Task[Any]] = set()
+        # Lazy restores' lazy-pages servers, watched until they end.
+        self._lazy: set[asyncio.Task[None]] = set()
         # Told (restore id, owner uid, exit code, signal) once an exit is recorded.
         self.on_exit: Callable[[str, int | None, int | None, int | None], None] | None = None
 
@@ -53,8 +55,19 @@ class Supervisor:
         self.reaper.start()
         await self._adopt_running()
 
-    async def stop(self) -> None:
-        """Stop reaping and watching (the roots run on; the next daemon adopts them)."""
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop reaping and watching (the roots run on; the next daemon adopts them).
+
+        Lazy restores' servers get grace_s to finish: one that dies with the
+        daemon (setpriv --pdeathsig) leaves its tree's untouched pages
+        unfilled.
+        """
+        if self._lazy:
+            _, pending = await asyncio.wait(self._lazy, timeout=grace_s)
+            for t in pending:
+                log.warning("a lazy restore's pages are not all in at shutdown")
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         await self.reaper.stop()
 
     # -- what the jobs use ----------------------------------------------------------
@@ -73,6 +86,18 @@ class Supervisor:
     def restores_running(self) -> int:
         """How many restored roots are watched now."""
         return self.reaper.watching
+
+    def watch_lazy(self, restore_id: str, watcher: Coroutine[Any, Any, None]) -> None:
+        """Run a lazy restore's server watcher (criud.restore.lazy) until its server ends."""
+        task = asyncio.ensure_future(watcher)
+        self._lazy.add(task)
+        task.add_done_callback(self._lazy.discard)
+        log.debug("restore %s: watching its lazy-pages server", restore_id)
+
+    @property
+    def lazy_running(self) -> int:
+        """How many lazy restores still have pages to serve."""
+        return len(self._lazy)
 
     def watch_restore(self, restore_id: str, pid: int, pidfd: int) -> None:
         """Watch a restored root (the reaper owns pidfd from now on); record its exit."""

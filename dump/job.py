@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from criud.daemon import creds, criu_errors, imgdir, names, operations, procutil
+from criud.daemon import creds, criu_errors, imgdir, kprobe, names, operations, procutil
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
 from criud.daemon.criu import Criu, LogFile, RunAs
@@ -62,6 +62,9 @@ class CheckpointSpec:
     # The OCI bundle of a runc container whose init is pid: criu options
     # are derived from its config.json as runc derives them.
     oci_bundle: str | None = None
+    # Iterative pre-dumps asked before the final dump (0: none).  They need
+    # soft-dirty tracking (criud.daemon.kprobe "pre_dump").
+    pre_dumps: int = 0
 
 
 class DumpRuntime(Protocol):
@@ -81,6 +84,13 @@ async def run(rt: DumpRuntime, spec: CheckpointSpec, caller: Caller) -> Checkpoi
     if spec.name is not None:
         names.check_name(spec.name)
     pid = spec.pid
+    if spec.pre_dumps:
+        # Before the pid is even pinned: nothing is frozen, nothing recorded.
+        kprobe.require(rt.criu, "pre_dump", f"checkpoint of pid {pid} with pre-dumps")
+        raise InvalidRequest(
+            "iterative pre-dumps (--track-mem, --prev-images-dir) are not implemented by "
+            "this criud: take a full dump (pre_dumps: 0)"
+        )
     # Pin the target now: a pidfd refers to this process, not to whoever
     # reuses its pid later; the start time is checked again before criu.
     try:

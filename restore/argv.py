@@ -23,6 +23,7 @@ def restore_argv(
     cgroup_root: str | None = None,
     extra: tuple[str, ...] = (),
     work_dir: Path | None = None,
+    lazy: bool = False,
 ) -> list[str]:
     """Return the argv (without the criu binary) that restores images_dir.
 
@@ -60,5 +61,9 @@ def restore_argv(
         # places in the target cgroup before exec).
         argv += ["--cgroup-root", cgroup_root]
     argv += extra
+    if lazy:
+        # Anonymous memory comes from the lazy-pages server listening in the
+        # work dir (criud.restore.lazy), after the tree runs.
+        argv.append("--lazy-pages")
     argv += inherit_args
     return argv

@@ -29,11 +29,20 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-from criud.daemon import creds, criu_errors, imgdir, names, operations, orphans, procutil
+from criud.daemon import (
+    creds,
+    criu_errors,
+    imgdir,
+    kprobe,
+    names,
+    operations,
+    orphans,
+    procutil,
+)
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
 from criud.daemon.criu import Criu, LogFile, RunAs
@@ -53,6 +62,7 @@ from criud.daemon.store import CheckpointRecord, RestoreRecord, RestoreState, St
 from criud.dump import images
 from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
+from criud.restore import lazy as lazy_pages
 from criud.restore import mappings, oci_archive, stdio
 from criud.restore import oci as restore_oci
 from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
@@ -79,6 +89,8 @@ class RestoreSpec:
     oci_name: str | None = None
     # An fd handle of three fds for the root task's 0, 1 and 2 (criud.restore.stdio).
     stdio: str | None = None
+    # Run the tree before its memory is in (criud.restore.lazy).
+    lazy: bool = False
 
 
 class Children(Protocol):
@@ -87,6 +99,7 @@ class Children(Protocol):
     def hold(self) -> contextlib.AbstractContextManager[None]: ...
     def sweep(self) -> int: ...
     def watch_restore(self, restore_id: str, pid: int, pidfd: int) -> None: ...
+    def watch_lazy(self, restore_id: str, watcher: Coroutine[Any, Any, None]) -> None: ...
 
 
 class RestoreRuntime(Protocol):
@@ -107,14 +120,26 @@ class RestoreRuntime(Protocol):
         """The caller's checkpoint ref (CheckpointNotFound as for a stranger's)."""
         ...
 
-    def busy(self, ckpt_id: str, message: str) -> contextlib.AbstractContextManager[None]:
-        """Mark a checkpoint in use for the block; Busy(message) if it is already."""
+    def busy(
+        self, ckpt_id: str, message: str, shared: bool = False
+    ) -> contextlib.AbstractContextManager[None]:
+        """Mark a checkpoint in use for the block; Busy(message) if it is already.
+
+        shared: other shared users may hold it at once (restores of a tree
+        in its own pid namespace: clones), never a delete.
+        """
+        ...
+
+    def pin(self, ckpt_id: str, message: str) -> Callable[[], None]:
+        """A shared hold that outlives the block (a lazy restore's); returns its release."""
         ...
 
 
 async def run(rt: RestoreRuntime, spec: RestoreSpec, caller: Caller) -> RestoreRecord:
     """Restore a checkpoint, handing in the mapped fds; return the running restore."""
     _check_handles(rt, spec, caller)
+    if spec.lazy:
+        kprobe.require(rt.criu, "lazy_restore", f"lazy restore of {spec.checkpoint!r}")
     operations.report(phase="preparing")
     ckpt = await rt.checkpoint_for(spec.checkpoint, caller)
     # Nothing of a restore's reading can be watched: its total only.
@@ -122,8 +147,13 @@ async def run(rt: RestoreRuntime, spec: RestoreSpec, caller: Caller) -> RestoreR
     if ckpt.state != "done":
         raise CheckpointNotReady(f"checkpoint {spec.checkpoint!r} is {ckpt.state}")
     busy = f"checkpoint {spec.checkpoint!r} is being restored or deleted"
-    with rt.busy(ckpt.id, busy):
-        manifest = Manifest.from_json(ckpt.manifest)
+    manifest = Manifest.from_json(ckpt.manifest)
+    if spec.lazy and creds.run_as_of(manifest.run_as) is not None:
+        kprobe.require_user_uffd(f"lazy restore of {spec.checkpoint!r}")
+    # A tree in its own pid namespace is restored into a fresh one each
+    # time: copies of it may be restored at once (clones).  Any other
+    # would collide on its pids.
+    with rt.busy(ckpt.id, busy, shared=manifest.pidns_init):
         _check_caller(ckpt.id, manifest, spec, caller)
         resolved = mappings.resolve(_with_stdio(rt, spec, manifest, caller), manifest)
         cgroup = check_cgroup(spec.cgroup, rt.settings.cgroup_parent) if spec.cgroup else None
@@ -136,7 +166,7 @@ async def run(rt: RestoreRuntime, spec: RestoreSpec, caller: Caller) -> RestoreR
                 oci_args = await _prepare_oci(manifest, spec, cgroup, fds, images_dir)
                 # The bundle's cgroup comes with its args; no criud placement.
                 cgroup = None
-            job = _Job(rt, ckpt, manifest, caller, fds)
+            job = _Job(rt, ckpt, manifest, caller, fds, spec.lazy)
             return await job.restore(cgroup, oci_args)
 
 
@@ -282,8 +312,10 @@ class _Job:
         manifest: Manifest,
         caller: Caller,
         fds: FdMap,
+        lazy: bool = False,
     ) -> None:
         self.rt, self.ckpt, self.manifest, self.caller, self.fds = rt, ckpt, manifest, caller, fds
+        self.lazy = lazy
         self.run_as = creds.run_as_of(manifest.run_as)
         self.images_dir = rt.settings.checkpoints_dir / ckpt.id
         self.id = names.new_id()
@@ -364,6 +396,7 @@ class _Job:
             started_at=time.time(),
             owner_uid=self.caller.uid,
             tree_pids=plan,
+            lazy=self.lazy or None,
         )
         await self.rt.store.run(self.rt.store.insert_restore, rec)
         return plan
@@ -431,31 +464,62 @@ class _Job:
                 self.fds.hand_over(images_fd)  # named /proc/self/fd/N
             self.fds.hand_over(run_fd)
             argv = self._argv(images_arg, run_fd, cgroup, oci_args)
-            # Hold orphan sweeps from spawn until the restored root is watched:
-            # it is our child from the moment criu forks it.
-            operations.report(phase="restoring")
-            with rt.children.hold():
-                result = await rt.criu.run(
-                    argv,
-                    LogFile(log_fd, self.images_dir / RESTORE_LOG),
-                    pass_fds=self.fds.pass_fds,
-                    run_as=run_as,
-                    cgroup_procs=procs_files,
-                    on_spawn=self._criu_spawned(plan),
-                )
-                if not result.ok:
-                    self.criu_killed = result.stopped is not None
-                    raise await criu_errors.failure(
-                        rt.criu,
-                        f"restore of checkpoint {self.ckpt.id}",
-                        result,
-                        "restore",
-                        self.ckpt.id,
-                        rt.settings.checkpoints_dir,
-                    )
-                await adopt(rt, self.id, run_fd, run_as, expected_root)
+            server = await self._start_lazy(images_arg, run_fd, images_fd)
+            try:
+                # Hold orphan sweeps from spawn until the restored root is
+                # watched: it is our child from the moment criu forks it.
+                operations.report(phase="restoring")
+                with rt.children.hold():
+                    await self._criu_restore(argv, log_fd, procs_files, plan)
+                    await adopt(rt, self.id, run_fd, run_as, expected_root)
+            except BaseException:
+                if server is not None:
+                    await server.stop()
+                raise
+            if server is not None:
+                # The images stay until the server has read every page.
+                release = rt.pin(self.ckpt.id, f"checkpoint {self.ckpt.id} is being restored")
+                rt.children.watch_lazy(self.id, server.watch(rt.store, release))
         finally:
             await asyncio.to_thread(imgdir.remove_dir, rt.settings.run_dir, self.id)
+
+    async def _start_lazy(
+        self, images_arg: Path, run_fd: int, images_fd: int
+    ) -> lazy_pages.Server | None:
+        """For a lazy restore, its lazy-pages server, listening in the run dir; else None."""
+        if not self.lazy:
+            return None
+        server = lazy_pages.Server(self.rt.criu, self.id)
+        try:
+            await server.start(images_arg, run_fd, images_fd, self.run_as)
+        except BaseException:
+            await server.stop()
+            raise
+        return server
+
+    async def _criu_restore(
+        self, argv: list[str], log_fd: int, procs_files: list[str], plan: dict[str, Any]
+    ) -> None:
+        """Run criu restore with the map's fds; its failure, classified, if it fails."""
+        rt = self.rt
+        result = await rt.criu.run(
+            argv,
+            LogFile(log_fd, self.images_dir / RESTORE_LOG),
+            pass_fds=self.fds.pass_fds,
+            run_as=self.run_as,
+            cgroup_procs=procs_files,
+            on_spawn=self._criu_spawned(plan),
+        )
+        if not result.ok:
+            self.criu_killed = result.stopped is not None
+            raise await criu_errors.failure(
+                rt.criu,
+                f"restore of checkpoint {self.ckpt.id}",
+                result,
+                "restore",
+                self.ckpt.id,
+                rt.settings.checkpoints_dir,
+            )
 
     def _argv(
         self, images_arg: Path, run_fd: int, cgroup: str | None, oci_args: tuple[str, ...]
@@ -471,6 +535,7 @@ class _Job:
             cgroup_root=cgroup,
             extra=oci_args,
             work_dir=Path(f"/proc/self/fd/{run_fd}"),
+            lazy=self.lazy,
         )
 
     def _criu_spawned(self, plan: dict[str, Any]) -> Callable[[int], Awaitable[None]]:

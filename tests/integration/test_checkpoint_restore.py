@@ -42,12 +42,15 @@ def test_version_reports_criu_and_features(daemon: Daemon) -> None:
     assert v["criu"]["version"].split(".")[:2] >= ["4", "2"]
     assert set(v["features"]) == {
         "mem_dirty_track",
+        "uffd",
         "uffd-noncoop",
         "pidfd_store",
         "network_lock_nftables",
         "timens",
     }
     assert v["kernel"] == os.uname().release
+    # Issue 15: what each mode can do here, probed at start-up.
+    assert set(v["supports"]) >= {"lazy_restore", "pre_dump", "post_copy_migration", "clones"}
 
 
 def test_sleep_checkpoint_list_restore_kill_exited(daemon: Daemon, procs: Procs) -> None:

@@ -68,6 +68,8 @@ def test_restore_from_previous_release_database(procs: Procs) -> None:
             r = d.client.restore("nap")
             procs.adopt(r["pid"])
             assert r["state"] == "running" and r["checkpoint"] == ck["id"]
+            # v5: old restores read as eager ones.
+            assert all(x["lazy"] is False and x["pages_lazy"] is None for x in d.client.restores())
             assert not pid_gone(r["pid"])
             d.client.signal(r["id"], "KILL")
             wait_for(lambda: d.client.get_restore(r["id"])["state"] == "exited", 10)

@@ -64,7 +64,7 @@ def _version(path: Path) -> int:
 
 
 def test_every_version_has_one_step() -> None:
-    assert len(MIGRATIONS) == SCHEMA_VERSION == 4
+    assert len(MIGRATIONS) == SCHEMA_VERSION == 5
 
 
 def test_previous_release_database_migrates_and_keeps_its_records(tmp_path: Path) -> None:
@@ -83,6 +83,8 @@ def test_previous_release_database_migrates_and_keeps_its_records(tmp_path: Path
         assert s.find_checkpoint("db", 0) is not None
         (r,) = s.list_restores()
         assert (r.checkpoint_id, r.ns_pid, r.exit_code) == (WEB_ID, 5000, 0)
+        # v5: a restore from before lazy restores was not lazy.
+        assert (r.lazy, r.pages_lazy, r.lazy_done_at) == (None, None, None)
         # v2: another owner may now use the name; its owner still may not.
         s.insert_checkpoint(_named("web", 2000))
         with pytest.raises(NameTaken):

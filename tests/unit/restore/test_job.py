@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,10 @@ class FakeChildren:
     def watch_restore(self, restore_id: str, pid: int, pidfd: int) -> None:
         self.watched[restore_id] = (pid, pidfd)
 
+    def watch_lazy(self, restore_id: str, watcher: Coroutine[Any, Any, None]) -> None:
+        watcher.close()
+        raise AssertionError("no lazy restore in these tests")
+
 
 @dataclasses.dataclass
 class FakeRuntime:
@@ -119,8 +123,14 @@ class FakeRuntime:
             raise CheckpointNotFound(f"no checkpoint {ref!r}")
         return rec
 
-    def busy(self, ckpt_id: str, message: str) -> contextlib.AbstractContextManager[None]:
+    def busy(
+        self, ckpt_id: str, message: str, shared: bool = False
+    ) -> contextlib.AbstractContextManager[None]:
+        # Shared or not, one holder at a time is all these tests need.
         return marked(self.busy_ids, ckpt_id, message)
+
+    def pin(self, ckpt_id: str, message: str) -> Callable[[], None]:
+        raise AssertionError("no lazy restore in these tests")
 
 
 def _manifest(**kw: Any) -> dict[str, Any]:
