@@ -62,6 +62,9 @@ class CheckpointSpec:
     # The OCI bundle of a runc container whose init is pid: criu options
     # are derived from its config.json as runc derives them.
     oci_bundle: str | None = None
+    # More criu flags, built by a flow of its own (a migration's page
+    # server, --leave-stopped); never from a request's text.
+    extra_args: tuple[str, ...] = ()
 
 
 class DumpRuntime(Protocol):
@@ -299,7 +302,7 @@ class _Dump:
             network_lock=lock,
             unprivileged=run_as is not None,
             external_ns=tuple((n.type, n.ino, n.key) for n in m.ext_namespaces),
-            extra=oci_extra,
+            extra=(*oci_extra, *self.spec.extra_args),
         )
 
 
