@@ -351,3 +351,6 @@ class Incoming(BaseModel):
     expires: float
     state: str
     page_server_pid: int | None = None
+    error: dict[str, Any] | None = Field(
+        default=None, description="Why the page server failed (its code and detail)"
+    )

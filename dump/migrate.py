@@ -209,11 +209,31 @@ class _Move:
         try:
             return await dump_job.run(self.rt, spec, self.caller)
         except CriudError as e:
+            theirs = await self._their_error()
+            why = f" (the destination's page server: {theirs['detail']})" if theirs else ""
             raise MigrationFailed(
-                f"migration of pid {self.pid}: the dump failed: {e.detail}",
+                f"migration of pid {self.pid}: the dump failed: {e.detail}{why}",
                 cause=e.code,
+                destination_error=theirs,
                 **{k: v for k, v in e.extra.items() if k in ("hint", "log_tail", "criu_error")},
             ) from e
+
+    async def _their_error(self) -> dict[str, Any] | None:
+        """Why the destination's page server failed, if it did (a full disk, say)."""
+        # The page server may still be writing its own account down: a
+        # short, bounded wait while it is "receiving".
+        for _ in range(20):
+            try:
+                inc = await peer.call(self.spec.target, "GET", f"{INCOMING}/{self.incoming}")
+            except CriudError:
+                return None
+            err = inc.get("error")
+            if isinstance(err, dict):
+                return err
+            if inc.get("state") != "receiving":
+                return None
+            await asyncio.sleep(0.1)
+        return None
 
     async def _undo(self, e: BaseException) -> None:
         """After a failure: the destination aborts; a stopped source tree runs on."""

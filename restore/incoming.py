@@ -93,6 +93,11 @@ class Incoming:
             "expires": self.expires,
             "state": self.state,
             "page_server_pid": self.page_server_pid,
+            "error": (
+                None
+                if self.error is None
+                else {"code": self.error.code, "detail": self.error.detail}
+            ),
         }
 
 

@@ -290,6 +290,8 @@ def test_destination_disk_fills(hosts: Hosts, procs: Procs) -> None:
         with pytest.raises(CriudClientError) as ei:
             migrate(src, dst, p.pid)
         assert ei.value.code == "migration_failed", ei.value.problem
+        # The source names the destination's cause, as its page server saw it.
+        assert ei.value.problem["destination_error"]["code"] == "no_space", ei.value.problem
         assert_runs(p, rd)
         assert_nothing_left(src, dst)
         os.close(rd)
