@@ -98,7 +98,7 @@ async def open_incoming(
 @router.get("/incoming/{inc_id}", response_model=Incoming, responses=ERRORS)
 async def get_incoming(inc_id: str, c: CoreDep, who: CallerDep) -> Incoming:
     """An incoming migration's state."""
-    return Incoming.model_validate(c.get_incoming(inc_id, who))
+    return Incoming.model_validate(await c.get_incoming(inc_id, who))
 
 
 @router.put("/incoming/{inc_id}/images", status_code=201, response_model=Checkpoint)

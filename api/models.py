@@ -351,6 +351,9 @@ class Incoming(BaseModel):
     expires: float
     state: str
     page_server_pid: int | None = None
+    bytes_received: int | None = Field(
+        default=None, description="What the page server has written so far (pages pushed)"
+    )
     error: dict[str, Any] | None = Field(
         default=None, description="Why the page server failed (its code and detail)"
     )

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from criud.daemon import cli_archive
+from criud.daemon import cli_archive, cli_migrate
 from criud.daemon.config import DEFAULT_FD_SOCKET, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Settings
 
 if TYPE_CHECKING:
@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
     _add_checkpoint(sub)
+    cli_migrate.add_parser(sub, _add_following)
     _add_others(sub)
     _add_watch(sub)
     cli_archive.add_parsers(sub, "a checkpoint id or name (owner/name for another user's)")
@@ -791,8 +792,8 @@ def _run_client(a: argparse.Namespace) -> int:
     elif a.cmd == "inspect-pid":
         out = cl.inspect_pid(a.pid)
         text = _tree_text(out)
-    elif a.cmd in ("checkpoint", "restore"):
-        done = _run_long(a, cl)
+    elif a.cmd in ("checkpoint", "restore", "migrate"):
+        done = cli_migrate.run(a, cl, _long_op) if a.cmd == "migrate" else _run_long(a, cl)
         if done is None:
             return 0
         out, text = done

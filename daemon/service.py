@@ -927,9 +927,11 @@ class CriudService:
         )
         return inc.as_dict()
 
-    def get_incoming(self, inc_id: str, caller: Caller) -> dict[str, object]:
-        """An incoming migration's state (and its page server's pid while it runs)."""
-        return self.incoming.get(inc_id, caller).as_dict()
+    async def get_incoming(self, inc_id: str, caller: Caller) -> dict[str, object]:
+        """An incoming migration's state, and the bytes its page server has received."""
+        inc = self.incoming.get(inc_id, caller)
+        got = await asyncio.to_thread(incoming_job.received, self, inc)
+        return {**inc.as_dict(), "bytes_received": got}
 
     async def commit_incoming(
         self,

@@ -65,6 +65,9 @@ class CheckpointSpec:
     # More criu flags, built by a flow of its own (a migration's page
     # server, --leave-stopped); never from a request's text.
     extra_args: tuple[str, ...] = ()
+    # Report the images dir's growth as progress; off where the pages go
+    # elsewhere (a migration reports what its destination received).
+    watch_images: bool = True
 
 
 class DumpRuntime(Protocol):
@@ -258,7 +261,8 @@ class _Dump:
             log_st = os.fstat(log_fd)
             ids = (run_as.uid, run_as.gid) if run_as is not None else None
             images_arg = imgdir.criu_dir(self.tmp, tmp_fd, ids, writable=True)
-            async with _watching(tmp_fd):
+            watch = _watching(tmp_fd) if self.spec.watch_images else contextlib.nullcontext()
+            async with watch:
                 result = await self.rt.criu.run(
                     self._argv(m, images_arg, run_as),
                     LogFile(log_fd, self.tmp / DUMP_LOG),

@@ -58,6 +58,9 @@ from criud.dump.options import DumpOptions
 log = logging.getLogger("criud.migrate")
 
 INCOMING = "/v1/migrations/incoming"
+# How often the destination is asked what it received, while the pages go.
+WATCH_INTERVAL_S = 0.25
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,9 +208,11 @@ class _Move:
             options=opts,
             labels=dict(self.spec.labels),
             extra_args=tuple(args),
+            watch_images=False,
         )
         try:
-            return await dump_job.run(self.rt, spec, self.caller)
+            async with self._watching_destination():
+                return await dump_job.run(self.rt, spec, self.caller)
         except CriudError as e:
             theirs = await self._their_error()
             why = f" (the destination's page server: {theirs['detail']})" if theirs else ""
@@ -217,6 +222,32 @@ class _Move:
                 destination_error=theirs,
                 **{k: v for k, v in e.extra.items() if k in ("hint", "log_tail", "criu_error")},
             ) from e
+
+    @contextlib.asynccontextmanager
+    async def _watching_destination(self) -> AsyncIterator[None]:
+        """While the block runs, report the bytes the destination received as progress."""
+        if operations.current.get() is None:
+            yield
+            return
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(WATCH_INTERVAL_S)
+                try:
+                    inc = await peer.call(self.spec.target, "GET", f"{INCOMING}/{self.incoming}")
+                except CriudError:
+                    return
+                got = inc.get("bytes_received")
+                if isinstance(got, int):
+                    operations.report(bytes_done=got, pages_done=got // PAGE_SIZE)
+
+        task = asyncio.ensure_future(watch())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
     async def _their_error(self) -> dict[str, Any] | None:
         """Why the destination's page server failed, if it did (a full disk, say)."""

@@ -101,6 +101,16 @@ class Incoming:
         }
 
 
+def received(rt: IncomingRuntime, inc: Incoming) -> int:
+    """Bytes the page server has written so far (a blocking scandir: call in a thread)."""
+    tmp = rt.settings.checkpoints_dir / f"{TMP_PREFIX}{inc.id}"
+    try:
+        with os.scandir(tmp) as it:
+            return sum(e.stat(follow_symlinks=False).st_size for e in it if e.is_file())
+    except OSError:
+        return 0
+
+
 def page_server_argv(images_dir: Path, sock_fd: int, tls: Settings | None) -> list[str]:
     """`criu page-server` on an accepted socket (without the criu binary); pure.
 

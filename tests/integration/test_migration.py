@@ -13,6 +13,7 @@ migrated checkpoint with a new pipe handed over the destination's fd socket.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -266,9 +267,9 @@ def test_connection_drops_mid_push(hosts: Hosts, procs: Procs) -> None:
             ps = dst.page_servers()
             if not ps or not dst.tmp_dirs():
                 return False
-            tmp = dst.daemon.state_dir / "checkpoints" / dst.tmp_dirs()[0]
-            size = sum(f.stat().st_size for f in tmp.iterdir())
-            if size > 32 << 20:
+            # The operation's progress: the pages the destination received.
+            now = src.client.operation(op["id"])
+            if (now["progress"]["bytes_done"] or 0) > 16 << 20:
                 got["pid"] = ps[0]
                 return True
             return False
@@ -366,3 +367,53 @@ def test_destination_refuses_tls_it_cannot_do(hosts: Hosts, procs: Procs) -> Non
             assert_runs(p, rd)
             assert_nothing_left(src, dst)
             os.close(rd)
+
+
+def test_cli_migrate(hosts: Hosts, procs: Procs) -> None:
+    with two_sides(hosts) as (src, dst):
+        p, rd = start_counter(procs, hosts)
+        read_line(rd)
+        tf = src.daemon.root / "dst-token"
+        tf.write_text(dst.token + "\n")
+        tf.chmod(0o600)
+        argv = src.daemon.cli(
+            "--json", "migrate", str(p.pid), "--to", dst.url, "--token-file", str(tf)
+        )
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout)
+        assert out["source_pid"] == p.pid and out["destination"] == dst.url
+        p.wait(timeout=10)
+        last = drain_hello(rd, -1)
+        os.close(rd)
+        ck = dst.client.inspect(out["checkpoint"])
+        r, new_rd = restore_into_pipe(dst.client, procs, out["checkpoint"], ck["external"][0])
+        try:
+            assert hello_num(read_line(new_rd, 15)) == last + 1
+        finally:
+            os.kill(r["pid"], signal.SIGKILL)
+            os.close(new_rd)
+
+
+def test_ship_a_checkpoint(hosts: Hosts, procs: Procs) -> None:
+    """An existing checkpoint goes over as an archive (export + import): same answer."""
+    with two_sides(hosts) as (src, dst):
+        p, rd = start_counter(procs, hosts)
+        read_line(rd)
+        local = src.client.checkpoint(p.pid, name="counter")
+        p.wait(timeout=10)
+        last = drain_hello(rd, -1)
+        os.close(rd)
+        body = {"checkpoint": "counter", "target": {"url": dst.url, "token": dst.token}}
+        out = src.client.request("POST", "/v1/migrations", body)[1]
+        assert out["source_pid"] is None and out["timing"]["total"] > 0
+        ck = dst.client.inspect(out["checkpoint"])
+        assert ck["name"] == "counter" and ck["origin"] == "import:criud"
+        # The source keeps its checkpoint: shipping copies it.
+        assert src.client.inspect("counter")["id"] == local["id"]
+        r, new_rd = restore_into_pipe(dst.client, procs, "counter", ck["external"][0])
+        try:
+            assert hello_num(read_line(new_rd, 15)) == last + 1
+        finally:
+            os.kill(r["pid"], signal.SIGKILL)
+            os.close(new_rd)
