@@ -200,12 +200,12 @@ def assert_nothing_left(src: Side, dst: Side) -> None:
 def test_migrate_counter_round_trip(hosts: Hosts, procs: Procs) -> None:
     with two_sides(hosts) as (src, dst):
         p, rd = start_counter(procs, hosts)
-        read_line(rd)
+        first = hello_num(read_line(rd))
         out = migrate(src, dst, p.pid)
         # The source tree was killed after the destination committed: its
         # pipe holds what it wrote up to the dump, and then EOF.
         p.wait(timeout=10)
-        last = drain_hello(rd, -1)
+        last = drain_hello(rd, first)
         os.close(rd)
         assert set(out["timing"]) == {"frozen", "pages", "other_images", "total"}
         assert 0 < out["timing"]["frozen"] <= out["timing"]["total"]
@@ -336,11 +336,11 @@ def test_migrate_with_tls(hosts: Hosts, procs: Procs) -> None:
         c = make_certs(certs_dir, hosts.dst_addr)
         with two_sides(hosts, tls_flags(c, "src"), tls_flags(c, "dst")) as (src, dst):
             p, rd = start_counter(procs, hosts)
-            read_line(rd)
+            first = hello_num(read_line(rd))
             out = migrate(src, dst, p.pid)
             assert out["tls"] is True
             p.wait(timeout=10)
-            last = drain_hello(rd, -1)
+            last = drain_hello(rd, first)
             os.close(rd)
             ck = dst.client.inspect(out["checkpoint"])
             r, new_rd = restore_into_pipe(dst.client, procs, out["checkpoint"], ck["external"][0])
@@ -372,7 +372,7 @@ def test_destination_refuses_tls_it_cannot_do(hosts: Hosts, procs: Procs) -> Non
 def test_cli_migrate(hosts: Hosts, procs: Procs) -> None:
     with two_sides(hosts) as (src, dst):
         p, rd = start_counter(procs, hosts)
-        read_line(rd)
+        first = hello_num(read_line(rd))
         tf = src.daemon.root / "dst-token"
         tf.write_text(dst.token + "\n")
         tf.chmod(0o600)
@@ -384,7 +384,7 @@ def test_cli_migrate(hosts: Hosts, procs: Procs) -> None:
         out = json.loads(run.stdout)
         assert out["source_pid"] == p.pid and out["destination"] == dst.url
         p.wait(timeout=10)
-        last = drain_hello(rd, -1)
+        last = drain_hello(rd, first)
         os.close(rd)
         ck = dst.client.inspect(out["checkpoint"])
         r, new_rd = restore_into_pipe(dst.client, procs, out["checkpoint"], ck["external"][0])
@@ -399,10 +399,10 @@ def test_ship_a_checkpoint(hosts: Hosts, procs: Procs) -> None:
     """An existing checkpoint goes over as an archive (export + import): same answer."""
     with two_sides(hosts) as (src, dst):
         p, rd = start_counter(procs, hosts)
-        read_line(rd)
+        first = hello_num(read_line(rd))
         local = src.client.checkpoint(p.pid, name="counter")
         p.wait(timeout=10)
-        last = drain_hello(rd, -1)
+        last = drain_hello(rd, first)
         os.close(rd)
         body = {"checkpoint": "counter", "target": {"url": dst.url, "token": dst.token}}
         out = src.client.request("POST", "/v1/migrations", body)[1]
