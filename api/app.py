@@ -10,6 +10,7 @@ from criud.api import (
     fd_handles,
     health,
     metrics,
+    migrations,
     operations,
     problems,
     processes,
@@ -46,6 +47,7 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
         events,
         metrics,
         operations,
+        migrations,
     ):
         app.include_router(module.router)
     return app

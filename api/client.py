@@ -166,6 +166,27 @@ class Client:
             body["name"] = name
         return dict(self.request("POST", "/v1/checkpoints" + _NO_WAIT[wait], body)[1])
 
+    def migrate(
+        self,
+        url: str,
+        token: str,
+        pid: int | None = None,
+        checkpoint: str | None = None,
+        wait: bool = True,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Move the tree of pid (or a checkpoint) to the daemon at url (its TCP listener).
+
+        Root's only.  options as in POST /v1/migrations (name, leave_running,
+        tls, ...).  wait=False: start it and return the operation to follow.
+        """
+        body: dict[str, Any] = {"target": {"url": url, "token": token}, **options}
+        if pid is not None:
+            body["pid"] = pid
+        if checkpoint is not None:
+            body["checkpoint"] = checkpoint
+        return dict(self.request("POST", "/v1/migrations" + _NO_WAIT[wait], body)[1])
+
     def preflight(self, pid: int, **options: Any) -> dict[str, Any]:
         """What would block a checkpoint of pid (options as for checkpoint, plus pre_dump)."""
         return dict(self.request("POST", "/v1/checkpoints/preflight", {"pid": pid, **options})[1])

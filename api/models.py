@@ -320,7 +320,7 @@ class Operation(BaseModel):
     """A checkpoint or restore: running, or how it ended."""
 
     id: str
-    kind: Literal["checkpoint", "restore", "export", "import"]
+    kind: Literal["checkpoint", "restore", "export", "import", "migration", "migration_in"]
     state: Literal["running", "done", "failed", "cancelled"]
     owner_uid: int
     target: dict[str, Any] = Field(
@@ -339,4 +339,66 @@ class Operation(BaseModel):
     )
     problem: dict[str, Any] | None = Field(
         description="Once failed or cancelled: the problem the synchronous call would have answered"
+    )
+
+
+# -- migrations ------------------------------------------------------------------
+
+
+class MigrationTarget(Strict):
+    url: str = Field(max_length=300, description="The destination's TCP listener: http://ADDR:PORT")
+    token: str = Field(max_length=4096, description="The destination's bearer token")
+
+
+class MigrationRequest(Strict):
+    pid: int | None = Field(default=None, ge=1, le=PID_MAX, description="Root of the tree to move")
+    checkpoint: str | None = Field(
+        default=None, max_length=128, description="Or: a done checkpoint to ship (export+import)"
+    )
+    target: MigrationTarget
+    name: str | None = Field(default=None, max_length=128, description="The destination's name")
+    leave_running: bool = Field(
+        default=False, description="Keep the source tree running after (a copy, not a move)"
+    )
+    shell_job: bool = False
+    tcp_established: bool = False
+    ext_unix_sk: bool = False
+    file_locks: bool = False
+    external: list[Key] = Field(default_factory=list, max_length=64)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    tls: bool | None = Field(
+        default=None, description="Page server TLS; default: when this daemon has CA/cert/key"
+    )
+
+
+class Migration(BaseModel):
+    checkpoint: str = Field(description="The destination's checkpoint id")
+    destination: str
+    source_pid: int | None
+    tls: bool
+    timing: dict[str, float] = Field(
+        description="Seconds: frozen (criu's), pages (the dump's push), other_images, total"
+    )
+    bytes_sent: int = Field(description="The archive of the other images, as sent")
+    destination_checkpoint: dict[str, Any]
+
+
+class IncomingRequest(Strict):
+    name: str | None = Field(default=None, max_length=128)
+    tls: bool = False
+
+
+class Incoming(BaseModel):
+    id: str
+    address: str
+    port: int
+    tls: bool
+    expires: float
+    state: str
+    page_server_pid: int | None = None
+    bytes_received: int | None = Field(
+        default=None, description="What the page server has written so far (pages pushed)"
+    )
+    error: dict[str, Any] | None = Field(
+        default=None, description="Why the page server failed (its code and detail)"
     )

@@ -13,6 +13,7 @@ from criud.api.service import Service
 from criud.daemon.caller import Caller
 from criud.daemon.operations import Operation as Op
 from criud.daemon.store import CheckpointRecord, RestoreRecord
+from criud.dump.migrate import MigrationResult
 
 router = APIRouter(prefix="/v1/operations", tags=["operations"])
 ERRORS: dict[int | str, dict[str, object]] = {s: {"model": Problem} for s in (404, 409, 422)}
@@ -27,13 +28,15 @@ WaitQuery = Annotated[
 def to_model(op: Op) -> Operation:
     """Shape an operation; its result as the checkpoint's or restore's own GET would."""
     # Deferred: those route modules answer ?wait=false with `accepted` from here.
-    from criud.api import checkpoints, restores
+    from criud.api import checkpoints, migrations, restores
 
     result: dict[str, Any] | None = None
     if isinstance(op.result, CheckpointRecord):
         result = checkpoints.to_model(op.result).model_dump(mode="json")
     elif isinstance(op.result, RestoreRecord):
         result = restores.to_model(op.result).model_dump(mode="json")
+    elif isinstance(op.result, MigrationResult):
+        result = migrations.to_model(op.result).model_dump(mode="json")
     problem = None
     if (e := op.error) is not None:
         problem = {"title": e.title, "status": e.status, "detail": e.detail, "code": e.code}

@@ -17,6 +17,7 @@ from criud.daemon.operations import Operation
 from criud.daemon.store import CheckpointRecord, RestoreRecord
 from criud.dump.inspect import Tree
 from criud.dump.job import CheckpointSpec
+from criud.dump.migrate import MigrationResult, MigrationSpec
 from criud.dump.preflight import Report
 from criud.restore.job import RestoreSpec
 
@@ -87,6 +88,23 @@ class Service(Protocol):
     async def signal_restore(
         self, restore_id: str, signo: int, caller: Caller
     ) -> RestoreRecord: ...
+
+    # migrations (the source's, then the destination's side)
+    def start_migration(self, spec: MigrationSpec, caller: Caller) -> Operation: ...
+    async def migrate(self, spec: MigrationSpec, caller: Caller) -> MigrationResult: ...
+    async def open_incoming(
+        self, caller: Caller, name: str | None, tls: bool, local: str | None, peer: str | None
+    ) -> dict[str, object]: ...
+    async def get_incoming(self, inc_id: str, caller: Caller) -> dict[str, object]: ...
+    async def commit_incoming(
+        self,
+        inc_id: str,
+        body: AsyncIterator[bytes],
+        content_digest: str | None,
+        digest_header: str | None,
+        caller: Caller,
+    ) -> CheckpointRecord: ...
+    async def abort_incoming(self, inc_id: str, caller: Caller) -> None: ...
 
     # processes, fd handles
     async def inspect_process(self, pid: int, caller: Caller) -> Tree: ...

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from criud.daemon import cli_archive
+from criud.daemon import cli_archive, cli_migrate
 from criud.daemon.config import DEFAULT_FD_SOCKET, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Settings
 
 if TYPE_CHECKING:
@@ -172,6 +172,13 @@ _TUNABLES: tuple[tuple[str, Callable[[str], float], str, str, str], ...] = (
         "SECONDS",
         "end an export its client stops reading, or an import whose body stops coming",
     ),
+    (
+        "migration-timeout",
+        float,
+        "120",
+        "SECONDS",
+        "abort an incoming migration not committed within this long",
+    ),
 )
 # The Settings field each tunable fills.
 _TUNABLE_FIELDS = {
@@ -193,6 +200,7 @@ _TUNABLE_FIELDS = {
     "import-max-ratio": "import_max_ratio",
     "import-max-members": "import_max_members",
     "archive-stall-timeout": "archive_stall_s",
+    "migration-timeout": "migration_timeout_s",
 }
 
 
@@ -280,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
     _add_checkpoint(sub)
+    cli_migrate.add_parser(sub, _add_following)
     _add_others(sub)
     _add_watch(sub)
     cli_archive.add_parsers(sub, "a checkpoint id or name (owner/name for another user's)")
@@ -314,6 +323,7 @@ def _add_serve(sub: Subparsers) -> None:
         default=_env("TOKEN_FILE", None),
         help="file holding the bearer token TCP clients must send (env CRIUD_TOKEN_FILE)",
     )
+    _add_serve_migration(s)
     for flag, kind, default, metavar, what in _TUNABLES:
         env = flag.upper().replace("-", "_")
         s.add_argument(
@@ -467,8 +477,40 @@ def _add_watch(sub: Subparsers) -> None:
     )
 
 
+def _add_serve_migration(s: argparse.ArgumentParser) -> None:
+    """`criud serve`'s migration flags: the page server's address and its TLS files."""
+    s.add_argument(
+        "--migration-address",
+        default=_env("MIGRATION_ADDRESS", None),
+        metavar="ADDR",
+        help="where an incoming migration's page server listens when asked over the unix "
+        "socket (over TCP: the address the request came in on) (env CRIUD_MIGRATION_ADDRESS)",
+    )
+    for what in ("cacert", "cert", "key"):
+        s.add_argument(
+            f"--tls-{what}",
+            default=_env(f"TLS_{what.upper()}", None),
+            metavar="PATH",
+            help=f"page server TLS: the {what} (all three or none; env CRIUD_TLS_{what.upper()})",
+        )
+
+
+def _tls_paths(a: argparse.Namespace) -> tuple[Path | None, Path | None, Path | None]:
+    """--tls-cacert, --tls-cert, --tls-key: all three or none."""
+    given = (a.tls_cacert, a.tls_cert, a.tls_key)
+    if any(given) and not all(given):
+        raise SystemExit("criud serve: --tls-cacert, --tls-cert and --tls-key go together")
+    ca, cert, key = (Path(v) if v else None for v in given)
+    return ca, cert, key
+
+
 def _settings(a: argparse.Namespace) -> Settings:
+    ca, cert, key = _tls_paths(a)
     return Settings(
+        migration_address=a.migration_address,
+        tls_cacert=ca,
+        tls_cert=cert,
+        tls_key=key,
         socket=Path(a.socket),
         fd_socket=Path(a.fd_socket),
         state_dir=Path(a.state_dir),
@@ -758,8 +800,8 @@ def _run_client(a: argparse.Namespace) -> int:
     elif a.cmd == "inspect-pid":
         out = cl.inspect_pid(a.pid)
         text = _tree_text(out)
-    elif a.cmd in ("checkpoint", "restore"):
-        done = _run_long(a, cl)
+    elif a.cmd in ("checkpoint", "restore", "migrate"):
+        done = cli_migrate.run(a, cl, _long_op) if a.cmd == "migrate" else _run_long(a, cl)
         if done is None:
             return 0
         out, text = done

@@ -108,6 +108,19 @@ class Settings:
     # operation (and its thread) for ever.
     archive_stall_s: float = 300.0
 
+    # -- migrations (criud.restore.incoming, criud.dump.migrate) ---------------
+    # Where an incoming migration's page server listens when the request came
+    # over the unix socket (over TCP: the address the request came in on).
+    migration_address: str | None = None
+    # An incoming migration not committed within this long is aborted: its
+    # page server killed, its half-made checkpoint removed.
+    migration_timeout_s: float = 120.0
+    # TLS for the page server (both sides): CA, this daemon's certificate and
+    # key, as paths root owns.  All three, or none.
+    tls_cacert: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
     @property
     def checkpoints_dir(self) -> Path:
         return self.state_dir / "checkpoints"

@@ -584,3 +584,27 @@ class ArchiveTooLarge(CriudError):
 class ArchiveRatio(ArchiveTooLarge):
     code = "archive_ratio_exceeded"
     title = "The archive decompresses beyond the allowed ratio"
+
+
+# -- migrations ------------------------------------------------------------------
+
+
+class MigrationNotFound(CriudError):
+    status = 404
+    code = "migration_not_found"
+    title = "No such incoming migration"
+
+
+class MigrationFailed(CriudError):
+    """A migration could not be completed; the source tree runs on, nothing is left."""
+
+    status = 502
+    code = "migration_failed"
+    title = "The migration failed"
+
+
+class MigrationRefused(MigrationFailed):
+    """The destination daemon refused the migration (its problem is in `destination`)."""
+
+    code = "migration_refused"
+    title = "The destination refused the migration"

@@ -72,11 +72,13 @@ from criud.daemon.supervisor import Supervisor
 from criud.dump import export as export_job
 from criud.dump import inspect as proc_inspect
 from criud.dump import job as dump_job
+from criud.dump import migrate as migrate_job
 from criud.dump import preflight as dump_preflight
 from criud.dump.argv import DUMP_LOG
 from criud.dump.job import TMP_PREFIX, CheckpointSpec
 from criud.dump.manifest import Manifest
 from criud.restore import importer as import_job
+from criud.restore import incoming as incoming_job
 from criud.restore import job as restore_job
 from criud.restore.argv import RESTORE_LOG
 from criud.restore.job import RestoreSpec
@@ -166,6 +168,8 @@ class CriudService:
         self._ops: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self.kdat_cache = False
+        # Incoming migrations: open page servers and their half-made checkpoints.
+        self.incoming = incoming_job.IncomingTable()
         # The daemon's own namespaces, read once: introspection compares with them.
         self._daemon_ns = proc_inspect.own_namespaces()
 
@@ -254,6 +258,9 @@ class CriudService:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        for inc in list(self.incoming.items.values()):
+            with contextlib.suppress(Exception):
+                await incoming_job.abort(self, self.incoming, inc)
         self.handles.close_all()
         await self.criu.close_pool()
         await self.children.stop(self.settings.shutdown_grace_s)
@@ -917,6 +924,100 @@ class CriudService:
             max_bytes=s.import_max_bytes,
             max_ratio=s.import_max_ratio,
             max_members=s.import_max_members,
+        )
+
+    # -- migrations (criud.dump.migrate: the source; criud.restore.incoming: the destination)
+
+    def start_migration(self, spec: migrate_job.MigrationSpec, caller: Caller) -> Operation:
+        """Move a tree (or a checkpoint) to another daemon, in the background."""
+        target = {
+            "pid": spec.pid,
+            "checkpoint": spec.checkpoint,
+            "destination": spec.target.url,
+        }
+        return self._submit(
+            "migration",
+            caller,
+            target,
+            lambda: migrate_job.run(self, spec, caller),
+            lambda r: {"checkpoint": r.checkpoint, "destination": r.destination},
+        )
+
+    async def migrate(
+        self, spec: migrate_job.MigrationSpec, caller: Caller
+    ) -> migrate_job.MigrationResult:
+        """Move a tree (or a checkpoint) to another daemon; the destination's checkpoint."""
+        result: migrate_job.MigrationResult = await self._wait(self.start_migration(spec, caller))
+        return result
+
+    async def drop_checkpoint(self, rec: CheckpointRecord) -> None:
+        """Remove a local checkpoint a migration made (its images went elsewhere)."""
+        await self._remove(rec, reason="migrated")
+
+    def export_meta(self) -> dict[str, Any]:
+        """criud.json's writer fields: criud's and criu's versions, the kernel."""
+        return {
+            "criud": self.version()["criud"],
+            "criu": self.criu.version,
+            "kernel": platform.release(),
+        }
+
+    async def open_incoming(
+        self, caller: Caller, name: str | None, tls: bool, local: str | None, peer: str | None
+    ) -> dict[str, object]:
+        """Open a one-shot page server for an incoming migration (the destination's side)."""
+        inc = await self._audited(
+            "open_incoming",
+            caller,
+            {"name": name, "tls": tls, "from": peer},
+            incoming_job.open_incoming(self, self.incoming, caller, name, tls, local, peer),
+            lambda i: i.id,
+        )
+        return inc.as_dict()
+
+    async def get_incoming(self, inc_id: str, caller: Caller) -> dict[str, object]:
+        """An incoming migration's state, and the bytes its page server has received."""
+        inc = self.incoming.get(inc_id, caller)
+        got = await asyncio.to_thread(incoming_job.received, self, inc)
+        return {**inc.as_dict(), "bytes_received": got}
+
+    async def commit_incoming(
+        self,
+        inc_id: str,
+        body: AsyncIterator[bytes],
+        content_digest: str | None,
+        digest_header: str | None,
+        caller: Caller,
+    ) -> CheckpointRecord:
+        """The remaining images of an incoming migration; its committed checkpoint."""
+        inc = self.incoming.get(inc_id, caller)
+        spec = import_job.ImportSpec(
+            name=inc.name,
+            digest=archive.parse_digest(content_digest, digest_header),
+            limits=self.archive_limits,
+            stall_s=self.settings.archive_stall_s,
+        )
+        progress = Progress(phase="importing", bytes_done=0)
+
+        async def job() -> CheckpointRecord:
+            async with self.checkpoint_quota.reserve(caller.uid, 0) as held:
+                return await incoming_job.commit(
+                    self, self.incoming, inc, spec, body, caller, progress, admit=held.resize
+                )
+
+        op = self._submit("migration_in", caller, {"migration": inc_id}, job, _ckpt_summary)
+        op.progress = progress
+        rec: CheckpointRecord = await self._wait(op)
+        return rec
+
+    async def abort_incoming(self, inc_id: str, caller: Caller) -> None:
+        """Abort an incoming migration: its page server killed, its dir removed."""
+        inc = self.incoming.get(inc_id, caller)
+        await self._audited(
+            "abort_incoming",
+            caller,
+            {"migration": inc_id},
+            incoming_job.abort(self, self.incoming, inc),
         )
 
     # -- restores -----------------------------------------------------------------

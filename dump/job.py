@@ -65,6 +65,12 @@ class CheckpointSpec:
     # Iterative pre-dumps asked before the final dump (0: none).  They need
     # soft-dirty tracking (criud.daemon.kprobe "pre_dump").
     pre_dumps: int = 0
+    # More criu flags, built by a flow of its own (a migration's page
+    # server, --leave-stopped); never from a request's text.
+    extra_args: tuple[str, ...] = ()
+    # Report the images dir's growth as progress; off where the pages go
+    # elsewhere (a migration reports what its destination received).
+    watch_images: bool = True
 
 
 class DumpRuntime(Protocol):
@@ -265,7 +271,8 @@ class _Dump:
             log_st = os.fstat(log_fd)
             ids = (run_as.uid, run_as.gid) if run_as is not None else None
             images_arg = imgdir.criu_dir(self.tmp, tmp_fd, ids, writable=True)
-            async with _watching(tmp_fd):
+            watch = _watching(tmp_fd) if self.spec.watch_images else contextlib.nullcontext()
+            async with watch:
                 result = await self.rt.criu.run(
                     self._argv(m, images_arg, run_as),
                     LogFile(log_fd, self.tmp / DUMP_LOG),
@@ -309,7 +316,7 @@ class _Dump:
             network_lock=lock,
             unprivileged=run_as is not None,
             external_ns=tuple((n.type, n.ino, n.key) for n in m.ext_namespaces),
-            extra=oci_extra,
+            extra=(*oci_extra, *self.spec.extra_args),
         )
 
 

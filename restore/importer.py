@@ -208,15 +208,36 @@ async def run(
         names.check_name(spec.name)
         await _check_free(rt, spec.name, caller)
     ckpt_id = names.new_id()
+    os.mkdir(rt.settings.checkpoints_dir / f"{TMP_PREFIX}{ckpt_id}", 0o700)
+    return await run_into(rt, spec, body, caller, progress, ckpt_id, admit)
+
+
+async def run_into(
+    rt: ImportRuntime,
+    spec: ImportSpec,
+    body: AsyncIterator[bytes],
+    caller: Caller,
+    progress: Progress,
+    ckpt_id: str,
+    admit: Callable[[int], Awaitable[None]] | None = None,
+    origin: str | None = None,
+) -> CheckpointRecord:
+    """Import the body into the existing `.tmp-<ckpt_id>` dir and commit it; removed on failure.
+
+    The dir may hold images already (an incoming migration's pages, which
+    its page server wrote): a member that collides with one is refused.
+    origin, when given, is the record's (else the archive's kind says).
+    """
     tmp = rt.settings.checkpoints_dir / f"{TMP_PREFIX}{ckpt_id}"
     final = rt.settings.checkpoints_dir / ckpt_id
-    os.mkdir(tmp, 0o700)
     try:
         tmp_fd = imgdir.open_dir(tmp)
         try:
             rec = await _import_into(rt, spec, body, caller, progress, ckpt_id, tmp_fd)
         finally:
             os.close(tmp_fd)
+        if origin is not None:
+            rec = dataclasses.replace(rec, origin=origin)
         if admit is not None:
             await admit(rec.size_bytes or 0)
         await asyncio.to_thread(os.rename, tmp, final)
