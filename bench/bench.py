@@ -937,7 +937,7 @@ async def _sse_readers_cpu(readers: int, pairs: int) -> tuple[float, int]:
     from criud.daemon.events import EventBus
 
     bus = EventBus()
-    app = create_app(_StreamOnly(bus))  # type: ignore[arg-type]
+    app = create_app(_StreamOnly(bus))
     got = [0] * readers
     gone = asyncio.get_running_loop().create_future()
 

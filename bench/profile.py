@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,8 +73,8 @@ def summarize(raw: Path, top: int = 40, thread: str = "MainThread") -> str:
 
 def _sse_load(d: bench.Daemon, seconds: float, readers: int = 100) -> int:
     """The observability bench's worst condition: readers fed 40 events/s, API under load."""
-    stop = bench.threading.Event()
-    src = bench.threading.Thread(target=bench._event_source, args=(d.new_client(), stop))
+    stop = threading.Event()
+    src = threading.Thread(target=bench._event_source, args=(d.new_client(), stop))
     src.start()
     subs = bench.SseSubscribers(d.socket, readers)
     n = 0
