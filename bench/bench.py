@@ -34,6 +34,7 @@ medians.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import functools
@@ -918,6 +919,86 @@ def _in_process_us(n: int = 5000) -> float:
     return round((time.perf_counter() - t0) / n * 1e6, 1)
 
 
+class _StreamOnly:
+    """The part of the daemon service /v1/events uses: its event stream."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+
+    def version(self) -> dict[str, str]:
+        return {"criud": "bench"}
+
+    def event_stream(self, caller: Any, since: int | None) -> Any:
+        return self.bus.stream(None, since)
+
+
+async def _sse_readers_cpu(readers: int, pairs: int) -> tuple[float, int]:
+    """CPU seconds the loop spent delivering pairs x 2 events to readers; bytes framed.
+
+    The real app (every middleware, the route, the response) serves the
+    readers; each send is framed by h11 as uvicorn does and then dropped,
+    so only the socket write is missing.  CPU time, not wall time: the
+    flush delay the loop sleeps through is not cost.
+    """
+    import h11
+
+    from criud.api.app import create_app
+    from criud.daemon.caller import Caller
+    from criud.daemon.events import EventBus
+
+    bus = EventBus()
+    app = create_app(_StreamOnly(bus))
+    got = [0] * readers
+    gone = asyncio.get_running_loop().create_future()
+
+    def reader(i: int) -> Any:
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(b"GET /v1/events HTTP/1.1\r\nHost: criud\r\n\r\n")
+        conn.next_event()
+
+        async def send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                conn.send(h11.Response(status_code=200, headers=message["headers"]))
+            elif message.get("body"):
+                got[i] += len(conn.send(h11.Data(data=message["body"])) or b"")
+
+        async def receive() -> Any:
+            await asyncio.shield(gone)
+            return {"type": "http.disconnect"}
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1", "method": "GET", "scheme": "http", "path": "/v1/events",
+            "raw_path": b"/v1/events", "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"criud")], "client": None, "server": None,
+            "state": {"peer": Caller(uid=0, gid=0, pid=1), "tcp": False},
+        }  # fmt: skip
+        return app(scope, receive, send)
+
+    tasks = [asyncio.create_task(reader(i)) for i in range(readers)]
+    while not all(got):  # each has its first comment: subscribed
+        await asyncio.sleep(0.001)
+    start = sum(got)
+    t0 = time.process_time()
+    for _ in range(pairs):
+        before = list(got)
+        bus.publish("operation.started", 0, operation="x" * 24, kind="restore", target={})
+        bus.publish("operation.failed", 0, operation="x" * 24, code="not_found", detail="no")
+        # The flush comes FLUSH_S later; the loop sleeps meanwhile (no CPU).
+        while any(g == b for g, b in zip(got, before, strict=True)):
+            await asyncio.sleep(0.002)
+    cpu = time.process_time() - t0
+    gone.set_result(None)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return cpu, sum(got) - start
+
+
+def _sse_us_per_event_reader(readers: int = 100, pairs: int = 200) -> float:
+    """In-process CPU per event per reader of /v1/events (framed, not written); µs."""
+    cpu, _ = asyncio.run(_sse_readers_cpu(readers, pairs))
+    return round(cpu / (2 * pairs * readers) * 1e6, 2)
+
+
 def bench_observability(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str, Any]:
     """Events and metrics on vs off (interleaved cycles); API p99 with 0 vs n SSE readers."""
     root = Path(tempfile.mkdtemp(prefix="obs-", dir=base))
@@ -944,6 +1025,7 @@ def bench_observability(cfg: dict[str, Any], env: dict[str, Any], base: Path) ->
         )
         out["paired_diff_median_ms"] = round(statistics.median(pairs) * 1000, 3)
         out["in_process_us_per_cycle"] = _in_process_us()
+        out["sse_us_per_event_reader"] = _sse_us_per_event_reader(cfg["obs_subscribers"])
         out["subscribers"] = _bench_subscribers(cfg, env, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -4,6 +4,7 @@
     python bench/profile.py api [--records 1000] [--seconds 10] [--svg out.svg]
     python bench/profile.py small [--cycles 40]
     python bench/profile.py processes [--seconds 10]   # GET /v1/processes/{pid}, 200 x 50 fds
+    python bench/profile.py sse [--seconds 10]   # GET /v1/version, 100 SSE readers fed 40 events/s
 
 Starts a real daemon, attaches `py-spy record` to it, drives the requests
 (api: GET /v1/checkpoints over one keep-alive connection, back to back;
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,14 +71,33 @@ def summarize(raw: Path, top: int = 40, thread: str = "MainThread") -> str:
     return "\n".join(lines)
 
 
+def _sse_load(d: bench.Daemon, seconds: float, readers: int = 100) -> int:
+    """The observability bench's worst condition: readers fed 40 events/s, API under load."""
+    stop = threading.Event()
+    src = threading.Thread(target=bench._event_source, args=(d.new_client(), stop))
+    src.start()
+    subs = bench.SseSubscribers(d.socket, readers)
+    n = 0
+    t0 = time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < seconds:
+            n += len(bench._version_load(d.socket, 10, 50))
+    finally:
+        stop.set()
+        src.join(5)
+        subs.close()
+    return n
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["api", "small", "processes"])
+    p.add_argument("what", choices=["api", "small", "processes", "sse"])
     p.add_argument("--records", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--cycles", type=int, default=40)
     p.add_argument("--criu", default="/usr/local/sbin/criu")
     p.add_argument("--svg", type=Path, help="also write a flame graph")
+    p.add_argument("--raw", type=Path, help="also keep py-spy's raw samples there")
     p.add_argument("--rate", type=int, default=250)
     p.add_argument(
         "--threads", nargs="*", default=["criud-db_0"], help="other threads to summarize"
@@ -132,6 +153,8 @@ def main() -> int:
                 conn.getresponse().read()
                 n += 1
             conn.close()
+        elif a.what == "sse":
+            n = _sse_load(d, a.seconds)
         elif a.what == "processes":
             while time.perf_counter() - t0 < a.seconds:
                 c.request("GET", f"/v1/processes/{tree}")
@@ -154,6 +177,8 @@ def main() -> int:
         each = wall / max(n, 1) * 1e3
         print(f"{a.what}: {n} in {wall:.1f} s ({each:.1f} ms each, under py-spy at {a.rate} Hz)")
         print(summarize(raw))
+        if a.raw:
+            shutil.copyfile(raw, a.raw)
         for t in a.threads:
             print(summarize(raw, 15, t))
     finally:

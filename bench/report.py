@@ -295,6 +295,16 @@ def markdown(r: dict[str, Any]) -> str:
             f"What they do for one cycle, timed in-process (two operations: four events "
             f"published and encoded, the metrics): {o['in_process_us_per_cycle']} µs.",
             "",
+            *(
+                [
+                    f"What one event costs the daemon per SSE reader, {n} readers, timed "
+                    "in-process (CPU; the app, the response and h11's framing, no socket "
+                    f"write): {o['sse_us_per_event_reader']} µs.",
+                    "",
+                ]
+                if "sse_us_per_event_reader" in o
+                else []
+            ),
             f"`GET /v1/version`, {sub['clients']} keep-alive clients x {sub['requests_each']} "
             f"requests per condition, the four conditions alternated: no SSE reader or {n}, "
             "with no events or with a failing restore publishing two events every 50 ms:",
