@@ -138,7 +138,11 @@ async def _receive(
     try:
         while True:
             try:
-                chunk = await asyncio.wait_for(anext(it), stall_s)
+                # asyncio.timeout, not wait_for: wait_for runs anext in a
+                # task of its own, and a cancel of this one (DELETE of the
+                # operation) then waited for the next body piece (seen: 30 s).
+                async with asyncio.timeout(stall_s):
+                    chunk = await anext(it)
             except StopAsyncIteration:
                 break
             except TimeoutError:

@@ -160,7 +160,12 @@ def test_cancel_a_running_import_leaves_nothing(pair: tuple[Daemon, Daemon], pro
     t = threading.Thread(target=upload)
     t.start()
     try:
-        wait_for(lambda: _running(b, "import") is not None, 20, what="the import to run")
+        # Running, and its first half counted (the op shows before its body).
+        wait_for(
+            lambda: ((_running(b, "import") or {}).get("progress") or {}).get("bytes_done"),
+            20,
+            what="the import to run and count its first bytes",
+        )
         op = _running(b, "import")
         assert op is not None and op["progress"]["bytes_done"] > 0
         _st, ended = b.client.request("DELETE", f"/v1/operations/{op['id']}")
