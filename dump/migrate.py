@@ -312,7 +312,9 @@ class _Move:
         """
         if not self.committing:
             return None
-        with contextlib.suppress(TimeoutError, BaseException):
+        # Its own failure (or the timeout) is what is looked at below; a
+        # cancellation of this migration still propagates.
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(commit), COMMIT_ERROR_WAIT_S)
         if not commit.done() or commit.cancelled():
             return None
