@@ -20,6 +20,26 @@ MAX_BODY = 1 << 20
 STREAMED = frozenset({"/v1/checkpoints/import"})
 
 
+def _streamed(scope: Scope) -> bool:
+    """Whether the route reads its body itself: an import, or a migration's other images.
+
+    The latter (PUT /v1/migrations/incoming/{id}/images) is an archive too:
+    buffered here it would be refused past MAX_BODY, scanned as JSON, and
+    handed to the route only once all of it arrived (a migration opens it
+    while its dump still runs, criud.dump.migrate).
+    """
+    path = str(scope.get("path") or "")
+    if path in STREAMED:
+        return True
+    parts = path.split("/")
+    return (
+        scope.get("method") == "PUT"
+        and len(parts) == 6
+        and parts[:4] == ["", "v1", "migrations", "incoming"]
+        and parts[5] == "images"
+    )
+
+
 async def _problem(send: Send, status: int, code: str, title: str, detail: str) -> None:
     body = json.dumps(
         {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code}
@@ -58,7 +78,7 @@ class LimitsMiddleware:
         if (
             scope["type"] != "http"
             or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE")
-            or scope.get("path") in STREAMED
+            or _streamed(scope)
         ):
             await self.app(scope, receive, send)
             return

@@ -58,6 +58,7 @@ from typing import Any
 import _repo  # noqa: F401 - the repo root on sys.path, for the tests' helpers
 import archive_bench
 import lazy_bench
+import migration_bench
 import report
 import workloads
 
@@ -87,6 +88,7 @@ SECTIONS = (
     "archive",
     "observability",
     "lazy",
+    "migration",
 )
 
 # Full and quick sizes of every section.
@@ -118,6 +120,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "lazy_mib": 1024,
         "clone_rounds": 7,
         "clone_copies": 10,
+        "mig_sizes": [256, 1024],
+        "mig_reps": 5,
     },
     "quick": {
         "small_rounds": 10,
@@ -146,6 +150,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "lazy_mib": 1024,
         "clone_rounds": 3,
         "clone_copies": 10,
+        "mig_sizes": [256],
+        "mig_reps": 2,
     },
 }
 
@@ -1415,6 +1421,7 @@ def main() -> int:
         "archive": archive_bench.bench_archive,
         "observability": bench_observability,
         "lazy": lazy_bench.bench_lazy,
+        "migration": migration_bench.bench_section,
     }
     try:
         for name in only:

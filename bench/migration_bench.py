@@ -20,6 +20,10 @@ counter's first line on the new pipe: the tree is frozen within a few ms of
 the start and answers only at the end.  criu's own frozen time is recorded
 too.  Ratios are medians of each rep's pair.
 
+`make bench`'s "migration" section (`bench/bench.py --only migration`;
+sizes and reps from its profile: quick 256 MiB x 2, full 256 MiB and 1 GiB
+x 5).  Standalone:
+
     python bench/migration_bench.py [--mib 256] [--reps 5]
 """
 
@@ -267,6 +271,60 @@ def bench_migration(mib: int, reps: int, base: Path) -> dict[str, Any]:
         "ratio_criud_over_archive": ratio_archive,
         "goal_met": ratio_raw <= 1.1,
     }
+
+
+def bench_section(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str, Any]:
+    """bench.py's "migration" section: every size of the profile, load noted."""
+    out: dict[str, Any] = {"loadavg_start": [round(x, 2) for x in os.getloadavg()], "sizes": []}
+    for mib in cfg["mig_sizes"]:
+        out["sizes"].append(bench_migration(mib, cfg["mig_reps"], base))
+    out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def _ms(s: float) -> float:
+    return round(s * 1000, 1)
+
+
+def targets(r: dict[str, Any]) -> list[tuple[str, float, str, bool, str]]:
+    """(name, value, goal, met, unit) rows for bench.py's targets table."""
+    return [
+        (
+            f"migration of {m['mib']} MiB: downtime criud / raw criu (median of pairs)",
+            round(m["ratio_criud_over_raw"], 3),
+            "<= 1.1",
+            m["ratio_criud_over_raw"] <= 1.1,
+            "x",
+        )
+        for m in r["sizes"]
+    ]
+
+
+def markdown(r: dict[str, Any]) -> list[str]:
+    """The section's lines in docs/benchmarks.md."""
+    out = [
+        "**Migration between two namespaced daemons**: a counter holding N MiB of non-zero "
+        "pages, moved three ways per rep in a rotating order; downtime from the request to "
+        "the restored counter's first line on a new pipe; medians, load average "
+        f"{r['loadavg_start']} → {r['loadavg_end']}.",
+        "",
+        "| size | reps | criud | raw criu (page server by hand) | export + import | "
+        "criud / raw | criud / export | criud: frozen, pages, other images, restore |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for m in r["sizes"]:
+        med = m["median_downtime_s"]
+        rows = m["rows"]["criud"]
+        parts = [
+            _ms(statistics.median(x[k] for x in rows))
+            for k in ("frozen", "pages", "other_images", "restore")
+        ]
+        out.append(
+            f"| {m['mib']} MiB | {m['reps']} | {_ms(med['criud'])} ms | {_ms(med['raw'])} ms | "
+            f"{_ms(med['archive'])} ms | {m['ratio_criud_over_raw']:.3f} | "
+            f"{m['ratio_criud_over_archive']:.3f} | {' / '.join(f'{p} ms' for p in parts)} |"
+        )
+    return [*out, ""]
 
 
 def main() -> int:

@@ -76,6 +76,11 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         import lazy_bench
 
         out += [_t(*t) for t in lazy_bench.targets(lz)]
+    mg = r.get("migration")
+    if mg:
+        import migration_bench
+
+        out += [_t(*t) for t in migration_bench.targets(mg)]
     o = r.get("observability")
     if o:
         v = o["paired_diff_median_ms"]
@@ -278,6 +283,11 @@ def markdown(r: dict[str, Any]) -> str:
         import lazy_bench
 
         out += lazy_bench.markdown(lz)
+    mg = r.get("migration")
+    if mg:
+        import migration_bench
+
+        out += migration_bench.markdown(mg)
     o = r.get("observability")
     if o:
         sub = o["subscribers"]

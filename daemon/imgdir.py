@@ -15,6 +15,7 @@ not check first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -34,6 +35,13 @@ SEALED_FILE_MODE = 0o644
 # The one subdir an images dir may hold: an imported archive's other members
 # (criud.json, spec.dump, ...), made by the daemon, root's 0755.
 ARCHIVE_SUBDIR = "archive"
+
+# criu's link from a pre-dump chain's dir to the dir of the round before
+# (`--prev-images-dir`); the one symlink a sealed images dir may hold, and
+# only one the daemon made itself (see Chain).
+PARENT_LINK = "parent"
+# The daemon's names for a checkpoint's pre-dump round dirs: pre-1, pre-2, ...
+ROUND_PREFIX = "pre-"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a fifo planted under a checked name must not hang the open.
@@ -70,6 +78,12 @@ def _kind(mode: int) -> str:
 def open_dir(path: Path) -> int:
     """Open a dir the daemon made (its last component must not be a symlink)."""
     return os.open(path, _DIR_FLAGS)
+
+
+def open_dir_at(dirfd: int, name: str) -> int:
+    """Open the subdir `name` of dirfd (never through a symlink)."""
+    _check_name(name)
+    return os.open(name, _DIR_FLAGS, dir_fd=dirfd)
 
 
 def open_beneath(dirfd: int, name: str) -> int:
@@ -192,7 +206,30 @@ def _seal_file(dirfd: int, name: str, owner_uid: int, expect: tuple[int, int] | 
         os.close(fd)
 
 
-def seal(dirfd: int, owner_uid: int, expect: Mapping[str, tuple[int, int]] | None = None) -> int:
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """A dir's place in a checkpoint's pre-dump chain, as the daemon made it.
+
+    base_fd is the checkpoint's dir, which holds the round dirs (pre-1 ..
+    pre-N, each made by the daemon: rounds maps their names to the
+    (st_dev, st_ino) it made them with).  parent names the round dir this
+    dir's `parent` link must reach (None: the first round, no link); link
+    is the text the link holds, relative (`pre-N` from the checkpoint's dir,
+    `../pre-K` from a round dir).
+    """
+
+    base_fd: int
+    rounds: Mapping[str, tuple[int, int]]
+    parent: str | None = None
+    link: str = ""
+
+
+def seal(
+    dirfd: int,
+    owner_uid: int,
+    expect: Mapping[str, tuple[int, int]] | None = None,
+    chain: Chain | None = None,
+) -> int:
     """Make a dumped images dir root's and read-only to others; return its files' bytes.
 
     The dir itself first: once it is root's 0700 its entries can no longer
@@ -203,20 +240,82 @@ def seal(dirfd: int, owner_uid: int, expect: Mapping[str, tuple[int, int]] | Non
     walk ends in the sealed mode (0755), which is_sealed trusts from then
     on.  expect maps names to the (st_dev, st_ino) the daemon created them
     with.  Idempotent.
+
+    A dir of a pre-dump chain (chain given) may hold exactly one symlink,
+    `parent`: whatever criu (run as the owner) left under that name is
+    removed and the daemon makes the link itself, to the round dir it made
+    (checked through base_fd); the checkpoint's own dir may hold the
+    sealed round dirs, whose bytes count in its total.
     """
     os.fchown(dirfd, 0, 0)
     os.fchmod(dirfd, 0o700)
     total = 0
     names = sorted(os.listdir(dirfd))
+    rounds = chain.rounds if chain is not None and chain.base_fd == dirfd else {}
     for name in names:
         if name == ARCHIVE_SUBDIR and _is_daemons_dir(dirfd, name):
             continue
+        if name in rounds:
+            total += _check_round(dirfd, name, rounds[name])
+            continue
+        if name == PARENT_LINK and chain is not None and chain.parent is not None:
+            continue  # made again below
         total += _seal_file(dirfd, name, owner_uid, (expect or {}).get(name))
-    missing = set(expect or {}) - set(names)
+    missing = (set(expect or {}) | set(rounds)) - set(names)
     if missing:
         raise UnsafeEntry(f"{', '.join(sorted(missing))} went missing")
+    if chain is not None and chain.parent is not None:
+        _link_parent(dirfd, chain)
     os.fchmod(dirfd, SEALED_DIR_MODE)
     return total
+
+
+def _link_parent(dirfd: int, chain: Chain) -> None:
+    """Replace whatever `parent` is in dirfd with the daemon's own link to chain.parent."""
+    assert chain.parent is not None
+    _check_name(chain.parent)
+    if not chain.parent.startswith(ROUND_PREFIX) or chain.link not in (
+        chain.parent,
+        f"../{chain.parent}",
+    ):
+        raise ValueError(f"not a round dir link: {chain.link!r} to {chain.parent!r}")
+    _check_round(chain.base_fd, chain.parent, chain.rounds[chain.parent])
+    try:
+        # unlink never follows; a dir planted under the name fails (EISDIR).
+        os.unlink(PARENT_LINK, dir_fd=dirfd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise UnsafeEntry(f"{PARENT_LINK} is a directory") from None
+    os.symlink(chain.link, PARENT_LINK, dir_fd=dirfd)
+
+
+def _check_round(base_fd: int, name: str, ident: tuple[int, int]) -> int:
+    """That base_fd's name is the sealed round dir the daemon made; its files' bytes."""
+    st = os.stat(name, dir_fd=base_fd, follow_symlinks=False)
+    if (st.st_dev, st.st_ino) != ident or not stat.S_ISDIR(st.st_mode):
+        raise UnsafeEntry(f"{name} is not the pre-dump dir the daemon made")
+    if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != SEALED_DIR_MODE:
+        raise UnsafeEntry(f"{name} is not sealed")
+    fd = os.open(name, _DIR_FLAGS, dir_fd=base_fd)
+    try:
+        total = 0
+        for entry in os.scandir(fd):
+            est = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(est.st_mode):
+                total += est.st_size
+        return total
+    finally:
+        os.close(fd)
+
+
+def has_chain(dirfd: int) -> bool:
+    """Whether the images dir at dirfd holds a `parent` link (pages in pre-dump rounds)."""
+    try:
+        st = os.stat(PARENT_LINK, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISLNK(st.st_mode)
 
 
 def _is_daemons_dir(dirfd: int, name: str) -> bool:

@@ -142,6 +142,30 @@ async def _read_chunked(r: asyncio.StreamReader) -> bytes:
         await r.readexactly(2)
 
 
+async def _stream_and_answer(
+    r: asyncio.StreamReader, w: asyncio.StreamWriter, stream: AsyncIterator[bytes]
+) -> tuple[int, dict[str, Any]]:
+    """Send the chunked body while listening for the answer; the answer.
+
+    A destination may answer before the body is over (a migration's commit
+    is opened while the dump still runs, and refused at once when the page
+    server failed): that answer ends the request, and the rest of the body
+    is not sent.
+    """
+    sender = asyncio.ensure_future(_send_chunked(w, stream))
+    answer = asyncio.ensure_future(_read_answer(r))
+    try:
+        await asyncio.wait([sender, answer], return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done():
+            sender.result()  # the body is out (or its error raises here)
+        return await asyncio.wait_for(answer, ANSWER_TIMEOUT_S)
+    finally:
+        for task in (sender, answer):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
 async def call(
     target: Target,
     method: str,
@@ -165,13 +189,13 @@ async def call(
                 "Transfer-Encoding": "chunked",
             }
             w.write(_head(target, method, path, hdrs))
-            await _send_chunked(w, stream)
+            status, answer = await _stream_and_answer(r, w, stream)
         else:
             payload = json.dumps(doc).encode() if doc is not None else b""
             hdrs = {"Content-Type": "application/json", "Content-Length": str(len(payload))}
             w.write(_head(target, method, path, hdrs) + payload)
             await w.drain()
-        status, answer = await asyncio.wait_for(_read_answer(r), ANSWER_TIMEOUT_S)
+            status, answer = await asyncio.wait_for(_read_answer(r), ANSWER_TIMEOUT_S)
     except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
         raise MigrationFailed(
             f"the connection to the destination {target.url} broke: {type(e).__name__}",

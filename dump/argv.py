@@ -65,3 +65,45 @@ def dump_argv(
     # Derived elsewhere (an OCI bundle's root, mounts, cgroups), already checked.
     argv += extra
     return argv
+
+
+# A dump's flags that have no meaning for a pre-dump, which always leaves
+# the tree running (and never talks to a page server: migrations take no
+# pre-dumps).
+_FINAL_ONLY = frozenset({"--leave-running", "--leave-stopped"})
+
+
+def round_link(k: int, final: bool = False) -> str:
+    """The --prev-images-dir of pre-dump round k+1 (or of the final dump after round k).
+
+    Relative, as criu writes it into the `parent` link: round dirs are
+    pre-1 .. pre-N inside the checkpoint's dir, the final dump's images the
+    checkpoint's dir itself.
+    """
+    return f"pre-{k}" if final else f"../pre-{k}"
+
+
+def chained_argv(argv: list[str], prev: str) -> list[str]:
+    """A dump argv (from dump_argv) as the final dump of a pre-dump chain."""
+    return [*argv, "--track-mem", "--prev-images-dir", prev]
+
+
+def pre_dump_argv(argv: list[str], images_dir: Path, prev: str | None) -> list[str]:
+    """Round of a pre-dump chain: the dump argv turned into `criu pre-dump` into images_dir.
+
+    prev (None for the first round) is the round before, relative to images_dir.
+    """
+    if argv[:1] != ["dump"] or "--page-server" in argv:
+        raise ValueError("a pre-dump chain starts from a plain dump argv")
+    out = ["pre-dump"]
+    args = iter(argv[1:])
+    for a in args:
+        if a == "-D":
+            out += ["-D", str(images_dir)]
+            next(args)
+        elif a not in _FINAL_ONLY:
+            out.append(a)
+    out.append("--track-mem")
+    if prev is not None:
+        out += ["--prev-images-dir", prev]
+    return out

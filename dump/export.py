@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 from criud.daemon import archive, imgdir
 from criud.daemon.archive import Member
-from criud.daemon.errors import CheckpointNotReady
+from criud.daemon.errors import CheckpointNotReady, InvalidRequest
 from criud.daemon.operations import Progress
 from criud.daemon.store import CheckpointRecord
 from criud.dump import oci_archive
@@ -134,6 +134,16 @@ def prepare(path: Path, rec: CheckpointRecord, compression: str, meta: dict[str,
         if not imgdir.is_sealed(dirfd):
             run_as = (rec.manifest or {}).get("run_as") or [0]
             imgdir.seal(dirfd, int(run_as[0]))
+        if imgdir.has_chain(dirfd):
+            # Its pages are spread over the pre-dump rounds (criu's parent
+            # chain); an archive holds one flat images dir, and merging
+            # criu's pagemaps is criu's business, not criud's.
+            raise InvalidRequest(
+                f"checkpoint {rec.id} was taken with pre-dumps: its pages span the "
+                "pre-dump rounds' dirs, which an archive does not carry; export a "
+                "checkpoint taken without pre-dumps (pre_dumps: 0)",
+                checkpoint=rec.id,
+            )
         members = [*list_images(dirfd), _bytes_member(MANIFEST_NAME, manifest_json(rec, meta))]
         manifest = Manifest.from_json(rec.manifest)
         if manifest.oci is not None:

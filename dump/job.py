@@ -41,7 +41,7 @@ from criud.dump import images, oci, oci_archive
 from criud.dump import inspect as proc_inspect
 from criud.dump import manifest as mf
 from criud.dump import preflight as dump_preflight
-from criud.dump.argv import DUMP_LOG, dump_argv
+from criud.dump.argv import DUMP_LOG, chained_argv, dump_argv, pre_dump_argv, round_link
 from criud.dump.options import DumpOptions
 
 log = logging.getLogger("criud.dump")
@@ -51,6 +51,8 @@ TMP_PREFIX = ".tmp-"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # How often the images dir is looked at while criu writes it.
 WATCH_INTERVAL_S = 0.25
+# The log of each pre-dump round, in its round dir (the daemon creates it).
+PRE_DUMP_LOG = "pre-dump.log"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +95,8 @@ async def run(rt: DumpRuntime, spec: CheckpointSpec, caller: Caller) -> Checkpoi
     if spec.pre_dumps:
         # Before the pid is even pinned: nothing is frozen, nothing recorded.
         kprobe.require(rt.criu, "pre_dump", f"checkpoint of pid {pid} with pre-dumps")
-        raise InvalidRequest(
-            "iterative pre-dumps (--track-mem, --prev-images-dir) are not implemented by "
-            "this criud: take a full dump (pre_dumps: 0)"
-        )
+        if "--page-server" in spec.extra_args:
+            raise InvalidRequest("pre-dumps are not taken for a page-server dump")
     # Pin the target now: a pidfd refers to this process, not to whoever
     # reuses its pid later; the start time is checked again before criu.
     try:
@@ -271,10 +271,15 @@ class _Dump:
             log_st = os.fstat(log_fd)
             ids = (run_as.uid, run_as.gid) if run_as is not None else None
             images_arg = imgdir.criu_dir(self.tmp, tmp_fd, ids, writable=True)
+            argv = self._argv(m, images_arg, run_as)
+            chain = await self._pre_dumps(argv, tmp_fd, run_as)
+            if chain is not None:
+                argv = chained_argv(argv, round_link(self.spec.pre_dumps, final=True))
             watch = _watching(tmp_fd) if self.spec.watch_images else contextlib.nullcontext()
+            operations.report(phase="dumping")
             async with watch:
                 result = await self.rt.criu.run(
-                    self._argv(m, images_arg, run_as),
+                    argv,
                     LogFile(log_fd, self.tmp / DUMP_LOG),
                     pass_fds=[tmp_fd] if run_as is not None else [],
                     run_as=run_as,
@@ -293,11 +298,77 @@ class _Dump:
                 raise err
             owner = run_as.uid if run_as is not None else 0
             expect = {DUMP_LOG: (log_st.st_dev, log_st.st_ino)}
-            return await asyncio.to_thread(_seal_dump, self.id, tmp_fd, owner, expect)
+            return await asyncio.to_thread(_seal_dump, self.id, tmp_fd, owner, expect, chain)
         finally:
             if log_fd >= 0:
                 os.close(log_fd)
             os.close(tmp_fd)
+
+    async def _pre_dumps(
+        self, argv: list[str], tmp_fd: int, run_as: RunAs | None
+    ) -> imgdir.Chain | None:
+        """The pre-dump rounds (spec.pre_dumps) into pre-1 .. pre-N, each sealed; their chain.
+
+        Round k is `criu pre-dump --track-mem --prev-images-dir ../pre-<k-1>`:
+        the tree runs on while its memory is copied, and each round copies
+        only what changed since the one before (soft-dirty tracking); the
+        final dump then stops the tree for the last changes alone.
+        """
+        if not self.spec.pre_dumps:
+            return None
+        rounds: dict[str, tuple[int, int]] = {}
+        for k in range(1, self.spec.pre_dumps + 1):
+            operations.report(phase=f"pre-dumping ({k}/{self.spec.pre_dumps})")
+            name = f"{imgdir.ROUND_PREFIX}{k}"
+            prev = round_link(k - 1) if k > 1 else None
+            # The first round has no parent; each later one links the one before.
+            chain = imgdir.Chain(tmp_fd, dict(rounds))
+            if prev is not None:
+                chain = imgdir.Chain(tmp_fd, dict(rounds), f"{imgdir.ROUND_PREFIX}{k - 1}", prev)
+            rounds[name] = await self._pre_dump_round(argv, tmp_fd, name, prev, chain, run_as)
+        last = f"{imgdir.ROUND_PREFIX}{self.spec.pre_dumps}"
+        return imgdir.Chain(tmp_fd, rounds, last, round_link(self.spec.pre_dumps, final=True))
+
+    async def _pre_dump_round(
+        self,
+        argv: list[str],
+        tmp_fd: int,
+        name: str,
+        prev: str | None,
+        chain: imgdir.Chain,
+        run_as: RunAs | None,
+    ) -> tuple[int, int]:
+        """One pre-dump round into the daemon's new dir `name`; sealed; its (dev, ino)."""
+        os.mkdir(name, 0o700, dir_fd=tmp_fd)
+        fd = imgdir.open_dir_at(tmp_fd, name)
+        log_fd = -1
+        try:
+            st = os.fstat(fd)
+            log_fd = imgdir.create_log(fd, PRE_DUMP_LOG)
+            log_st = os.fstat(log_fd)
+            ids = (run_as.uid, run_as.gid) if run_as is not None else None
+            images_arg = imgdir.criu_dir(self.tmp / name, fd, ids, writable=True)
+            result = await self.rt.criu.run(
+                pre_dump_argv(argv, images_arg, prev),
+                LogFile(log_fd, self.tmp / name / PRE_DUMP_LOG),
+                pass_fds=[fd] if run_as is not None else [],
+                run_as=run_as,
+                watch_pid=self.spec.pid,
+            )
+            if not result.ok:
+                what = f"pre-dump {name} of pid {self.spec.pid}"
+                root = self.rt.settings.checkpoints_dir
+                err = await criu_errors.failure(self.rt.criu, what, result, "dump", self.id, root)
+                await asyncio.to_thread(_keep_log_only, self.tmp, self.final, log_fd)
+                raise err
+            owner = run_as.uid if run_as is not None else 0
+            expect = {PRE_DUMP_LOG: (log_st.st_dev, log_st.st_ino)}
+            await asyncio.to_thread(_seal_dump, self.id, fd, owner, expect, chain)
+            return st.st_dev, st.st_ino
+        finally:
+            if log_fd >= 0:
+                os.close(log_fd)
+            os.close(fd)
 
     def _argv(self, m: mf.Manifest, images_arg: Path, run_as: RunAs | None) -> list[str]:
         opts = self.spec.options
@@ -436,14 +507,18 @@ def _keep_log_only(tmp: Path, final: Path, log_fd: int) -> None:
 
 
 def _seal_dump(
-    ckpt_id: str, dirfd: int, owner: int, expect: dict[str, tuple[int, int]]
+    ckpt_id: str,
+    dirfd: int,
+    owner: int,
+    expect: dict[str, tuple[int, int]],
+    chain: imgdir.Chain | None = None,
 ) -> tuple[int, dict[str, int]]:
     """Seal a dumped dir (root's, read-only to others); then its size and stats.
 
     Only then is anything in it read: before, the owner could change it.
     """
     try:
-        size = imgdir.seal(dirfd, owner, expect)
+        size = imgdir.seal(dirfd, owner, expect, chain)
     except imgdir.UnsafeEntry as e:
         raise imgdir.tampered(ckpt_id, e) from None
     return size, images.stats_in(dirfd, "stats-dump")

@@ -36,7 +36,7 @@ import os
 import signal
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol
 
 from criud.daemon import archive, operations, peer
@@ -60,6 +60,10 @@ log = logging.getLogger("criud.migrate")
 INCOMING = "/v1/migrations/incoming"
 # How often the destination is asked what it received, while the pages go.
 WATCH_INTERVAL_S = 0.25
+# How often it is asked whether criu has connected yet, to open the commit.
+EARLY_POLL_S = 0.02
+# How long a failed dump waits for the early commit's answer (the reason).
+COMMIT_ERROR_WAIT_S = 2.0
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -143,6 +147,8 @@ class _Move:
         self.wall0 = time.time()
         self.incoming: str | None = None
         self.local: CheckpointRecord | None = None
+        # Whether the early commit (the PUT) was opened on the destination.
+        self.committing = False
 
     async def run(self) -> MigrationResult:
         # Refused callers and gone pids leave the destination untouched.
@@ -164,12 +170,25 @@ class _Move:
 
     async def _push(self, address: str, port: int) -> MigrationResult:
         t_dump = time.monotonic()
-        self.local = await self._dump(address, port)
+        # The commit (PUT of the other images) is opened while the pages are
+        # still pushed: the destination's request handling and its wait for
+        # the page server overlap the dump, and only the ~50 KiB body and the
+        # import are left for after it (the tree is stopped by then).
+        dumped: asyncio.Future[CheckpointRecord] = asyncio.get_running_loop().create_future()
+        commit = asyncio.ensure_future(self._commit(dumped))
+        try:
+            self.local = await self._dump(address, port, commit)
+        except BaseException:
+            await _cancelled(commit)
+            raise
         pages_s = time.monotonic() - t_dump
         operations.report(phase="sending")
         t_send = time.monotonic()
-        path = f"{INCOMING}/{self.incoming}/images"
-        got, sent = await _send(self.rt, self.local, self.spec.target, "PUT", path, "none")
+        dumped.set_result(self.local)
+        try:
+            got, sent = await commit
+        finally:
+            await _cancelled(commit)
         other_s = time.monotonic() - t_send
         if not self.spec.options.leave_running:
             _signal_tree(self.local, signal.SIGKILL)
@@ -194,7 +213,24 @@ class _Move:
             destination_checkpoint=got,
         )
 
-    async def _dump(self, address: str, port: int) -> CheckpointRecord:
+    async def _commit(self, dumped: asyncio.Future[CheckpointRecord]) -> tuple[dict[str, Any], int]:
+        """PUT the other images, opened once criu pushes (or the dump is over), sent once done.
+
+        Opened no earlier than the destination's page server has its
+        connection: a commit there before any source connected is refused.
+        """
+        while not dumped.done():
+            inc = await peer.call(self.spec.target, "GET", f"{INCOMING}/{self.incoming}")
+            if inc.get("state") != "waiting":
+                break
+            await asyncio.wait([dumped], timeout=EARLY_POLL_S)
+        self.committing = True
+        path = f"{INCOMING}/{self.incoming}/images"
+        return await _send(self.rt, dumped, self.spec.target, "PUT", path, "none")
+
+    async def _dump(
+        self, address: str, port: int, commit: asyncio.Future[tuple[dict[str, Any], int]]
+    ) -> CheckpointRecord:
         """The dump, pages to the page server; the tree left stopped (or running)."""
         args = ["--page-server", "--address", address, "--port", str(port)]
         if self.tls:
@@ -214,7 +250,7 @@ class _Move:
             async with self._watching_destination():
                 return await dump_job.run(self.rt, spec, self.caller)
         except CriudError as e:
-            theirs = await self._their_error()
+            theirs = await self._their_error() or await self._commit_error(commit)
             why = f" (the destination's page server: {theirs['detail']})" if theirs else ""
             raise MigrationFailed(
                 f"migration of pid {self.pid}: the dump failed: {e.detail}{why}",
@@ -266,6 +302,28 @@ class _Move:
             await asyncio.sleep(0.1)
         return None
 
+    async def _commit_error(
+        self, commit: asyncio.Future[tuple[dict[str, Any], int]]
+    ) -> dict[str, Any] | None:
+        """The destination's answer to an early commit, if its page server failed first.
+
+        That commit ends the incoming migration itself (so the state the
+        destination answers GET with is gone): its refusal says why.
+        """
+        if not self.committing:
+            return None
+        # Its own failure (or the timeout) is what is looked at below; a
+        # cancellation of this migration still propagates.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(commit), COMMIT_ERROR_WAIT_S)
+        if not commit.done() or commit.cancelled():
+            return None
+        err = commit.exception()
+        problem = err.extra.get("problem") if isinstance(err, CriudError) else None
+        if isinstance(problem, dict) and problem.get("code"):
+            return {"code": problem["code"], "detail": problem.get("detail")}
+        return None
+
     async def _undo(self, e: BaseException) -> None:
         """After a failure: the destination aborts; a stopped source tree runs on."""
         if self.local is not None and not self.spec.options.leave_running:
@@ -298,37 +356,81 @@ def _signal_tree(rec: CheckpointRecord, signo: int) -> None:
 
 async def _send(
     rt: MigrateRuntime,
-    rec: CheckpointRecord,
+    rec: Awaitable[CheckpointRecord],
     target: peer.Target,
     method: str,
     path: str,
     compression: str,
 ) -> tuple[dict[str, Any], int]:
-    """Stream rec's images as criud's archive in a request body; (the answer, bytes sent)."""
-    ckpt_dir = rt.settings.checkpoints_dir / rec.id
-    with rt.busy(rec.id, f"checkpoint {rec.id} is being migrated"):
-        prep = await asyncio.to_thread(export.prepare, ckpt_dir, rec, compression, rt.export_meta())
+    """Stream rec's images as criud's archive in a request body; (the answer, bytes sent).
+
+    The request goes out at once; its body waits for rec (a live
+    migration's dump may still be running).
+    """
+    body = _ArchiveBody(rt, compression)
+    try:
+        answer = await peer.call(target, method, path, stream=body.chunks(rec))
+    finally:
+        sent = await body.close()
+    return answer, sent
+
+
+class _ArchiveBody:
+    """A checkpoint's archive as a request body, produced in a thread; closed on every path."""
+
+    def __init__(self, rt: MigrateRuntime, compression: str) -> None:
+        self.rt, self.compression = rt, compression
+        self.stack = contextlib.ExitStack()
+        self.outbox: archive.Outbox | None = None
+        self.work: asyncio.Future[int] | None = None
+
+    async def chunks(self, pending: Awaitable[CheckpointRecord]) -> AsyncIterator[bytes]:
+        rec = await pending
+        rt = self.rt
+        self.stack.enter_context(rt.busy(rec.id, f"checkpoint {rec.id} is being migrated"))
+        ckpt_dir = rt.settings.checkpoints_dir / rec.id
+        prep = await asyncio.to_thread(
+            export.prepare, ckpt_dir, rec, self.compression, rt.export_meta()
+        )
+        self.stack.callback(prep.close)
+        progress = Progress(phase="sending", bytes_done=0, bytes_total=prep.tar_size)
+        self.outbox = archive.Outbox(
+            asyncio.get_running_loop(), stall_s=rt.settings.archive_stall_s
+        )
+        self.work = archive.in_thread(
+            export.produce,
+            prep,
+            self.outbox,
+            progress,
+            rt.settings.export_zstd_level,
+            rt.settings.export_zstd_threads,
+            name="criud-migrate",
+        )
+        async for chunk in _counted(self.outbox, progress):
+            yield chunk
+
+    async def close(self) -> int:
+        """Stop the producer, wait for it (bounded), release the images; the bytes it wrote."""
         try:
-            progress = Progress(phase="sending", bytes_done=0, bytes_total=prep.tar_size)
-            outbox = archive.Outbox(asyncio.get_running_loop(), stall_s=rt.settings.archive_stall_s)
-            work = archive.in_thread(
-                export.produce,
-                prep,
-                outbox,
-                progress,
-                rt.settings.export_zstd_level,
-                rt.settings.export_zstd_threads,
-                name="criud-migrate",
-            )
-            try:
-                answer = await peer.call(target, method, path, stream=_counted(outbox, progress))
-            finally:
-                outbox.stopped.set()
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(asyncio.shield(work), 30)
-            return answer, await work
+            if self.outbox is not None:
+                self.outbox.stopped.set()
+            if self.work is None:
+                return 0
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self.work), 30)
+            if self.work.done() and not self.work.cancelled() and not self.work.exception():
+                return self.work.result()
+            return 0
         finally:
-            prep.close()
+            self.stack.close()
+
+
+async def _cancelled(task: asyncio.Future[Any]) -> None:
+    """Cancel task if it still runs and wait for it to end (its error is not ours)."""
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
 
 
 async def _counted(outbox: archive.Outbox, progress: Progress) -> AsyncIterator[bytes]:
@@ -348,7 +450,9 @@ async def _ship_checkpoint(
     operations.report(phase="sending")
     name = spec.name or rec.name
     path = "/v1/checkpoints/import" + (f"?{urllib.parse.urlencode({'name': name})}" if name else "")
-    got, sent = await _send(rt, rec, spec.target, "POST", path, "zstd")
+    ready: asyncio.Future[CheckpointRecord] = asyncio.get_running_loop().create_future()
+    ready.set_result(rec)
+    got, sent = await _send(rt, ready, spec.target, "POST", path, "zstd")
     took = time.monotonic() - t0
     return MigrationResult(
         id=str(got["id"]),

@@ -50,8 +50,8 @@ from criud.restore import importer
 log = logging.getLogger("criud.incoming")
 
 ORIGIN = "migration"
-# How long a commit waits for the page server to finish after the source's
-# dump ended (it flushes and exits at once; this only bounds a broken one).
+# How long a commit waits at least for the page server to finish (it flushes
+# and exits as soon as the source's dump ends; this only bounds a broken one).
 PAGE_SERVER_GRACE_S = 30.0
 
 
@@ -332,7 +332,11 @@ async def _pages_in(inc: Incoming) -> None:
             f"incoming migration {inc.id}: no source connected to its page server",
             migration=inc.id,
         )
-    done, _ = await asyncio.wait([inc.server], timeout=PAGE_SERVER_GRACE_S)
+    # The source opens its commit while its dump still pushes (criud.dump.
+    # migrate): the wait covers the rest of the push, up to the migration's
+    # deadline (whose expiry aborts it), and at least the grace.
+    left = max(PAGE_SERVER_GRACE_S, inc.expires - time.time())
+    done, _ = await asyncio.wait([inc.server], timeout=left)
     if not done:
         raise MigrationFailed(
             f"incoming migration {inc.id}: the page server did not finish", migration=inc.id

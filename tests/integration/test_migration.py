@@ -226,6 +226,39 @@ def test_migrate_counter_round_trip(hosts: Hosts, procs: Procs) -> None:
             os.close(new_rd)
 
 
+# A counter with 30,000 separate private mappings (alternate protections keep
+# them from merging): its mm image alone is over 1.5 MiB, past the 1 MiB limit
+# of a buffered request body.
+MANY_MAPS = (
+    """
+import mmap
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+maps = [mmap.mmap(-1, 4096, flags, mmap.PROT_READ | (mmap.PROT_WRITE if i % 2 else 0))
+        for i in range(30000)]
+"""
+    + HELLO
+)
+
+
+def test_migrate_a_tree_whose_other_images_pass_one_mib(hosts: Hosts, procs: Procs) -> None:
+    """The commit's archive was buffered by the 1 MiB body limit: 413, and the tree ran on."""
+    with two_sides(hosts) as (src, dst):
+        p, rd = start_counter(procs, hosts, MANY_MAPS)
+        first = hello_num(read_line(rd, 60))
+        out = migrate(src, dst, p.pid)
+        p.wait(timeout=30)
+        last = drain_hello(rd, first)
+        os.close(rd)
+        ck = dst.client.inspect(out["checkpoint"])
+        assert ck["state"] == "done" and ck["size_bytes"] > 3 << 19
+        r, new_rd = restore_into_pipe(dst.client, procs, out["checkpoint"], ck["external"][0])
+        try:
+            assert hello_num(read_line(new_rd, 30)) == last + 1
+        finally:
+            os.kill(r["pid"], signal.SIGKILL)
+            os.close(new_rd)
+
+
 def test_wrong_token_refused_before_any_dump(hosts: Hosts, procs: Procs) -> None:
     with two_sides(hosts) as (src, dst):
         p, rd = start_counter(procs, hosts)

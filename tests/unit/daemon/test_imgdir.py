@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -275,3 +276,109 @@ def test_not_our_child() -> None:
         p.wait(timeout=10)
     with contextlib.suppress(Exception):
         assert procutil.not_our_child(p.pid, None) == "cannot be read in /proc"
+
+
+# Pre-dump chains: one `parent` link per dir, made by the daemon, to a round dir it made.
+
+OWNER = 65534
+
+
+def _round(base: Path, name: str, link: str | None = None) -> Path:
+    """A round dir as criu (as the owner) leaves it: its files, and its own parent link."""
+    d = base / name
+    d.mkdir(mode=0o700)
+    (d / "pages-1.img").write_bytes(b"p" * 10)
+    if link is not None:
+        (d / imgdir.PARENT_LINK).symlink_to(link)
+    for f in (d, *d.iterdir()):
+        os.lchown(f, OWNER, OWNER)
+    return d
+
+
+def _ident(p: Path) -> tuple[int, int]:
+    st = os.stat(p, follow_symlinks=False)
+    return st.st_dev, st.st_ino
+
+
+def _seal_chain(ck: Path, plant: str = "") -> int:
+    """Seal pre-1, pre-2 and ck as the job does; return ck's total."""
+    base = imgdir.open_dir(ck)
+    try:
+        rounds: dict[str, tuple[int, int]] = {}
+        for k in (1, 2):
+            name = f"pre-{k}"
+            _round(ck, name, f"../pre-{k - 1}" if k > 1 else None)
+            fd = imgdir.open_dir_at(base, name)
+            try:
+                parent = f"pre-{k - 1}" if k > 1 else None
+                imgdir.seal(fd, OWNER, None, imgdir.Chain(base, dict(rounds), parent, "../pre-1"))
+            finally:
+                os.close(fd)
+            rounds[name] = _ident(ck / name)
+        if plant == "swap":
+            # The owner (whose dir ck is while the final dump runs) swaps a round.
+            os.rename(ck / "pre-1", ck / "old")
+            _round(ck, "pre-1")
+        elif plant == "gone":
+            shutil.rmtree(ck / "pre-1")
+        elif plant == "outside":
+            (ck / imgdir.PARENT_LINK).symlink_to("/etc")
+        elif plant == "dir":
+            (ck / imgdir.PARENT_LINK).mkdir()
+        return imgdir.seal(base, OWNER, None, imgdir.Chain(base, rounds, "pre-2", "pre-2"))
+    finally:
+        os.close(base)
+
+
+def test_seal_of_a_pre_dump_chain_relinks_parent_itself(tmp_path: Path) -> None:
+    need_root()
+    ck = tmp_path / "ck"
+    ck.mkdir(mode=0o700)
+    (ck / "pstree.img").write_bytes(b"x")
+    os.chown(ck, OWNER, OWNER)
+    assert _seal_chain(ck, "outside") == 1 + 10 + 10
+    # Every parent link is root's, relative, and reaches the round before.
+    assert os.readlink(ck / "parent") == "pre-2" and os.lstat(ck / "parent").st_uid == 0
+    assert os.readlink(ck / "pre-2" / "parent") == "../pre-1"
+    assert os.lstat(ck / "pre-2" / "parent").st_uid == 0
+    assert not (ck / "pre-1" / "parent").exists()
+    assert (ck / "parent" / "parent" / "pages-1.img").read_bytes() == b"p" * 10
+    for d in (ck, ck / "pre-1", ck / "pre-2"):
+        st = os.stat(d)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, imgdir.SEALED_DIR_MODE)
+    fd = imgdir.open_dir(ck)
+    try:
+        assert imgdir.has_chain(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("plant", ["swap", "gone", "dir"])
+def test_seal_of_a_chain_refuses_a_round_that_is_not_the_daemons(
+    tmp_path: Path, plant: str
+) -> None:
+    need_root()
+    ck = tmp_path / "ck"
+    ck.mkdir(mode=0o700)
+    os.chown(ck, OWNER, OWNER)
+    with pytest.raises(imgdir.UnsafeEntry):
+        _seal_chain(ck, plant)
+    assert stat.S_IMODE(os.stat(ck).st_mode) != imgdir.SEALED_DIR_MODE
+
+
+def test_a_parent_link_outside_a_chain_is_tampering(tmp_path: Path) -> None:
+    need_root()
+    d = tmp_path / "ck"
+    d.mkdir(mode=0o700)
+    (d / "pstree.img").write_bytes(b"x")
+    (d / imgdir.PARENT_LINK).symlink_to("/etc")
+    fd = imgdir.open_dir(d)
+    try:
+        assert imgdir.has_chain(fd)
+        with pytest.raises(imgdir.UnsafeEntry, match="symlink"):
+            imgdir.seal(fd, 0)
+        # A link text other than the round's own name is never written.
+        with pytest.raises(ValueError):
+            imgdir.seal(fd, 0, None, imgdir.Chain(fd, {}, "pre-1", "../../etc"))
+    finally:
+        os.close(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -77,5 +78,35 @@ def test_call_maps_answers_to_errors() -> None:
         # Nobody listening: MigrationFailed, not an OSError.
         with pytest.raises(MigrationFailed):
             await peer.call(peer.Target("127.0.0.1", port, "t"), "GET", "/x")
+
+    asyncio.run(run())
+
+
+def test_an_answer_before_the_body_is_over_ends_a_streamed_call() -> None:
+    """A migration's commit is opened while its dump runs; a refusal then must come through.
+
+    Before, the call sent the whole body first: a body still waiting for a
+    failed dump hid the destination's reason (its page server's no_space).
+    """
+
+    async def run() -> None:
+        body = b'{"code":"no_space","detail":"full"}'
+        refused = b"HTTP/1.1 507 Insufficient Storage\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(body),
+            body,
+        )
+        server, port = await _serve_once(refused)
+
+        async def never_done() -> AsyncIterator[bytes]:
+            yield b"head of the archive"
+            await asyncio.Event().wait()  # the dump never ends
+            yield b"never"
+
+        async with server:
+            target = peer.Target("127.0.0.1", port, "t")
+            call = peer.call(target, "PUT", "/x", stream=never_done())
+            with pytest.raises(MigrationRefused) as ei:
+                await asyncio.wait_for(call, 10)
+        assert ei.value.extra["problem"]["code"] == "no_space"
 
     asyncio.run(run())

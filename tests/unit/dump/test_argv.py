@@ -121,3 +121,32 @@ def test_external_ttys_are_passed_by_key() -> None:
     argv = dump_argv(42, Path("/img"), DumpOptions(), external_tty=("tty[8800:1a]",))
     i = argv.index("tty[8800:1a]")
     assert argv[i - 1] == "--external"
+
+
+# Iterative pre-dumps: round k into pre-k, the final dump into the checkpoint's dir.
+
+
+def test_pre_dump_rounds_and_final_dump_exact() -> None:
+    from criud.dump.argv import chained_argv, pre_dump_argv, round_link
+
+    final = dump_argv(42, D, DumpOptions(leave_running=True, tcp_established=True))
+    r1 = pre_dump_argv(final, D / "pre-1", None)
+    assert r1 == [
+        "pre-dump", "--no-default-config", "-t", "42", "-D", str(D / "pre-1"),
+        "-o", "-", "-v4", "--tcp-established", "--track-mem",
+    ]  # fmt: skip
+    r2 = pre_dump_argv(final, D / "pre-2", round_link(1))
+    assert r2[-3:] == ["--track-mem", "--prev-images-dir", "../pre-1"]
+    assert r2[r2.index("-D") + 1] == str(D / "pre-2")
+    # A pre-dump always leaves the tree running: the final dump's flag stays there.
+    assert "--leave-running" not in r1 + r2 and "--leave-running" in final
+    last = chained_argv(final, round_link(2, final=True))
+    assert last == [*final, "--track-mem", "--prev-images-dir", "pre-2"]
+
+
+def test_pre_dump_argv_refuses_a_page_server_dump() -> None:
+    from criud.dump.argv import pre_dump_argv
+
+    push = dump_argv(42, D, DumpOptions(), extra=("--page-server", "--address", "10.0.0.1"))
+    with pytest.raises(ValueError, match="plain dump"):
+        pre_dump_argv(push, D / "pre-1", None)

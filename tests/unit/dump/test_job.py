@@ -160,3 +160,86 @@ def test_a_busy_pid_and_a_gone_pid_leave_no_record(
     gone.wait(timeout=10)
     assert _dump(runtime, gone.pid).code == "process_not_found"
     assert runtime.store.list_checkpoints() == []
+
+
+class ChainCriu(FakeCriu):
+    """A criu whose pre-dumps work: each run writes its pages and criu's own parent link."""
+
+    def __init__(self, fail_round: int = 0) -> None:
+        super().__init__()
+        from criud.daemon.kprobe import Capability
+
+        self.supports = {"pre_dump": Capability(True)}
+        self.runs: list[list[str]] = []
+        self.fail_round = fail_round
+
+    async def run(self, argv: Sequence[str], log: LogFile, **kw: Any) -> CriuResult:
+        self.runs.append(list(argv))
+        images = Path(argv[argv.index("-D") + 1])
+        if argv[0] == "pre-dump":
+            if len(self.runs) == self.fail_round:
+                os.write(log.fd, b"(00.2) Error (criu/mem.c:46): Dirty tracking is OFF\n")
+                return CriuResult(1, log.path, "Dirty tracking is OFF", [], log_lines=[])
+            (images / "pagemap-1.img").write_bytes(b"m")
+        else:
+            (images / "pstree.img").write_bytes(b"img")
+        if "--prev-images-dir" in argv:
+            # criu links its parent as it was told, from inside its images dir.
+            (images / "parent").symlink_to(argv[argv.index("--prev-images-dir") + 1])
+        return CriuResult(0, log.path, None, [])
+
+
+def _pre_dump(rt: FakeRuntime, pid: int, n: int) -> Any:
+    spec = job.CheckpointSpec(
+        pid=pid, name="pre", options=DumpOptions(leave_running=True), labels={}, pre_dumps=n
+    )
+
+    async def go() -> Any:
+        try:
+            return await job.run(rt, spec, ME)
+        except Exception as e:
+            return e
+
+    return asyncio.run(go())
+
+
+def test_pre_dumps_run_rounds_then_a_chained_final_dump(
+    runtime: FakeRuntime, target: subprocess.Popen[bytes]
+) -> None:
+    runtime.criu = ChainCriu()
+    before = open_fds()
+    rec = _pre_dump(runtime, target.pid, 2)
+    assert not isinstance(rec, Exception), rec
+    final = runtime.settings.checkpoints_dir / rec.id
+    r1, r2, last = runtime.criu.runs
+    assert r1[0] == "pre-dump" and r1[-1] == "--track-mem" and "--leave-running" not in r1
+    assert r1[r1.index("-D") + 1] == str(final.with_name(f".tmp-{rec.id}") / "pre-1")
+    assert r2[0] == "pre-dump" and r2[-2:] == ["--prev-images-dir", "../pre-1"]
+    assert last[0] == "dump" and last[-3:] == ["--track-mem", "--prev-images-dir", "pre-2"]
+    assert "--leave-running" in last
+    # The chain as criu restores it: parent links the daemon made, to sealed rounds.
+    assert sorted(os.listdir(final)) == [DUMP_LOG, "parent", "pre-1", "pre-2", "pstree.img"]
+    assert os.readlink(final / "parent") == "pre-2"
+    assert os.readlink(final / "pre-2" / "parent") == "../pre-1"
+    assert (final / "parent" / "parent" / "pagemap-1.img").read_bytes() == b"m"
+    assert rec.size_bytes > len(b"img")
+    # An archive holds one flat dir: the export refuses clearly, and closes what it opened.
+    from criud.daemon.errors import InvalidRequest
+    from criud.dump import export
+
+    with pytest.raises(InvalidRequest, match="pre-dumps"):
+        export.prepare(final, rec, "none", {})
+    assert open_fds() == before
+
+
+def test_a_failed_pre_dump_round_leaves_only_its_log(
+    runtime: FakeRuntime, target: subprocess.Popen[bytes]
+) -> None:
+    runtime.criu = ChainCriu(fail_round=2)
+    err = _pre_dump(runtime, target.pid, 3)
+    assert err.code == "criu_failed" and "pre-dump pre-2" in err.detail, err
+    (rec,) = runtime.store.list_checkpoints()
+    assert rec.state == CheckpointState.FAILED and rec.name is None
+    assert os.listdir(runtime.settings.checkpoints_dir) == [rec.id]
+    assert os.listdir(runtime.settings.checkpoints_dir / rec.id) == [DUMP_LOG]
+    assert len(runtime.criu.runs) == 2 and target.poll() is None
