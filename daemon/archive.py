@@ -676,6 +676,10 @@ class Outbox:
         self._room = threading.Semaphore(depth)
         self.stopped = threading.Event()
         self.stall_s = stall_s
+        # Called on the loop once the worker has ended cleanly, before the
+        # last chunk goes out: what it held for reading (the checkpoint's
+        # busy lock) is free by the time the client has every byte.
+        self.on_end: Callable[[], None] | None = None
 
     def put(self, chunk: bytes) -> None:
         """Hand a chunk to the reader (worker thread); Stopped if it has gone.
@@ -698,17 +702,29 @@ class Outbox:
         self._loop.call_soon_threadsafe(self._q.put_nowait, _END if error is None else error)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The chunks as they come; re-raises the worker's error; stops the worker on exit."""
+        """The chunks as they come; re-raises the worker's error; stops the worker on exit.
+
+        Each chunk is held until the next item arrives, so the last one goes
+        out after on_end: a client that deletes the checkpoint as soon as it
+        has the whole archive (Content-Length known) never meets its lock.
+        """
+        pending: bytes | None = None
         try:
             while True:
                 item = await self._q.get()
                 if item is _END:
+                    if self.on_end is not None:
+                        self.on_end()
+                    if pending is not None:
+                        yield pending
                     return
                 if isinstance(item, BaseException):
                     raise item
                 assert isinstance(item, bytes)
                 self._room.release()
-                yield item
+                if pending is not None:
+                    yield pending
+                pending = item
         finally:
             self.stopped.set()
 

@@ -822,7 +822,11 @@ class CriudService:
         meta = {"criud": self.version()["criud"], "criu": self.criu.version}
         meta["kernel"] = platform.release()
         stack = contextlib.ExitStack()
-        stack.enter_context(self.busy(rec.id, f"checkpoint {ref!r} is in use"))
+        # The busy lock is let go as soon as the worker has read everything
+        # (outbox.on_end), or with the rest on any other way out.
+        hold = contextlib.ExitStack()
+        stack.callback(hold.close)
+        hold.enter_context(self.busy(rec.id, f"checkpoint {ref!r} is in use"))
         try:
             path = self.settings.checkpoints_dir / rec.id
             prep = await asyncio.to_thread(export_job.prepare, path, rec, compression, meta)
@@ -831,6 +835,7 @@ class CriudService:
             outbox = archive.Outbox(
                 asyncio.get_running_loop(), stall_s=self.settings.archive_stall_s
             )
+            outbox.on_end = hold.close
             op = self._submit(
                 "export",
                 caller,

@@ -273,3 +273,28 @@ def test_sparse_and_overlong_components_are_refused(tmp_path: Path) -> None:
     (tmp_path / "n").mkdir()
     with pytest.raises(ArchiveUnsafeName):
         _extract(_tar((_info("checkpoint/" + "n" * 300), b"x")), tmp_path / "n")
+
+
+def test_the_outbox_lets_go_before_the_last_chunk_goes_out() -> None:
+    # A client that knows the length has the archive once the last chunk is
+    # out, and may delete the checkpoint at once: what the export held
+    # (on_end) must be let go before that chunk is handed on.
+    import asyncio
+
+    async def main() -> list[str]:
+        seen: list[str] = []
+        box = archive.Outbox(asyncio.get_running_loop(), depth=2)
+        box.on_end = lambda: seen.append("end")
+
+        def worker() -> None:
+            for c in (b"a", b"b", b"c"):
+                box.put(c)
+            box.finish()
+
+        work = archive.in_thread(worker, name="test-outbox")
+        async for chunk in box.chunks():
+            seen.append(chunk.decode())
+        await work
+        return seen
+
+    assert asyncio.run(main()) == ["a", "b", "end", "c"]
