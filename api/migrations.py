@@ -66,6 +66,7 @@ async def create_migration(
         ),
         labels=dict(body.labels),
         tls=body.tls,
+        post_copy=body.post_copy,
     )
     if not wait:
         return accepted(c.start_migration(spec, who))

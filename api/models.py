@@ -369,6 +369,12 @@ class MigrationRequest(Strict):
     tls: bool | None = Field(
         default=None, description="Page server TLS; default: when this daemon has CA/cert/key"
     )
+    post_copy: bool = Field(
+        default=False,
+        description="Run the tree on the destination before its pages are in (a remote lazy "
+        "dump); answered unsupported_by_kernel where /v1/version says post_copy_migration is "
+        "not supported",
+    )
 
 
 class Migration(BaseModel):

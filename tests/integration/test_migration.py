@@ -272,6 +272,26 @@ def test_wrong_token_refused_before_any_dump(hosts: Hosts, procs: Procs) -> None
         os.close(rd)
 
 
+def test_post_copy_is_unsupported_by_kernel_here(hosts: Hosts, procs: Procs) -> None:
+    # Remote lazy dumps fail on this kernel (criu's page pipe tee: EPERM):
+    # the probe says so in /v1/version, and a request for one is refused
+    # before the destination is asked or anything is frozen.
+    with two_sides(hosts) as (src, dst):
+        supports = src.client.request("GET", "/v1/version")[1]["supports"]
+        assert supports["post_copy_migration"]["supported"] is False
+        p, rd = start_counter(procs, hosts)
+        read_line(rd)
+        with pytest.raises(CriudClientError) as ei:
+            migrate(src, dst, p.pid, post_copy=True)
+        assert (ei.value.status, ei.value.code) == (422, "unsupported_by_kernel")
+        assert ei.value.problem["capability"] == "post_copy_migration"
+        assert ei.value.problem["feature"] and "post-copy" in ei.value.problem["detail"]
+        assert_runs(p, rd)
+        assert_nothing_left(src, dst)
+        assert dst.page_servers() == []
+        os.close(rd)
+
+
 # A process of about 512 MiB (non-zero pages: criu dumps every one).
 BIG = """
 import os, sys, time
