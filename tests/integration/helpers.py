@@ -309,6 +309,28 @@ class Daemon:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def settled_fd_count(self, timeout: float = 20.0) -> int:
+        """The daemon's fd count once its warm criu pool is full again.
+
+        The pool replaces a worker after the request it served, in the
+        background: a baseline taken before that refill would grow by the
+        new worker's socket and pipes.  Also waits out other children (a
+        CLI criu finishing).
+        """
+        want = self._pool_size()
+        wait_for(
+            lambda: len(pool_workers(self.pid)) >= want and not other_children(self.pid),
+            timeout,
+            what=f"the daemon's warm pool to hold {want} workers and nothing else to run",
+        )
+        return self.fd_count()
+
+    def _pool_size(self) -> int:
+        if "--criu-pool" in self.args:
+            return int(self.args[self.args.index("--criu-pool") + 1])
+        env = self.extra_env.get("CRIUD_CRIU_POOL")
+        return int(env) if env else 2
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int | None:
         if self.proc is None:
             return None

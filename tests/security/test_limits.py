@@ -247,7 +247,7 @@ def settle_fds(d: Daemon, baseline: int) -> None:
 def quiet_fd_count(d: Daemon) -> int:
     """The daemon's fd count once it holds still (no request of ours in flight)."""
     time.sleep(0.5)
-    return d.fd_count()
+    return d.settled_fd_count()
 
 
 def group_daemon(root: Path, users: Accounts, *args: str, prefix: tuple[str, ...] = ()) -> Daemon:

@@ -57,7 +57,7 @@ def a_dir(owner: User | None = None, mode: int = 0o755) -> Iterator[Path]:
 @pytest.fixture
 def no_fd_leak(sdaemon: Daemon) -> Iterator[None]:
     """The daemon holds no more fds after the test than before it."""
-    before = sdaemon.fd_count()
+    before = sdaemon.settled_fd_count()
     yield
     # Connections the test made close asynchronously on the daemon's side.
     wait_for(
