@@ -600,8 +600,8 @@ def _delete_all_handles(d: Daemon) -> int:
 
 
 def _quiet_fd_count(d: Daemon, still_s: float = 0.5, timeout: float = 15) -> int:
-    """The daemon's fd count once it has held still for still_s."""
-    seen = [d.fd_count(), time.monotonic()]
+    """The daemon's fd count once its pool is full and it has held still for still_s."""
+    seen = [d.settled_fd_count(), time.monotonic()]
 
     def still() -> bool:
         n = d.fd_count()
