@@ -63,6 +63,20 @@ def other_children(pid: int) -> list[int]:
     return [c for c in children(pid) if not is_pool_worker(c)]
 
 
+def ns_init(unshare_pid: int) -> int:
+    """The host pid of the init that `unshare --fork` (pid unshare_pid) started."""
+
+    def child() -> int | None:
+        try:
+            with open(f"/proc/{unshare_pid}/task/{unshare_pid}/children") as f:
+                kids = f.read().split()
+        except OSError:
+            return None
+        return int(kids[0]) if kids else None
+
+    return wait_for(child, 10, what="the namespace's init")
+
+
 def fd_table(pid: int) -> dict[int, str]:
     """fd number -> readlink target of a live process."""
     out = {}

@@ -20,23 +20,11 @@ from tests.integration.helpers import (
     drain_after,
     hello_num,
     kill_restore,
+    ns_init,
     read_line,
-    wait_for,
 )
 
 LOOP = "i=0; while :; do echo hello $i; i=$((i+1)); sleep 0.05; done"
-
-
-def _ns_init(pid: int) -> int:
-    def child() -> int | None:
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                kids = f.read().split()
-        except OSError:
-            return None
-        return int(kids[0]) if kids else None
-
-    return wait_for(child, 10, what="the namespace's init")
 
 
 def _checkpoint_ns_counter(daemon: Daemon, procs: Procs, name: str) -> tuple[str, str, int]:
@@ -46,7 +34,7 @@ def _checkpoint_ns_counter(daemon: Daemon, procs: Procs, name: str) -> tuple[str
         ["unshare", "--pid", "--fork", "--kill-child", "setsid", "sh", "-c", LOOP], stdout=w
     )
     os.close(w)
-    init = _ns_init(u.pid)
+    init = ns_init(u.pid)
     first = hello_num(read_line(r))
     ck = daemon.client.checkpoint(init, name=name)
     key = f"pipe:[{os.fstat(r).st_ino}]"

@@ -16,26 +16,13 @@ from tests.integration.helpers import (
     drain_after,
     hello_num,
     kill_restore,
+    ns_init,
     read_line,
     restore_into_pipe,
     wait_for,
 )
 
 LOOP = "i=0; while :; do echo hello $i; i=$((i+1)); sleep 0.1; done"
-
-
-def _ns_init(unshare: subprocess.Popen[bytes]) -> int:
-    """The pid (on the host) of the init that `unshare --fork` started."""
-
-    def child() -> int | None:
-        try:
-            with open(f"/proc/{unshare.pid}/task/{unshare.pid}/children") as f:
-                kids = f.read().split()
-        except OSError:
-            return None
-        return int(kids[0]) if kids else None
-
-    return wait_for(child, 10, what="the namespace's init")
 
 
 def test_pid_uts_ipc_net_namespaced_tree(daemon: Daemon, procs: Procs) -> None:
@@ -57,7 +44,7 @@ def test_pid_uts_ipc_net_namespaced_tree(daemon: Daemon, procs: Procs) -> None:
         stdout=w,
     )
     os.close(w)
-    init = _ns_init(u)
+    init = ns_init(u.pid)
     first = hello_num(read_line(r))
     with open(f"/proc/{init}/status") as f:
         assert f"NSpid:\t{init}\t1\n" in f.read()
