@@ -87,8 +87,11 @@ def target() -> Iterator[subprocess.Popen[bytes]]:
     p.wait(timeout=10)
 
 
-def _dump(rt: FakeRuntime, pid: int, name: str = "web") -> Any:
-    spec = job.CheckpointSpec(pid=pid, name=name, options=DumpOptions(), labels={"a": "b"})
+def _dump(
+    rt: FakeRuntime, pid: int, name: str = "web", spec: job.CheckpointSpec | None = None
+) -> Any:
+    """job.run of spec (default: a plain dump of pid); its record, or what it raised."""
+    spec = spec or job.CheckpointSpec(pid=pid, name=name, options=DumpOptions(), labels={"a": "b"})
 
     async def go() -> Any:
         try:
@@ -193,14 +196,7 @@ def _pre_dump(rt: FakeRuntime, pid: int, n: int) -> Any:
     spec = job.CheckpointSpec(
         pid=pid, name="pre", options=DumpOptions(leave_running=True), labels={}, pre_dumps=n
     )
-
-    async def go() -> Any:
-        try:
-            return await job.run(rt, spec, ME)
-        except Exception as e:
-            return e
-
-    return asyncio.run(go())
+    return _dump(rt, pid, spec=spec)
 
 
 def test_pre_dumps_run_rounds_then_a_chained_final_dump(
