@@ -197,6 +197,18 @@ def assert_nothing_left(src: Side, dst: Side) -> None:
     wait_for(lambda: not dst.page_servers(), 15, what="the page server to be gone")
 
 
+def continues_on(
+    dst: Side, procs: Procs, ref: str, key: str, last: int, timeout: float = 15
+) -> None:
+    """Restore ref on the destination onto a new pipe for key: it goes on at last + 1."""
+    r, new_rd = restore_into_pipe(dst.client, procs, ref, key)
+    try:
+        assert hello_num(read_line(new_rd, timeout)) == last + 1
+    finally:
+        os.kill(r["pid"], signal.SIGKILL)
+        os.close(new_rd)
+
+
 def test_migrate_counter_round_trip(hosts: Hosts, procs: Procs) -> None:
     with two_sides(hosts) as (src, dst):
         p, rd = start_counter(procs, hosts)
@@ -251,12 +263,7 @@ def test_migrate_a_tree_whose_other_images_pass_one_mib(hosts: Hosts, procs: Pro
         os.close(rd)
         ck = dst.client.inspect(out["checkpoint"])
         assert ck["state"] == "done" and ck["size_bytes"] > 3 << 19
-        r, new_rd = restore_into_pipe(dst.client, procs, out["checkpoint"], ck["external"][0])
-        try:
-            assert hello_num(read_line(new_rd, 30)) == last + 1
-        finally:
-            os.kill(r["pid"], signal.SIGKILL)
-            os.close(new_rd)
+        continues_on(dst, procs, out["checkpoint"], ck["external"][0], last, 30)
 
 
 def test_wrong_token_refused_before_any_dump(hosts: Hosts, procs: Procs) -> None:
@@ -396,12 +403,7 @@ def test_migrate_with_tls(hosts: Hosts, procs: Procs) -> None:
             last = drain_hello(rd, first)
             os.close(rd)
             ck = dst.client.inspect(out["checkpoint"])
-            r, new_rd = restore_into_pipe(dst.client, procs, out["checkpoint"], ck["external"][0])
-            try:
-                assert hello_num(read_line(new_rd, 15)) == last + 1
-            finally:
-                os.kill(r["pid"], signal.SIGKILL)
-                os.close(new_rd)
+            continues_on(dst, procs, out["checkpoint"], ck["external"][0], last)
 
 
 def test_destination_refuses_tls_it_cannot_do(hosts: Hosts, procs: Procs) -> None:
@@ -440,12 +442,7 @@ def test_cli_migrate(hosts: Hosts, procs: Procs) -> None:
         last = drain_hello(rd, first)
         os.close(rd)
         ck = dst.client.inspect(out["checkpoint"])
-        r, new_rd = restore_into_pipe(dst.client, procs, out["checkpoint"], ck["external"][0])
-        try:
-            assert hello_num(read_line(new_rd, 15)) == last + 1
-        finally:
-            os.kill(r["pid"], signal.SIGKILL)
-            os.close(new_rd)
+        continues_on(dst, procs, out["checkpoint"], ck["external"][0], last)
 
 
 def test_ship_a_checkpoint(hosts: Hosts, procs: Procs) -> None:
@@ -464,9 +461,4 @@ def test_ship_a_checkpoint(hosts: Hosts, procs: Procs) -> None:
         assert ck["name"] == "counter" and ck["origin"] == "import:criud"
         # The source keeps its checkpoint: shipping copies it.
         assert src.client.inspect("counter")["id"] == local["id"]
-        r, new_rd = restore_into_pipe(dst.client, procs, "counter", ck["external"][0])
-        try:
-            assert hello_num(read_line(new_rd, 15)) == last + 1
-        finally:
-            os.kill(r["pid"], signal.SIGKILL)
-            os.close(new_rd)
+        continues_on(dst, procs, "counter", ck["external"][0], last)
