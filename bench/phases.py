@@ -40,6 +40,8 @@ WRAP = [
     "criud.daemon.service.CriudService.get_checkpoint",
     "criud.daemon.service.CriudService.delete_checkpoint",
     "criud.daemon.criu.Criu.run",
+    "criud.daemon.criu.Criu._run_warm",
+    "criud.daemon.criu_rpc.exchange",
     "criud.daemon.store.Store.run",
     "criud.dump.fds.read_tree",
     "criud.dump.images.parse_pstree",
@@ -175,7 +177,8 @@ def driver() -> int:
         return orig_popen(argv, **kw)
 
     bench.subprocess.Popen = popen  # type: ignore[assignment]
-    c = d.start()
+    d.start()
+    c = d.new_client()
     bench.subprocess.Popen = orig_popen  # type: ignore[assignment]
     client: dict[str, list[float]] = {"dump": [], "restore": []}
     raw: dict[str, list[float]] = {"dump": [], "restore": []}

@@ -108,14 +108,14 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="criud-profile-", dir="/dev/shm"))
     d = bench.Daemon(root / "d", a.criu)
     try:
-        c = d.start()
+        c = d.start().new_client()
         if a.what == "api":
             pid = bench.start_workload(workloads.HOLD)
             ck = c.checkpoint(pid, leave_running=True)
             bench.kill(pid)
             d.stop()
             bench._seed_records(d.state_dir, ck["id"], a.records)
-            c = d.start()
+            c = d.start().new_client()
         tree = 0
         if a.what == "processes":
             scratch = workloads.scratch_dir(root, "files")
