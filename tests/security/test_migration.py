@@ -86,11 +86,14 @@ class Tcp:
     def __init__(self, port: int, token: str) -> None:
         self.port, self.token = port, token
 
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def call(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
             payload = json.dumps(body).encode() if body is not None else None
             hdrs = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+            hdrs.update(headers or {})
             c.request(method, path, body=payload, headers=hdrs)
             resp = c.getresponse()
             raw = resp.read()
@@ -154,6 +157,29 @@ def test_page_server_takes_only_the_requesters_address(tcp_daemon: tuple[Daemon,
     assert _tmp_dirs(d) == []
     status, _ = tcp.call("GET", f"/v1/migrations/incoming/{inc['id']}")
     assert status == 404
+
+
+def test_forwarded_headers_do_not_name_the_peer(tcp_daemon: tuple[Daemon, Tcp]) -> None:
+    # criud sits behind no proxy: the peer is the socket's, whatever the
+    # request's X-Forwarded-For says.  (uvicorn trusted it from 127.0.0.1,
+    # so a local peer could hand the page server to another address, and a
+    # garbage one made a 500.)
+    d, tcp = tcp_daemon
+    status, doc = tcp.call(
+        "POST", "/v1/migrations/incoming", {}, {"X-Forwarded-For": "not-an-address"}
+    )
+    assert status == 201, doc
+    tcp.call("DELETE", f"/v1/migrations/incoming/{doc['id']}")
+    status, inc = tcp.call("POST", "/v1/migrations/incoming", {}, {"X-Forwarded-For": "127.0.0.2"})
+    assert status == 201, inc
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", inc["port"]))
+        assert s.recv(1) == b""
+    status, now = tcp.call("GET", f"/v1/migrations/incoming/{inc['id']}")
+    assert status == 200 and now["page_server_pid"] is None, now
+    assert tcp.call("DELETE", f"/v1/migrations/incoming/{inc['id']}")[0] == 204
 
 
 def test_incoming_not_committed_in_time_is_removed(tcp_daemon: tuple[Daemon, Tcp]) -> None:
