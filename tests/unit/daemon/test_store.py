@@ -318,3 +318,70 @@ def test_full_database_is_no_space(store: Store) -> None:
     store.db.execute("PRAGMA max_page_count = 1073741823")
     store.insert_checkpoint(big)
     assert store.get_checkpoint(big.id) == big
+
+
+def _threads_of_statements(store: Store) -> list[tuple[str, str]]:
+    """(thread name, statement) of every SQL statement run from now on."""
+    import threading
+
+    seen: list[tuple[str, str]] = []
+    store.db.set_trace_callback(lambda sql: seen.append((threading.current_thread().name, sql)))
+    return seen
+
+
+def _manifest_of(n_fds: int) -> dict[str, object]:
+    fds = [{"fd": i, "type": "pipe", "key": f"pipe:[{i}]"} for i in range(n_fds)]
+    return {"tasks": [{"pid": 1, "ppid": 0, "tids": [1], "fds": fds}], "external": []}
+
+
+def test_single_row_calls_run_inline_lists_on_the_store_thread(store: Store) -> None:
+    # Issue 13: a hop costs more than a one-row call (bench/hops.py).
+    rec = ckpt("small")
+    seen = _threads_of_statements(store)
+
+    async def body() -> None:
+        await store.run(store.insert_checkpoint, rec)
+        assert await store.run(store.get_checkpoint, rec.id) == rec
+        await store.run(store.list_checkpoints)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+    where = [t for t, _ in seen]
+    assert where[:2] == ["MainThread", "MainThread"]
+    assert where[2].startswith("criud-db"), seen
+
+
+def test_big_manifests_are_encoded_and_decoded_off_the_loop(store: Store) -> None:
+    rec = dataclasses.replace(ckpt("big"), manifest=_manifest_of(1000))
+    small = dataclasses.replace(ckpt("small"), manifest=_manifest_of(3))
+    seen = _threads_of_statements(store)
+
+    async def body() -> None:
+        await store.run(store.insert_checkpoint, rec)
+        await store.run(store.insert_checkpoint, small)
+        got = await store.run(store.get_checkpoint, rec.id)
+        assert got is not None and got.manifest == rec.manifest
+        assert await store.run(store.find_checkpoint, "small", 1000) == small
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+    inserts = [t for t, sql in seen if sql.startswith("INSERT")]
+    assert inserts[0].startswith("criud-db") and inserts[1] == "MainThread", seen
+    # The big row is read inline, found too big to decode there, and the
+    # whole call runs again on the store's thread; the small one stays.
+    selects = [t for t, sql in seen if sql.startswith("SELECT")]
+    assert selects[0] == "MainThread" and selects[1].startswith("criud-db"), seen
+    assert selects[2] == "MainThread", seen
+
+
+def test_a_busy_connection_sends_a_small_call_to_the_store_thread(store: Store) -> None:
+    rec = ckpt("busy")
+    store.insert_checkpoint(rec)
+    seen = _threads_of_statements(store)
+
+    async def body() -> CheckpointRecord | None:
+        # Another thread's call holds the connection: the loop must not wait on it.
+        store._lock.acquire()
+        asyncio.get_running_loop().call_later(0.05, store._lock.release)
+        return await store.run(store.get_checkpoint, rec.id)
+
+    assert asyncio.run(asyncio.wait_for(body(), 10)) == rec
+    assert next(t for t, _ in seen).startswith("criud-db"), seen
