@@ -20,6 +20,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,39 @@ def _collect_log(dir_fd: int, log: LogFile) -> None:
         os.close(src)
 
 
+def watch_children_by_pidfd() -> None:
+    """Have asyncio wait for our subprocesses through pidfds, on the loop.
+
+    Python 3.11's default watcher starts a thread per child, which blocks
+    in waitpid and wakes the loop through its self-pipe: some 0.5 ms of
+    the loop's time per criu run (py-spy, bench/profile.py small), twice
+    per dump + restore with the warm pool's refills.  3.12 picks the pidfd
+    watcher itself.  Call from the running loop before the first spawn.
+    """
+    if sys.version_info >= (3, 12):
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
+
+
+# A log at most this long is copied on the event loop (some 100 µs); a
+# longer one (a restore of a big tree at -v4) in a thread.
+_INLINE_LOG_MAX = 256 << 10
+
+
+async def _collect_log_soon(dir_fd: int, log: LogFile) -> None:
+    """_collect_log, inline when criu's log is small."""
+    try:
+        size = os.stat(log.path.name, dir_fd=dir_fd, follow_symlinks=False).st_size
+    except OSError:
+        size = 0
+    if size <= _INLINE_LOG_MAX:
+        _collect_log(dir_fd, log)
+    else:
+        await asyncio.to_thread(_collect_log, dir_fd, log)
+
+
 def _write_pid(procs_file: str, pid: int) -> None:
     """Move pid into the cgroup whose cgroup.procs this is."""
     fd = os.open(procs_file, os.O_WRONLY | os.O_CLOEXEC)
@@ -299,6 +334,8 @@ class Criu:
         )
         # Pre-started `criu swrk` workers (start_pool); None: every run is the CLI.
         self.pool: criu_rpc.WarmPool | None = None
+        # Workers that answered a dump and are still exiting (_reap_later).
+        self._reaping: set[asyncio.Task[None]] = set()
 
     def start_pool(self, size: int) -> None:
         """Keep size warm criu workers ready (0: none); they start in the background."""
@@ -327,6 +364,8 @@ class Criu:
         pool, self.pool = self.pool, None
         if pool is not None:
             await pool.close()
+        # Answered workers exit on their own within a millisecond.
+        await asyncio.gather(*self._reaping, return_exceptions=True)
 
     async def _capture(self, *args: str) -> tuple[int, str]:
         proc = await self._spawn(
@@ -474,6 +513,7 @@ class Criu:
                 os.close(target)
             raise
         rc, stopped = await self._supervise(proc, target, on_spawn)
+        assert rc is not None  # no answer socket: it has exited
         if rc == 0:
             # A -v4 log of a 1 GiB dump is ~17,000 lines (866 KB): only a
             # failure needs it read.
@@ -546,14 +586,25 @@ class Criu:
                 _write_pid(path, pid)
             await criu_rpc.exchange(w, req.req)
 
+        # A dump is done when criu answers: its images and stats are closed
+        # before the reply, and the worker's exit is reaped in the
+        # background.  A restore waits for the exit, since the restored
+        # root becomes the daemon's child (to adopt) only when criu is gone.
+        dump = req.is_dump
         try:
-            rc, stopped = await self._supervise(w.proc, target, started)
+            rc, stopped = await self._supervise(
+                w.proc, target, started, answer=w.sock if dump else None
+            )
             resp = criu_rpc.reply(w)
+            if resp is None and rc is None:
+                # The socket woke us without a reply: the worker died (or
+                # broke) mid-request.  Its exit status says how.
+                rc = await self._exit_of(w.proc)
             ok = resp is not None and resp.success
             if ok and req.pidfile is not None and req.work_dir_fd is not None:
                 assert resp is not None
                 criu_rpc.write_pidfile(req.work_dir_fd, req.pidfile, resp.restore.pid)
-            await asyncio.to_thread(_collect_log, dir_fd, log_file)
+            await _collect_log_soon(dir_fd, log_file)
         finally:
             w.sock.close()
             os.close(dir_fd)
@@ -563,7 +614,7 @@ class Criu:
             return CriuResult(returncode=0, log_path=log_file.path, first_error=None, log_tail=[])
         # A worker that answered "failed" exits 0 or 1; one that never
         # answered was killed (rc < 0) or broke: never a success.
-        rc = rc if rc != 0 else 1
+        rc = rc if rc else 1
         err, tail, lines = await asyncio.to_thread(read_log_fd, log_file.fd)
         if err is None and resp is not None and resp.cr_errmsg:
             # The reply's message is a log line of criu's; the same filter
@@ -580,17 +631,20 @@ class Criu:
         proc: asyncio.subprocess.Process,
         target: int | None,
         on_spawn: Callable[[int], Awaitable[None]] | None,
-    ) -> tuple[int, str | None]:
+        answer: socket.socket | None = None,
+    ) -> tuple[int | None, str | None]:
         """Wait for criu (killing it if the target goes or time runs out); (rc, why stopped).
 
         target (a pidfd of the dumped process, or None) is closed here.
+        With answer (a warm worker's socket), the wait also ends when the
+        worker's reply is there: rc is then None, and the worker's exit is
+        reaped in the background.
         """
         try:
             if on_spawn is not None:
                 await on_spawn(proc.pid)
-            stopped = await self._wait(proc, target)
+            stopped = await self._wait(proc, target, answer)
             rc = proc.returncode
-            assert rc is not None
         except BaseException:
             # The caller gave up (shutdown, client gone) or on_spawn failed:
             # never leave a criu behind.  A killed dump leaves its target
@@ -600,10 +654,35 @@ class Criu:
             await asyncio.shield(proc.wait())
             raise
         finally:
-            self.running.discard(proc.pid)
+            if proc.returncode is None:
+                self._reap_later(proc)
+            else:
+                self.running.discard(proc.pid)
             if target is not None:
                 os.close(target)
         return rc, stopped
+
+    async def _exit_of(self, proc: asyncio.subprocess.Process) -> int:
+        """The exit status of a worker that hung up without answering (killed if it lingers)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(proc.wait()), 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            return await proc.wait()
+
+    def _reap_later(self, proc: asyncio.subprocess.Process) -> None:
+        """Wait for a worker that has answered; its pid stays in `running` until it is gone."""
+
+        async def reap() -> None:
+            try:
+                await proc.wait()
+            finally:
+                self.running.discard(proc.pid)
+
+        task = asyncio.get_running_loop().create_task(reap())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
 
     async def _spawn(
         self,
@@ -633,34 +712,47 @@ class Criu:
             self.running.add(proc.pid)
         return proc
 
-    async def _wait(self, proc: asyncio.subprocess.Process, target: int | None) -> str | None:
-        """Wait for criu; kill it past the timeout, or past the grace once target died.
+    async def _wait(
+        self,
+        proc: asyncio.subprocess.Process,
+        target: int | None,
+        answer: socket.socket | None = None,
+    ) -> str | None:
+        """Wait for criu (or its answer on answer); kill it past the timeout, or past
+        the grace once target died.
 
         Returns why it was killed ("timeout", "target_gone"), or None.
         """
         loop = asyncio.get_running_loop()
         exited = asyncio.ensure_future(proc.wait())
         gone: asyncio.Future[None] = loop.create_future()
+        answered: asyncio.Future[None] = loop.create_future()
 
         def on_gone() -> None:
             if not gone.done():
                 gone.set_result(None)
 
+        def on_answer() -> None:
+            if not answered.done():
+                answered.set_result(None)
+
         if target is not None:
             loop.add_reader(target, on_gone)
+        if answer is not None:
+            loop.add_reader(answer.fileno(), on_answer)
         deadline = None if self.timeout_s is None else loop.time() + self.timeout_s
         why: str | None = None
         try:
-            waiting: set[asyncio.Future[Any]] = {exited, gone}
+            waiting: set[asyncio.Future[Any]] = {exited, gone, answered}
             while not exited.done():
                 left = None if deadline is None else max(0.0, deadline - loop.time())
                 done, _ = await asyncio.wait(
                     waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED
                 )
-                if exited in done:
+                if exited in done or answered in done:
                     break
                 if gone in done:
-                    waiting = {exited}
+                    waiting = {exited, answered}
                     grace = loop.time() + self.gone_grace_s
                     deadline = grace if deadline is None else min(deadline, grace)
                     why = "target_gone"
@@ -676,5 +768,7 @@ class Criu:
         finally:
             if target is not None:
                 loop.remove_reader(target)
+            if answer is not None:
+                loop.remove_reader(answer.fileno())
             if not exited.done():
                 exited.cancel()

@@ -55,6 +55,10 @@ class Request:
     # Written by the runner from the reply: criu's RPC has no pidfile.
     pidfile: str | None
 
+    @property
+    def is_dump(self) -> bool:
+        return self.req.type == rpc.DUMP
+
 
 def _fd_of(path: str, pass_fds: Sequence[int]) -> int | None:
     """The daemon's fd behind /proc/self/fd/N (pass_fds keeps fd numbers in the child)."""

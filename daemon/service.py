@@ -44,7 +44,7 @@ from criud.daemon import (
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
-from criud.daemon.criu import Criu
+from criud.daemon.criu import Criu, watch_children_by_pidfd
 from criud.daemon.errors import (
     Busy,
     CheckpointNotFound,
@@ -210,6 +210,7 @@ class CriudService:
         # tmpfs at its build-time RUNDIR; mount one there before the first
         # criu run (the start-up check writes the cache).  Never fatal.
         self.kdat_cache = await asyncio.to_thread(kdat.ensure_kdat_tmpfs, kdat.KDAT_DIR)
+        watch_children_by_pidfd()
         await self.criu.probe()
         self.criu.start_pool(self.settings.criu_pool)
         await asyncio.to_thread(self.prepare_dirs)

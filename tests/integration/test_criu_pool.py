@@ -209,3 +209,35 @@ def test_silent_worker_times_out(procs: Procs) -> None:
             assert p.poll() is None and _tracer(p.pid) == 0
         finally:
             assert d.stop() == 0
+
+
+def test_answered_dump_worker_is_reaped_by_its_waiter(procs: Procs) -> None:
+    # A warm dump returns on criu's answer, before its worker has exited
+    # (issue 13).  The worker must still be reaped by asyncio, never by
+    # the orphan sweep (which would leave asyncio an unknown child), and
+    # leave no zombie.
+    with temp_root() as root:
+        d = Daemon(root).start()
+        try:
+            used: set[int] = set()
+            for _ in range(4):
+                idle = set(_two_workers(d.pid))
+                p = procs.spawn(["sleep", "1000"])
+                ck = d.client.checkpoint(p.pid, leave_running=True)
+                assert ck["state"] == "done"
+                d.client.delete(ck["id"])
+                # Served warm: one of the idle workers did it and is gone.
+                wait_for(lambda: idle - set(pool_workers(d.pid)), what="a worker taken")  # noqa: B023
+                used |= idle - set(pool_workers(d.pid))
+
+            def settled() -> bool:
+                kids = children(d.pid)
+                zombies = [k for k in kids if proc_state(k) == "Z"]
+                return not zombies and len(pool_workers(d.pid)) == 2 and len(kids) == 2
+
+            wait_for(settled, what="the answered workers reaped, the pool refilled")
+            assert len(used) == 4 and all(pid_gone(pid) for pid in used)
+            log = d.log()
+            assert "Unknown child process" not in log, log
+        finally:
+            assert d.stop() == 0
