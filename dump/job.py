@@ -181,7 +181,7 @@ class _Dump:
             operations.report(
                 phase="writing", bytes_done=size, pages_done=stats.get("pages_written")
             )
-            await asyncio.to_thread(os.rename, self.tmp, self.final)
+            os.rename(self.tmp, self.final)  # one syscall in the daemon's own dir
             await rt.store.run(
                 rt.store.update_checkpoint,
                 self.id,
