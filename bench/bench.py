@@ -461,7 +461,8 @@ def bench_small(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[st
     # two ran back to back, so a slow moment of the machine hits both).
     out["criud_added_paired_ms"] = round(
         statistics.median(
-            a - b for a, b in zip(rows["criud_warm"]["total"], rows["raw_warm"]["total"])
+            a - b
+            for a, b in zip(rows["criud_warm"]["total"], rows["raw_warm"]["total"], strict=True)
         )
         * 1e3,
         2,
@@ -1176,7 +1177,7 @@ def bench_fd(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str, 
         s["criud"]["first_byte"]["median_ms"] - s["raw"]["first_byte"]["median_ms"], 2
     )
     out["criud_added_paired_ms"] = round(
-        statistics.median(a - b for a, b in zip(rows["criud"], rows["raw"])) * 1e3, 2
+        statistics.median(a - b for a, b in zip(rows["criud"], rows["raw"], strict=True)) * 1e3, 2
     )
     return out
 
