@@ -28,7 +28,7 @@ import _repo  # noqa: F401  (puts the repo on sys.path)
 import psutil
 
 from criud.daemon import creds, procutil
-from criud.dump import inspect
+from criud.dump import fds, inspect
 
 # A process with 4 threads and 3 children, each child with 4 threads too.
 _TREE = r"""
@@ -89,7 +89,7 @@ def _pairs(me: int, tree: int) -> dict[str, tuple[Callable[[], object], Callable
     return {
         "start_time": (lambda: procutil.proc_start(me), lambda: psutil.Process(me).create_time()),
         "state": (lambda: procutil.proc_state(me), lambda: psutil.Process(me).status()),
-        "ppid": (lambda: procutil.stat_fields(me)[1], lambda: psutil.Process(me).ppid()),
+        "ppid": (lambda: fds._ppid(me), lambda: psutil.Process(me).ppid()),
         "uids": (
             lambda: procutil.status_ids(me, "Uid"),
             lambda: psutil.Process(me).uids(),
@@ -99,6 +99,7 @@ def _pairs(me: int, tree: int) -> dict[str, tuple[Callable[[], object], Callable
             lambda: _psutil_ppid_uids(me),
         ),
         "task": (lambda: inspect._read_task(me, ns), lambda: _psutil_task(me)),
+        "tids": (lambda: fds._tids(tree), lambda: [t.id for t in psutil.Process(tree).threads()]),
         "children": (lambda: procutil.children(tree), lambda: psutil.Process(tree).children()),
         "memory": (lambda: inspect.memory_of(me), lambda: psutil.Process(me).memory_info()),
         "tree_creds": (lambda: creds.read_tree(tree), lambda: _psutil_tree_ids(tree)),
@@ -106,7 +107,7 @@ def _pairs(me: int, tree: int) -> dict[str, tuple[Callable[[], object], Callable
 
 
 # The walks cost far more per call than one file read: fewer calls per round.
-_SCALE = {"children": 10, "tree_creds": 50}
+_SCALE = {"tids": 10, "children": 10, "tree_creds": 50}
 
 
 def _time(fn: Callable[[], object], n: int) -> float:
