@@ -64,6 +64,8 @@ def read_tree(pid: int) -> dict[int, TaskCreds]:
     criu dumps and restores credentials per thread.  Tasks that exit while
     we read are skipped (criu will not see them either).
     """
+    # Not psutil: its uids() and gids() stop at the saved ids and it reads no
+    # Groups:, both part of the check; and x3.3-4.9 (bench/proc_readers.py, tree_creds).
     out: dict[int, TaskCreds] = {}
     for p in tree_pids(pid):
         try:

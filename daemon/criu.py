@@ -143,6 +143,7 @@ CAP_SYS_RESOURCE = 24
 
 def has_cap(cap: int) -> bool:
     """Whether this process has capability `cap` in its effective set."""
+    # Read by hand: psutil has no call for capability sets.
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:

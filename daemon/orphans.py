@@ -11,9 +11,11 @@ the clock /proc/<pid>/stat's starttime uses (clock ticks since boot), and
 the uids its tasks may hold; then criu's own pid and start once spawned.
 At start-up the daemon kills, through pidfds, the tasks that match that
 plan: one of the recorded pids, started after the restore began (after
-criu started, when that is known), owned by one of the recorded uids.  A
-process that merely reused such a pid started earlier, or as someone else,
-and is left alone.
+criu started, when that is known), whose real, effective and saved uids are
+all among the recorded ones.  A process that merely reused such a pid
+started earlier, or as someone else, is left alone; so is one that could
+become another uid again (a saved uid of 0): it is no task criu restored,
+since each of those holds criu's uid or its recorded ones.
 
 Not covered: a tree rooted in its own pid namespace (manifest pidns_init)
 gets host pids criu reports only once it is done, so none are known before
@@ -52,16 +54,34 @@ def plan(pids: Sequence[int], uids: Iterable[int], pidns: bool) -> dict[str, Any
     }
 
 
-def _real_uid(pid: int) -> int | None:
+def _ids_and_parent(pid: int) -> tuple[set[int], int] | None:
+    """pid's real, effective and saved uids and its parent; None if it is gone or unreadable."""
+    # psutil: a cold path (a cancel, or start-up after a crash), and uids()
+    # gives the saved uid with the others.  It reads /proc/<pid>/{stat,status}
+    # only (psutil.PROCFS_PATH, which nothing here changes), no path a caller
+    # names.  Its errors are what an OSError was before: not ours, not killed.
+    # Imported here, not at the top: 10-20 ms and about 0.5 MiB the daemon's
+    # start-up would pay for a path most runs never take (python -X importtime).
+    import psutil
+
     try:
-        return procutil.status_ids(pid, "Uid")[0]
-    except (OSError, ValueError, IndexError):
+        p = psutil.Process(pid)
+        with p.oneshot():
+            return set(p.uids()), p.ppid()
+    except (psutil.Error, OSError, ValueError):
         return None
 
 
-def _is_ours(pid: int, since: int, uids: set[int]) -> bool:
+def _is_ours(pid: int, since: int, uids: set[int], parents: Collection[int]) -> bool:
+    """Whether pid is a task the restore made: see the module's docstring."""
     start = procutil.proc_start(pid)
-    return start is not None and start >= since and _real_uid(pid) in uids
+    if start is None or start < since:
+        return False
+    task = _ids_and_parent(pid)
+    if task is None:
+        return False
+    ids, ppid = task
+    return ids <= uids and (not parents or ppid in parents)
 
 
 def _kill_pinned(pid: int, check: Any) -> int | None:
@@ -83,13 +103,6 @@ def _kill_pinned(pid: int, check: Any) -> int | None:
         return start
     finally:
         os.close(fd)
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        return int(procutil.stat_fields(pid)[1])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def kill_leftovers(
@@ -118,7 +131,7 @@ def kill_leftovers(
     family = {*parents, *(int(p) for p in info.get("pids", ()))}
 
     def ours(p: int) -> bool:
-        return _is_ours(p, since, uids) and (not parents or _ppid(p) in family)
+        return _is_ours(p, since, uids, family if parents else ())
 
     for pid in info.get("pids", ()):
         start = _kill_pinned(int(pid), ours)

@@ -1,4 +1,12 @@
-"""Small /proc helpers: start times, pidfds, subreaping."""
+"""Small /proc helpers: start times, pidfds, subreaping.
+
+These read /proc themselves rather than through psutil: each is on a path
+taken per request or per task (bench/proc_readers.py times them against
+psutil, 10,000 calls a side, interleaved: psutil costs 1.7 to 4 times as
+much per call, and 64 times or more for children), or answers what psutil has no
+call for (exact start ticks, the fs uid, thread ids, namespaces, NSpid,
+cgroup mounts).  psutil is used where neither holds (criud.daemon.orphans).
+"""
 
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ def stat_fields(pid: int) -> list[str]:
 
 def proc_start(pid: int) -> int | None:
     """The process's start time in clock ticks since boot, or None if it is gone."""
+    # Not psutil's create_time(): float seconds built on /proc/stat's whole-second
+    # btime, not the exact ticks records compare (and x1.7-2.1, bench row start_time).
     try:
         return int(stat_fields(pid)[19])
     except (OSError, ValueError, IndexError):
@@ -37,6 +47,8 @@ def proc_start(pid: int) -> int | None:
 
 def proc_state(pid: int) -> str | None:
     """The one-letter state (R, S, Z, ...) of pid, or None if it is gone."""
+    # The reaper asks it of every child on each sweep: psutil's status() is x2.1-2.6
+    # (bench/proc_readers.py, row state).
     try:
         return stat_fields(pid)[0]
     except (OSError, IndexError):
@@ -61,6 +73,8 @@ def not_our_child(pid: int, uid: int | None) -> str | None:
     open, so a pid that died in between reads as gone rather than as a
     stranger that took its number (a child's pid stays ours until reaped).
     """
+    # Not psutil: its uids() stops at the saved uid and the fs uid counts here
+    # too; and a restore's answer waits on it (x2.1-3.0, bench row ppid_uids).
     try:
         ppid = int(stat_fields(pid)[1])
         uids = status_ids(pid, "Uid")
@@ -75,6 +89,7 @@ def not_our_child(pid: int, uid: int | None) -> str | None:
 
 def pid_exists(pid: int) -> bool:
     """Whether /proc knows pid (as a process or a thread)."""
+    # Not psutil.pid_exists: it says False for a thread id, which holds the pid all the same.
     return os.path.exists(f"/proc/{pid}")
 
 
@@ -86,6 +101,8 @@ def pidfd_open(pid: int) -> int:
 
 def children(pid: int) -> list[int]:
     """Direct children of pid, across all its threads; [] if it is gone."""
+    # psutil's children() reads the stat of every process on the host: x64-135 with
+    # about 100 processes (bench/proc_readers.py, row children), for each task of a walk.
     out: list[int] = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")

@@ -662,6 +662,7 @@ def read_fds(pid: int, scan: ProcScan | None = None) -> list[Fd]:
 
 
 def _tids(pid: int) -> list[int]:
+    # Not psutil's threads(): it reads each thread's stat for its times (x15, bench row tids).
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except OSError:
@@ -669,6 +670,7 @@ def _tids(pid: int) -> list[int]:
 
 
 def _ppid(pid: int) -> int:
+    # Not psutil's ppid(): x3-4 per task of a walk (bench/proc_readers.py, row ppid).
     with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
         data = f.read()
     # The comm field may hold spaces and parentheses: split after the last ')'.

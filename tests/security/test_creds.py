@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from criud.daemon import orphans
 from tests.integration.helpers import (
     Daemon,
     Procs,
@@ -162,6 +163,30 @@ def test_mixed_ids_are_refused_before_freezing(
     assert st == 201, ck
     st, ck = daemon_call(sdaemon, "POST", "/v1/checkpoints", {"pid": plain, "leave_running": True})
     assert st == 201, ck
+
+
+def test_a_leftover_with_a_saved_uid_of_root_is_not_the_users(
+    users: Accounts, procs: Procs
+) -> None:
+    # What a cancelled restore of alice's kills (criud.daemon.orphans): a
+    # recorded pid, started after criu, a child of the daemon, as one of the
+    # tree's uids.  A task whose real uid is alice's but whose saved uid is 0
+    # can become root again: it is not alice's leftover, whatever else fits.
+    alice = users.alice
+    info = orphans.plan([], [alice.uid], False)
+    saved0 = spawn_mixed(procs, [alice.uid, alice.uid, 0] + [alice.gid] * 3, alice.groups)
+    assert status_field(saved0, "Uid") == [alice.uid, alice.uid, 0, alice.uid]
+    euid0 = spawn_mixed(procs, [alice.uid, 0, alice.uid] + [alice.gid] * 3, alice.groups)
+    assert status_field(euid0, "Uid")[:3] == [alice.uid, 0, alice.uid]
+    for pid in (saved0, euid0):
+        got = orphans.kill_leftovers({**info, "pids": [pid]}, 0, (os.getpid(),))
+        assert got == ([], []), pid
+        assert running_untraced(pid)
+    # The same, wholly alice's: killed (the check still finds real leftovers).
+    plain = spawn_mixed(procs, [alice.uid] * 3 + [alice.gid] * 3, alice.groups)
+    killed, _ = orphans.kill_leftovers({**info, "pids": [plain]}, 0, (os.getpid(),))
+    assert killed == [plain]
+    assert procs.popens[-1].wait(timeout=10) == -signal.SIGKILL
 
 
 # -- 7: SIGKILL of the daemon during a restore --------------------------------------

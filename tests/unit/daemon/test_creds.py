@@ -144,3 +144,19 @@ def test_orphans_kill_only_matching_tasks() -> None:
     finally:
         old.kill()
         old.wait()
+
+
+def test_orphans_read_a_gone_pid_as_not_ours() -> None:
+    # psutil's NoSuchProcess is what an OSError was: not the restore's, not killed.
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert orphans._ids_and_parent(p.pid) is None
+    ids = orphans._ids_and_parent(os.getpid())
+    assert ids == ({os.getuid()}, os.getppid())
+
+
+def test_the_daemon_starts_without_psutil() -> None:
+    # psutil serves only the orphans' cold path: its import is no start-up cost.
+    code = "import sys, criud.daemon.server; print('psutil' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
