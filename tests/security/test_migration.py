@@ -164,7 +164,7 @@ def test_forwarded_headers_do_not_name_the_peer(tcp_daemon: tuple[Daemon, Tcp]) 
     # request's X-Forwarded-For says.  (uvicorn trusted it from 127.0.0.1,
     # so a local peer could hand the page server to another address, and a
     # garbage one made a 500.)
-    d, tcp = tcp_daemon
+    _, tcp = tcp_daemon
     status, doc = tcp.call(
         "POST", "/v1/migrations/incoming", {}, {"X-Forwarded-For": "not-an-address"}
     )
