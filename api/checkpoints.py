@@ -25,6 +25,7 @@ from criud.api.models import (
 )
 from criud.api.operations import WaitQuery, accepted
 from criud.api.service import Service
+from criud.daemon import memory
 from criud.daemon.caller import Caller
 from criud.daemon.errors import CriudError, InvalidRequest
 from criud.daemon.store import CheckpointRecord
@@ -225,7 +226,15 @@ async def cached_list(state: Any, c: Service, who: Caller, wanted: dict[str, str
 async def _build_list(c: Service, who: Caller, wanted: dict[str, str]) -> bytes:
     """The encoded list: the models and the JSON both built off the loop."""
     recs = await c.list_checkpoints(who, wanted)
-    return await asyncio.to_thread(lambda: _LIST.dump_json([to_model(r) for r in recs]))
+
+    def encode() -> bytes:
+        body = _LIST.dump_json([to_model(r) for r in recs])
+        # The models (megabytes for a long list) are garbage now, freed in
+        # this thread's own heap: give the pages back (criud.daemon.memory).
+        memory.release()
+        return body
+
+    return await asyncio.to_thread(encode)
 
 
 async def _single_flight(
