@@ -135,3 +135,20 @@ def test_a_failing_build_is_left_to_the_route() -> None:
     with TestClient(_as(FastList(app, app.state), ALICE), raise_server_exceptions=False) as fast:
         r = fast.get("/v1/checkpoints")
     assert r.status_code == 503 and r.json()["code"] and reached == ["/v1/checkpoints"]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+def test_the_list_is_encoded_as_the_list_adapter_encodes_it(n: int) -> None:
+    import asyncio
+
+    from pydantic import TypeAdapter
+
+    from criud.api.checkpoints import _build_list, to_model
+    from criud.api.models import Checkpoint
+
+    core = FakeCore()
+    core.recs = core.recs[:n]
+    # Encoded one model at a time, joined: the bytes of the whole list at once.
+    got = asyncio.run(_build_list(core, ROOT, {}))  # type: ignore[arg-type]
+    want = TypeAdapter(list[Checkpoint]).dump_json([to_model(r) for r in core.recs])
+    assert got == want
