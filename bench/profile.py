@@ -147,7 +147,7 @@ def main() -> int:
         n = 0
         t0 = time.perf_counter()
         if a.what == "api":
-            conn = bench.KeepAliveUnix(str(d.sock))
+            conn = bench.KeepAliveUnix(str(d.socket))
             while time.perf_counter() - t0 < a.seconds:
                 conn.request("GET", "/v1/checkpoints")
                 conn.getresponse().read()

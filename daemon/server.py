@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from criud.api.app import create_app
-from criud.daemon import logfmt, procutil
+from criud.api.fastlist import FastList
+from criud.daemon import logfmt, memory, procutil
 from criud.daemon.caller import Caller, peer_caller
 from criud.daemon.config import Settings
 from criud.daemon.errors import CriudError, CriuUnavailable, HeaderTimeout
@@ -55,8 +56,8 @@ def raw_problem(e: CriudError) -> bytes:
     """A whole HTTP/1.1 problem+json answer for a connection that has no request to answer.
 
     A refused connection, or a head that never completed, has no request
-    cycle in uvicorn (and h11 will not send a response before a request), so
-    the bytes are written as they are, and the connection closed after them.
+    cycle in uvicorn (and no response goes out before a request), so the
+    bytes are written as they are, and the connection closed after them.
     """
     body = json.dumps(
         {"type": "about:blank", "title": e.title, "status": e.status, "detail": e.detail}
@@ -72,17 +73,59 @@ def raw_problem(e: CriudError) -> bytes:
     return head.encode() + body
 
 
-class PeerCredProtocol(H11Protocol):
-    """H11 protocol that puts the peer's SO_PEERCRED into every request's state.
+# SO_SNDBUFFORCE (linux/asm-generic/socket.h); Python's socket module lacks it.
+SO_SNDBUFFORCE = 32
+# The most one answer widens its connection's send buffer to (the kernel
+# doubles it for its own bookkeeping).
+SEND_ROOM_MAX = 2 << 20
+
+
+class SendRoom:
+    """Widens one unix connection's send buffer so that a big answer goes out in one send().
+
+    A 1,000-record list is 800 KB; the default buffer (208 KiB) takes a
+    quarter of it, and asyncio's transport copies the rest into its own
+    buffer and sends it in pieces as the reader drains, each piece a turn of
+    the loop: 40% of the daemon's CPU per list under load.  Root may force
+    a wider buffer.  It adds no exposure: an answer the caller does not read
+    waits in the kernel instead of the transport's buffer, the same bytes,
+    and only answers that asked for room (criud.api.fastlist's) get it, so
+    an event stream's slow reader is still noticed as soon as before.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.room = 0
+
+    def fit(self, size: int) -> None:
+        """Make room for size bytes in flight (at most SEND_ROOM_MAX); never narrows it."""
+        want = min(size, SEND_ROOM_MAX)
+        if want > self.room:
+            self.room = want
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, want)
+
+
+# The most a request head may take, as h11's default (uvicorn's h11 protocol
+# used it): httptools sets no bound of its own.
+MAX_HEAD = 16 * 1024
+
+
+class PeerCredProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol that puts the peer's SO_PEERCRED into every request's state.
 
     uvicorn copies ``app_state`` into each request's scope["state"]; giving
     each connection its own copy with the caller in it makes the credentials
     available as request.state.peer without touching the ASGI app.
 
-    It also admits the connection into its pool (criud.daemon.quotas) and
-    bounds how long a request head may take: uvicorn's h11 protocol has no
-    such timeout, and its keep-alive timer stops at the first byte of the
-    next head, so a head that never ends would hold the connection forever.
+    It also admits the connection into its pool (criud.daemon.quotas),
+    bounds how long a request head may take (uvicorn has no such timeout,
+    and its keep-alive timer stops at the first byte of the next head, so a
+    head that never ends would hold the connection forever) and how big it
+    may grow (MAX_HEAD; httptools keeps a header's bytes until it ends).
+
+    httptools rather than h11: it parses in C, a third less of the daemon's
+    CPU per request under load (docs/benchmarks.md, issue 13).
     """
 
     # Set on the subclass protocol_for() makes for a running daemon.
@@ -94,6 +137,10 @@ class PeerCredProtocol(H11Protocol):
         self._ticket: Ticket | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
+        # Bytes that arrived while no head was complete, and whether the
+        # parser is past a head (in a body) now.
+        self._head_bytes = 0
+        self._in_body = False
         sock: Any = transport.get_extra_info("socket")
         peer: Caller | None = None
         tcp = False
@@ -105,6 +152,8 @@ class PeerCredProtocol(H11Protocol):
             # TCP: no credentials to read; the bearer token decides (api.deps).
             tcp = True
         self.app_state = {**self.app_state, "peer": peer, "tcp": tcp}
+        if sock is not None and not tcp:
+            self.app_state["send_room"] = SendRoom(sock)
         if self.quotas is not None:
             # A unix peer without credentials is no one's: it counts as non-root.
             pool: Pool = "tcp" if tcp else "api"
@@ -150,14 +199,30 @@ class PeerCredProtocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        if not self._in_body:
+            # These bytes start or go on with a head.  Counted before the
+            # parser sees them; a head completed inside them starts the
+            # count again (on_headers_complete), so a whole pipelined
+            # request in one read never counts against the next head.
+            self._head_bytes += len(data)
         super().data_received(data)
-
-    def handle_events(self) -> None:
-        cycle = self.cycle
-        super().handle_events()
-        if self.cycle is not cycle:
-            # A whole head arrived and its request started.
+        if not self._in_body and self._head_bytes > MAX_HEAD and not self._refused:
+            # As h11 answered a head past its limit, and the connection closes.
+            self._refused = True
             self._cancel_head_timer()
+            if not self.transport.is_closing():
+                self.send_400_response("Invalid HTTP request received.")
+
+    def on_headers_complete(self) -> None:
+        # A whole head arrived: its request starts (or waits its turn).
+        self._cancel_head_timer()
+        self._head_bytes = 0
+        self._in_body = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -395,7 +460,9 @@ async def _serve(settings: Settings) -> None:
     )
     fd_server.start()
 
-    server = Server(_uvicorn_config(create_app(core, token=token), core, settings))
+    app = create_app(core, token=token)
+    # The polled list is answered from its cached bytes ahead of FastAPI.
+    server = Server(_uvicorn_config(FastList(app, app.state), core, settings))
 
     loop = asyncio.get_running_loop()
     _on_stop_signals(loop, core, server)
@@ -412,6 +479,9 @@ async def _serve(settings: Settings) -> None:
     # a request building ten thousand objects (a big tree's introspection)
     # would otherwise pay for by scanning the whole heap.
     gc.freeze()
+    # What start-up built and dropped (kernel probes, recovery) leaves free
+    # pages in the middle of the heap: give them back before idling.
+    memory.release()
     try:
         await server.serve(sockets=[api_sock, *([tcp_sock] if tcp_sock else [])])
     finally:

@@ -224,8 +224,10 @@ class CriudService:
             log.warning("marked interrupted: checkpoints %s", ck)
         await self.children.recover()
         await asyncio.to_thread(self._remove_tmp_dirs)
-        recs = await self.store.run(self.store.list_checkpoints)
-        await asyncio.to_thread(self._reconcile_dirs, {r.id: r for r in recs})
+        # Ids and states only: reading every full record (a manifest each)
+        # cost start-up time and left the daemon's heap the larger for it.
+        states = await self.store.run(self.store.checkpoint_states)
+        await asyncio.to_thread(self._reconcile_dirs, states)
         await self.children.start()
 
     def _remove_tmp_dirs(self) -> None:
@@ -239,7 +241,7 @@ class CriudService:
         except OSError as e:
             log.warning("cannot clear %s: %s", self.settings.run_dir, e)
 
-    def _reconcile_dirs(self, recs: dict[str, CheckpointRecord]) -> None:
+    def _reconcile_dirs(self, states: dict[str, str]) -> None:
         """Make the checkpoints dir agree with the records after a crash.
 
         A dir with no record (the daemon died between mkdir and insert, or a
@@ -250,10 +252,10 @@ class CriudService:
         for entry in os.scandir(self.settings.checkpoints_dir):
             if entry.name.startswith(TMP_PREFIX) or not entry.is_dir(follow_symlinks=False):
                 continue
-            rec = recs.get(entry.name)
-            if rec is None:
+            state = states.get(entry.name)
+            if state is None:
                 shutil.rmtree(entry.path, ignore_errors=True)
-            elif rec.state != "done":
+            elif state != "done":
                 # Through the dir's fd: a dir of the previous release may
                 # be a user's, with anything planted in it.
                 try:

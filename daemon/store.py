@@ -565,6 +565,11 @@ class Store:
         rows = self.db.execute(f"SELECT {cols} FROM checkpoints ORDER BY created_at").fetchall()
         return [CheckpointRecord(**_load(r)) for r in rows]
 
+    def checkpoint_states(self) -> dict[str, str]:
+        """Every checkpoint's state by id (start-up reconciles its dirs by them)."""
+        rows = self.db.execute("SELECT id, state FROM checkpoints").fetchall()
+        return {r["id"]: r["state"] for r in rows}
+
     def checkpoint_usage(self, owner_uid: int) -> tuple[int, int]:
         """(records, image bytes) of owner_uid's checkpoints, those being dumped left out.
 

@@ -170,6 +170,14 @@ def test_list_checkpoints_oldest_first_and_delete(store: Store) -> None:
     assert [r.name for r in store.list_checkpoints()] == ["c2", "c0"]
 
 
+def test_checkpoint_states_read_no_record(store: Store) -> None:
+    done, failed = ckpt("a", state="done"), ckpt("b", state="failed")
+    for r in (done, failed):
+        store.insert_checkpoint(r)
+    # Start-up reconciles dirs by these: ids and states, nothing else read.
+    assert store.checkpoint_states() == {done.id: "done", failed.id: "failed"}
+
+
 def test_restores(store: Store) -> None:
     c = ckpt(state="done")
     store.insert_checkpoint(c)
