@@ -55,18 +55,23 @@ while True:
 
 # A tree of argv[1] processes (the parent and argv[1]-1 forked children),
 # each holding argv[2] fds or a few more: pipes, socketpairs and regular
-# files.  SIGTERM to the parent kills and reaps the children.
+# files.  At most 300 pipes each: criu dumps at most 1,024 pipes per dump
+# (NR_PIPES_WITH_DATA in its pipes.h; "OOM storing pipe" past it), so a
+# process of 10,000 fds holds sockets and files past its 300th pipe.
+# SIGTERM to the parent kills and reaps the children.
 TREE = r"""
 import os, signal, socket, sys, time
 n, nfds, scratch = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 def hold():
     keep = []
     have = 3
-    i = 0
+    i = pipes = 0
     while have < nfds:
         kind = i % 3
+        if kind == 0 and pipes >= 300:
+            kind = 1
         if kind == 0:
-            keep.append(os.pipe()); have += 2
+            keep.append(os.pipe()); have += 2; pipes += 1
         elif kind == 1:
             keep.append(socket.socketpair()); have += 2
         else:
