@@ -163,9 +163,7 @@ def _point(
     return out
 
 
-def run(
-    criu: str, rounds: int, base: Path, compare_python: str | None = None
-) -> dict[str, Any]:
+def run(criu: str, rounds: int, base: Path, compare_python: str | None = None) -> dict[str, Any]:
     """Every point; the criud side, and with compare_python also "other" (its code)."""
     out: dict[str, Any] = {"loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     with contextlib.ExitStack() as stack:
