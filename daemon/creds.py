@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from criud.daemon.caller import Caller
@@ -64,32 +64,16 @@ def read_tree(pid: int) -> dict[int, TaskCreds]:
     criu dumps and restores credentials per thread.  Tasks that exit while
     we read are skipped (criu will not see them either).
     """
-    tasks: list[tuple[int, list[int]]] = []
+    out: dict[int, TaskCreds] = {}
     for p in tree_pids(pid):
         try:
-            tasks.append((p, [int(t) for t in os.listdir(f"/proc/{p}/task")]))
-        except (OSError, ValueError):
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
             continue
-    return read_tasks(tasks)
-
-
-def read_tasks(tasks: Iterable[tuple[int, Iterable[int]]]) -> dict[int, TaskCreds]:
-    """The ids of the given threads ((pid, its tids) each), by tid.
-
-    For a dump, whose one walk of the tree (criud.dump.fds.read_tree) found
-    the tasks already.  Threads that exit while we read are skipped.
-    """
-    out: dict[int, TaskCreds] = {}
-    for p, tids in tasks:
         for tid in tids:
             try:
-                # os.open/os.read: a text-mode open() costs more than the read.
-                fd = os.open(f"/proc/{p}/task/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    text = os.read(fd, 65536).decode("ascii", "replace")
-                finally:
-                    os.close(fd)
-                out[tid] = parse_status(text)
+                with open(f"/proc/{p}/task/{tid}/status", encoding="ascii") as f:
+                    out[int(tid)] = parse_status(f.read())
             except (OSError, ValueError):
                 continue
     return out

@@ -445,15 +445,47 @@ class _Dump:
 def _read_tree(
     pid: int, estimate: bool
 ) -> tuple[list[fdinfo.TaskInfo], dict[int, creds.TaskCreds], dict[str, int]]:
-    """The tree's tasks and fds, every thread's ids; with estimate, its bytes and pages."""
+    """The tree's tasks and fds, every thread's ids; with estimate, its bytes and pages.
+
+    Each thread's status file is read once: its ids (criud.daemon.creds),
+    and for a task's main thread its memory too (the whole process's: the
+    figures are per address space), for the estimate.  Threads that exit
+    while we read are skipped (criu will not see them either).
+    """
     tasks = fdinfo.read_tree(pid)
-    ids = creds.read_tasks((t.pid, t.tids) for t in tasks)
-    return tasks, ids, _estimate(tasks) if estimate else {}
+    ids: dict[int, creds.TaskCreds] = {}
+    mems: list[proc_inspect.Memory] = []
+    for t in tasks:
+        for tid in t.tids:
+            text = _status(t.pid, tid)
+            if text is None:
+                continue
+            try:
+                ids[tid] = creds.parse_status(text)
+            except ValueError:
+                continue
+            if estimate and tid == t.pid:
+                mems.append(proc_inspect.memory_from_status(text))
+    return tasks, ids, _estimate(mems) if estimate else {}
 
 
-def _estimate(tasks: list[fdinfo.TaskInfo]) -> dict[str, int]:
+def _status(pid: int, tid: int) -> str | None:
+    """/proc/<pid>/task/<tid>/status, or None if the thread is gone."""
+    # os.open/os.read: a text-mode open() costs more than the read itself.
+    try:
+        fd = os.open(f"/proc/{pid}/task/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 65536).decode("ascii", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _estimate(mems: list[proc_inspect.Memory]) -> dict[str, int]:
     """The dump's expected bytes and pages, from the tasks' memory as preflight reads it."""
-    mems = [m for t in tasks if (m := proc_inspect.memory_of(t.pid)) is not None]
     return {
         "bytes_total": dump_preflight.estimate_from_memory(mems),
         "pages_total": dump_preflight.dumped_memory(mems) // PAGE_SIZE,
