@@ -247,7 +247,7 @@ def chart(r: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     sides = [("raw", "raw criu", "-", "o"), ("criud", "criud", "--", "s")]
     if "other_ratio" in r["points"][0]:
-        sides.append(("other", "criud, other code", ":", "^"))
+        sides.append(("other", r.get("other_label", "criud, other code"), ":", "^"))
     for ax, axis, xlabel in (
         (axes[0], FDS_AXIS, "fds in one process"),
         (axes[1], TASKS_AXIS, "processes (10 fds each)"),
@@ -291,6 +291,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--criu", default=CRIU)
     p.add_argument("--compare-python", help="also run a daemon with this interpreter's criud")
+    p.add_argument("--compare-label", default="criud, other code", help="its name in the chart")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     p.add_argument("--chart", type=Path, help="write the chart here")
     a = p.parse_args()
@@ -300,6 +301,8 @@ def main() -> int:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     r["date"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if a.compare_python:
+        r["other_label"] = a.compare_label
     a.out_dir.mkdir(parents=True, exist_ok=True)
     out = a.out_dir / f"{r['date'][:10]}-scaling.json"
     out.write_text(json.dumps(r, indent=1) + "\n")
