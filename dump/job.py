@@ -335,7 +335,7 @@ class _Dump:
             expect = {DUMP_LOG: (log_st.st_dev, log_st.st_ino)}
             walked = self._walked(m)
             return await asyncio.to_thread(
-                _seal_dump, self.id, tmp_fd, owner, expect, chain, walked
+                _seal_dump, self.id, tmp_fd, owner, expect, chain, walked, run_as is None
             )
         finally:
             if log_fd >= 0:
@@ -607,14 +607,16 @@ def _seal_dump(
     expect: dict[str, tuple[int, int]],
     chain: imgdir.Chain | None = None,
     walked: Walked | None = None,
+    roots_only: bool = False,
 ) -> tuple[int, dict[str, int]]:
     """Seal a dumped dir (root's, read-only to others); then its size and stats.
 
     Only then is anything in it read: before, the owner could change it.
     With walked, the threads criu dumped are checked against it first.
+    roots_only: root's criu wrote the dir, never the owner's (imgdir.seal).
     """
     try:
-        size = imgdir.seal(dirfd, owner, expect, chain)
+        size = imgdir.seal(dirfd, owner, expect, chain, roots_only)
     except imgdir.UnsafeEntry as e:
         raise imgdir.tampered(ckpt_id, e) from None
     if walked is not None:
