@@ -120,6 +120,17 @@ class FdEntry(BaseModel):
     peer: int | None = None
 
 
+class FdSummary(BaseModel):
+    """A checkpoint's fds in short: counts, and in full only the ones a restore must replace."""
+
+    total: int = Field(description="fds the tree held, all tasks together")
+    tasks: int = Field(description="processes in the tree")
+    by_type: dict[str, int] = Field(description="fds of each type (pipe, unix, file, tty, ...)")
+    external_fds: list[FdEntry] = Field(
+        description="The external fds (their keys are `external`), each with its pid and fd"
+    )
+
+
 class Checkpoint(BaseModel):
     id: str
     name: str | None
@@ -133,7 +144,15 @@ class Checkpoint(BaseModel):
     labels: dict[str, str]
     criu_version: str | None = None
     stats: dict[str, int] | None = None
-    fds: list[FdEntry] = Field(default_factory=list)
+    fds: list[FdEntry] = Field(
+        default_factory=list,
+        description="Every fd of every task: only in GET /v1/checkpoints/{ref} (unless "
+        "?fds=false); empty in the list and in the answers of POST /v1/checkpoints",
+    )
+    fd_summary: FdSummary | None = Field(
+        default=None,
+        description="Counts of the fds and the external ones in full; not in the list",
+    )
     external: list[str] = Field(default_factory=list)
     namespaces: dict[str, int] = Field(
         default_factory=dict,

@@ -26,13 +26,18 @@ WaitQuery = Annotated[
 
 
 def to_model(op: Op) -> Operation:
-    """Shape an operation; its result as the checkpoint's or restore's own GET would."""
+    """Shape an operation; its result as the POST that started it would have answered.
+
+    A checkpoint's is the fds in short (fd_summary), as POST /v1/checkpoints
+    answers: an operation is polled, and 10,000 fd entries each time would
+    cost more than the dump.
+    """
     # Deferred: those route modules answer ?wait=false with `accepted` from here.
     from criud.api import checkpoints, migrations, restores
 
     result: dict[str, Any] | None = None
     if isinstance(op.result, CheckpointRecord):
-        result = checkpoints.to_model(op.result).model_dump(mode="json")
+        result = checkpoints.to_model(op.result, fds=False).model_dump(mode="json")
     elif isinstance(op.result, RestoreRecord):
         result = restores.to_model(op.result).model_dump(mode="json")
     elif isinstance(op.result, MigrationResult):

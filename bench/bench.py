@@ -15,6 +15,8 @@ paths) and real criu, as root.  Sections:
   introspection  a tree of 200 processes x 50 fds: GET /v1/processes/{pid}
   observability  events + metrics on vs off (interleaved small cycles); GET /v1/version
                  p99 with 0 vs 100 SSE subscribers
+  scaling        dump time as fds (10 .. 10,000) and tasks (1 .. 100) grow: raw criu vs
+                 criud, interleaved (bench/scaling_bench.py; chart docs/benchmarks-scaling.png)
 
 "Raw criu" runs the criu CLI with the argv criud builds (criud.dump.argv,
 criud.restore.argv), with images on the same filesystem as the daemon's
@@ -60,6 +62,7 @@ import archive_bench
 import lazy_bench
 import migration_bench
 import report
+import scaling_bench
 import workloads
 
 from criud.api.client import Client, CriudClientError
@@ -89,6 +92,7 @@ SECTIONS = (
     "observability",
     "lazy",
     "migration",
+    "scaling",
 )
 
 # Full and quick sizes of every section.
@@ -123,6 +127,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "clone_copies": 10,
         "mig_sizes": [256, 1024],
         "mig_reps": 5,
+        "scaling_rounds": 10,
     },
     "quick": {
         "small_rounds": 10,
@@ -154,6 +159,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "clone_copies": 10,
         "mig_sizes": [256],
         "mig_reps": 2,
+        "scaling_rounds": 4,
     },
 }
 
@@ -1532,6 +1538,7 @@ def main() -> int:
         "observability": bench_observability,
         "lazy": lazy_bench.bench_lazy,
         "migration": migration_bench.bench_section,
+        "scaling": scaling_bench.bench_section,
     }
     try:
         for name in only:
@@ -1559,6 +1566,8 @@ def main() -> int:
         report.update_docs(md, REPO / "docs" / "benchmarks.md", out)
         if "memory" in results:
             report.chart(results, REPO / "docs" / "benchmarks.png")
+        if "scaling" in results:
+            scaling_bench.chart(results["scaling"], REPO / "docs" / "benchmarks-scaling.png")
         log("updated docs/benchmarks.md and docs/benchmarks.png")
     log(f"total {meta['duration_s']} s")
     return 0

@@ -95,6 +95,11 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         import migration_bench
 
         out += [_t(*t) for t in migration_bench.targets(mg)]
+    sc = r.get("scaling")
+    if sc:
+        import scaling_bench
+
+        out += [_t(*t) for t in scaling_bench.targets(sc)]
     o = r.get("observability")
     if o:
         v = o["paired_diff_median_ms"]
@@ -337,6 +342,11 @@ def markdown(r: dict[str, Any]) -> str:
         import migration_bench
 
         out += migration_bench.markdown(mg)
+    sc = r.get("scaling")
+    if sc:
+        import scaling_bench
+
+        out += scaling_bench.markdown(sc)
     o = r.get("observability")
     if o:
         sub = o["subscribers"]
@@ -465,6 +475,10 @@ def main() -> int:
         update_docs(md, REPO / "docs" / "benchmarks.md", a.json.resolve())
         if "memory" in r:
             chart(r, REPO / "docs" / "benchmarks.png")
+        if "scaling" in r:
+            import scaling_bench
+
+            scaling_bench.chart(r["scaling"], REPO / "docs" / "benchmarks-scaling.png")
     return 0
 
 

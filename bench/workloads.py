@@ -55,18 +55,26 @@ while True:
 
 # A tree of argv[1] processes (the parent and argv[1]-1 forked children),
 # each holding argv[2] fds or a few more: pipes, socketpairs and regular
-# files.  SIGTERM to the parent kills and reaps the children.
+# files.  At most 300 pipes each: criu dumps at most 1,024 pipes per dump
+# (NR_PIPES_WITH_DATA in its pipes.h; "OOM storing pipe" past it), so a
+# process of 10,000 fds holds sockets and files past its 300th pipe.
+# With argv[4] "light", each child execs `sleep` holding its fds, so that a
+# tree of 100 costs criu little memory to dump (a forked Python's pages are
+# dumped once per task).  SIGTERM to the parent kills and reaps the children.
 TREE = r"""
 import os, signal, socket, sys, time
 n, nfds, scratch = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+light = sys.argv[4:] == ["light"]
 def hold():
     keep = []
     have = 3
-    i = 0
+    i = pipes = 0
     while have < nfds:
         kind = i % 3
+        if kind == 0 and pipes >= 300:
+            kind = 1
         if kind == 0:
-            keep.append(os.pipe()); have += 2
+            keep.append(os.pipe()); have += 2; pipes += 1
         elif kind == 1:
             keep.append(socket.socketpair()); have += 2
         else:
@@ -83,6 +91,11 @@ for _ in range(n - 1):
         os.close(int(os.environ["BENCH_READY_FD"])); os.close(ready_r)
         keep = hold()
         os.write(ready_w, b"k"); os.close(ready_w)
+        if light:
+            for fd in os.listdir("/proc/self/fd"):
+                try: os.set_inheritable(int(fd), True)
+                except OSError: pass
+            os.execv("/bin/sleep", ["sleep", "1000000"])
         while True:
             signal.pause()
     kids.append(pid)

@@ -217,6 +217,14 @@ class Busy(CriudError):
     title = "Another operation is in progress"
 
 
+class TreeChanged(CriudError):
+    """The tree gained a task between the dump's walk of it and criu's freeze."""
+
+    status = 409
+    code = "tree_changed"
+    title = "The process tree changed during the checkpoint"
+
+
 class CheckpointNotReady(CriudError):
     status = 409
     code = "checkpoint_not_ready"

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from criud.daemon.errors import CriudError, NameTaken, NoSpace, StoreUnusable
 
 T = TypeVar("T")
@@ -228,9 +230,18 @@ class RestoreRecord:
 _JSON_FIELDS = {"options", "labels", "stats", "manifest", "error", "external_keys", "tree_pids"}
 
 
+_ORJSON_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+
 def _dump(field: str, value: Any) -> Any:
     if field in _JSON_FIELDS and value is not None:
-        return json.dumps(value, sort_keys=True)
+        # orjson: a manifest of 10,000 fds in 3 ms, where json.dumps took 27
+        # (bench/scaling_bench.py).  Stored as text, as json.dumps did; what
+        # orjson refuses (an int past 64 bits) goes through json as before.
+        try:
+            return orjson.dumps(value, option=_ORJSON_OPTS).decode()
+        except TypeError:
+            return json.dumps(value, sort_keys=True)
     return value
 
 
@@ -238,8 +249,17 @@ def _load(row: sqlite3.Row) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in row.keys():  # noqa: SIM118 - sqlite3.Row has no __iter__ of keys
         value = row[key]
-        out[key] = json.loads(value) if key in _JSON_FIELDS and value is not None else value
+        out[key] = _loads(value) if key in _JSON_FIELDS and value is not None else value
     return out
+
+
+def _loads(text: str) -> Any:
+    """A stored JSON field (orjson: 4x faster than json on a big manifest)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # Rows json.dumps wrote may hold what orjson refuses (NaN, big ints).
+        return json.loads(text)
 
 
 # Store methods run() may call inline on the event loop: one row by its

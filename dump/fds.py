@@ -702,7 +702,11 @@ def _fd_numbers(pid: int) -> list[int]:
 def read_tree(root: int) -> list[TaskInfo]:
     """Read every task of the tree rooted at root, with classified fds.
 
-    Raises ProcessLookupError if root does not exist.
+    Raises ProcessLookupError if root does not exist.  The project's own
+    /proc reader, not psutil: this is a dump's hot path, and psutil's
+    open_files() and net_connections("unix") took 227 ms on 10,000 fds where
+    this took 170 ms, seeing only files and unix sockets (no pipes, ttys,
+    peers' externality or modes); measured by bench/scaling_bench.py's tree.
     """
     if not os.path.exists(f"/proc/{root}/stat"):
         raise ProcessLookupError(root)

@@ -230,6 +230,11 @@ def memory_of(pid: int) -> Memory | None:
         return None
     finally:
         os.close(dirfd)
+    return memory_from_status(text)
+
+
+def memory_from_status(text: str) -> Memory:
+    """A task's memory figures from the text of its status file (any of its threads')."""
     return _memory(dict(_status_line(line) for line in text.splitlines()))
 
 

@@ -34,6 +34,7 @@ from criud.daemon.errors import (
     InvalidRequest,
     PermissionDenied,
     ProcessNotFound,
+    TreeChanged,
 )
 from criud.daemon.store import CheckpointRecord, CheckpointState, Store
 from criud.dump import fds as fdinfo
@@ -53,6 +54,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 WATCH_INTERVAL_S = 0.25
 # The log of each pre-dump round, in its round dir (the daemon creates it).
 PRE_DUMP_LOG = "pre-dump.log"
+# The most of a pstree.img the daemon reads (as criud.restore.job does).
+PSTREE_CAP = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +113,12 @@ async def run(rt: DumpRuntime, spec: CheckpointSpec, caller: Caller) -> Checkpoi
         if spec.oci_bundle is not None and not caller.is_root:
             # Restoring a bundle writes mountpoints into its rootfs as root.
             raise PermissionDenied("OCI bundles are for root callers only")
-        # Ownership (and uniform ids) first: a refused caller leaves no
-        # record behind, and nothing is frozen.
-        await tree_creds(rt.criu, pid, caller)
+        # The one walk of the tree (its tasks, fds and every thread's ids),
+        # and the ownership check on it: a refused caller leaves no record
+        # behind, and nothing is frozen.
+        tree = await walk_tree(rt.criu, pid, caller)
         with rt.busy_pid(pid):
-            return await _Dump(rt, spec, caller, start).run()
+            return await _Dump(rt, spec, caller, start, tree).run()
     finally:
         os.close(pidfd)
 
@@ -132,6 +136,40 @@ async def tree_creds(
     return tree, run_as
 
 
+@dataclasses.dataclass(frozen=True)
+class Tree:
+    """What the one walk of a dump found: tasks with classified fds, ids, criu's credentials."""
+
+    tasks: list[fdinfo.TaskInfo]
+    ids: dict[int, creds.TaskCreds]
+    run_as: RunAs | None
+    # The dump's expected bytes and pages (an operation's progress), or {}.
+    estimate: dict[str, int]
+
+
+async def walk_tree(criu: Criu, pid: int, caller: Caller) -> Tree:
+    """Walk the tree of pid once (fds and ids) and check the caller may dump it.
+
+    One thread hop for the whole walk: the tasks and their fds
+    (criud.dump.fds.read_tree), then the ids of every thread it found, read
+    after the fds so that they are as close to criu's freeze as the walk
+    allows.  A task forked after the walk listed the tree is not in it: the
+    dump's pstree.img is checked against it afterwards (_check_dumped).
+    """
+    operations.report(phase="inspecting")
+    watched = operations.current.get() is not None
+    try:
+        tasks, ids, estimate = await asyncio.to_thread(_read_tree, pid, watched)
+    except (ProcessLookupError, FileNotFoundError):
+        raise ProcessNotFound(f"pid {pid} exited", pid=pid) from None
+    if not ids:
+        raise ProcessNotFound(f"pid {pid} exited", pid=pid)
+    run_as = creds.choose_run_as(
+        ids, caller, not criu.unprivileged_for_users, f"checkpoint of pid {pid}"
+    )
+    return Tree(tasks, ids, run_as, estimate)
+
+
 def network_lock(criu: Criu, needed: bool) -> str | None:
     """The --network-lock method to pass, chosen by probing.
 
@@ -147,8 +185,11 @@ def network_lock(criu: Criu, needed: bool) -> str | None:
 class _Dump:
     """One dump from its record's insertion to its sealed, renamed images dir."""
 
-    def __init__(self, rt: DumpRuntime, spec: CheckpointSpec, caller: Caller, start: int) -> None:
+    def __init__(
+        self, rt: DumpRuntime, spec: CheckpointSpec, caller: Caller, start: int, tree: Tree
+    ) -> None:
         self.rt, self.spec, self.caller, self.start = rt, spec, caller, start
+        self.tree = tree
         self.id = names.new_id()
         self.tmp = rt.settings.checkpoints_dir / f"{TMP_PREFIX}{self.id}"
         self.final = rt.settings.checkpoints_dir / self.id
@@ -156,24 +197,15 @@ class _Dump:
 
     async def run(self) -> CheckpointRecord:
         """Record, dump, seal and rename; the record says how it ended."""
-        pid, rt = self.spec.pid, self.rt
-        operations.report(phase="inspecting")
-        watched = operations.current.get() is not None
-        try:
-            # The estimate in the same thread hop, and only for an operation.
-            tasks, estimate = await asyncio.to_thread(_read_tree, pid, watched)
-        except (ProcessLookupError, FileNotFoundError):
-            raise ProcessNotFound(f"pid {pid} exited", pid=pid) from None
-        operations.report(**estimate)
-        # Read again after the tree walk (a task may have forked since), and
-        # before the record: a refusal leaves nothing behind.
-        ids, run_as = await tree_creds(rt.criu, pid, self.caller)
-        await self._insert_record()
+        pid, rt, tree = self.spec.pid, self.rt, self.tree
+        run_as = tree.run_as
+        operations.report(**tree.estimate)
+        rec = await self._insert_record()
         try:
             # We generated the id; mkdir (not makedirs) never follows a link
             # at the last component and fails if anything is already there.
             os.mkdir(self.tmp, 0o700)
-            self.manifest = await self._build_manifest(tasks, ids, run_as)
+            self.manifest = await self._build_manifest(tree.tasks, tree.ids, run_as)
             if procutil.proc_start(pid) != self.start:
                 raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
             operations.report(phase="dumping")
@@ -182,24 +214,26 @@ class _Dump:
                 phase="writing", bytes_done=size, pages_done=stats.get("pages_written")
             )
             os.rename(self.tmp, self.final)  # one syscall in the daemon's own dir
-            await rt.store.run(
-                rt.store.update_checkpoint,
-                self.id,
-                state=CheckpointState.DONE,
-                finished_at=time.time(),
-                size_bytes=size,
-                stats=stats,
-                manifest=self.manifest.to_json(),
-            )
+            manifest = self.manifest.to_json()
+            done: dict[str, Any] = {
+                "state": CheckpointState.DONE,
+                "finished_at": time.time(),
+                "size_bytes": size,
+                "stats": stats,
+                "manifest": manifest,
+            }
+            await rt.store.run(rt.store.update_checkpoint, self.id, **done)
         except BaseException as e:
             await self._fail(e)
             raise
         log.info("checkpoint %s of pid %d: %d bytes", self.id, pid, size)
-        done = await rt.store.run(rt.store.get_checkpoint, self.id)
-        assert done is not None
-        return done
+        # The record as the store now holds it, from what was just written:
+        # reading it back would decode the whole manifest again (40 ms at
+        # 10,000 fds) for what is in hand.
+        external = list(manifest.get("external", []))
+        return dataclasses.replace(rec, **done, external_keys=external)
 
-    async def _insert_record(self) -> None:
+    async def _insert_record(self) -> CheckpointRecord:
         spec, rt = self.spec, self.rt
         rec = CheckpointRecord(
             id=self.id,
@@ -214,6 +248,7 @@ class _Dump:
         )
         # NameTaken if the caller has a checkpoint of that name already.
         await rt.store.run(rt.store.insert_checkpoint, rec)
+        return rec
 
     async def _fail(self, e: BaseException) -> None:
         """The one failure path: drop partial images, record failed (name freed) and why.
@@ -298,7 +333,10 @@ class _Dump:
                 raise err
             owner = run_as.uid if run_as is not None else 0
             expect = {DUMP_LOG: (log_st.st_dev, log_st.st_ino)}
-            return await asyncio.to_thread(_seal_dump, self.id, tmp_fd, owner, expect, chain)
+            walked = self._walked(m)
+            return await asyncio.to_thread(
+                _seal_dump, self.id, tmp_fd, owner, expect, chain, walked, run_as is None
+            )
         finally:
             if log_fd >= 0:
                 os.close(log_fd)
@@ -370,6 +408,19 @@ class _Dump:
                 os.close(log_fd)
             os.close(fd)
 
+    def _walked(self, m: mf.Manifest) -> Walked | None:
+        """What the dumped pstree.img may hold, for a caller the walk was checked for.
+
+        Root may dump anything: None (nothing to check).  A tree in a pid
+        namespace of its own has its images' pids in that namespace: only
+        their number is compared there.
+        """
+        if self.caller.is_root:
+            return None
+        if "pid" in m.namespaces:
+            return Walked(tids=None, count=len(m.pids))
+        return Walked(tids=frozenset(m.pids), count=len(m.pids))
+
     def _argv(self, m: mf.Manifest, images_arg: Path, run_as: RunAs | None) -> list[str]:
         opts = self.spec.options
         lock = m.network_lock
@@ -391,15 +442,50 @@ class _Dump:
         )
 
 
-def _read_tree(pid: int, estimate: bool) -> tuple[list[fdinfo.TaskInfo], dict[str, int]]:
-    """The tree's tasks and fds; with estimate, also its expected bytes and pages."""
+def _read_tree(
+    pid: int, estimate: bool
+) -> tuple[list[fdinfo.TaskInfo], dict[int, creds.TaskCreds], dict[str, int]]:
+    """The tree's tasks and fds, every thread's ids; with estimate, its bytes and pages.
+
+    Each thread's status file is read once: its ids (criud.daemon.creds),
+    and for a task's main thread its memory too (the whole process's: the
+    figures are per address space), for the estimate.  Threads that exit
+    while we read are skipped (criu will not see them either).
+    """
     tasks = fdinfo.read_tree(pid)
-    return tasks, _estimate(tasks) if estimate else {}
+    ids: dict[int, creds.TaskCreds] = {}
+    mems: list[proc_inspect.Memory] = []
+    for t in tasks:
+        for tid in t.tids:
+            text = _status(t.pid, tid)
+            if text is None:
+                continue
+            try:
+                ids[tid] = creds.parse_status(text)
+            except ValueError:
+                continue
+            if estimate and tid == t.pid:
+                mems.append(proc_inspect.memory_from_status(text))
+    return tasks, ids, _estimate(mems) if estimate else {}
 
 
-def _estimate(tasks: list[fdinfo.TaskInfo]) -> dict[str, int]:
+def _status(pid: int, tid: int) -> str | None:
+    """/proc/<pid>/task/<tid>/status, or None if the thread is gone."""
+    # os.open/os.read: a text-mode open() costs more than the read itself.
+    try:
+        fd = os.open(f"/proc/{pid}/task/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 65536).decode("ascii", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _estimate(mems: list[proc_inspect.Memory]) -> dict[str, int]:
     """The dump's expected bytes and pages, from the tasks' memory as preflight reads it."""
-    mems = [m for t in tasks if (m := proc_inspect.memory_of(t.pid)) is not None]
     return {
         "bytes_total": dump_preflight.estimate_from_memory(mems),
         "pages_total": dump_preflight.dumped_memory(mems) // PAGE_SIZE,
@@ -506,19 +592,60 @@ def _keep_log_only(tmp: Path, final: Path, log_fd: int) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Walked:
+    """The threads the walk checked the caller's ids on (tids None: only how many)."""
+
+    tids: frozenset[int] | None
+    count: int
+
+
 def _seal_dump(
     ckpt_id: str,
     dirfd: int,
     owner: int,
     expect: dict[str, tuple[int, int]],
     chain: imgdir.Chain | None = None,
+    walked: Walked | None = None,
+    roots_only: bool = False,
 ) -> tuple[int, dict[str, int]]:
     """Seal a dumped dir (root's, read-only to others); then its size and stats.
 
     Only then is anything in it read: before, the owner could change it.
+    With walked, the threads criu dumped are checked against it first.
+    roots_only: root's criu wrote the dir, never the owner's (imgdir.seal).
     """
     try:
-        size = imgdir.seal(dirfd, owner, expect, chain)
+        size = imgdir.seal(dirfd, owner, expect, chain, roots_only)
     except imgdir.UnsafeEntry as e:
         raise imgdir.tampered(ckpt_id, e) from None
+    if walked is not None:
+        _check_dumped(ckpt_id, dirfd, walked)
     return size, images.stats_in(dirfd, "stats-dump")
+
+
+def _check_dumped(ckpt_id: str, dirfd: int, walked: Walked) -> None:
+    """Refuse a dump that holds a thread the walk never checked the caller's ids on.
+
+    The dump's one walk reads the ids of the threads it found; a task forked
+    after the walk listed the tree (and before criu froze it) was dumped
+    unchecked.  Such a task may have exec'd a setuid program: restoring it
+    would hand its ids to the caller.  criu froze exactly what pstree.img
+    lists, so that list, against the walk's, closes the gap.
+    """
+    try:
+        tree = images.parse_pstree(imgdir.read_small(dirfd, "pstree.img", PSTREE_CAP))
+    except (OSError, images.ImageError) as e:
+        raise TreeChanged(f"checkpoint {ckpt_id}: its pstree.img is unreadable: {e}") from e
+    dumped = [tid for t in tree for tid in (t["threads"] or [t["pid"]])]
+    if walked.tids is not None:
+        unchecked = sorted(set(dumped) - walked.tids)
+    else:
+        unchecked = [] if len(dumped) <= walked.count else dumped[walked.count :]
+    if unchecked:
+        raise TreeChanged(
+            f"checkpoint {ckpt_id}: the tree grew while it was dumped: criu dumped "
+            f"{len(dumped)} threads, {len(unchecked)} of them (pid {unchecked[0]}) "
+            "started after their owner was checked; try again",
+            pids=unchecked[:16],
+        )

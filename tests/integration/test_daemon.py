@@ -233,7 +233,7 @@ def test_shell_job_roundtrip(daemon: Daemon, procs: Procs) -> None:
     try:
         assert daemon.client.preflight(pid)["ok"] is True
         ck = daemon.client.checkpoint(pid, leave_running=True)
-        tty = [f for f in ck["fds"] if f["type"] == "tty"]
+        tty = [f for f in daemon.client.inspect(ck["id"])["fds"] if f["type"] == "tty"]
         assert tty and all(f["key"].startswith("tty[") and f["external"] for f in tty)
         assert tty[0]["key"] in ck["external"]
     finally:

@@ -52,7 +52,7 @@ def test_pipe_handoff_continues_counting(daemon: Daemon, procs: Procs) -> None:
     ck = daemon.client.checkpoint(p.pid, name="hello-pipe")
     key = f"pipe:[{os.fstat(old_r).st_ino}]"
     assert ck["external"] == [key]
-    stdout = [f for f in ck["fds"] if f["fd"] == 1]
+    stdout = [f for f in daemon.client.inspect(ck["id"])["fds"] if f["fd"] == 1]
     assert stdout and stdout[0]["key"] == key and stdout[0]["external"] is True
     assert stdout[0]["type"] == "pipe" and stdout[0]["mode"] == "w"
     last = drain_after(p, old_r, first)
@@ -88,7 +88,10 @@ def test_log_file_redirected(daemon: Daemon, procs: Procs, tmp_path: Path, form:
     wait_for(lambda: old.stat().st_size > 0, 10, what="old.log to grow")
     ck = daemon.client.checkpoint(p.pid)
     key = str(old).lstrip("/")
-    assert any(f["key"] == key and f["fd"] == 1 and f["type"] == "file" for f in ck["fds"])
+    assert any(
+        f["key"] == key and f["fd"] == 1 and f["type"] == "file"
+        for f in daemon.client.inspect(ck["id"])["fds"]
+    )
     p.wait(timeout=10)
     size_at_dump = old.stat().st_size
     if form == "path":
@@ -121,7 +124,7 @@ def test_client_fd_number_clashes_with_restored_fd(
     before = fd_table(p.pid)
     assert before[3] == str(mine)
     ck = daemon.client.checkpoint(p.pid)
-    key = next(f["key"] for f in ck["fds"] if f["fd"] == 1)
+    key = next(f["key"] for f in daemon.client.inspect(ck["id"])["fds"] if f["fd"] == 1)
     last = drain_after(p, old_r, first)
 
     new_r, new_w = os.pipe()
@@ -462,7 +465,10 @@ def test_declared_external_unix_socket_gets_a_new_peer(daemon: Daemon, procs: Pr
     ck = daemon.client.checkpoint(p.pid, external=[key])
     assert ck["external"] == [key]
     assert ck["options"]["external"] == [key]
-    assert any(f["key"] == key and f["type"] == "unix" and f["external"] for f in ck["fds"])
+    assert any(
+        f["key"] == key and f["type"] == "unix" and f["external"]
+        for f in daemon.client.inspect(ck["id"])["fds"]
+    )
     p.wait(timeout=10)
     ours.close()
     with pytest.raises(CriudClientError) as e:

@@ -184,7 +184,9 @@ def test_pty_tree_restored_onto_a_new_pty(daemon: Daemon, procs: Procs, form: st
 
         ck = daemon.client.checkpoint(p.pid)  # no shell_job
         assert ck["external"] == [key]
-        assert all(f["external"] for f in ck["fds"] if f["fd"] in (0, 1, 2))
+        assert all(
+            f["external"] for f in daemon.client.inspect(ck["id"])["fds"] if f["fd"] in (0, 1, 2)
+        )
         p.wait(timeout=10)
         last = drain_ticks(master, tick_of(first))
 
@@ -267,7 +269,7 @@ def test_fifo_stdout_replaced(daemon: Daemon, procs: Procs, form: str) -> None:
         key = str(old).lstrip("/")
         ck = daemon.client.checkpoint(p.pid)
         assert ck["external"] == [key]
-        (out,) = [f for f in ck["fds"] if f["fd"] == 1]
+        (out,) = [f for f in daemon.client.inspect(ck["id"])["fds"] if f["fd"] == 1]
         assert (out["type"], out["key"], out["external"]) == ("fifo", key, True)
         p.wait(timeout=10)
         last = drain_hellos(r, first)
@@ -380,7 +382,9 @@ def check_new_stdio(procs: Procs, pid: int, w: int, master: int, log: Path, last
 def test_stdio_shorthand_pipe_pty_and_file(daemon: Daemon, procs: Procs) -> None:
     with fifo_dir() as d:
         ck, last, log = checkpoint_stdio_tree(daemon, procs, d)
-        kinds = {f["fd"]: (f["type"], f["external"]) for f in ck["fds"]}
+        kinds = {
+            f["fd"]: (f["type"], f["external"]) for f in daemon.client.inspect(ck["id"])["fds"]
+        }
         assert kinds[0] == ("pipe", True) and kinds[1] == ("tty", True)
         assert kinds[2] == ("file", False)
 
@@ -469,7 +473,7 @@ def test_stdio_leaves_other_external_fds_to_their_own_mappings(
     os.close(w1)
     read_until(r1, lambda s: s.startswith("hello"))
     ck = daemon.client.checkpoint(p.pid)
-    fd3_key = next(f["key"] for f in ck["fds"] if f["fd"] == w3)
+    fd3_key = next(f["key"] for f in daemon.client.inspect(ck["id"])["fds"] if f["fd"] == w3)
     assert fd3_key in ck["external"]
     p.wait(timeout=10)
     os.close(r1)

@@ -382,3 +382,62 @@ def test_a_parent_link_outside_a_chain_is_tampering(tmp_path: Path) -> None:
             imgdir.seal(fd, 0, None, imgdir.Chain(fd, {}, "pre-1", "../../etc"))
     finally:
         os.close(fd)
+
+
+def test_seal_of_a_dir_only_root_wrote_checks_by_stat(tmp_path: Path) -> None:
+    """roots_only (a dump by root's criu): same outcome as a full seal, fewer syscalls."""
+    need_root()
+    d = tmp_path / "ck"
+    d.mkdir(mode=0o700)
+    for name, size in (("pages-1.img", 100), ("pstree.img", 7)):
+        (d / name).write_bytes(b"x" * size)
+        (d / name).chmod(0o600)
+    fd = imgdir.open_dir(d)
+    try:
+        log = imgdir.create_log(fd, "dump.log")
+        st = os.fstat(log)
+        os.close(log)
+        expect = {"dump.log": (st.st_dev, st.st_ino)}
+        assert imgdir.seal(fd, 0, expect, roots_only=True) == 107
+        assert imgdir.is_sealed(fd)
+        assert imgdir.seal(fd, 0, expect, roots_only=True) == 107  # idempotent
+    finally:
+        os.close(fd)
+    for f in d.iterdir():
+        fst = f.stat()
+        assert (fst.st_uid, stat.S_IMODE(fst.st_mode)) == (0, 0o644), f
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo", "subdir", "foreign", "swapped"])
+def test_seal_of_a_dir_only_root_wrote_still_refuses_tampering(tmp_path: Path, plant: str) -> None:
+    need_root()
+    d = tmp_path / "ck"
+    d.mkdir(mode=0o700)
+    (d / "pstree.img").write_bytes(b"x")
+    outside = tmp_path / "root-file"
+    outside.write_text("root's")
+    outside.chmod(0o600)
+    planted = d / "x.img"
+    if plant == "symlink":
+        planted.symlink_to(outside)
+    elif plant == "hardlink":
+        os.link(outside, planted)
+    elif plant == "fifo":
+        os.mkfifo(planted)
+    elif plant == "subdir":
+        planted.mkdir()
+    elif plant == "foreign":
+        planted.write_text("another user's")
+        os.chown(planted, 65533, 65533)
+    else:
+        planted.write_text("not the daemon's log")
+    expect = {"x.img": (0, 0)} if plant == "swapped" else None
+    fd = imgdir.open_dir(d)
+    try:
+        with pytest.raises(imgdir.UnsafeEntry):
+            imgdir.seal(fd, 0, expect, roots_only=True)
+        assert not imgdir.is_sealed(fd)
+    finally:
+        os.close(fd)
+    st = os.stat(outside)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -17,9 +18,9 @@ import pytest
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
 from criud.daemon.criu import CriuResult, LogFile
-from criud.daemon.errors import Busy, CheckpointTampered
+from criud.daemon.errors import Busy, CheckpointTampered, TreeChanged
 from criud.daemon.store import CheckpointState, Store
-from criud.dump import job
+from criud.dump import images, job
 from criud.dump.argv import DUMP_LOG
 from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
@@ -239,3 +240,74 @@ def test_a_failed_pre_dump_round_leaves_only_its_log(
     assert os.listdir(runtime.settings.checkpoints_dir) == [rec.id]
     assert os.listdir(runtime.settings.checkpoints_dir / rec.id) == [DUMP_LOG]
     assert len(runtime.criu.runs) == 2 and target.poll() is None
+
+
+def _pstree_img(*tasks: tuple[int, list[int]]) -> bytes:
+    """A pstree.img of (pid, threads) entries (fields 1 and 5 of criu's PstreeEntry)."""
+
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out += bytes([b | (0x80 if n else 0)])
+            if not n:
+                return out
+
+    img = struct.pack("<II", images.IMG_COMMON_MAGIC, images.PSTREE_MAGIC)
+    for pid, threads in tasks:
+        entry = b"\x08" + varint(pid) + b"".join(b"\x28" + varint(t) for t in threads)
+        img += struct.pack("<I", len(entry)) + entry
+    return img
+
+
+@pytest.mark.parametrize(
+    ("walked", "unchecked"),
+    [
+        (job.Walked(tids=frozenset({10, 11, 20}), count=3), None),
+        # Forked after the walk listed the tree: dumped, never checked.
+        (job.Walked(tids=frozenset({10, 11}), count=2), [20]),
+        # A thread started after the walk read its task's threads.
+        (job.Walked(tids=frozenset({10, 20}), count=2), [11]),
+        # A tree in a pid namespace of its own: only the number is compared.
+        (job.Walked(tids=None, count=3), None),
+        (job.Walked(tids=None, count=2), [20]),
+    ],
+)
+def test_check_dumped_refuses_threads_the_walk_never_checked(
+    tmp_path: Path, walked: job.Walked, unchecked: list[int] | None
+) -> None:
+    (tmp_path / "pstree.img").write_bytes(_pstree_img((10, [10, 11]), (20, [20])))
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if unchecked is None:
+            job._check_dumped("ck", fd, walked)
+            return
+        with pytest.raises(TreeChanged) as e:
+            job._check_dumped("ck", fd, walked)
+        assert e.value.extra["pids"] == unchecked and e.value.status == 409
+        assert "started after their owner was checked" in e.value.detail
+    finally:
+        os.close(fd)
+
+
+def test_check_dumped_refuses_an_unreadable_pstree(tmp_path: Path) -> None:
+    (tmp_path / "pstree.img").write_bytes(b"img")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(TreeChanged):
+            job._check_dumped("ck", fd, job.Walked(tids=frozenset({1}), count=1))
+    finally:
+        os.close(fd)
+
+
+def test_a_non_root_callers_dump_is_checked_against_its_walk(runtime: FakeRuntime) -> None:
+    """What _Dump checks the dumped tree against: nothing for root, the walk's tids else."""
+    spec = job.CheckpointSpec(pid=1, name=None, options=DumpOptions(), labels={})
+    tree = job.Tree(tasks=[], ids={}, run_as=None, estimate={})
+    m = Manifest(pids=(5, 6))
+    root = job._Dump(runtime, spec, ME, 0, tree)
+    assert root._walked(m) is None
+    alice = job._Dump(runtime, spec, Caller(uid=1000, gid=1000, pid=1), 0, tree)
+    assert alice._walked(m) == job.Walked(tids=frozenset({5, 6}), count=2)
+    in_ns = dataclasses.replace(m, namespaces={"pid": 4026532000})
+    assert alice._walked(in_ns) == job.Walked(tids=None, count=2)
