@@ -617,13 +617,16 @@ class Criu:
         """Serve the run on a warm worker; the result as the CLI run would have given it."""
 
         async def started(pid: int) -> None:
-            if on_spawn is not None:
-                await on_spawn(pid)
             # The worker, not a child before exec, joins the cgroups: the
             # restored tree inherits them from it, as from the CLI's criu.
             for path in cgroup_procs:
                 _write_pid(path, pid)
             await criu_rpc.exchange(w, req.req)
+            # Recorded while criu works, as on the CLI path (where criu
+            # starts before on_spawn runs): a restore's record update costs
+            # a store round trip that the request should not wait for.
+            if on_spawn is not None:
+                await on_spawn(pid)
 
         try:
             rc, stopped = await self._supervise(w.proc, target, started)
