@@ -357,7 +357,9 @@ class Criu:
     def prestart(self, handle: str, fds: Sequence[int]) -> None:
         """Start a root worker holding exactly an fd handle's fds, for its restore to take."""
         if self.handle_workers is not None and not self.handle_workers.start(handle, fds):
-            log.debug("fd handle %s: no worker of its own (%d running)", handle, HANDLE_WORKERS_MAX)
+            log.debug(
+                "fd handle %s: no worker of its own (%d run already)", handle, HANDLE_WORKERS_MAX
+            )
 
     def drop_held(self, handle: str) -> None:
         """An fd handle ended: kill its worker, if it has one."""
@@ -572,7 +574,12 @@ class Criu:
         why = self._warm_refusal(argv, log_file, pass_fds, run_as, held.origin)
         if isinstance(why, tuple):
             req, dir_fd = why
-            w = await self.handle_workers.take(held.handle, set(held.origin.values()))
+            try:
+                # Awaits the worker's spawn if it is still under way (a turn or two of the loop).
+                w = await self.handle_workers.take(held.handle, set(held.origin.values()))
+            except BaseException:
+                os.close(dir_fd)
+                raise
             if w is not None:
                 log.debug("criu restore: fd handle's own warm worker (pid %d)", w.proc.pid)
                 return w, req, dir_fd

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from criud.daemon import criu_rpc
@@ -126,3 +130,37 @@ def test_an_inherit_fd_the_worker_does_not_hold_is_the_cli_s() -> None:
     assert isinstance(why, str) and "fd[9]" in why and "does not hold" in why
     why = criu_rpc.to_request(["restore", "-D", "/i", "--inherit-fd", "7:k"], [7], "r.log", {7: 1})
     assert isinstance(why, str) and "not fd[N]:key" in why
+
+
+def test_handle_workers_hold_their_fds_are_capped_and_reaped() -> None:
+    """HandleWorkers with `sleep` standing in for criu swrk: one per handle, capped, killed."""
+    forgot: list[int] = []
+
+    async def spawn(cmd: Sequence[str], fds: Sequence[int]) -> asyncio.subprocess.Process:
+        dn = subprocess.DEVNULL
+        return await asyncio.create_subprocess_exec(
+            *cmd, stdin=dn, stdout=dn, stderr=dn, pass_fds=tuple(fds), close_fds=True
+        )
+
+    async def body() -> None:
+        hw = criu_rpc.HandleWorkers(2, lambda fd: ["sleep", "60"], spawn, forgot.append)
+        r, w = os.pipe()
+        try:
+            assert hw.start("a", [r]) and hw.start("b", [w, r])
+            assert not hw.start("c", [w]), "over the cap"
+            # A run that hands over other fds than the handle's never gets its worker.
+            assert await hw.take("b", {w}) is None
+            got = await hw.take("b", {w, r})
+            assert got is not None and set(got.held) == {w, r} and len(hw) == 1
+            assert hw.start("c", [w]), "a taken worker frees its place"
+            got.close()
+            await got.proc.wait()
+            hw.drop("a")
+            await hw.close()
+            assert len(hw) == 0
+            assert len(forgot) == 2, forgot  # a's and c's: killed and reaped
+        finally:
+            os.close(r)
+            os.close(w)
+
+    asyncio.run(asyncio.wait_for(body(), 20))
