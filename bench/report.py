@@ -80,11 +80,6 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(_t(f"api: daemon idle RSS, {a['records']} records", v, "<= 50", v <= 50, "MiB"))
         v = a["rss_after_mib"]
         out.append(_t("api: daemon RSS after the load", v, "<= 64", v <= 64, "MiB"))
-    f = r.get("fd")
-    if f and "criud_added_paired_ms" in f:
-        v = f["criud_added_paired_ms"]
-        name = "fd hand-off: restore with a new pipe, criud adds to the first byte (paired)"
-        out.append(_t(name, v, "<= 3", v <= 3, "ms"))
     lz = r.get("lazy")
     if lz:
         import lazy_bench
@@ -113,6 +108,11 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 f"({what})"
             )
             out.append(_t(name, v, "<= 1.2", v <= 1.2, "x"))
+    f = r.get("fd")
+    if f and "criud_added_paired_median_ms" in f:
+        v = f["criud_added_paired_median_ms"]
+        name = "fd hand-off: criud adds to the first byte, median of paired diffs (vs raw)"
+        out.append(_t(name, v, "<= 3", v <= 3, "ms"))
     i = r.get("introspection")
     if i:
         v = i["headline_ms"]
@@ -309,6 +309,14 @@ def markdown(r: dict[str, Any]) -> str:
             fb = v["first_byte"]
             out.append(_row(side, _ms(fb), _ms(fb, "p90_ms"), _ms(v["call_returned"])))
         out.append("")
+        if "criud_cli_added_paired_median_ms" in f:
+            out += [
+                "criud: as deployed (the fd handle starts a warm worker holding its fds); "
+                "criud_cli: `--criu-pool 0`, the CLI path every inherit-fd restore took before. "
+                f"Added to raw, median of paired diffs: criud {f['criud_added_paired_median_ms']} "
+                f"ms, criud_cli {f['criud_cli_added_paired_median_ms']} ms.",
+                "",
+            ]
     i = r.get("introspection")
     if i:
         ref = f" (read_tree in-process: {i['read_tree_in_process']['median_ms']} ms)"

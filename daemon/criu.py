@@ -21,8 +21,7 @@ import os
 import re
 import shutil
 import socket
-import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,23 @@ _HARMLESS = (re.compile(r"RLIMIT_NOFILE"),)
 # timestamp is missing, and restorer lines carry "pie: PID: " in between.
 _ERROR_RE = re.compile(r"^(?:\(\s*[\d.]+\)\s+)?(?:pie:\s+)?(?:\d+:\s+)?Error \(([^)]*)\):\s*(.*)$")
 _VERSION_RE = re.compile(r"Version:\s*([0-9][0-9.]*)")
+
+
+# The most criu workers started for fd handles alive at once (each holds
+# its handle's fds until a restore takes it or the handle ends).
+HANDLE_WORKERS_MAX = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """A run's inherit fds that came from one fd handle, which may have a worker of its own.
+
+    origin maps each fd of the run (a duplicate, in pass_fds) to the
+    handle's fd it was duplicated from: the number its worker holds it at.
+    """
+
+    handle: str
+    origin: Mapping[int, int]
 
 
 # The most of a failed run's log read back for classification (head and
@@ -247,20 +263,21 @@ def _collect_log(dir_fd: int, log: LogFile) -> None:
         os.close(src)
 
 
-def watch_children_by_pidfd() -> None:
-    """Have asyncio wait for our subprocesses through pidfds, on the loop.
+async def _result(rc: int, log: LogFile, stopped: str | None, errmsg: str = "") -> CriuResult:
+    """How a run ended; its log read only on a failure.
 
-    Python 3.11's default watcher starts a thread per child, which blocks
-    in waitpid and wakes the loop through its self-pipe: some 0.5 ms of
-    the loop's time per criu run (py-spy, bench/profile.py small), twice
-    per dump + restore with the warm pool's refills.  3.12 picks the pidfd
-    watcher itself.  Call from the running loop before the first spawn.
+    A -v4 log of a 1 GiB dump is ~17,000 lines (866 KB): a success needs
+    none of it.  errmsg is a warm worker's reply message, a log line of
+    criu's: the same filter applies (a full disk leaves no log, and the
+    reply may then carry only the harmless rlimit complaint of a root
+    without CAP_SYS_RESOURCE, which is no reason for the failure).
     """
-    if sys.version_info >= (3, 12):
-        return
-    watcher = asyncio.PidfdChildWatcher()
-    watcher.attach_loop(asyncio.get_running_loop())
-    asyncio.set_child_watcher(watcher)
+    if rc == 0:
+        return CriuResult(returncode=0, log_path=log.path, first_error=None, log_tail=[])
+    err, tail, lines = await asyncio.to_thread(read_log_fd, log.fd)
+    if err is None and errmsg:
+        err = first_error(errmsg.splitlines()) or (None if _harmless(errmsg) else errmsg)
+    return CriuResult(rc, log.path, err, tail, stopped=stopped, log_lines=lines)
 
 
 # A log at most this long is copied on the event loop (some 100 µs); a
@@ -337,6 +354,8 @@ class Criu:
         self.pool: criu_rpc.WarmPool | None = None
         # Workers that answered a dump and are still exiting (_reap_later).
         self._reaping: set[asyncio.Task[None]] = set()
+        # Workers started for fd handles (prestart); None without a pool.
+        self.handle_workers: criu_rpc.HandleWorkers | None = None
 
     def start_pool(self, size: int) -> None:
         """Keep size warm criu workers ready (0: none); they start in the background."""
@@ -360,11 +379,39 @@ class Criu:
         )
         self.pool.fill()
 
+        async def spawn_holding(
+            cmd: Sequence[str], fds: Sequence[int]
+        ) -> asyncio.subprocess.Process:
+            dn = asyncio.subprocess.DEVNULL
+            return await self._spawn(cmd, dn, dn, fds)
+
+        self.handle_workers = criu_rpc.HandleWorkers(
+            HANDLE_WORKERS_MAX,
+            lambda fd: wrap_argv(self.setpriv, self.path, ["swrk", str(fd)], None),
+            spawn_holding,
+            self.running.discard,
+        )
+
+    def prestart(self, handle: str, fds: Sequence[int]) -> None:
+        """Start a root worker holding exactly an fd handle's fds, for its restore to take."""
+        if self.handle_workers is not None and not self.handle_workers.start(handle, fds):
+            log.debug(
+                "fd handle %s: no worker of its own (%d run already)", handle, HANDLE_WORKERS_MAX
+            )
+
+    def drop_held(self, handle: str) -> None:
+        """An fd handle ended: kill its worker, if it has one."""
+        if self.handle_workers is not None:
+            self.handle_workers.drop(handle)
+
     async def close_pool(self) -> None:
-        """Kill and reap the idle workers; later runs use the CLI."""
+        """Kill and reap the idle workers and the handles' workers; later runs use the CLI."""
         pool, self.pool = self.pool, None
+        held, self.handle_workers = self.handle_workers, None
         if pool is not None:
             await pool.close()
+        if held is not None:
+            await held.close()
         # Answered workers exit on their own within a millisecond.
         await asyncio.gather(*self._reaping, return_exceptions=True)
 
@@ -471,13 +518,15 @@ class Criu:
         cgroup_procs: Sequence[str] = (),
         watch_pid: int | None = None,
         on_spawn: Callable[[int], Awaitable[None]] | None = None,
+        held: Held | None = None,
     ) -> CriuResult:
         """Run `criu *argv`, logging to log.fd, handing over exactly pass_fds.
 
         watch_pid is the process a dump works on: once it is gone, criu gets
         gone_grace_s to finish before it is killed (CriuResult.stopped).
         on_spawn is awaited with criu's pid once it runs (a restore records
-        it, so a daemon killed mid-restore can find what criu left).
+        it, so a daemon killed mid-restore can find what criu left).  held:
+        a restore's fds from one fd handle, whose own worker may serve it.
 
         The child's stdin is /dev/null and its stdout/stderr are log.fd,
         which criu logs to with `-o -`: the daemon opened the file itself, so
@@ -497,7 +546,7 @@ class Criu:
         if watch_pid is not None:
             with contextlib.suppress(OSError):
                 target = os.pidfd_open(watch_pid)
-        warm = self._warm(argv, log, pass_fds, run_as)
+        warm = await self._warm_any(argv, log, pass_fds, run_as, held)
         if warm is not None:
             return await self._run_warm(*warm, log, target, cgroup_procs, on_spawn)
         cmd = wrap_argv(self.setpriv, self.path, argv, run_as)
@@ -515,12 +564,7 @@ class Criu:
             raise
         rc, stopped = await self._supervise(proc, target, on_spawn)
         assert rc is not None  # no answer socket: it has exited
-        if rc == 0:
-            # A -v4 log of a 1 GiB dump is ~17,000 lines (866 KB): only a
-            # failure needs it read.
-            return CriuResult(returncode=rc, log_path=log.path, first_error=None, log_tail=[])
-        err, tail, lines = await asyncio.to_thread(read_log_fd, log_fd)
-        return CriuResult(rc, log.path, err, tail, stopped=stopped, log_lines=lines)
+        return await _result(rc, log, stopped)
 
     def _warm(
         self, argv: Sequence[str], log_file: LogFile, pass_fds: Sequence[int], run_as: RunAs | None
@@ -531,7 +575,8 @@ class Criu:
         a run as the tree's owner (a pre-started worker is root's, and the
         owner's criu could not open the root daemon's /proc/<pid>/fd that
         RPC names dirs by); whatever criu_rpc.to_request refuses (inherit
-        fds: a warm worker cannot hold them); a log dir anyone but root can
+        fds: a pool worker cannot hold them, only an fd handle's own worker
+        can, see _warm_any); a log dir anyone but root can
         write (criu opens its RPC log by name there); no idle worker.
         """
         if self.pool is None:
@@ -547,9 +592,45 @@ class Criu:
         log.debug("criu %s: CLI path: %s", argv[0] if argv else "?", why)
         return None
 
+    async def _warm_any(
+        self,
+        argv: Sequence[str],
+        log_file: LogFile,
+        pass_fds: Sequence[int],
+        run_as: RunAs | None,
+        held: Held | None,
+    ) -> tuple[criu_rpc.Worker, criu_rpc.Request, int] | None:
+        """A worker and the run as its request (+ the log dir's fd), or None: the CLI.
+
+        The run's fd handle's own worker (prestart) if it holds exactly the
+        fds the run hands over; else what _warm gives.
+        """
+        if held is None or self.handle_workers is None:
+            return self._warm(argv, log_file, pass_fds, run_as)
+        why = self._warm_refusal(argv, log_file, pass_fds, run_as, held.origin)
+        if isinstance(why, tuple):
+            req, dir_fd = why
+            try:
+                # Awaits the worker's spawn if it is still under way (a turn or two of the loop).
+                w = await self.handle_workers.take(held.handle, set(held.origin.values()))
+            except BaseException:
+                os.close(dir_fd)
+                raise
+            if w is not None:
+                log.debug("criu restore: fd handle's own warm worker (pid %d)", w.proc.pid)
+                return w, req, dir_fd
+            os.close(dir_fd)
+            why = "the fd handle has no worker holding exactly its fds"
+        log.debug("criu %s: not the fd handle's worker: %s", argv[0] if argv else "?", why)
+        return self._warm(argv, log_file, pass_fds, run_as)
+
     @staticmethod
     def _warm_refusal(
-        argv: Sequence[str], log_file: LogFile, pass_fds: Sequence[int], run_as: RunAs | None
+        argv: Sequence[str],
+        log_file: LogFile,
+        pass_fds: Sequence[int],
+        run_as: RunAs | None,
+        held: Mapping[int, int] | None = None,
     ) -> tuple[criu_rpc.Request, int] | str:
         """The request and its log dir's fd, or why the run must take the CLI path."""
         if run_as is not None:
@@ -558,7 +639,7 @@ class Criu:
             # A lazy restore meets its lazy-pages server through a socket in
             # its -W dir, which the CLI's argv names as is.
             return "a lazy restore"
-        req = criu_rpc.to_request(argv, pass_fds, log_file.path.name)
+        req = criu_rpc.to_request(argv, pass_fds, log_file.path.name, held)
         if isinstance(req, str):
             return req
         dir_fd = _log_dir_fd(req)
@@ -579,13 +660,16 @@ class Criu:
         """Serve the run on a warm worker; the result as the CLI run would have given it."""
 
         async def started(pid: int) -> None:
-            if on_spawn is not None:
-                await on_spawn(pid)
             # The worker, not a child before exec, joins the cgroups: the
             # restored tree inherits them from it, as from the CLI's criu.
             for path in cgroup_procs:
                 _write_pid(path, pid)
             await criu_rpc.exchange(w, req.req)
+            # Recorded while criu works, as on the CLI path (where criu
+            # starts before on_spawn runs): a restore's record update costs
+            # a store round trip that the request should not wait for.
+            if on_spawn is not None:
+                await on_spawn(pid)
 
         # A dump is done when criu answers: its images and stats are closed
         # before the reply, and the worker's exit is reaped in the
@@ -612,20 +696,10 @@ class Criu:
             if self.pool is not None:
                 self.pool.fill()
         if ok:
-            return CriuResult(returncode=0, log_path=log_file.path, first_error=None, log_tail=[])
+            return await _result(0, log_file, stopped)
         # A worker that answered "failed" exits 0 or 1; one that never
         # answered was killed (rc < 0) or broke: never a success.
-        rc = rc if rc else 1
-        err, tail, lines = await asyncio.to_thread(read_log_fd, log_file.fd)
-        if err is None and resp is not None and resp.cr_errmsg:
-            # The reply's message is a log line of criu's; the same filter
-            # applies (a full disk leaves no log, and the reply may then
-            # carry only the harmless rlimit complaint of a root without
-            # CAP_SYS_RESOURCE, which is no reason for the failure).
-            err = first_error(resp.cr_errmsg.splitlines()) or (
-                None if _harmless(resp.cr_errmsg) else resp.cr_errmsg
-            )
-        return CriuResult(rc, log_file.path, err, tail, stopped=stopped, log_lines=lines)
+        return await _result(rc if rc else 1, log_file, stopped, resp.cr_errmsg if resp else "")
 
     async def _supervise(
         self,

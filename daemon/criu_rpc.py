@@ -17,8 +17,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import socket
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from criud.daemon import criu_rpc_pb2 as rpc
@@ -26,6 +27,8 @@ from criud.daemon import criu_rpc_pb2 as rpc
 log = logging.getLogger("criud.criu")
 
 _FD_PREFIX = "/proc/self/fd/"
+# criud.restore.worker.FdMap's `--inherit-fd fd[N]:key`.
+_INHERIT_RE = re.compile(r"fd\[(\d+)\]:(.+)", re.DOTALL)
 
 # Flags that map one-to-one onto a boolean of criu_opts.
 _BOOL_FLAGS = {
@@ -66,12 +69,20 @@ def _fd_of(path: str, pass_fds: Sequence[int]) -> int | None:
     return n if n in pass_fds else None
 
 
-def to_request(argv: Sequence[str], pass_fds: Sequence[int], log_name: str) -> Request | str:
+def to_request(
+    argv: Sequence[str],
+    pass_fds: Sequence[int],
+    log_name: str,
+    held: Mapping[int, int] | None = None,
+) -> Request | str:
     """Translate a dump or restore argv into an RPC request, or say why it cannot be.
 
-    Each reason is a case the CLI path keeps:
-    an --inherit-fd (a warm worker holds no fds of the request: swrk can
-    only inherit fds already in its own table), an fd handed over that the
+    held maps an fd of the run (in pass_fds) to the number the worker holds
+    the same file at (an fd handle's worker, HandleWorkers): each
+    `--inherit-fd fd[N]:key` becomes an inherit_fd entry naming the
+    worker's number.  Each reason is a case the CLI path keeps:
+    an --inherit-fd whose fd the worker does not hold (swrk can only
+    inherit fds already in its own table), an fd handed over that the
     request cannot name through the daemon's /proc/<pid>/fd (a run as the
     tree's owner, who cannot open the root daemon's fds), and any flag
     this table does not know (OCI bundles' mount and cgroup options).
@@ -88,7 +99,10 @@ def to_request(argv: Sequence[str], pass_fds: Sequence[int], log_name: str) -> R
     used: set[int] = set()
     it = iter(argv[1:])
     for arg in it:
-        why = _translate(arg, it, opts, out, pass_fds, used)
+        if arg == "--inherit-fd":
+            why = _inherit(next(it, ""), req, held or {}, used)
+        else:
+            why = _translate(arg, it, opts, out, pass_fds, used)
         if why is not None:
             return why
     if set(pass_fds) - used:
@@ -96,6 +110,19 @@ def to_request(argv: Sequence[str], pass_fds: Sequence[int], log_name: str) -> R
     if opts.images_dir_fd == -1 and not opts.HasField("images_dir"):
         return "no images dir"
     return out
+
+
+def _inherit(val: str, req: rpc.criu_req, held: Mapping[int, int], used: set[int]) -> str | None:
+    """One --inherit-fd into an entry naming the worker's own fd; or why it cannot be."""
+    m = _INHERIT_RE.fullmatch(val)
+    if m is None:
+        return f"--inherit-fd {val!r} is not fd[N]:key"
+    fd = int(m.group(1))
+    if fd not in held:
+        return f"--inherit-fd fd[{fd}] names an fd the warm worker does not hold"
+    used.add(fd)
+    req.opts.inherit_fd.append(rpc.inherit_fd(key=m.group(2), fd=held[fd]))
+    return None
 
 
 def _translate(
@@ -175,6 +202,9 @@ class Worker:
 
     proc: asyncio.subprocess.Process
     sock: socket.socket
+    # The fds besides its socket the worker holds, at these numbers (an fd
+    # handle's, HandleWorkers); a pool worker holds none.
+    held: tuple[int, ...] = ()
 
     def close(self) -> None:
         """Kill the worker (if it still runs) and close our end; the pid is reaped by asyncio."""
@@ -287,6 +317,128 @@ class WarmPool:
         await asyncio.gather(*(w.proc.wait() for w in ready), return_exceptions=True)
         for w in ready:
             self._forget(w.proc.pid)
+
+
+HeldSpawner = Callable[[Sequence[str], Sequence[int]], Awaitable[asyncio.subprocess.Process]]
+
+
+class HandleWorkers:
+    """Workers started for fd handles, each holding exactly its handle's fds.
+
+    swrk can inherit only fds already in its own table, so a restore with
+    inherit fds cannot use a pool worker.  When a handle arrives, a worker
+    is started holding its socket and the handle's fds (at the daemon's
+    numbers: pass_fds keeps them), so its exec and library loading overlap
+    the client's restore request.  A worker lives as long as its handle:
+    the restore takes it, or the handle's end (used, deleted, expired)
+    kills it.  At most `limit` live at once: past that a handle gets none
+    and its restore takes the CLI path, so no caller can make the daemon
+    run more criu processes than that, whatever its handle quota.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        argv_for: Callable[[int], list[str]],
+        spawn: HeldSpawner,
+        forget: Callable[[int], None],
+    ) -> None:
+        self.limit = limit
+        self._argv_for = argv_for
+        self._spawn = spawn
+        self._forget = forget
+        # Per handle: the start (a task until the worker runs, then done).
+        self._workers: dict[str, asyncio.Task[Worker | None]] = {}
+        self._reaping: set[asyncio.Task[None]] = set()
+        # Counted for the logs and the benchmark.
+        self.started = 0
+        self.taken = 0
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def start(self, key: str, fds: Sequence[int]) -> bool:
+        """Start a worker for handle key holding fds, in the background; False over the limit."""
+        if key in self._workers or len(self._workers) >= self.limit:
+            return False
+        # A task: the fd socket answers its client first, and the spawn
+        # (fork, exec) runs on the next turn of the loop.
+        self._workers[key] = asyncio.get_running_loop().create_task(self._start(tuple(fds)))
+        self.started += 1
+        return True
+
+    async def _start(self, fds: tuple[int, ...]) -> Worker | None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            argv = self._argv_for(theirs.fileno())
+            # Every fd here is CLOEXEC; pass_fds hands over exactly these.
+            proc = await self._spawn(argv, (theirs.fileno(), *fds))
+        except Exception as e:
+            ours.close()
+            log.warning("cannot start a criu worker for an fd handle: %s", e)
+            return None
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return Worker(proc, ours, fds)
+
+    async def take(self, key: str, fds: set[int]) -> Worker | None:
+        """Handle key's worker if it runs and holds exactly fds (then it is the caller's); or None.
+
+        A worker holding more than the run hands over stays with its
+        handle (the CLI serves the run): a worker never holds an fd its
+        request does not name.
+        """
+        task = self._workers.get(key)
+        if task is None:
+            return None
+        w = await asyncio.shield(task)
+        if w is None or set(w.held) != fds or self._workers.get(key) is not task:
+            return None
+        del self._workers[key]
+        if w.proc.returncode is not None:
+            # Killed while idle (by someone): drop it.
+            self._discard(w)
+            return None
+        self.taken += 1
+        return w
+
+    def drop(self, key: str) -> None:
+        """The handle ended: kill its worker (once started) and reap it off the loop's path."""
+        task = self._workers.pop(key, None)
+        if task is None:
+            return
+        if task.done():
+            self._reap_task(task)
+        else:
+            task.add_done_callback(self._reap_task)
+
+    def _reap_task(self, task: asyncio.Task[Worker | None]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            w = task.result()
+            if w is not None:
+                self._discard(w)
+
+    def _discard(self, w: Worker) -> None:
+        w.close()
+
+        async def reap() -> None:
+            await w.proc.wait()
+            self._forget(w.proc.pid)
+
+        t = asyncio.get_running_loop().create_task(reap())
+        self._reaping.add(t)
+        t.add_done_callback(self._reaping.discard)
+
+    async def close(self) -> None:
+        """Kill and reap every handle's worker (shutdown)."""
+        starting = list(self._workers.values())
+        for key in list(self._workers):
+            self.drop(key)
+        await asyncio.gather(*starting, return_exceptions=True)
+        await asyncio.sleep(0)  # the starts' done callbacks queue their reaps
+        while self._reaping:
+            await asyncio.gather(*self._reaping, return_exceptions=True)
 
 
 async def exchange(w: Worker, req: rpc.criu_req) -> None:

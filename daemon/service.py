@@ -44,7 +44,7 @@ from criud.daemon import (
 from criud.daemon.audit import AuditLog
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
-from criud.daemon.criu import Criu, watch_children_by_pidfd
+from criud.daemon.criu import Criu
 from criud.daemon.errors import (
     Busy,
     CheckpointNotFound,
@@ -171,6 +171,8 @@ class CriudService:
             }
         )
         self.handles.on_expire = self._handle_expired
+        self.handles.on_add = self._handle_added
+        self.handles.on_end = lambda h: self.criu.drop_held(h.id)
         self.children.on_exit = self._restore_exited
         self.started_at = time.time()
         self._busy_pids: set[int] = set()
@@ -210,7 +212,6 @@ class CriudService:
         # tmpfs at its build-time RUNDIR; mount one there before the first
         # criu run (the start-up check writes the cache).  Never fatal.
         self.kdat_cache = await asyncio.to_thread(kdat.ensure_kdat_tmpfs, kdat.KDAT_DIR)
-        watch_children_by_pidfd()
         await self.criu.probe()
         self.criu.start_pool(self.settings.criu_pool)
         await asyncio.to_thread(self.prepare_dirs)
@@ -472,6 +473,19 @@ class CriudService:
         if not caller.is_root:
             raise PermissionDenied("the metrics are root's to read")
         return self.metrics.render()
+
+    def _handle_added(self, h: FdHandle) -> None:
+        """Start a worker holding the new handle's fds, where a root worker can serve its restore.
+
+        The worker is root's criu: it serves trees root's criu restores.
+        Root's handles, then, and anyone's where root's criu restores every
+        tree.  Where it lacks CAP_SYS_RESOURCE (this kind of VM) a user's
+        tree is restored by criu run as its owner, on the CLI path (the
+        owner's criu cannot open the root daemon's /proc/<pid>/fd that RPC
+        names dirs by), and a user's handle gets no worker.
+        """
+        if h.owner_uid == 0 or not self.criu.unprivileged_for_users:
+            self.criu.prestart(h.id, h.owned.fds)
 
     def _handle_expired(self, h: FdHandle) -> None:
         self.events.publish(events.FD_HANDLE_EXPIRED, h.owner_uid, handle=h.id, fds=len(h.fds))

@@ -45,7 +45,7 @@ from criud.daemon import (
 )
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
-from criud.daemon.criu import Criu, LogFile, RunAs
+from criud.daemon.criu import Criu, Held, LogFile, RunAs
 from criud.daemon.errors import (
     CheckpointNotReady,
     CriudError,
@@ -166,7 +166,7 @@ async def run(rt: RestoreRuntime, spec: RestoreSpec, caller: Caller) -> RestoreR
                 oci_args = await _prepare_oci(manifest, spec, cgroup, fds, images_dir)
                 # The bundle's cgroup comes with its args; no criud placement.
                 cgroup = None
-            job = _Job(rt, ckpt, manifest, caller, fds, spec.lazy)
+            job = _Job(rt, ckpt, manifest, caller, fds, spec.lazy, _held(leases, fds))
             return await job.restore(cgroup, oci_args)
 
 
@@ -252,6 +252,16 @@ async def _inherit(
             fds.hand_over(fd, key)
 
 
+def _held(leases: Leases, fds: FdMap) -> Held | None:
+    """The run's handed-in fds, if they all came from one fd handle (whose worker may serve it).
+
+    The runner checks the rest: every inherit fd is one of these, and the
+    handle's worker holds exactly them.
+    """
+    handle, origin = leases.only, fds.origins
+    return Held(handle, origin) if handle is not None and origin else None
+
+
 def check_fd_types(inherit: Sequence[tuple[int, str]], manifest: Manifest) -> None:
     """A namespace key needs an fd of a namespace of its type; a terminal's, a terminal."""
     stdio.check_terminals(inherit, manifest)
@@ -313,16 +323,19 @@ class _Job:
         caller: Caller,
         fds: FdMap,
         lazy: bool = False,
+        held: Held | None = None,
     ) -> None:
         self.rt, self.ckpt, self.manifest, self.caller, self.fds = rt, ckpt, manifest, caller, fds
         self.lazy = lazy
+        self.held = held
         self.run_as = creds.run_as_of(manifest.run_as)
         self.images_dir = rt.settings.checkpoints_dir / ckpt.id
         self.id = names.new_id()
         # The plan with criu's pid and start, once criu runs: what to kill
         # if the restore does not finish.
         self.spawned: dict[str, Any] | None = None
-        # criu was killed by the daemon (its timeout): it cleaned nothing up.
+        # criu was killed (the daemon's timeout, or a signal from anyone): it
+        # cleaned nothing up.
         self.criu_killed = False
 
     async def restore(self, cgroup: str | None, oci_args: tuple[str, ...]) -> RestoreRecord:
@@ -509,9 +522,12 @@ class _Job:
             run_as=self.run_as,
             cgroup_procs=procs_files,
             on_spawn=self._criu_spawned(plan),
+            held=self.held,
         )
         if not result.ok:
-            self.criu_killed = result.stopped is not None
+            # criu that died by a signal, the daemon's (timeout) or anyone
+            # else's, cleaned nothing up: what it forked must be killed.
+            self.criu_killed = result.stopped is not None or result.returncode < 0
             raise await criu_errors.failure(
                 rt.criu,
                 f"restore of checkpoint {self.ckpt.id}",

@@ -30,6 +30,9 @@ class FdMap:
         # In the order given: (fd, key) for --inherit-fd, and plain passes.
         self._inherit: list[tuple[int, str]] = []
         self._plain: list[int] = []
+        # Each duplicate -> the fd it was made from (an fd handle's): the
+        # number that handle's own warm worker holds it at.
+        self._origin: dict[int, int] = {}
         self._closed = False
 
     # -- taking fds --------------------------------------------------------------
@@ -47,7 +50,9 @@ class FdMap:
 
         The worker still gets it (pass_fds clears CLOEXEC in the child only).
         """
-        return self.own(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0))
+        dup = self.own(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0))
+        self._origin[dup] = fd
+        return dup
 
     def hand_over(self, fd: int, key: str | None = None) -> None:
         """Pass an owned fd to the worker; with key, as --inherit-fd fd[N]:key."""
@@ -72,6 +77,11 @@ class FdMap:
         """Every fd the worker inherits: those named by key, then the plain ones."""
         return [fd for fd, _ in self._inherit] + self._plain
 
+    @property
+    def origins(self) -> dict[int, int]:
+        """Each duplicated fd -> the fd it was duplicated from."""
+        return dict(self._origin)
+
     def inherit_args(self) -> list[str]:
         """The --inherit-fd arguments, one per inherited fd (the fd is its number in the worker)."""
         out: list[str] = []
@@ -89,6 +99,7 @@ class FdMap:
         fds, self._owned = self._owned, []
         self._inherit.clear()
         self._plain.clear()
+        self._origin.clear()
         for fd in fds:
             # Closed behind our back is a bug elsewhere; the rest must still be closed.
             with contextlib.suppress(OSError):

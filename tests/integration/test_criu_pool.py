@@ -6,7 +6,9 @@ A worker killed mid-request, the daemon SIGKILLed (no worker outlives it),
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import threading
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from criud.api.client import CriudClientError
+from criud.daemon.criu import HANDLE_WORKERS_MAX
 from criud.daemon.procutil import children
 from tests.integration.helpers import (
     Daemon,
@@ -22,6 +25,8 @@ from tests.integration.helpers import (
     pid_gone,
     pool_workers,
     proc_state,
+    read_line,
+    start_hello,
     temp_root,
     wait_for,
 )
@@ -160,10 +165,21 @@ def test_workers_hold_no_daemon_fds(procs: Procs) -> None:
             h = d.client.send_fds([r, w])
             p = procs.spawn(["sleep", "1000"])
             d.client.checkpoint(p.pid)
-            # ...and the workers started after that hold none of it.
-            wait_for(lambda: len(pool_workers(d.pid)) >= 2, what="refill")
+            # ...and the workers started after that hold none of it, but
+            # for the handle's own worker (issue 13), which holds exactly
+            # its handle's fds.
+            wait_for(lambda: len(pool_workers(d.pid)) >= 3, what="refill")
+            mine = wait_for(lambda: _holders(d.pid, r), what="the handle's worker")
+            assert len(mine) == 1
+            pipe = f"pipe:[{os.fstat(r).st_ino}]"
+            table = _settled_table(mine[0])
+            rest = sorted(t for n, t in table.items() if n > 2)
+            assert rest[:2] == [pipe, pipe] and len(rest) == 3, table
+            assert rest[2].startswith("socket:["), table
             for pid in pool_workers(d.pid):
-                table = fd_table(pid)
+                if pid in mine:
+                    continue
+                table = _settled_table(pid)
                 sock = {n: t for n, t in table.items() if n > 2}
                 assert {table[0], table[1], table[2]} == {"/dev/null"}, table
                 assert len(sock) == 1 and next(iter(sock.values())).startswith("socket:["), table
@@ -241,3 +257,185 @@ def test_answered_dump_worker_is_reaped_by_its_waiter(procs: Procs) -> None:
             assert "Unknown child process" not in log, log
         finally:
             assert d.stop() == 0
+
+
+# -- workers started for fd handles (issue 13: restores with inherit fds) ----------
+
+
+def _holders(daemon_pid: int, fd: int) -> list[int]:
+    """The daemon's criu workers whose fd table holds the pipe behind our fd."""
+    pipe = f"pipe:[{os.fstat(fd).st_ino}]"
+    out = []
+    for pid in pool_workers(daemon_pid):
+        with contextlib.suppress(OSError):
+            if pipe in fd_table(pid).values():
+                out.append(pid)
+    return out
+
+
+def _settled_table(pid: int) -> dict[int, str]:
+    """A worker's fd table once criu is past its start (the loader opens libraries as it goes)."""
+
+    def table() -> dict[int, str] | None:
+        t = fd_table(pid)
+        return (
+            t if all(v.startswith(("pipe:", "socket:", "/dev/null")) for v in t.values()) else None
+        )
+
+    return wait_for(table, what=f"worker {pid} to settle")
+
+
+def _dead(pid: int) -> bool:
+    return pid_gone(pid) or proc_state(pid) in ("Z", None)
+
+
+def _eof(fd: int, timeout: float = 10.0) -> bool:
+    """Whether reading fd (a pipe's read end) meets EOF within timeout: no writer is left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if ready and os.read(fd, 4096) == b"":
+            return True
+    return False
+
+
+def test_handle_workers_hold_exactly_their_fds() -> None:
+    with temp_root() as root:
+        d = Daemon(root).start()
+        pipes = [os.pipe() for _ in range(4)]
+        try:
+            (r1, w1), (r2, w2), (r3, _), (_, w4) = pipes
+            a = d.client.send_fds([w1])
+            b = d.client.send_fds([w2, r3])
+            wa = wait_for(lambda: _holders(d.pid, w1), what="handle a's worker")
+            wb = wait_for(lambda: _holders(d.pid, w2), what="handle b's worker")
+            assert len(wa) == 1 and len(wb) == 1 and wa != wb
+            ino = {f"pipe:[{os.fstat(fd).st_ino}]" for fd in (r1, r2, r3)}
+
+            def held(pid: int) -> list[str]:
+                table = _settled_table(pid)
+                assert {table[0], table[1], table[2]} == {"/dev/null"}, table
+                return sorted(t for n, t in table.items() if n > 2)
+
+            ta, tb = held(wa[0]), held(wb[0])
+            p1, p2, p3 = (f"pipe:[{os.fstat(fd).st_ino}]" for fd in (r1, r2, r3))
+            assert ta[:-1] == [p1] and ta[-1].startswith("socket:["), ta
+            assert tb[:-1] == sorted([p2, p3]) and tb[-1].startswith("socket:["), tb
+            # The pool's own workers hold none of a handle's fds.
+            for pid in pool_workers(d.pid):
+                if pid not in (wa[0], wb[0]):
+                    with contextlib.suppress(OSError):
+                        assert not ino & set(fd_table(pid).values()), pid
+            # Deleting a handle kills its worker: nothing holds w1 but us.
+            d.client.delete_fd_handle(a["handle"])
+            wait_for(lambda: pid_gone(wa[0]), what="handle a's worker gone")
+            os.close(w1)
+            assert _eof(r1), "someone still holds the deleted handle's fd"
+            # An expired handle's worker goes with it.
+            c = d.client.send_fds([w4], ttl_s=0.5)
+            wc = wait_for(lambda: _holders(d.pid, w4), what="handle c's worker")
+            wait_for(lambda: pid_gone(wc[0]), what="expired handle's worker gone")
+            assert c["handle"] not in {h["handle"] for h in d.client.fd_handles()}
+            assert b["handle"] in {h["handle"] for h in d.client.fd_handles()}
+        finally:
+            assert d.stop() == 0
+            for r, w in pipes:
+                for fd in (r, w):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+
+def test_handle_workers_are_bounded() -> None:
+    with temp_root() as root:
+        d = Daemon(root).start()
+        r, w = os.pipe()
+        try:
+            for _ in range(20):
+                d.client.send_fds([w])
+            time.sleep(1.0)
+            # One worker per handle up to the cap, never one per handle sent.
+            holders = wait_for(lambda: _holders(d.pid, w), what="handle workers")
+            assert 1 <= len(holders) <= HANDLE_WORKERS_MAX, holders
+        finally:
+            assert d.stop() == 0
+            os.close(r)
+            os.close(w)
+
+
+def test_daemon_sigkill_leaves_no_handle_worker() -> None:
+    with temp_root() as root:
+        d = Daemon(root).start()
+        r, w = os.pipe()
+        try:
+            d.client.send_fds([w])
+            held = wait_for(lambda: _holders(d.pid, w), what="the handle's worker")
+            os.close(w)
+        finally:
+            d.kill()
+        try:
+            # Dead: gone, or a zombie where no init reaps (a pid namespace
+            # of the test runner's own); a zombie holds no fds.
+            for pid in held:
+                wait_for(lambda pid=pid: _dead(pid), timeout=10, what=f"worker {pid} dead")
+            assert _eof(r), "a worker outlived the daemon with the handle's fd"
+        finally:
+            os.close(r)
+
+
+# Writes its count to stdout, with 256 MiB of touched pages: a restore long
+# enough to be hit.
+BIG_HELLO = (
+    "import sys, time\nb = b'x' * (256 << 20)\ni = 0\nwhile True:\n"
+    "    sys.stdout.write(f'hello {i}\\n'); sys.stdout.flush(); i += 1; time.sleep(0.05)\n"
+)
+
+
+def test_handle_worker_killed_mid_restore(procs: Procs) -> None:
+    with temp_root() as root:
+        d = Daemon(root, args=["--log-level", "debug"]).start()
+        new_r, new_w = os.pipe()
+        try:
+            p, old_r = start_hello(procs, BIG_HELLO)
+            read_line(old_r)
+            ck = d.client.checkpoint(p.pid)
+            p.wait(timeout=10)
+            os.close(old_r)
+            h = d.client.send_fds([new_w])
+            worker = wait_for(lambda: _holders(d.pid, new_w), what="the handle's worker")[0]
+            mapping = [{"key": ck["external"][0], "handle": h["handle"], "index": 0}]
+            res: dict[str, Any] = {}
+
+            def restore() -> None:
+                try:
+                    res["ok"] = d.client.restore(ck["id"], inherit_fds=mapping)
+                except CriudClientError as e:
+                    res["err"] = e
+
+            t = threading.Thread(target=restore)
+            t.start()
+            # The worker forks the tree's root (its old pid) early, then fills its memory.
+            wait_for(lambda: not pid_gone(ck["pid"]), timeout=30, interval=0.002, what="fork")
+            os.kill(worker, signal.SIGKILL)
+            t.join(60)
+            assert not t.is_alive()
+            if "ok" in res:
+                procs.adopt(res["ok"]["pid"])
+            err = res.get("err")
+            assert isinstance(err, CriudClientError), res
+            assert 400 <= err.status < 600
+            assert err.problem.get("code") not in (None, "internal_error"), err.problem
+            # Nothing half restored is left, and the handle is still usable:
+            # the next restore (on the CLI: its worker is spent) goes on counting.
+            wait_for(lambda: pid_gone(ck["pid"]), timeout=15, what="half-restored tree gone")
+            assert h["handle"] in {x["handle"] for x in d.client.fd_handles()}
+            r = d.client.restore(ck["id"], inherit_fds=mapping)
+            procs.adopt(r["pid"])
+            os.close(new_w)
+            assert read_line(new_r).startswith(b"hello ")
+            log = d.log_path.read_text(errors="replace")
+            assert "restore: fd handle's own warm worker" in log
+        finally:
+            assert d.stop() == 0
+            for fd in (new_r, new_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,29 +212,39 @@ def test_two_consecutive_cycles(daemon: Daemon, procs: Procs) -> None:
 
 
 # Stands in for criu: on restore, records its own fd table, then execs the
-# real criu with the same argv (and so the same fds).
+# real criu with the same argv (and so the same fds).  A warm worker (swrk)
+# records its table too, in a file of its own pid.
 WRAPPER = """#!{python} -I
 import json, os, sys
-if sys.argv[1] == "restore":
+if sys.argv[1] in ("restore", "swrk"):
     table = {{}}
     for n in os.listdir("/proc/self/fd"):
         try:
             table[n] = os.readlink("/proc/self/fd/" + n)
         except OSError:
             pass
-    with open("{out}", "w") as f:
+    out = "{out}" if sys.argv[1] == "restore" else "{out}-swrk-%d" % os.getpid()
+    with open(out, "w") as f:
         json.dump(table, f)
 os.execv("{criu}", ["{criu}", *sys.argv[1:]])
 """
 
 
-def test_exact_inheritance(procs: Procs) -> None:
+@pytest.mark.parametrize("path", ["cli", "warm"])
+def test_exact_inheritance(procs: Procs, path: str) -> None:
+    """The restored tree holds exactly its dumped fds, and criu exactly what it was handed.
+
+    cli: no warm pool, criu restore by argv.  warm: the fd handle's own
+    pre-started worker serves the restore (issue 13), holding exactly its
+    socket and the handle's fds.
+    """
     with temp_root() as root:
         record = root / "worker-fds"
         wrapper = root / "criu-wrapper"
         wrapper.write_text(WRAPPER.format(python=sys.executable, out=record, criu=CRIU))
         wrapper.chmod(0o755)
-        d = Daemon(root, criu=str(wrapper)).start()
+        pool = ["--criu-pool", "0"] if path == "cli" else ["--log-level", "debug"]
+        d = Daemon(root, criu=str(wrapper), args=pool).start()
         try:
             p, old_r = start_hello(procs)
             read_line(old_r)
@@ -254,6 +265,11 @@ def test_exact_inheritance(procs: Procs) -> None:
             read_line(new_r)
             after = {n: _kind(t) for n, t in fd_table(r["pid"]).items()}
             assert after == before
+            if path == "warm":
+                _check_warm_worker(d, root, r, new_r, other_r)
+                for fd in (new_r, new_w, other_r, other_w):
+                    os.close(fd)
+                return
 
             raw = json.loads(record.read_text())
             # listdir's own directory fd shows up as /proc/<pid>/fd: not inherited.
@@ -272,6 +288,29 @@ def test_exact_inheritance(procs: Procs) -> None:
                 os.close(fd)
         finally:
             assert d.stop() == 0
+
+
+def _check_warm_worker(d: Daemon, root: Path, r: dict[str, Any], new_r: int, other_r: int) -> None:
+    """The restore ran on the handle's warm worker, which held its socket and the pipe only."""
+    assert not (root / "worker-fds").exists(), "the restore should not take the CLI path"
+    pipe = f"pipe:[{os.fstat(new_r).st_ino}]"
+    stray = f"pipe:[{os.fstat(other_r).st_ino}]"
+    tables = {}
+    for f in root.glob("worker-fds-swrk-*"):
+        raw = json.loads(f.read_text())
+        tables[f.name] = {int(n): t for n, t in raw.items() if not t.startswith("/proc/")}
+    holders = [t for t in tables.values() if pipe in t.values()]
+    assert len(holders) == 1, tables
+    table = holders[0]
+    assert {table[0], table[1], table[2]} == {"/dev/null"}, table
+    rest = sorted(t for n, t in table.items() if n > 2)
+    assert len(rest) == 2 and rest[0] == pipe and rest[1].startswith("socket:["), table
+    # The other handle's fd was held by its own worker alone (never used).
+    for t in tables.values():
+        if stray in t.values():
+            rest = sorted(t for n, t in t.items() if n > 2)
+            assert len(rest) == 2 and rest[0] == stray and rest[1].startswith("socket:["), t
+    assert "restore: fd handle's own warm worker" in d.log_path.read_text(errors="replace")
 
 
 def _kind(target: str) -> str:

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from criud.api.client import Client, _UnixConnection
+from criud.daemon.criu import CAP_SYS_RESOURCE, HANDLE_WORKERS_MAX, has_cap
 from tests.integration.helpers import (
     Daemon,
     Procs,
     _shared_src,
     other_children,
+    pool_workers,
     read_line,
     temp_root,
     wait_for,
@@ -280,6 +282,25 @@ def test_fd_flood_is_capped_per_uid_and_root_keeps_working(
     finally:
         delete_handles(users.bob, sdaemon, got["handles"])
     settle_fds(sdaemon, baseline)
+
+
+def test_a_users_handles_start_no_criu_worker_of_roots(users: Accounts, sdaemon: Daemon) -> None:
+    # A root criu worker is started for an fd handle only where root's criu
+    # would restore the handle owner's trees.  Without CAP_SYS_RESOURCE
+    # (this kind of VM) bob's trees are restored by criu run as bob: his
+    # handles start no root process holding his fds.  Anywhere, handles
+    # never make the daemon run more than HANDLE_WORKERS_MAX such workers.
+    before = set(pool_workers(sdaemon.pid))
+    got = flood(users.bob, sdaemon, max_msgs=20, per=1)
+    try:
+        assert len(got["handles"]) == 20, got
+        time.sleep(1.0)  # a worker would be started at once, in the background
+        new = set(pool_workers(sdaemon.pid)) - before
+        assert len(new) <= HANDLE_WORKERS_MAX, new
+        if not has_cap(CAP_SYS_RESOURCE):
+            assert not new, new
+    finally:
+        delete_handles(users.bob, sdaemon, got["handles"])
 
 
 def test_fd_flood_cannot_take_roots_share_of_the_fd_budget(users: Accounts, procs: Procs) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from criud.daemon import criu_rpc
@@ -101,3 +105,62 @@ def test_cli_only_cases_are_named() -> None:
         ["dump", "-t", "1"],
     ):
         assert isinstance(criu_rpc.to_request(argv, [], "r.log"), str), argv
+
+
+def _inherit_argv(*pairs: tuple[int, str]) -> list[str]:
+    args = [a for fd, key in pairs for a in ("--inherit-fd", f"fd[{fd}]:{key}")]
+    return restore_argv(Path("/imgs"), DumpOptions(), args, work_dir=Path("/proc/self/fd/6"))
+
+
+def test_inherit_fds_name_the_handle_workers_own_fds() -> None:
+    # The run's duplicates 7 and 8 were made from the handle's 20 and 21,
+    # the numbers its worker holds them at.
+    argv = _inherit_argv((7, "pipe:[1]"), (8, "tty[88:5]"))
+    out = criu_rpc.to_request(argv, [7, 8, 6], "r.log", {7: 20, 8: 21})
+    assert isinstance(out, criu_rpc.Request), out
+    got = [(e.key, e.fd) for e in out.req.opts.inherit_fd]
+    assert got == [("pipe:[1]", 20), ("tty[88:5]", 21)]
+    assert out.req.opts.work_dir_fd == 6
+
+
+def test_an_inherit_fd_the_worker_does_not_hold_is_the_cli_s() -> None:
+    # 9 is not one of the handle's (a path opened for the caller, say).
+    argv = _inherit_argv((7, "pipe:[1]"), (9, "some/file"))
+    why = criu_rpc.to_request(argv, [7, 9, 6], "r.log", {7: 20})
+    assert isinstance(why, str) and "fd[9]" in why and "does not hold" in why
+    why = criu_rpc.to_request(["restore", "-D", "/i", "--inherit-fd", "7:k"], [7], "r.log", {7: 1})
+    assert isinstance(why, str) and "not fd[N]:key" in why
+
+
+def test_handle_workers_hold_their_fds_are_capped_and_reaped() -> None:
+    """HandleWorkers with `sleep` standing in for criu swrk: one per handle, capped, killed."""
+    forgot: list[int] = []
+
+    async def spawn(cmd: Sequence[str], fds: Sequence[int]) -> asyncio.subprocess.Process:
+        dn = subprocess.DEVNULL
+        return await asyncio.create_subprocess_exec(
+            *cmd, stdin=dn, stdout=dn, stderr=dn, pass_fds=tuple(fds), close_fds=True
+        )
+
+    async def body() -> None:
+        hw = criu_rpc.HandleWorkers(2, lambda fd: ["sleep", "60"], spawn, forgot.append)
+        r, w = os.pipe()
+        try:
+            assert hw.start("a", [r]) and hw.start("b", [w, r])
+            assert not hw.start("c", [w]), "over the cap"
+            # A run that hands over other fds than the handle's never gets its worker.
+            assert await hw.take("b", {w}) is None
+            got = await hw.take("b", {w, r})
+            assert got is not None and set(got.held) == {w, r} and len(hw) == 1
+            assert hw.start("c", [w]), "a taken worker frees its place"
+            got.close()
+            await got.proc.wait()
+            hw.drop("a")
+            await hw.close()
+            assert len(hw) == 0
+            assert len(forgot) == 2, forgot  # a's and c's: killed and reaped
+        finally:
+            os.close(r)
+            os.close(w)
+
+    asyncio.run(asyncio.wait_for(body(), 20))

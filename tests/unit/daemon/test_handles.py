@@ -12,7 +12,7 @@ import pytest
 
 from criud.daemon.errors import BadFdHandle, FdHandleNotFound, PermissionDenied
 from criud.daemon.fdpass import OwnedFds
-from criud.daemon.handles import HandleStore, describe
+from criud.daemon.handles import HandleStore, Leases, describe
 
 T = TypeVar("T")
 UID = 1000
@@ -321,5 +321,47 @@ def test_consume_waits_for_other_leases(pipes: Pipes) -> None:
         assert not owned.closed, "fds closed under a restore that still holds a lease"
         hs.release(h, consumed=False)
         assert owned.closed
+
+    run(body)
+
+
+def test_add_and_end_hooks_see_open_fds(pipes: Pipes) -> None:
+    async def body() -> None:
+        store = HandleStore()
+        seen: list[tuple[str, str, bool]] = []
+        store.on_add = lambda h: seen.append(("add", h.id, is_open(h.fd(0))))
+        store.on_end = lambda h: seen.append(("end", h.id, is_open(h.fd(0))))
+        a = store.add(UID, 1, pipes.owned(), None, TTL)
+        b = store.add(UID, 1, pipes.owned(), None, 0.05)
+        c = store.add(UID, 1, pipes.owned(), None, TTL)
+        store.delete(a.id, UID)
+        await asyncio.sleep(0.2)  # b expires
+        store.lease(c)
+        store.release(c, consumed=True)
+        assert seen == [
+            ("add", a.id, True),
+            ("add", b.id, True),
+            ("add", c.id, True),
+            ("end", a.id, True),
+            ("end", b.id, True),
+            ("end", c.id, True),
+        ]
+
+    run(body)
+
+
+def test_leases_name_their_only_handle(pipes: Pipes) -> None:
+    async def body() -> None:
+        store = HandleStore()
+        a = store.add(UID, 1, pipes.owned(2), None, TTL)
+        b = store.add(UID, 1, pipes.owned(), None, TTL)
+        with Leases(store, UID) as leases:
+            assert leases.only is None
+            leases.fd(a.id, 0)
+            leases.fd(a.id, 1)
+            assert leases.only == a.id
+            leases.fd(b.id, 0)
+            assert leases.only is None
+        store.close_all()
 
     run(body)

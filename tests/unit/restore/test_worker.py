@@ -118,3 +118,21 @@ def test_the_map_is_the_only_writer_of_inherit_fd_arguments() -> None:
         if _writes_fd_n(p)
     ]
     assert writers == ["restore/worker.py"]
+
+
+def test_each_duplicate_remembers_the_fd_it_was_made_from() -> None:
+    before = open_fds()
+    r, w = os.pipe()
+    try:
+        with FdMap() as fds:
+            a = fds.dup(w)
+            b = fds.own(os.dup(r))
+            fds.hand_over(a, "pipe:[1]")
+            fds.hand_over(b, "pipe:[2]")
+            # Only duplicates have an origin: an fd the map opened has none.
+            assert fds.origins == {a: w}
+        assert fds.origins == {}
+    finally:
+        os.close(r)
+        os.close(w)
+    assert open_fds() == before
