@@ -113,8 +113,13 @@ class Reaper:
 
     async def _sweep_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11, wait_for returns the
+            # inner result when a cancel arrives just as it completes, and
+            # a SIGCHLD at shutdown (the pool's workers killed) then ate
+            # stop()'s cancel: this loop ran on and the daemon never exited.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), SWEEP_INTERVAL_S)
+                async with asyncio.timeout(SWEEP_INTERVAL_S):
+                    await self._kick.wait()
             self._kick.clear()
             self.sweep()
 
