@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from criud.daemon import criu_rpc, imgdir, kprobe
+from criud.daemon import childproc, criu_rpc, imgdir, kprobe
 from criud.daemon.errors import CriuFailed, CriuUnavailable, out_of_fds
 
 log = logging.getLogger("criud.criu")
@@ -362,11 +362,10 @@ class Criu:
         if size <= 0 or self.pool is not None:
             return
 
-        async def spawn(cmd: Sequence[str], sock_fd: int) -> asyncio.subprocess.Process:
+        async def spawn(cmd: Sequence[str], sock_fd: int) -> childproc.Proc:
             # Before any request the worker logs nothing worth keeping;
             # each request names its own log (see _warm).
-            dn = asyncio.subprocess.DEVNULL
-            return await self._spawn(cmd, dn, dn, (sock_fd,))
+            return await self._spawn_worker(cmd, (sock_fd,))
 
         self.pool = criu_rpc.WarmPool(
             size,
@@ -379,9 +378,10 @@ class Criu:
         )
         self.pool.fill()
 
-        async def spawn_holding(
-            cmd: Sequence[str], fds: Sequence[int]
-        ) -> asyncio.subprocess.Process:
+        async def spawn_holding(cmd: Sequence[str], fds: Sequence[int]) -> childproc.Proc:
+            # On the loop, not from a thread: the handle's fds could be
+            # closed (the handle deleted) and their numbers reused while a
+            # thread forks, and the worker would hold a stranger's fd.
             dn = asyncio.subprocess.DEVNULL
             return await self._spawn(cmd, dn, dn, fds)
 
@@ -703,7 +703,7 @@ class Criu:
 
     async def _supervise(
         self,
-        proc: asyncio.subprocess.Process,
+        proc: childproc.Proc,
         target: int | None,
         on_spawn: Callable[[int], Awaitable[None]] | None,
         answer: socket.socket | None = None,
@@ -737,16 +737,17 @@ class Criu:
                 os.close(target)
         return rc, stopped
 
-    async def _exit_of(self, proc: asyncio.subprocess.Process) -> int:
+    async def _exit_of(self, proc: childproc.Proc) -> int:
         """The exit status of a worker that hung up without answering (killed if it lingers)."""
         try:
-            return await asyncio.wait_for(asyncio.shield(proc.wait()), 5.0)
+            async with asyncio.timeout(5.0):
+                return await asyncio.shield(proc.wait())
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             return await proc.wait()
 
-    def _reap_later(self, proc: asyncio.subprocess.Process) -> None:
+    def _reap_later(self, proc: childproc.Proc) -> None:
         """Wait for a worker that has answered; its pid stays in `running` until it is gone."""
 
         async def reap() -> None:
@@ -787,9 +788,27 @@ class Criu:
             self.running.add(proc.pid)
         return proc
 
+    async def _spawn_worker(self, cmd: Sequence[str], pass_fds: Sequence[int]) -> childproc.Proc:
+        """Start a warm worker from a thread (criud.daemon.childproc); its pid joins `running`.
+
+        Workers are started right after a request's criu has answered,
+        while the request is still being answered: on the loop, the spawn
+        would stall it (criud.daemon.childproc says by how much).
+        """
+        with self.spawn_guard():
+            try:
+                child = await childproc.start(cmd, pass_fds)
+            except OSError as e:
+                raise (
+                    out_of_fds(e)
+                    or CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}")
+                ) from e
+            self.running.add(child.pid)
+        return child
+
     async def _wait(
         self,
-        proc: asyncio.subprocess.Process,
+        proc: childproc.Proc,
         target: int | None,
         answer: socket.socket | None = None,
     ) -> str | None:

@@ -22,6 +22,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from criud.daemon import childproc
 from criud.daemon import criu_rpc_pb2 as rpc
 
 log = logging.getLogger("criud.criu")
@@ -200,7 +201,7 @@ def _translate_value(
 class Worker:
     """A started `criu swrk`, waiting for its one request on sock."""
 
-    proc: asyncio.subprocess.Process
+    proc: childproc.Proc
     sock: socket.socket
     # The fds besides its socket the worker holds, at these numbers (an fd
     # handle's, HandleWorkers); a pool worker holds none.
@@ -214,7 +215,7 @@ class Worker:
         self.sock.close()
 
 
-Spawner = Callable[[Sequence[str], int], Awaitable[asyncio.subprocess.Process]]
+Spawner = Callable[[Sequence[str], int], Awaitable[childproc.Proc]]
 
 
 class WarmPool:
@@ -319,7 +320,7 @@ class WarmPool:
             self._forget(w.proc.pid)
 
 
-HeldSpawner = Callable[[Sequence[str], Sequence[int]], Awaitable[asyncio.subprocess.Process]]
+HeldSpawner = Callable[[Sequence[str], Sequence[int]], Awaitable[childproc.Proc]]
 
 
 class HandleWorkers:
