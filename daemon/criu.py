@@ -24,10 +24,16 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from criud.daemon import criu_rpc, imgdir, kprobe
+from criud.daemon import imgdir, kprobe
 from criud.daemon.errors import CriuFailed, CriuUnavailable, out_of_fds
+
+if TYPE_CHECKING:
+    # Imported where the warm pool starts: protobuf and criu's RPC classes
+    # are 2.7 MiB of the daemon's RSS (bench/memory_map.py), which a daemon
+    # run with --criu-pool 0 never needs.
+    from criud.daemon import criu_rpc
 
 log = logging.getLogger("criud.criu")
 
@@ -342,6 +348,7 @@ class Criu:
         """Keep size warm criu workers ready (0: none); they start in the background."""
         if size <= 0 or self.pool is not None:
             return
+        from criud.daemon import criu_rpc  # here, not at import: see TYPE_CHECKING above
 
         async def spawn(cmd: Sequence[str], sock_fd: int) -> asyncio.subprocess.Process:
             # Before any request the worker logs nothing worth keeping;
@@ -558,6 +565,8 @@ class Criu:
             # A lazy restore meets its lazy-pages server through a socket in
             # its -W dir, which the CLI's argv names as is.
             return "a lazy restore"
+        from criud.daemon import criu_rpc  # loaded by start_pool
+
         req = criu_rpc.to_request(argv, pass_fds, log_file.path.name)
         if isinstance(req, str):
             return req
@@ -577,6 +586,7 @@ class Criu:
         on_spawn: Callable[[int], Awaitable[None]] | None,
     ) -> CriuResult:
         """Serve the run on a warm worker; the result as the CLI run would have given it."""
+        from criud.daemon import criu_rpc  # loaded by start_pool
 
         async def started(pid: int) -> None:
             if on_spawn is not None:
