@@ -510,7 +510,6 @@ def serve(settings: Settings) -> int:
     # callers from using it up).
     log.info("fd limit (RLIMIT_NOFILE): %d", raise_nofile())
     procutil.set_child_subreaper()
-    memory.keep_out_unused()
     try:
         asyncio.run(_serve(settings))
     except StartupError as e:
