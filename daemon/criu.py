@@ -608,8 +608,7 @@ class Criu:
             )
             resp = criu_rpc.reply(w)
             if resp is None and rc is None:
-                # The socket woke us without a reply: the worker died (or
-                # broke) mid-request.  Its exit status says how.
+                # Woken without a reply: the worker died (or broke) mid-request.
                 rc = await self._exit_of(w.proc)
             ok = resp is not None and resp.success
             if ok and req.pidfile is not None and req.work_dir_fd is not None:
