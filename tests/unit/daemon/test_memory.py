@@ -23,8 +23,17 @@ print(json.dumps({"rc": rc, "modules": {m: sys.modules.get(m) is not None for m 
 # Only some requests need these (bench/memory_map.py has their cost):
 # archives (tarfile, zstandard), the warm pool's RPC (protobuf: started with
 # the pool, not at import), the orphans' cold path (psutil), the CLI's
-# progress bars (rich); pydantic.v1 is never needed (daemon/memory.py).
-LAZY = ("tarfile", "zstandard", "google.protobuf", "criud.daemon.criu_rpc", "psutil", "rich")
+# progress bars (rich), a scrape of /metrics (prometheus_client); pydantic.v1
+# is never needed (daemon/memory.py).
+LAZY = (
+    "tarfile",
+    "zstandard",
+    "google.protobuf",
+    "criud.daemon.criu_rpc",
+    "prometheus_client",
+    "psutil",
+    "rich",
+)
 
 
 def _serve_loads(*modules: str) -> dict[str, bool]:
