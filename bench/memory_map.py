@@ -224,7 +224,7 @@ WATCHED = (
     "prometheus_client",
     "rich",
     "psutil",
-    "pydantic.v1",
+    "pydantic.v1.main",  # "pydantic.v1" itself: also its blocked attempts
     "click",
     "multiprocessing",
     "email",
