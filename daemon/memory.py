@@ -37,8 +37,8 @@ def one_heap() -> None:
     lock a heap of its own (up to 8 per core).  The daemon's threads (the
     store's, asyncio's workers) each kept megabytes there after a list
     rebuild, which malloc_trim could not return because a few live chunks
-    pinned their pages: one heap measured 2.1 MiB less RSS after a list
-    (bench/memory_map.py daemon).  The threads allocate little and mostly
+    pinned their pages: one heap measured 1.7 MiB less RSS after a list,
+    the same idle (bench/memory_map.py pair, docs/benchmarks.md).  The threads allocate little and mostly
     under the GIL, so they rarely wait for the one heap's lock.  An
     operator's MALLOC_ARENA_MAX wins.
     """
