@@ -207,7 +207,11 @@ def kind(name: str, start: int) -> str:
             return f"file: {lib}"
     if "python3" in name or "libpython" in name:
         return "file: python + stdlib .so"
-    return "file: other (libc, libsqlite3, ssl, ...)"
+    base = os.path.basename(name)
+    for lib in ("libcrypto", "libssl", "libsqlite3", "libc.so", "libstdc++", "ld-linux"):
+        if base.startswith(lib):
+            return f"file: {lib.removesuffix('.so')}"
+    return "file: other"
 
 
 def start_daemon(base: Path, state: Path, env: dict[str, str], args: list[str]) -> Daemon:
@@ -245,9 +249,9 @@ def imported(log: str) -> list[str]:
 
 VARIANTS: list[tuple[str, dict[str, str], list[str]]] = [
     ("as run", {}, []),
-    ("MALLOC_ARENA_MAX=1", {"MALLOC_ARENA_MAX": "1"}, []),
-    ("MALLOC_ARENA_MAX=2", {"MALLOC_ARENA_MAX": "2"}, []),
-    ("--criu-pool 0", {}, ["--criu-pool", "0"]),
+    # The operator's MALLOC_ARENA_MAX wins over criud.daemon.memory.one_heap.
+    ("glibc's heap per thread (MALLOC_ARENA_MAX=16)", {"MALLOC_ARENA_MAX": "16"}, []),
+    ("--criu-pool 0 (no protobuf)", {}, ["--criu-pool", "0"]),
 ]
 
 
