@@ -1,4 +1,4 @@
-"""Giving freed heap back to the system (glibc's malloc_trim).
+"""The daemon's memory: freed heap given back (glibc's malloc_trim), one heap, modules kept out.
 
 Python frees its objects into glibc's heaps, and glibc returns to the system
 only what sits at the top of each heap.  Start-up (the kernel probes, the
@@ -35,10 +35,11 @@ def one_heap() -> None:
 
     glibc gives each thread that allocates while another holds the heap's
     lock a heap of its own (up to 8 per core).  The daemon's threads (the
-    store's, asyncio's workers) each kept megabytes there after a list
-    rebuild, which malloc_trim could not return because a few live chunks
-    pinned their pages: one heap measured 1.7 MiB less RSS after a list,
-    the same idle (bench/memory_map.py pair, docs/benchmarks.md).  The threads allocate little and mostly
+    store's, asyncio's workers) kept 2 MiB there after a list rebuild,
+    which malloc_trim could not return because a few live chunks pinned
+    their pages: one heap measured 1.7 MiB less RSS after a list,
+    the same idle (bench/memory_map.py pair, docs/benchmarks.md), and no
+    more CPU per list under load.  The threads allocate little and mostly
     under the GIL, so they rarely wait for the one heap's lock.  An
     operator's MALLOC_ARENA_MAX wins.
     """
@@ -53,8 +54,8 @@ def release() -> None:
 
 
 # Modules the daemon never uses that its framework would import anyway.
-# FastAPI imports pydantic.v1 (1.8 MiB of the idle daemon's RSS, measured
-# by bench/memory_map.py) only to check that a route's model is not a
+# FastAPI imports pydantic.v1 (1.5 MiB of the idle daemon's RSS, paired in
+# bench/memory_map.py) only to check that a route's model is not a
 # pydantic 1 model, inside `try: from pydantic import v1 except ImportError`;
 # criud has no such model.  A None entry in sys.modules makes that import
 # raise ImportError, the answer FastAPI takes for "no pydantic 1 here".
