@@ -6,8 +6,9 @@ Counters and the histograms are updated where operations end
 (CriudService._observed); the gauges are read when scraped, from the
 objects that own what they count.
 
-The counts are kept here in plain dicts and handed to prometheus_client's
-metric families when scraped: prometheus_client is imported on the first
+The counts are kept here in plain dicts (updated and scraped on the event
+loop only, so without locks) and handed to prometheus_client's metric
+families when scraped: prometheus_client is imported on the first
 scrape, not at start-up, so a daemon no one scrapes keeps its 1.3 MiB
 (bench/memory_map.py).  The exposition is what prometheus_client's own
 Counter, Gauge and Histogram give for the same counts (_total, _created,
