@@ -29,14 +29,11 @@ import errno
 import hashlib
 import os
 import queue
-import tarfile
 import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, BinaryIO, Protocol, TypeVar, cast
-
-import zstandard
 
 from criud.daemon.errors import (
     ArchiveChecksumMismatch,
@@ -53,6 +50,14 @@ from criud.daemon.errors import (
     InvalidRequest,
     NoSpace,
 )
+
+# tarfile and zstandard are imported by what makes or reads an archive, not
+# at start-up: a daemon that never exports or imports keeps their 0.5 MiB
+# (bench/memory_map.py).  The parser below needs only tar's type flags,
+# POSIX ustar's (and GNU's, pax's) one-byte codes, as tarfile spells them.
+REGTYPE, AREGTYPE, LNKTYPE, SYMTYPE = b"0", b"\0", b"1", b"2"
+CHRTYPE, BLKTYPE, DIRTYPE, FIFOTYPE, CONTTYPE = b"3", b"4", b"5", b"6", b"7"
+GNUTYPE_LONGNAME, GNUTYPE_SPARSE, XHDTYPE, XGLTYPE = b"L", b"S", b"x", b"g"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +93,8 @@ def _pad(size: int) -> int:
 
 def _header(name: str, size: int, mode: int, mtime: int, kind: bytes) -> bytes:
     """A ustar header; ValueError for a name ustar cannot hold (ours are short)."""
+    import tarfile
+
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime, info.type = size, mode, mtime, kind
     info.uname = info.gname = "root"
@@ -132,7 +139,7 @@ def check_members(members: Sequence[Member]) -> None:
         if m.name in seen or m.name == SUMS_NAME:
             raise ValueError(f"archive member {m.name!r} is listed twice")
         seen.add(m.name)
-        _header(m.name, m.size, m.mode, m.mtime, tarfile.REGTYPE)
+        _header(m.name, m.size, m.mode, m.mtime, REGTYPE)
 
 
 def tar_stream(members: Sequence[Member]) -> Iterator[bytes]:
@@ -145,8 +152,8 @@ def tar_stream(members: Sequence[Member]) -> Iterator[bytes]:
     sums: list[tuple[str, str]] = []
     for m, dirs in _dirs_of(members):
         for d in dirs:
-            yield _header(d, 0, 0o755, m.mtime, tarfile.DIRTYPE)
-        yield _header(m.name, m.size, m.mode, m.mtime, tarfile.REGTYPE)
+            yield _header(d, 0, 0o755, m.mtime, DIRTYPE)
+        yield _header(m.name, m.size, m.mode, m.mtime, REGTYPE)
         digest = hashlib.sha256()
         with contextlib.closing(m.open()) as f:
             left = m.size
@@ -160,7 +167,7 @@ def tar_stream(members: Sequence[Member]) -> Iterator[bytes]:
         yield b"\0" * _pad(m.size)
         sums.append((m.name, digest.hexdigest()))
     text = _sums_text(sums)
-    yield _header(SUMS_NAME, len(text), 0o644, 0, tarfile.REGTYPE)
+    yield _header(SUMS_NAME, len(text), 0o644, 0, REGTYPE)
     yield text + b"\0" * _pad(len(text))
     yield b"\0" * (2 * BLOCK)
 
@@ -173,6 +180,8 @@ def compress(
         yield from chunks
         return
     if compression == "zstd":
+        import zstandard
+
         zobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj()
         for c in chunks:
             out = zobj.compress(c)
@@ -285,14 +294,22 @@ class _Gunzip:
 class _Capped:
     """The decompressed stream, under the total and ratio caps."""
 
-    def __init__(self, inner: Source, raw: _Counting, limits: Limits) -> None:
+    def __init__(
+        self,
+        inner: Source,
+        raw: _Counting,
+        limits: Limits,
+        corrupt: tuple[type[Exception], ...] = (),
+    ) -> None:
         self.inner, self.raw, self.limits = inner, raw, limits
+        # What the decompressor raises on a corrupt stream (zstd's error).
+        self.corrupt = corrupt
         self.count = 0
 
     def read(self, n: int) -> bytes:
         try:
             data = self.inner.read(n)
-        except zstandard.ZstdError as e:
+        except self.corrupt as e:
             raise ArchiveCorrupt(f"the zstd stream is corrupt: {e}") from None
         self.count += len(data)
         lim = self.limits
@@ -336,8 +353,11 @@ def open_decompressed(src: Source, limits: Limits) -> tuple[_Capped, str]:
     head = _head(src)
     raw = _Counting(src, head)
     inner: Source
+    corrupt: tuple[type[Exception], ...] = ()
     if head.startswith(ZSTD_MAGIC):
-        kind = "zstd"
+        import zstandard
+
+        kind, corrupt = "zstd", (zstandard.ZstdError,)
         # The window a frame may ask for is capped: a frame cannot make the
         # decoder allocate more than 128 MiB.
         dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
@@ -349,18 +369,18 @@ def open_decompressed(src: Source, limits: Limits) -> tuple[_Capped, str]:
         kind, inner = "gzip", _Gunzip(raw)
     else:
         kind, inner = "none", raw
-    return _Capped(inner, raw, limits), kind
+    return _Capped(inner, raw, limits, corrupt), kind
 
 
 # -- the tar parser ----------------------------------------------------------------
 
-_LINKS = (tarfile.LNKTYPE, tarfile.SYMTYPE, b"K")
+_LINKS = (LNKTYPE, SYMTYPE, b"K")
 _SPECIAL = {
-    tarfile.CHRTYPE: "a character device",
-    tarfile.BLKTYPE: "a block device",
-    tarfile.FIFOTYPE: "a fifo",
-    tarfile.CONTTYPE: "a contiguous file",
-    tarfile.GNUTYPE_SPARSE: "a sparse file",
+    CHRTYPE: "a character device",
+    BLKTYPE: "a block device",
+    FIFOTYPE: "a fifo",
+    CONTTYPE: "a contiguous file",
+    GNUTYPE_SPARSE: "a sparse file",
 }
 # GNU and PAX extension headers: their content is read (capped), never written.
 _EXT_CAP = 1 << 16
@@ -465,11 +485,11 @@ class _TarReader:
             _check_sum(block)
             kind = block[156:157]
             size = _number(block[124:136], "size")
-            if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME):
+            if kind in (XHDTYPE, XGLTYPE, GNUTYPE_LONGNAME):
                 data = self._ext(size)
-                if kind == tarfile.XHDTYPE:
+                if kind == XHDTYPE:
                     pax = _pax(data)
-                elif kind == tarfile.GNUTYPE_LONGNAME:
+                elif kind == GNUTYPE_LONGNAME:
                     longname = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 continue
             name = pax.get("path") or longname or self._ustar_name(block)
@@ -599,12 +619,12 @@ def extract(src: Source, root_fd: int, limits: Limits) -> tuple[list[Extracted],
             if count >= limits.max_members:
                 raise ArchiveTooLarge(f"the archive has more than {limits.max_members} members")
             name = clean_name(entry.name, limits)
-            if entry.kind == tarfile.DIRTYPE:
+            if entry.kind == DIRTYPE:
                 if name:
                     ex._claim(name, "dir")
                     ex.dir(name)
                 reader.skip(entry.size + _pad(entry.size))
-            elif entry.kind in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            elif entry.kind in (REGTYPE, AREGTYPE):
                 if not name:
                     raise ArchiveUnsafeName("a regular file names the archive's root")
                 ex.file(name, entry.size, reader)

@@ -833,6 +833,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `criud` console script."""
     a = build_parser().parse_args(argv)
     if a.cmd == "serve":
+        # Before the app's modules: FastAPI builds their routes as they load.
+        from criud.daemon import memory
+
+        memory.keep_out_unused()
         from criud.daemon.server import serve
 
         return serve(_settings(a))

@@ -23,10 +23,16 @@ import shutil
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from criud.daemon import childproc, criu_rpc, imgdir, kprobe
+from criud.daemon import childproc, imgdir, kprobe
 from criud.daemon.errors import CriuFailed, CriuUnavailable, out_of_fds
+
+if TYPE_CHECKING:
+    # Imported where the warm pool starts: protobuf and criu's RPC classes
+    # are 2.7 MiB of the daemon's RSS (bench/memory_map.py), which a daemon
+    # run with --criu-pool 0 never needs.
+    from criud.daemon import criu_rpc
 
 log = logging.getLogger("criud.criu")
 
@@ -361,6 +367,7 @@ class Criu:
         """Keep size warm criu workers ready (0: none); they start in the background."""
         if size <= 0 or self.pool is not None:
             return
+        from criud.daemon import criu_rpc  # here, not at import: see TYPE_CHECKING above
 
         async def spawn(cmd: Sequence[str], sock_fd: int) -> childproc.Proc:
             # Before any request the worker logs nothing worth keeping;
@@ -639,6 +646,8 @@ class Criu:
             # A lazy restore meets its lazy-pages server through a socket in
             # its -W dir, which the CLI's argv names as is.
             return "a lazy restore"
+        from criud.daemon import criu_rpc  # loaded by start_pool
+
         req = criu_rpc.to_request(argv, pass_fds, log_file.path.name, held)
         if isinstance(req, str):
             return req
@@ -658,6 +667,7 @@ class Criu:
         on_spawn: Callable[[int], Awaitable[None]] | None,
     ) -> CriuResult:
         """Serve the run on a warm worker; the result as the CLI run would have given it."""
+        from criud.daemon import criu_rpc  # loaded by start_pool
 
         async def started(pid: int) -> None:
             # The worker, not a child before exec, joins the cgroups: the
@@ -682,8 +692,7 @@ class Criu:
             )
             resp = criu_rpc.reply(w)
             if resp is None and rc is None:
-                # The socket woke us without a reply: the worker died (or
-                # broke) mid-request.  Its exit status says how.
+                # Woken without a reply: the worker died (or broke) mid-request.
                 rc = await self._exit_of(w.proc)
             ok = resp is not None and resp.success
             if ok and req.pidfile is not None and req.work_dir_fd is not None:

@@ -517,6 +517,8 @@ def use_pidfd_child_watcher() -> None:
 
 def serve(settings: Settings) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the process exit status."""
+    # Before any thread (criud.daemon.memory says why).
+    memory.one_heap()
     logfmt.setup(settings.log_level, settings.log_format)
     if os.geteuid() != 0:
         print("criud serve: must run as root (criu needs CAP_SYS_ADMIN)", file=sys.stderr)

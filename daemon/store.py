@@ -311,6 +311,10 @@ def _manifest_fds(manifest: dict[str, Any] | None) -> int:
     return sum(len(t.get("fds", ())) for t in manifest.get("tasks", ()))
 
 
+# The connection's page cache, in KiB (see _open).
+CACHE_KIB = 256
+
+
 class Store:
     """SQLite-backed records of checkpoints and restores."""
 
@@ -352,6 +356,13 @@ class Store:
             self._check_version(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            # SQLite's default page cache is 2 MiB per connection, filled by
+            # the first list of 1,000 records and kept for the daemon's life.
+            # The list is served from its own cache (one rebuild per write),
+            # and a page the cache dropped is a read from the kernel's page
+            # cache: a quarter MiB leaves point lookups' index pages cached
+            # (idle RSS with 1,000 records, docs/benchmarks.md).
+            db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
             self._migrate(db)
         except sqlite3.DatabaseError as e:
             db.close()

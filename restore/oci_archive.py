@@ -27,16 +27,20 @@ import re
 import shutil
 import stat
 import struct
-import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from criud.daemon import imgdir
 from criud.daemon.errors import InvalidBundle, PodmanArchiveInvalid, RootfsDiffUnsafe
 from criud.daemon.jsonlimits import MAX_DEPTH, json_depth
 from criud.dump import images, oci, oci_archive
 from criud.dump.manifest import ExtNamespace, Manifest, Task
+
+if TYPE_CHECKING:
+    # Imported by apply_rootfs_diff, the one user: not a start-up cost
+    # (criud.daemon.archive says why).
+    import tarfile
 
 SPEC_DUMP = "spec.dump"
 CONFIG_DUMP = "config.dump"
@@ -544,6 +548,8 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 def apply_rootfs_diff(f: IO[bytes], root_fd: int) -> None:
     """Extract the tar f over the rootfs at root_fd, safely (see the module doc)."""
+    import tarfile
+
     try:
         with tarfile.open(fileobj=f, mode="r|") as tar:
             for info in _members(tar):
