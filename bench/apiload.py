@@ -1,6 +1,6 @@
 """The API section's load generator: keep-alive clients that cost little.
 
-    python bench/apiload.py compare [--rounds 3] [--generators threads,2]  # old vs new, paired
+    python bench/apiload.py compare [--rounds 3] [--generators threads,2] [--old PYTHONPATH]
 
 `run_load` drives the clients from a few worker PROCESSES (2 by default),
 each a single-threaded `selectors` loop over its share of the keep-alive
@@ -342,9 +342,24 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def compare(rounds: int, seconds: float, per: int, generators: list[str]) -> dict[str, Any]:
+def _seeded_daemon(bench: Any, root: Path, env: dict[str, str]) -> Any:
+    """A daemon with 1,000 records (as bench_api seeds them), started."""
+    d = bench.Daemon(root, "/usr/local/sbin/criu")
+    d.extra_env = env
+    pid = bench.start_workload(bench.workloads.HOLD)
+    ck = d.start().new_client().checkpoint(pid, leave_running=True)
+    bench.kill(pid)
+    d.stop()
+    bench._seed_records(d.state_dir, ck["id"], 1000)
+    return d.start()
+
+
+def compare(
+    rounds: int, seconds: float, per: int, generators: list[str], old: str | None = None
+) -> dict[str, Any]:
     """Generators ("threads", or a number of worker processes) against criud and the
-    reference, each pair of them once per round, the order rotating each round."""
+    reference (and an old criud: a PYTHONPATH with its criud package), each pair once
+    per round, the order rotating each round."""
     import shutil
     import tempfile
 
@@ -352,33 +367,39 @@ def compare(rounds: int, seconds: float, per: int, generators: list[str]) -> dic
 
     root = Path(tempfile.mkdtemp(prefix="apiload-", dir="/dev/shm"))
     bench.kdat.ensure_kdat_tmpfs(bench.kdat.KDAT_DIR)
-    d = bench.Daemon(root / "d", "/usr/local/sbin/criu")
+    daemons: list[Any] = []
     runs: dict[str, list[dict[str, Any]]] = {}
     load = [os.getloadavg()[0]]
     try:
-        pid = bench.start_workload(bench.workloads.HOLD)
-        ck = d.start().new_client().checkpoint(pid, leave_running=True)
-        bench.kill(pid)
-        d.stop()
-        bench._seed_records(d.state_dir, ck["id"], 1000)
-        d.start()
+        daemons.append(_seeded_daemon(bench, root / "d", {}))
+        if old:
+            daemons.append(_seeded_daemon(bench, root / "old", {"PYTHONPATH": old}))
+        d = daemons[0]
         _, body = bench._single_client(str(d.socket))
         with bench.static_server(root, body) as (ssock, spid):
-            sides = {"criud": (str(d.socket), d.pid), "reference": (ssock, spid)}
+            sides = {"criud": (str(d.socket), d.pid, body), "reference": (ssock, spid, body)}
+            if old:
+                # Its own records: ids and pids alike, lengths may differ.
+                o = daemons[1]
+                sides["old-criud"] = (str(o.socket), o.pid, bench._single_client(str(o.socket))[1])
             cases = [(g, s) for g in generators for s in sides]
             for i in range(rounds):
                 k = i % len(cases)
                 for gen, side in cases[k:] + cases[:k]:
-                    path, spid_ = sides[side]
+                    path, spid_, answer = sides[side]
                     kw: dict[str, Any] = {"clients": 50, "per": per, "seconds": seconds}
                     if gen == "threads":
                         r = threaded_load(path, spid_, **kw)
                     else:
-                        r = run_load(path, spid_, body_len=len(body), procs=int(gen), **kw)
+                        r = run_load(path, spid_, body_len=len(answer), procs=int(gen), **kw)
                     runs.setdefault(f"{gen} / {side}", []).append(r)
                     print(f"round {i} {gen:9} {side:9} {json.dumps(r)}", flush=True)
+        for dd in daemons:
+            rss = Path(f"/proc/{dd.pid}/status").read_text().split("VmRSS:")[1].split()[0]
+            print(f"rss {dd.root.name} {int(rss) / 1024:.1f} MiB", flush=True)
     finally:
-        d.stop()
+        for dd in daemons:
+            dd.stop()
         bench.TRACK.kill_all()
         shutil.rmtree(root, ignore_errors=True)
     load.append(os.getloadavg()[0])
@@ -395,8 +416,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--per", type=int, default=100)
     p.add_argument("--generators", default="threads,2", help="threads, or numbers of processes")
+    p.add_argument("--old", help="PYTHONPATH of an old criud package to load too")
     a = p.parse_args()
-    out = compare(a.rounds, a.seconds, a.per, a.generators.split(","))
+    out = compare(a.rounds, a.seconds, a.per, a.generators.split(","), a.old)
     print(json.dumps(out, indent=1))
     return 0
 
