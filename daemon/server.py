@@ -258,6 +258,7 @@ class PeerCredProtocol(HttpToolsProtocol):
             or self.pipeline
             or self.access_log
             or self.flow.write_paused
+            or self.transport.is_closing()
             or any(name in _BODY_HEADERS for name, _ in self.headers)
         ):
             return False
