@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -76,6 +77,13 @@ def _state(cached: bool) -> Any:
     return SimpleNamespace(service=SimpleNamespace(list_generation=GEN), list_cache=cache)
 
 
+def _server_state(config: uvicorn.Config) -> ServerState:
+    # As uvicorn's server keeps it: a date (fixed here) and its server header.
+    st = ServerState()
+    st.default_headers = [(b"date", b"Thu, 01 Jan 2026 00:00:00 GMT"), *config.encoded_headers]
+    return st
+
+
 async def _serve(
     data: list[bytes], *, cached: bool = True, fast: bool = True, tcp: bool = False
 ) -> tuple[bytes, App, ServerState]:
@@ -86,9 +94,7 @@ async def _serve(
         app, http="httptools", lifespan="off", log_config=None, access_log=False
     )
     config.load()
-    server_state = ServerState()
-    server_state.default_headers = [(b"date", b"Thu, 01 Jan 2026 00:00:00 GMT")]
-    server_state.default_headers += config.encoded_headers
+    server_state = _server_state(config)
     proto_cls = protocol_for(None, 10.0, state if fast else None)  # type: ignore[arg-type]
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -201,3 +207,43 @@ def test_a_request_behind_one_in_flight_waits_its_turn() -> None:
     assert out.startswith(b"HTTP/1.1 204 No Content\r\n")
     assert out.endswith(b"\r\n\r\n" + BODY)
     assert app.calls == ["via=app", ""]
+
+
+async def _timed(steps: list[tuple[bytes, float]], timeout_s: float) -> tuple[bytes, bool]:
+    """Feed (data, then sleep) steps to a protocol with this head timeout; (output, closed)."""
+    state = _state(True)
+    config = uvicorn.Config(App(state), http="httptools", lifespan="off", log_config=None)
+    config.access_log = False
+    config.load()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proto = protocol_for(None, timeout_s, state)(  # type: ignore[arg-type]
+        config=config, server_state=_server_state(config), app_state={}
+    )
+    t = Recorder(a)
+    try:
+        proto.connection_made(t)
+        for data, pause in steps:
+            if data:
+                proto.data_received(data)
+            await asyncio.sleep(pause)
+        return b"".join(t.out), t.closed
+    finally:
+        proto.connection_lost(None)
+        a.close()
+        b.close()
+
+
+def test_prompt_heads_on_a_kept_alive_connection_outlive_the_head_timeout() -> None:
+    # 8 requests 0.1 s apart: 0.8 s in all, each head well within 0.3 s of the last answer.
+    out, closed = asyncio.run(_timed([(PLAIN, 0.1)] * 8, 0.3))
+    assert out == _answer() * 8 and not closed
+
+
+def test_a_head_left_unfinished_after_answers_still_times_out() -> None:
+    t0 = time.monotonic()
+    steps = [(PLAIN, 0.1), (PLAIN, 0.1), (b"GET /v1/check", 0.0)]
+    out, closed = asyncio.run(_timed([*steps, (b"", 0.6)], 0.3))
+    assert closed
+    assert out.startswith(_answer() * 2 + b"HTTP/1.1 408 ")
+    assert b'"code": "header_timeout"' in out
+    assert time.monotonic() - t0 < 2.0
