@@ -105,7 +105,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "api_clients": 50,
         "api_per_client": 100,
         "api_seconds": 20.0,
-        "api_rounds": 3,
+        "api_rounds": 7,
         "api_procs": 2,
         "fd_pairs": 20,
         "tree_procs": 200,
