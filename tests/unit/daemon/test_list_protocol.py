@@ -77,6 +77,16 @@ def _state(cached: bool) -> Any:
     return SimpleNamespace(service=SimpleNamespace(list_generation=GEN), list_cache=cache)
 
 
+def _config(app: Any) -> uvicorn.Config:
+    # The access log off, as the daemon runs it (with it on, the protocol's
+    # path steps aside so that each request is logged).
+    config = uvicorn.Config(
+        app, http="httptools", lifespan="off", log_config=None, access_log=False
+    )
+    config.load()
+    return config
+
+
 def _server_state(config: uvicorn.Config) -> ServerState:
     # As uvicorn's server keeps it: a date (fixed here) and its server header.
     st = ServerState()
@@ -90,10 +100,7 @@ async def _serve(
     """Feed data to one connection's protocol; what it wrote, the app, the server state."""
     state = _state(cached)
     app = App(state)
-    config = uvicorn.Config(
-        app, http="httptools", lifespan="off", log_config=None, access_log=False
-    )
-    config.load()
+    config = _config(app)
     server_state = _server_state(config)
     proto_cls = protocol_for(None, 10.0, state if fast else None)  # type: ignore[arg-type]
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -180,10 +187,7 @@ def test_a_request_behind_one_in_flight_waits_its_turn() -> None:
             else:
                 await app.fast(scope, receive, send)
 
-        config = uvicorn.Config(
-            slow, http="httptools", lifespan="off", log_config=None, access_log=False
-        )
-        config.load()
+        config = _config(slow)
         server_state = ServerState()
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         proto = protocol_for(None, 10.0, state)(  # type: ignore[arg-type]
@@ -212,9 +216,7 @@ def test_a_request_behind_one_in_flight_waits_its_turn() -> None:
 async def _timed(steps: list[tuple[bytes, float]], timeout_s: float) -> tuple[bytes, bool]:
     """Feed (data, then sleep) steps to a protocol with this head timeout; (output, closed)."""
     state = _state(True)
-    config = uvicorn.Config(App(state), http="httptools", lifespan="off", log_config=None)
-    config.access_log = False
-    config.load()
+    config = _config(App(state))
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     proto = protocol_for(None, timeout_s, state)(  # type: ignore[arg-type]
         config=config, server_state=_server_state(config), app_state={}
@@ -247,3 +249,59 @@ def test_a_head_left_unfinished_after_answers_still_times_out() -> None:
     assert out.startswith(_answer() * 2 + b"HTTP/1.1 408 ")
     assert b'"code": "header_timeout"' in out
     assert time.monotonic() - t0 < 2.0
+
+
+class FullSocket(Recorder):
+    """A transport whose reader reads nothing: past `room` bytes it buffers, and
+    past asyncio's default high-water mark (64 KiB) it pauses its protocol."""
+
+    def __init__(self, sock: socket.socket, room: int) -> None:
+        super().__init__(sock)
+        self.room = room
+        self.buffered = 0
+        self.protocol: Any = None
+
+    def write(self, data: Any) -> None:
+        super().write(data)
+        sent = min(len(data), self.room)
+        self.room -= sent
+        self.buffered += len(data) - sent
+        if self.buffered > 64 * 1024:
+            self.protocol.pause_writing()
+
+
+def test_a_pipelined_flood_to_a_reader_that_reads_nothing_stays_bounded() -> None:
+    # 1,000 plain GETs in one read, and a client that never reads: the
+    # protocol writes answers only while the transport takes them, then
+    # leaves the rest to uvicorn's cycle, which waits for the buffer to drain.
+    async def run() -> tuple[int, int]:
+        state = _state(True)
+        config = _config(App(state))
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        proto = protocol_for(None, 10.0, state)(  # type: ignore[arg-type]
+            config=config, server_state=_server_state(config), app_state={}
+        )
+        t = FullSocket(a, room=len(BODY) * 2)
+        t.protocol = proto
+        try:
+            proto.connection_made(t)
+            proto.data_received(PLAIN * 1000)
+            for _ in range(50):
+                await asyncio.sleep(0)
+            out = len(b"".join(t.out)), t.buffered
+            # The client goes away: the cycle waiting to write ends.
+            proto.connection_lost(None)
+            for _ in range(50):
+                await asyncio.sleep(0)
+            return out
+        finally:
+            a.close()
+            b.close()
+
+    written, buffered = asyncio.run(run())
+    # What the socket takes, then up to the high-water mark and one answer
+    # more in the transport's buffer; not 1,000 answers (12 MB here, 800 MB
+    # with 1,000 records).
+    room, high = len(BODY) * 2, 64 * 1024
+    assert buffered <= high + len(_answer())
+    assert written <= room + high + len(_answer())
