@@ -223,6 +223,21 @@ def parse_labels(items: Iterable[str]) -> dict[str, str]:
     return wanted
 
 
+def _list_key(c: Service, who: Caller, wanted: dict[str, str]) -> tuple[Any, ...]:
+    """The cache key of a list: write generation, view (root's or one uid's), filter."""
+    return (c.list_generation, None if who.is_root else who.uid, tuple(sorted(wanted.items())))
+
+
+def cached_list_now(state: Any, c: Service, who: Caller) -> bytes | None:
+    """The unfiltered list the caller sees if it is cached now, else None (nothing built).
+
+    For criud.daemon.server's answer straight from the protocol, which cannot
+    wait; a miss goes on to the route's way (cached_list, single-flight).
+    """
+    cache: dict[Any, bytes] = state.list_cache
+    return cache.get(_list_key(c, who, {}))
+
+
 async def cached_list(state: Any, c: Service, who: Caller, wanted: dict[str, str]) -> bytes:
     """The encoded list the caller sees, from the cache of its view or built once.
 
@@ -232,7 +247,7 @@ async def cached_list(state: Any, c: Service, who: Caller, wanted: dict[str, str
     each.  Both the route and criud.api.fastlist (which answers ahead of
     FastAPI) come here, so both give the same bytes.
     """
-    key = (c.list_generation, None if who.is_root else who.uid, tuple(sorted(wanted.items())))
+    key = _list_key(c, who, wanted)
     cache: dict[Any, bytes] = state.list_cache
     body = cache.get(key)
     if body is None:

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from criud.api.checkpoints import cached_list, parse_labels
+from criud.api.checkpoints import cached_list, cached_list_now, parse_labels
 from criud.daemon.caller import Caller
 from criud.daemon.errors import CriudError
 
@@ -27,6 +27,11 @@ PATH = "/v1/checkpoints"
 # The route's JSONResponse sends exactly these (uvicorn adds date and server
 # to both alike); tests/security/test_list_views.py compares them.
 _TYPE = (b"content-type", b"application/json")
+
+
+def headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    """The headers of the list's answer (besides uvicorn's date and server), as the route's."""
+    return [(b"content-length", b"%d" % len(body)), _TYPE]
 
 
 def _labels(query: bytes) -> dict[str, str] | None:
@@ -41,6 +46,19 @@ def _labels(query: bytes) -> dict[str, str] | None:
         return parse_labels(v for _, v in items)
     except CriudError:
         return None  # the route answers the 422
+
+
+def cached_now(state: Any, conn_state: dict[str, Any]) -> bytes | None:
+    """The body for an exact GET /v1/checkpoints (no query) on a connection, if cached now.
+
+    conn_state is what the connection puts in every request's state (peer,
+    tcp): the same test as FastList's, for criud.daemon.server's protocol,
+    which answers a hit before any ASGI cycle and leaves a miss to FastList.
+    """
+    peer = conn_state.get("peer")
+    if conn_state.get("tcp") or not isinstance(peer, Caller):
+        return None
+    return cached_list_now(state, state.service, peer)
 
 
 class FastList:
@@ -60,13 +78,7 @@ class FastList:
                     # The whole answer in one send(), not copied and trickled
                     # out by the transport (criud.daemon.server.SendRoom).
                     room.fit(len(body) + 4096)
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [(b"content-length", str(len(body)).encode()), _TYPE],
-                    }
-                )
+                await send({"type": "http.response.start", "status": 200, "headers": headers(body)})
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)

@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import datetime
 import functools
-import http.client
 import json
 import os
 import platform
@@ -58,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import _repo  # noqa: F401 - the repo root on sys.path, for the tests' helpers
+import apiload
 import archive_bench
 import lazy_bench
 import migration_bench
@@ -109,7 +109,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "api_clients": 50,
         "api_per_client": 100,
         "api_seconds": 20.0,
-        "api_rounds": 3,
+        "api_rounds": 7,
+        "api_procs": 2,
         "fd_pairs": 20,
         "tree_procs": 200,
         "tree_fds": 50,
@@ -142,6 +143,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "api_per_client": 20,
         "api_seconds": 5.0,
         "api_rounds": 1,
+        "api_procs": 2,
         "fd_pairs": 6,
         "tree_procs": 200,
         "tree_fds": 50,
@@ -697,16 +699,8 @@ def bench_concurrency(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> d
 # -- 4. API latency and memory ---------------------------------------------------
 
 
-class KeepAliveUnix(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 60) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
+# One keep-alive connection over the unix socket (the single client, profile.py).
+KeepAliveUnix = apiload.KeepAliveUnix
 
 
 def _seed_records(state_dir: Path, template_id: str, n: int) -> None:
@@ -758,70 +752,17 @@ asyncio.run(main())
 """
 
 
-def _proc_cpu_s(pid: int) -> float:
-    """CPU time (user + system, all threads) process pid has used so far."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _api_load(cfg: dict[str, Any], sock: str, server_pid: int) -> dict[str, Any]:
-    """GET /v1/checkpoints from N threads, each its own keep-alive connection."""
-    nc, per, secs = cfg["api_clients"], cfg["api_per_client"], cfg["api_seconds"]
-    lat: list[list[float]] = [[] for _ in range(nc)]
-    errors: list[str] = []
-    barrier = threading.Barrier(nc + 1)
-    deadline: list[float] = [0.0]
-
-    def client(i: int) -> None:
-        cn = KeepAliveUnix(sock, timeout=120)
-        cn.connect()
-        barrier.wait()
-        try:
-            for _ in range(per):
-                if time.perf_counter() > deadline[0]:
-                    break
-                t = time.perf_counter()
-                cn.request("GET", "/v1/checkpoints")
-                r = cn.getresponse()
-                r.read()
-                if r.status != 200:
-                    errors.append(str(r.status))
-                lat[i].append(time.perf_counter() - t)
-        except OSError as e:
-            errors.append(repr(e))
-        finally:
-            cn.close()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(nc)]
-    for t in threads:
-        t.start()
-    deadline[0] = time.perf_counter() + secs
-    barrier.wait()
-    t0, cpu0, mine0 = time.perf_counter(), _proc_cpu_s(server_pid), os.times()
-    for t in threads:
-        t.join()
-    wall, cpu, mine = time.perf_counter() - t0, _proc_cpu_s(server_pid) - cpu0, os.times()
-    allv = [x for v in lat for x in v]
-    n = max(len(allv), 1)
-    return {
-        "requests": len(allv),
-        "errors": len(errors),
-        "wall_s": round(wall, 3),
-        "rps": round(len(allv) / wall, 1),
-        "p50_ms": round(pct(allv, 0.5) * 1000, 2),
-        "p90_ms": round(pct(allv, 0.9) * 1000, 2),
-        "p99_ms": round(pct(allv, 0.99) * 1000, 2),
-        "max_ms": round(max(allv) * 1000, 2),
-        # The server's own cost, steadier than the rates on a shared
-        # machine, and the clients' (this process) beside it.
-        "server_cpu_ms_per_request": round(cpu / n * 1000, 3),
-        "client_cpu_ms_per_request": round(
-            (mine.user + mine.system - mine0.user - mine0.system) / n * 1000, 3
-        ),
-        "per_client_cap": per,
-        "time_cap_s": secs,
-    }
+def _api_load(cfg: dict[str, Any], sock: str, server_pid: int, body_len: int) -> dict[str, Any]:
+    """GET /v1/checkpoints from the clients of bench/apiload.py (worker processes)."""
+    return apiload.run_load(
+        sock,
+        server_pid,
+        clients=cfg["api_clients"],
+        per=cfg["api_per_client"],
+        seconds=cfg["api_seconds"],
+        body_len=body_len,
+        procs=cfg["api_procs"],
+    )
 
 
 @contextlib.contextmanager
@@ -894,11 +835,12 @@ def bench_api(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> dict[str,
             out["reference_single_client"] = _single_client(ssock)[0]
             for i in range(cfg["api_rounds"]):
                 if i % 2 == 0:
-                    rounds.append({"criud": _api_load(cfg, str(d.socket), d.pid)})
-                    rounds[-1]["reference"] = _api_load(cfg, ssock, spid)
+                    rounds.append({"criud": _api_load(cfg, str(d.socket), d.pid, len(body))})
+                    rounds[-1]["reference"] = _api_load(cfg, ssock, spid, len(body))
                 else:
-                    ref = _api_load(cfg, ssock, spid)
-                    rounds.append({"criud": _api_load(cfg, str(d.socket), d.pid), "reference": ref})
+                    ref = _api_load(cfg, ssock, spid, len(body))
+                    crit = _api_load(cfg, str(d.socket), d.pid, len(body))
+                    rounds.append({"criud": crit, "reference": ref})
         out["rounds"] = rounds
         out["load"] = _median_load([r["criud"] for r in rounds])
         out["reference"] = _median_load([r["reference"] for r in rounds])

@@ -1,13 +1,14 @@
 """Sample the daemon with py-spy while it serves one benchmark's requests.
 
     pip install py-spy          # into the venv; not a dependency of criud
-    python bench/profile.py api [--records 1000] [--seconds 10] [--svg out.svg]
+    python bench/profile.py api [--records 1000] [--seconds 10] [--clients 50] [--svg out.svg]
     python bench/profile.py small [--cycles 40]
     python bench/profile.py processes [--seconds 10]   # GET /v1/processes/{pid}, 200 x 50 fds
     python bench/profile.py sse [--seconds 10]   # GET /v1/version, 100 SSE readers fed 40 events/s
 
 Starts a real daemon, attaches `py-spy record` to it, drives the requests
-(api: GET /v1/checkpoints over one keep-alive connection, back to back;
+(api: GET /v1/checkpoints over one keep-alive connection, back to back, or
+with --clients N from bench/apiload.py's N clients, the bench's load;
 small: checkpoint + restore of a `sleep`), then prints the functions the
 event loop thread spent its busy time in, inclusive, with their share.
 See docs/benchmarks.md for what the profiles showed.
@@ -26,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+import apiload
 import workloads
 
 import bench
@@ -89,12 +91,20 @@ def _sse_load(d: bench.Daemon, seconds: float, readers: int = 100) -> int:
     return n
 
 
+def _api_clients(d: bench.Daemon, clients: int, seconds: float) -> int:
+    """The bench's load (bench/apiload.py) for the time given; the requests answered."""
+    ld = apiload.run_load(str(d.socket), d.pid, clients=clients, per=10**9, seconds=seconds)
+    print({k: v for k, v in ld.items() if k.endswith(("ms", "rps", "request", "errors"))})
+    return int(ld["requests"])
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["api", "small", "processes", "sse"])
     p.add_argument("--records", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--cycles", type=int, default=40)
+    p.add_argument("--clients", type=int, default=1, help="api: keep-alive clients")
     p.add_argument("--criu", default="/usr/local/sbin/criu")
     p.add_argument("--svg", type=Path, help="also write a flame graph")
     p.add_argument("--raw", type=Path, help="also keep py-spy's raw samples there")
@@ -146,7 +156,9 @@ def main() -> int:
         time.sleep(1.0)
         n = 0
         t0 = time.perf_counter()
-        if a.what == "api":
+        if a.what == "api" and a.clients > 1:
+            n = _api_clients(d, a.clients, a.seconds)
+        elif a.what == "api":
             conn = bench.KeepAliveUnix(str(d.socket))
             while time.perf_counter() - t0 < a.seconds:
                 conn.request("GET", "/v1/checkpoints")

@@ -287,8 +287,9 @@ def markdown(r: dict[str, Any]) -> str:
             *_api_rows(a),
             "",
             "Medians of the rounds, criud and the reference interleaved. The reference is a "
-            "bare asyncio server answering the daemon's very bytes: what this harness (the "
-            "clients are threads of one Python process, on the same 2 cores) can measure here.",
+            "bare asyncio server answering the daemon's very bytes: what these clients "
+            f"(bench/apiload.py, {ld.get('generator', 'threads')} on raw sockets, on the same "
+            "2 cores) can measure here.",
             "",
             f"Daemon RSS: {a['rss_idle_empty_mib']} MiB idle with no records, "
             f"{a['rss_idle_mib']} MiB idle with {a['records']}, {a['rss_after_mib']} MiB after "
