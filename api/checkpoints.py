@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -28,7 +28,10 @@ from criud.api.operations import WaitQuery, accepted
 from criud.api.service import Service
 from criud.daemon import memory
 from criud.daemon.caller import Caller
-from criud.daemon.errors import CriudError, InvalidRequest
+from criud.daemon.errors import CriudError
+
+# The list's ?label=key=value filter, read as bulk deletion reads it.
+from criud.daemon.retention import parse_labels
 from criud.daemon.store import CheckpointRecord
 from criud.dump.job import CheckpointSpec
 from criud.dump.manifest import Manifest, summarize
@@ -210,17 +213,6 @@ async def delete_checkpoints(
     """
     out = await c.delete_checkpoints(who, older_than, label or [], owner)
     return BulkDeleteResult.model_validate(out)
-
-
-def parse_labels(items: Iterable[str]) -> dict[str, str]:
-    """The list's label filter from its ?label=key=value items (a later key wins)."""
-    wanted: dict[str, str] = {}
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise InvalidRequest(f"label filter {item!r} is not key=value")
-        wanted[k] = v
-    return wanted
 
 
 def _list_key(c: Service, who: Caller, wanted: dict[str, str]) -> tuple[Any, ...]:

@@ -19,9 +19,10 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from criud.api.checkpoints import cached_list, cached_list_now, parse_labels
+from criud.api.checkpoints import cached_list, cached_list_now
 from criud.daemon.caller import Caller
 from criud.daemon.errors import CriudError
+from criud.daemon.retention import parse_labels
 
 PATH = "/v1/checkpoints"
 # The route's JSONResponse sends exactly these (uvicorn adds date and server

@@ -790,10 +790,7 @@ class Criu:
                     **(extra or {}),  # type: ignore[arg-type]
                 )
             except OSError as e:
-                raise (
-                    out_of_fds(e)
-                    or CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}")
-                ) from e
+                raise self._spawn_error(e) from e
             self.running.add(proc.pid)
         return proc
 
@@ -808,12 +805,13 @@ class Criu:
             try:
                 child = await childproc.start(cmd, pass_fds)
             except OSError as e:
-                raise (
-                    out_of_fds(e)
-                    or CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}")
-                ) from e
+                raise self._spawn_error(e) from e
             self.running.add(child.pid)
         return child
+
+    def _spawn_error(self, e: OSError) -> Exception:
+        """A failed spawn as the caller's error: out of fds (503), or no usable criu."""
+        return out_of_fds(e) or CriuUnavailable(f"cannot run criu at {self.path}: {e.strerror}")
 
     async def _wait(
         self,

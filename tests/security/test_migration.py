@@ -137,18 +137,23 @@ def _tmp_dirs(d: Daemon) -> list[str]:
     return [e for e in os.listdir(d.state_dir / "checkpoints") if e.startswith(".tmp-")]
 
 
+def _neighbour_turned_away(port: int) -> bool:
+    """Whether a connection from 127.0.0.2 to the page server's port is closed unanswered."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        # Turned away: the daemon closes it without starting a page server.
+        return s.recv(1) == b""
+
+
 def test_page_server_takes_only_the_requesters_address(tcp_daemon: tuple[Daemon, Tcp]) -> None:
     d, tcp = tcp_daemon
     status, inc = tcp.call("POST", "/v1/migrations/incoming", {})
     assert status == 201, inc
     assert inc["address"] == "127.0.0.1" and inc["state"] == "waiting"
     # A neighbour (another address of this host) races the source to the port.
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        s.settimeout(5)
-        s.connect(("127.0.0.1", inc["port"]))
-        # Turned away: the daemon closes it without starting a page server.
-        assert s.recv(1) == b""
+    assert _neighbour_turned_away(inc["port"])
     status, now = tcp.call("GET", f"/v1/migrations/incoming/{inc['id']}")
     assert status == 200 and now["state"] == "waiting" and now["page_server_pid"] is None
     # The images cannot be committed without the pages: refused, nothing left.
@@ -172,11 +177,7 @@ def test_forwarded_headers_do_not_name_the_peer(tcp_daemon: tuple[Daemon, Tcp]) 
     tcp.call("DELETE", f"/v1/migrations/incoming/{doc['id']}")
     status, inc = tcp.call("POST", "/v1/migrations/incoming", {}, {"X-Forwarded-For": "127.0.0.2"})
     assert status == 201, inc
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        s.settimeout(5)
-        s.connect(("127.0.0.1", inc["port"]))
-        assert s.recv(1) == b""
+    assert _neighbour_turned_away(inc["port"])
     status, now = tcp.call("GET", f"/v1/migrations/incoming/{inc['id']}")
     assert status == 200 and now["page_server_pid"] is None, now
     assert tcp.call("DELETE", f"/v1/migrations/incoming/{inc['id']}")[0] == 204
