@@ -29,6 +29,7 @@ from tests.integration.helpers import (
     Daemon,
     Procs,
     _shared_src,
+    is_pool_worker,
     pool_workers,
     read_line,
     temp_root,
@@ -161,8 +162,14 @@ def test_proc_self_fd_never_reaches_the_daemons_fds(
             # the session's other handles hold all of them): root's, the
             # daemon's child, holding its socket and that fd alone.
             me = {sdaemon.pid, os.getpid()}
+            # Waited for until it runs criu: while setpriv still execs it,
+            # it holds the fd already but is not yet a `criu swrk`.
             with contextlib.suppress(AssertionError):
-                wait_for(lambda: holders(secret, exclude=me), timeout=3, what="a worker")
+                wait_for(
+                    lambda: [p for p in holders(secret, exclude=me) if is_pool_worker(p)],
+                    timeout=3,
+                    what="a worker",
+                )
             workers = _handle_worker(sdaemon, secret)
             ck = dead_checkpoint(users.bob, sdaemon, procs)
             out = calls_as(
