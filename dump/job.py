@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -334,9 +335,19 @@ class _Dump:
             owner = run_as.uid if run_as is not None else 0
             expect = {DUMP_LOG: (log_st.st_dev, log_st.st_ino)}
             walked = self._walked(m)
-            return await asyncio.to_thread(
-                _seal_dump, self.id, tmp_fd, owner, expect, chain, walked, run_as is None
-            )
+            try:
+                out = await asyncio.to_thread(
+                    _seal_dump, self.id, tmp_fd, owner, expect, chain, walked, run_as is None
+                )
+            except BaseException:
+                if self._stops_tree():
+                    # Refused (tree_changed, tampering, a cancel): nothing
+                    # was taken from the tree, and it runs on.
+                    await asyncio.to_thread(_signal_tree, self.spec.pid, owner, signal.SIGCONT)
+                raise
+            if self._stops_tree():
+                await asyncio.to_thread(_signal_tree, self.spec.pid, owner, signal.SIGKILL)
+            return out
         finally:
             if log_fd >= 0:
                 os.close(log_fd)
@@ -419,7 +430,26 @@ class _Dump:
             return None
         if "pid" in m.namespaces:
             return Walked(tids=None, count=len(m.pids))
-        return Walked(tids=frozenset(m.pids), count=len(m.pids))
+        root = str(self.spec.pid)
+        ids = None
+        if self._stops_tree() and root in m.uids and root in m.gids:
+            groups = tuple(sorted(m.groups or ()))
+            ids = creds.TaskCreds(tuple(m.uids[root]), tuple(m.gids[root]), groups)
+        return Walked(tids=frozenset(m.pids), count=len(m.pids), ids=ids)
+
+    def _stops_tree(self) -> bool:
+        """Whether criu leaves the dumped tree stopped, for the daemon to end after its checks.
+
+        A non-root caller's dump is checked against the walk after criu ran
+        (_check_dumped).  Had criu killed the tree at the end of the dump, a
+        refusal there would lose the process; stopped, it is resumed on a
+        refusal and killed once the checkpoint is sealed, as criu would.
+        """
+        return (
+            not self.caller.is_root
+            and not self.spec.options.leave_running
+            and "--leave-stopped" not in self.spec.extra_args
+        )
 
     def _argv(self, m: mf.Manifest, images_arg: Path, run_as: RunAs | None) -> list[str]:
         opts = self.spec.options
@@ -438,7 +468,11 @@ class _Dump:
             network_lock=lock,
             unprivileged=run_as is not None,
             external_ns=tuple((n.type, n.ino, n.key) for n in m.ext_namespaces),
-            extra=(*oci_extra, *self.spec.extra_args),
+            extra=(
+                *oci_extra,
+                *self.spec.extra_args,
+                *(("--leave-stopped",) if self._stops_tree() else ()),
+            ),
         )
 
 
@@ -598,6 +632,47 @@ class Walked:
 
     tids: frozenset[int] | None
     count: int
+    # When criu left the tree stopped (_Dump._stops_tree): the ids every
+    # thread of it holds; a thread the walk missed is checked against them.
+    ids: creds.TaskCreds | None = None
+
+
+def _ids_now(tid: int) -> creds.TaskCreds | None:
+    """A thread's ids as /proc shows them now (None if it cannot be read)."""
+    try:
+        with open(f"/proc/{tid}/status", encoding="utf-8", errors="replace") as f:
+            return creds.parse_status(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _signal_tree(root: int, uid: int, signo: int) -> None:
+    """signo to root and its descendants, each through a pidfd and only if wholly uid's.
+
+    The tree is stopped (criu's --leave-stopped): none of it can fork or
+    exit on its own.  Each task's children are listed before it is
+    signalled, and a task is signalled only when its real, effective, saved
+    and fs uids are all uid, read with its pidfd open: a pid its owner
+    freed and someone else took is never signalled.
+    """
+    todo, seen = [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            if set(procutil.status_ids(pid, "Uid")) == {uid}:
+                todo.extend(procutil.children(pid))
+                signal.pidfd_send_signal(pidfd, signo)
+        except (OSError, ValueError):
+            pass  # gone meanwhile
+        finally:
+            os.close(pidfd)
 
 
 def _seal_dump(
@@ -642,6 +717,12 @@ def _check_dumped(ckpt_id: str, dirfd: int, walked: Walked) -> None:
         unchecked = sorted(set(dumped) - walked.tids)
     else:
         unchecked = [] if len(dumped) <= walked.count else dumped[walked.count :]
+    if unchecked and walked.ids is not None:
+        # The tree has stayed stopped since criu froze it (--leave-stopped):
+        # a thread the walk missed holds now the very ids it was dumped
+        # with, and can be checked here (a shell forking all the time was
+        # refused on every try without this).
+        unchecked = [tid for tid in unchecked if _ids_now(tid) != walked.ids]
     if unchecked:
         raise TreeChanged(
             f"checkpoint {ckpt_id}: the tree grew while it was dumped: criu dumped "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from criud.daemon import orphans
+from criud.daemon.procutil import children
 from tests.integration.helpers import (
     Daemon,
     Procs,
@@ -290,3 +291,58 @@ def test_daemon_killed_mid_restore_leaves_no_orphan(users: Accounts, procs: Proc
             os.kill(pid, signal.SIGKILL)
         finally:
             assert d2.stop() == 0
+
+
+# -- 8b: a tree that grows during its dump: checked, never lost ---------------------------
+
+# A shell that starts a short-lived child every few ms: the dump's walk and
+# criu's freeze race against it.
+FORKER = ["sh", "-c", "while :; do sleep 0.005 & wait; done"]
+# The same, its children running a setuid-root program (euid 0 while it runs).
+SETUID_FORKER = ["sh", "-c", "while :; do mount >/dev/null & wait; done"]
+
+
+def _dump_outcomes(users: Accounts, d: Daemon, procs: Procs, argv: list[str]) -> list[str]:
+    """Dump fresh trees of argv as bob; check each outcome; what each one was."""
+    seen: list[str] = []
+    for _ in range(6):
+        pid = spawn_as(procs, users.bob, argv)
+        st, doc = call_as(users.bob, d, "POST", "/v1/checkpoints", {"pid": pid})
+        assert st != 500, doc
+        if st == 201:
+            # A checkpoint: the tree ends as criu would have ended it.
+            assert doc["state"] == "done", doc
+            procs.popens[-1].wait(timeout=10)
+            seen.append("done")
+            continue
+        # Refused: nothing was taken from the tree, and it goes on.
+        assert proc_state(pid) in ("S", "R"), (st, doc, proc_state(pid))
+        kids = set(children(pid))
+        wait_for(lambda: set(children(pid)) - kids, 10, what="the refused tree to go on")  # noqa: B023
+        with open(f"/proc/{pid}/status") as f:
+            assert "TracerPid:\t0\n" in f.read(), "criu let go of it"
+        seen.append(str(doc.get("code")))
+    return seen
+
+
+def test_a_tree_that_forks_during_its_dump_is_checkpointed(
+    users: Accounts, sdaemon: Daemon, procs: Procs
+) -> None:
+    # criu leaves a non-root caller's tree stopped (--leave-stopped) until
+    # the daemon has checked what it dumped: a child forked after the walk
+    # holds, stopped, the ids it was dumped with, and is checked then.
+    # Before, such a dump was refused (tree_changed) on every try, after
+    # criu had killed the tree: the process was lost.
+    seen = _dump_outcomes(users, sdaemon, procs, FORKER)
+    assert "done" in seen, seen
+
+
+def test_a_tree_with_a_setuid_child_is_refused_and_runs_on(
+    users: Accounts, sdaemon: Daemon, procs: Procs
+) -> None:
+    # A child running a setuid-root program (euid 0) is never checkpointed
+    # for bob: refused before the freeze (the walk saw it) or after it
+    # (tree_changed), and either way the tree is resumed, not lost.
+    seen = _dump_outcomes(users, sdaemon, procs, SETUID_FORKER)
+    refusals = {"mixed_credentials", "permission_denied", "tree_changed"}
+    assert refusals & set(seen), seen
