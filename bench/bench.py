@@ -866,6 +866,18 @@ def _median_load(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # -- 7. events and metrics ------------------------------------------------------
 
 
+def raw_small_cycle(criu: str, root: Path, i: int) -> float:
+    """One dump + restore of a fresh sleep with raw criu (criud's argv), images under root; s."""
+    pid = spawn_sleep()
+    images = root / f"raw-{i}"
+    td = raw_dump(criu, pid, images)
+    reap_dumped(pid)
+    tr, rp = raw_restore(criu, images)
+    kill(rp)
+    shutil.rmtree(images)
+    return td + tr
+
+
 def _small_cycle(c: Client, pid: int | None = None) -> float:
     """One checkpoint + restore of a sleep (pid, or a new one) through criud; seconds."""
     pid = spawn_sleep() if pid is None else pid

@@ -24,24 +24,10 @@ from bench import (
     TRACK,
     Daemon,
     _small_cycle,
-    kill,
     loadavg,
-    raw_dump,
-    raw_restore,
-    reap_dumped,
+    raw_small_cycle,
     spawn_sleep,
 )
-
-
-def _raw_cycle(criu: str, root: Path, i: int) -> float:
-    pid = spawn_sleep()
-    images = root / f"raw-{i}"
-    td = raw_dump(criu, pid, images)
-    reap_dumped(pid)
-    tr, rp = raw_restore(criu, images)
-    kill(rp)
-    shutil.rmtree(images)
-    return td + tr
 
 
 def main() -> None:
@@ -64,7 +50,7 @@ def main() -> None:
             got = {}
             for side in order:
                 if side == "raw":
-                    got[side] = _raw_cycle(criu, root, i)
+                    got[side] = raw_small_cycle(criu, root, i)
                 else:
                     got[side] = _small_cycle(cp if side == "pool" else cn, spawn_sleep())
                 # Let the pool refill off the measured path, as between requests.

@@ -27,12 +27,8 @@ from bench import (
     TRACK,
     Daemon,
     _small_cycle,
-    kill,
     loadavg,
-    raw_dump,
-    raw_restore,
-    reap_dumped,
-    spawn_sleep,
+    raw_small_cycle,
 )
 
 
@@ -44,17 +40,6 @@ class OtherDaemon(Daemon):
     def cli(self, *args: str) -> list[str]:
         sockets = ["--socket", str(self.socket), "--fd-socket", str(self.fd_socket)]
         return [self.python, "-m", "criud.daemon.cli", *sockets, *args]
-
-
-def _raw_cycle(criu: str, root: Path, i: int) -> float:
-    pid = spawn_sleep()
-    images = root / f"raw-{i}"
-    td = raw_dump(criu, pid, images)
-    reap_dumped(pid)
-    tr, rp = raw_restore(criu, images)
-    kill(rp)
-    shutil.rmtree(images)
-    return td + tr
 
 
 def main() -> int:
@@ -75,7 +60,7 @@ def main() -> int:
             _small_cycle(ct)
         for i in range(rounds):
             sides: list[tuple[str, Callable[[], float]]] = [
-                ("raw", lambda i=i: _raw_cycle(criu, root, i)),  # type: ignore[misc]
+                ("raw", lambda i=i: raw_small_cycle(criu, root, i)),  # type: ignore[misc]
                 ("other", lambda: _small_cycle(co)),
                 ("this", lambda: _small_cycle(ct)),
             ]
