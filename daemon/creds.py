@@ -143,7 +143,7 @@ def choose_run_as(
             raise MixedCredentials(f"{what}: {mixed[0]}", **mixed[1])
     if root_can_dump_any:
         return None
-    if caller.is_root and _roots_own(creds):
+    if caller.is_root and roots_own(creds):
         return None
     mixed = _mixed_ids(creds) or _mixed_groups(creds)
     if mixed is None and creds:
@@ -163,7 +163,7 @@ def choose_run_as(
     )
 
 
-def _roots_own(creds: Mapping[int, TaskCreds]) -> bool:
+def roots_own(creds: Mapping[int, TaskCreds]) -> bool:
     """Every id of every task is the daemon's own: root's criu dumps it as before."""
     me = ({os.getuid()}, {os.getgid()})
     return all((set(c.uids), set(c.gids)) == me for c in creds.values())

@@ -54,6 +54,10 @@ _ERROR_RE = re.compile(r"^(?:\(\s*[\d.]+\)\s+)?(?:pie:\s+)?(?:\d+:\s+)?Error \((
 _VERSION_RE = re.compile(r"Version:\s*([0-9][0-9.]*)")
 
 
+# A dump's notification handler (Criu.run_notified): criu's action name ->
+# go on (True) or fail the dump there (False).
+Notify = Callable[[str], Awaitable[bool]]
+
 # The most criu workers started for fd handles alive at once (each holds
 # its handle's fds until a restore takes it or the handle ends).
 HANDLE_WORKERS_MAX = 8
@@ -106,6 +110,21 @@ class CriuResult:
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+
+def _wake(wake: dict[str, asyncio.Future[None]], what: str) -> None:
+    """A reader's callback (Criu._wait): set wake[what] unless it is set already."""
+    if not wake[what].done():
+        wake[what].set_result(None)
+
+
+async def _kill_late(proc: childproc.Proc, exited: asyncio.Future[Any], why: str) -> str:
+    """Kill a criu whose time ran out (why), and wait for its exit; why."""
+    log.warning("criu pid %d: killed (%s)", proc.pid, why)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await exited
+    return why
 
 
 def _harmless(msg: str) -> bool:
@@ -573,6 +592,35 @@ class Criu:
         assert rc is not None  # no answer socket: it has exited
         return await _result(rc, log, stopped)
 
+    async def run_notified(
+        self,
+        argv: Sequence[str],
+        log: LogFile,
+        notify: Notify,
+        watch_pid: int | None = None,
+    ) -> CriuResult | None:
+        """Run a root dump on a warm worker, awaiting notify(action) at each of criu's stops.
+
+        criu's RPC stops a dump at named points (`notify_scripts`: "pre-dump",
+        "query-ext-files" once the tree is frozen, "post-dump" once the images
+        are written and before the tree is killed or resumed) and waits for
+        the answer: notify's False fails the dump there, and criu resumes
+        the tree.  None: no warm worker could take the run and nothing ran
+        (the CLI has no such stops; the caller goes its own way).
+        """
+        if not os.access(self.path, os.X_OK):
+            raise CriuUnavailable(f"cannot run criu at {self.path}: not an executable file")
+        warm = self._warm(argv, log, (), None)
+        if warm is None:
+            return None
+        w, req, dir_fd = warm
+        req.req.opts.notify_scripts = True
+        target: int | None = None
+        if watch_pid is not None:
+            with contextlib.suppress(OSError):
+                target = os.pidfd_open(watch_pid)
+        return await self._run_warm(w, req, dir_fd, log, target, (), None, notify)
+
     def _warm(
         self, argv: Sequence[str], log_file: LogFile, pass_fds: Sequence[int], run_as: RunAs | None
     ) -> tuple[criu_rpc.Worker, criu_rpc.Request, int] | None:
@@ -665,8 +713,14 @@ class Criu:
         target: int | None,
         cgroup_procs: Sequence[str],
         on_spawn: Callable[[int], Awaitable[None]] | None,
+        notify: Notify | None = None,
     ) -> CriuResult:
-        """Serve the run on a warm worker; the result as the CLI run would have given it."""
+        """Serve the run on a warm worker; the result as the CLI run would have given it.
+
+        With notify, criu's notifications (run_notified) are answered with
+        what it returns while the wait goes on; the first other message is
+        the reply.
+        """
         from criud.daemon import criu_rpc  # loaded by start_pool
 
         async def started(pid: int) -> None:
@@ -686,11 +740,12 @@ class Criu:
         # background.  A restore waits for the exit, since the restored
         # root becomes the daemon's child (to adopt) only when criu is gone.
         dump = req.is_dump
+        talk = criu_rpc.Talk(w, notify)
         try:
             rc, stopped = await self._supervise(
-                w.proc, target, started, answer=w.sock if dump else None
+                w.proc, target, started, answer=w.sock if dump else None, on_answer=talk.heard
             )
-            resp = criu_rpc.reply(w)
+            resp = talk.reply if talk.replied else criu_rpc.reply(w)
             if resp is None and rc is None:
                 # Woken without a reply: the worker died (or broke) mid-request.
                 rc = await self._exit_of(w.proc)
@@ -716,6 +771,7 @@ class Criu:
         target: int | None,
         on_spawn: Callable[[int], Awaitable[None]] | None,
         answer: socket.socket | None = None,
+        on_answer: Callable[[], Awaitable[bool]] | None = None,
     ) -> tuple[int | None, str | None]:
         """Wait for criu (killing it if the target goes or time runs out); (rc, why stopped).
 
@@ -727,7 +783,7 @@ class Criu:
         try:
             if on_spawn is not None:
                 await on_spawn(proc.pid)
-            stopped = await self._wait(proc, target, answer)
+            stopped = await self._wait(proc, target, answer, on_answer)
             rc = proc.returncode
         except BaseException:
             # The caller gave up (shutdown, client gone) or on_spawn failed:
@@ -818,53 +874,50 @@ class Criu:
         proc: childproc.Proc,
         target: int | None,
         answer: socket.socket | None = None,
+        on_answer: Callable[[], Awaitable[bool]] | None = None,
     ) -> str | None:
         """Wait for criu (or its answer on answer); kill it past the timeout, or past
         the grace once target died.
 
+        on_answer, awaited each time answer is readable, says whether that
+        was the answer (True) or a message the wait goes on after (False).
         Returns why it was killed ("timeout", "target_gone"), or None.
         """
         loop = asyncio.get_running_loop()
         exited = asyncio.ensure_future(proc.wait())
-        gone: asyncio.Future[None] = loop.create_future()
-        answered: asyncio.Future[None] = loop.create_future()
-
-        def on_gone() -> None:
-            if not gone.done():
-                gone.set_result(None)
-
-        def on_answer() -> None:
-            if not answered.done():
-                answered.set_result(None)
-
+        # Readers set these; "answered" is made anew after each message
+        # the wait goes on after.
+        wake: dict[str, asyncio.Future[None]] = {
+            "gone": loop.create_future(),
+            "answered": loop.create_future(),
+        }
         if target is not None:
-            loop.add_reader(target, on_gone)
+            loop.add_reader(target, _wake, wake, "gone")
         if answer is not None:
-            loop.add_reader(answer.fileno(), on_answer)
+            loop.add_reader(answer.fileno(), _wake, wake, "answered")
         deadline = None if self.timeout_s is None else loop.time() + self.timeout_s
         why: str | None = None
         try:
-            waiting: set[asyncio.Future[Any]] = {exited, gone, answered}
+            watch_gone = True
             while not exited.done():
                 left = None if deadline is None else max(0.0, deadline - loop.time())
+                waiting = {exited, wake["answered"], *((wake["gone"],) if watch_gone else ())}
                 done, _ = await asyncio.wait(
                     waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED
                 )
-                if exited in done or answered in done:
+                if wake["answered"] in done and on_answer is not None and not await on_answer():
+                    wake["answered"] = loop.create_future()
+                    continue
+                if exited in done or wake["answered"] in done:
                     break
-                if gone in done:
-                    waiting = {exited, answered}
+                if watch_gone and wake["gone"] in done:
+                    watch_gone = False
                     grace = loop.time() + self.gone_grace_s
                     deadline = grace if deadline is None else min(deadline, grace)
                     why = "target_gone"
                     continue
                 # The deadline passed (the overall one, or the grace).
-                why = why or "timeout"
-                log.warning("criu pid %d: killed (%s)", proc.pid, why)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await exited
-                return why
+                return await _kill_late(proc, exited, why or "timeout")
             return None
         finally:
             if target is not None:

@@ -21,6 +21,7 @@ import re
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 from criud.daemon import childproc
 from criud.daemon import criu_rpc_pb2 as rpc
@@ -447,11 +448,66 @@ async def exchange(w: Worker, req: rpc.criu_req) -> None:
     await asyncio.get_running_loop().sock_sendall(w.sock, req.SerializeToString())
 
 
+# A worker's message: the reply to its request, or a notification.
+Reply = rpc.criu_resp
+
+
+def is_notify(resp: rpc.criu_resp) -> bool:
+    """Whether a message from the worker is a notification (criu waits for its answer)."""
+    return bool(resp.type == rpc.NOTIFY and resp.HasField("notify"))
+
+
+async def answer_notify(w: Worker, ok: bool) -> None:
+    """Answer criu's notification: go on (ok) or fail the run there.
+
+    A worker gone meanwhile is not an error here: the wait sees it exit.
+    """
+    req = rpc.criu_req(type=rpc.NOTIFY, notify_success=ok)
+    with contextlib.suppress(ConnectionError):
+        await exchange(w, req)
+
+
+class Talk:
+    """One run's messages from its worker: notifications answered, then the reply."""
+
+    def __init__(self, w: Worker, notify: Callable[[str], Awaitable[bool]] | None) -> None:
+        self._w, self._notify = w, notify
+        self.replied = False
+        self.reply: Reply | None = None
+
+    async def heard(self) -> bool:
+        """The worker's socket was readable: whether that was the reply (or a hang-up).
+
+        A notification is answered with what notify says, and the wait goes on.
+        """
+        resp = next_message(self._w)
+        if resp is False:
+            return False  # a stale wake: the message was read already
+        if self._notify is not None and resp is not None and is_notify(resp):
+            ok = await self._notify(resp.notify.script)
+            await answer_notify(self._w, ok)
+            return False
+        self.replied, self.reply = True, resp
+        return True
+
+
 def reply(w: Worker) -> rpc.criu_resp | None:
     """The worker's reply, once it has exited; None if it died before answering."""
+    resp = next_message(w)
+    return None if resp is False else resp
+
+
+def next_message(w: Worker) -> rpc.criu_resp | Literal[False] | None:
+    """The worker's next message; None if it hung up (or garbled it); False: none yet.
+
+    A reader woken for a message another wake already took finds none (the
+    loop polls before it runs the callbacks a poll queued).
+    """
     try:
         data = w.sock.recv(1 << 16)
-    except (BlockingIOError, ConnectionError):
+    except BlockingIOError:
+        return False
+    except ConnectionError:
         return None
     if not data:
         return None

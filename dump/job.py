@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from criud.daemon import creds, criu_errors, imgdir, kprobe, names, operations, procutil
 from criud.daemon.caller import Caller
 from criud.daemon.config import Settings
-from criud.daemon.criu import Criu, LogFile, RunAs
+from criud.daemon.criu import Criu, CriuResult, LogFile, RunAs
 from criud.daemon.errors import (
     CriudError,
     InvalidRequest,
@@ -39,7 +39,7 @@ from criud.daemon.errors import (
 )
 from criud.daemon.store import CheckpointRecord, CheckpointState, Store
 from criud.dump import fds as fdinfo
-from criud.dump import images, oci, oci_archive
+from criud.dump import frozen, images, oci, oci_archive
 from criud.dump import inspect as proc_inspect
 from criud.dump import manifest as mf
 from criud.dump import preflight as dump_preflight
@@ -116,12 +116,47 @@ async def run(rt: DumpRuntime, spec: CheckpointSpec, caller: Caller) -> Checkpoi
             raise PermissionDenied("OCI bundles are for root callers only")
         # The one walk of the tree (its tasks, fds and every thread's ids),
         # and the ownership check on it: a refused caller leaves no record
-        # behind, and nothing is frozen.
-        tree = await walk_tree(rt.criu, pid, caller)
+        # behind, and nothing is frozen.  A root's plain dump walks the tree
+        # while criu holds it instead (criud.dump.frozen).
+        guess = _guess(rt.criu, spec, caller)
+        tree = await walk_tree(rt.criu, pid, caller) if guess is None else None
         with rt.busy_pid(pid):
-            return await _Dump(rt, spec, caller, start, tree).run()
+            if guess is not None:
+                done = await _Dump(rt, spec, caller, start, None, guess).run()
+                if done is not None:
+                    return done
+                # The guess was wrong (or no warm worker was idle): criu gave
+                # the tree back and nothing of that run is left; walk first.
+                tree = await walk_tree(rt.criu, pid, caller)
+            rec = await _Dump(rt, spec, caller, start, tree).run()
+            assert rec is not None  # only a dump walking a frozen tree gives up
+            return rec
     finally:
         os.close(pidfd)
+
+
+def _guess(criu: Criu, spec: CheckpointSpec, caller: Caller) -> frozen.Guess | None:
+    """criu's argv inputs guessed from the root task, where the tree may be walked frozen.
+
+    Where root's criu may not dump everyone's tree (no CAP_SYS_RESOURCE),
+    criu runs as a tree's owner when the tree is not wholly root's: that
+    choice needs every task's ids before criu, so only a root task that is
+    wholly root's is guessed for (a child that is not is found by the
+    walk, and the dump runs again, walk first, as its owner).
+    """
+    plain = spec.oci_bundle is None and not spec.pre_dumps and not spec.extra_args
+    if not frozen.applies(spec.options, caller, plain, criu.pool is not None):
+        return None
+    text = _status(spec.pid, spec.pid)
+    try:
+        ids = creds.parse_status(text or "")
+    except ValueError:
+        return None
+    if criu.unprivileged_for_users and not creds.roots_own({spec.pid: ids}):
+        return None
+    watched = operations.current.get() is not None
+    mem = [proc_inspect.memory_from_status(text or "")] if watched else []
+    return frozen.guess(spec.pid, _estimate(mem) if watched else {})
 
 
 async def tree_creds(
@@ -148,7 +183,7 @@ class Tree:
     estimate: dict[str, int]
 
 
-async def walk_tree(criu: Criu, pid: int, caller: Caller) -> Tree:
+async def walk_tree(criu: Criu, pid: int, caller: Caller, frozen_by_criu: bool = False) -> Tree:
     """Walk the tree of pid once (fds and ids) and check the caller may dump it.
 
     One thread hop for the whole walk: the tasks and their fds
@@ -156,8 +191,10 @@ async def walk_tree(criu: Criu, pid: int, caller: Caller) -> Tree:
     after the fds so that they are as close to criu's freeze as the walk
     allows.  A task forked after the walk listed the tree is not in it: the
     dump's pstree.img is checked against it afterwards (_check_dumped).
+    frozen_by_criu: criu is dumping the tree (criud.dump.frozen), whose phase stays.
     """
-    operations.report(phase="inspecting")
+    if not frozen_by_criu:
+        operations.report(phase="inspecting")
     watched = operations.current.get() is not None
     try:
         tasks, ids, estimate = await asyncio.to_thread(_read_tree, pid, watched)
@@ -187,30 +224,41 @@ class _Dump:
     """One dump from its record's insertion to its sealed, renamed images dir."""
 
     def __init__(
-        self, rt: DumpRuntime, spec: CheckpointSpec, caller: Caller, start: int, tree: Tree
+        self,
+        rt: DumpRuntime,
+        spec: CheckpointSpec,
+        caller: Caller,
+        start: int,
+        tree: Tree | None,
+        guess: frozen.Guess | None = None,
     ) -> None:
         self.rt, self.spec, self.caller, self.start = rt, spec, caller, start
-        self.tree = tree
+        # The walk's, before criu; or None, and guess: walked while criu holds the tree.
+        self.tree, self.guess = tree, guess
         self.id = names.new_id()
         self.tmp = rt.settings.checkpoints_dir / f"{TMP_PREFIX}{self.id}"
         self.final = rt.settings.checkpoints_dir / self.id
         self.manifest: mf.Manifest | None = None
 
-    async def run(self) -> CheckpointRecord:
-        """Record, dump, seal and rename; the record says how it ended."""
-        pid, rt, tree = self.spec.pid, self.rt, self.tree
-        run_as = tree.run_as
-        operations.report(**tree.estimate)
+    async def run(self) -> CheckpointRecord | None:
+        """Record, dump, seal and rename; the record says how it ended.
+
+        None (only where the tree was to be walked frozen): nothing was
+        kept, neither record nor images, and the dump must run walk first.
+        """
+        pid, rt = self.spec.pid, self.rt
         rec = await self._insert_record()
         try:
             # We generated the id; mkdir (not makedirs) never follows a link
             # at the last component and fails if anything is already there.
             os.mkdir(self.tmp, 0o700)
-            self.manifest = await self._build_manifest(tree.tasks, tree.ids, run_as)
-            if procutil.proc_start(pid) != self.start:
-                raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
-            operations.report(phase="dumping")
-            size, stats = await self._dump(self.manifest, run_as)
+            out = await (self._dump_frozen() if self.guess is not None else self._dump_walked())
+            if out is None:
+                await asyncio.to_thread(shutil.rmtree, self.tmp)
+                await rt.store.run(rt.store.delete_checkpoint, self.id)
+                return None
+            size, stats = out
+            assert self.manifest is not None  # built by either path before criu's end
             operations.report(
                 phase="writing", bytes_done=size, pages_done=stats.get("pages_written")
             )
@@ -233,6 +281,50 @@ class _Dump:
         # 10,000 fds) for what is in hand.
         external = list(manifest.get("external", []))
         return dataclasses.replace(rec, **done, external_keys=external)
+
+    async def _dump_walked(self) -> tuple[int, dict[str, int]]:
+        """The dump with the tree walked first (the walk already done, or done now)."""
+        tree = self.tree
+        assert tree is not None  # walked before this _Dump was made
+        operations.report(**tree.estimate)
+        self.manifest = await self._build_manifest(tree.tasks, tree.ids, tree.run_as)
+        self._check_start()
+        operations.report(phase="dumping")
+        out = await self._dump(self.manifest, tree.run_as)
+        assert out is not None  # only a frozen walk's dump gives up
+        return out
+
+    async def _dump_frozen(self) -> tuple[int, dict[str, int]] | None:
+        """The dump with the tree walked while criu holds it (criud.dump.frozen).
+
+        None: criu gave the tree back and nothing of the run is to be kept
+        (no warm worker took it, the guess was wrong, or the walk failed).
+        """
+        assert self.guess is not None
+        operations.report(**self.guess.estimate)
+        self._check_start()
+        operations.report(phase="dumping")
+        return await self._dump(None, None)
+
+    def _check_start(self) -> None:
+        pid = self.spec.pid
+        if procutil.proc_start(pid) != self.start:
+            raise ProcessNotFound(f"pid {pid} exited (or was reused) before the dump", pid=pid)
+
+    async def _walk_frozen(self) -> Tree:
+        tree = await walk_tree(self.rt.criu, self.spec.pid, self.caller, frozen_by_criu=True)
+        operations.report(**tree.estimate)  # the whole tree's, not the root's alone
+        return tree
+
+    async def _accept(self, tree: Tree, images_arg: Path, argv: list[str]) -> bool:
+        """Whether criu ran with the argv this walk gives; if so, keep its manifest."""
+        if tree.run_as is not None:
+            return False  # criu must run as the tree's owner
+        m = await self._build_manifest(tree.tasks, tree.ids, None)
+        if self._argv(m, images_arg, None) != argv:
+            return False
+        self.tree, self.manifest = tree, m
+        return True
 
     async def _insert_record(self) -> CheckpointRecord:
         spec, rt = self.spec, self.rt
@@ -296,8 +388,14 @@ class _Dump:
             oci=oci_record,
         )
 
-    async def _dump(self, m: mf.Manifest, run_as: RunAs | None) -> tuple[int, dict[str, int]]:
-        """Run criu dump into the tmp dir; seal what it wrote; (size, stats)."""
+    async def _dump(
+        self, m: mf.Manifest | None, run_as: RunAs | None
+    ) -> tuple[int, dict[str, int]] | None:
+        """Run criu dump into the tmp dir; seal what it wrote; (size, stats).
+
+        m None: the tree is walked while criu holds it (criud.dump.frozen);
+        None back means nothing was kept and the dump must run walk first.
+        """
         tmp_fd = imgdir.open_dir(self.tmp)
         log_fd = -1
         try:
@@ -307,51 +405,111 @@ class _Dump:
             log_st = os.fstat(log_fd)
             ids = (run_as.uid, run_as.gid) if run_as is not None else None
             images_arg = imgdir.criu_dir(self.tmp, tmp_fd, ids, writable=True)
-            argv = self._argv(m, images_arg, run_as)
-            chain = await self._pre_dumps(argv, tmp_fd, run_as)
-            if chain is not None:
-                argv = chained_argv(argv, round_link(self.spec.pre_dumps, final=True))
-            watch = _watching(tmp_fd) if self.spec.watch_images else contextlib.nullcontext()
-            operations.report(phase="dumping")
-            async with watch:
-                result = await self.rt.criu.run(
-                    argv,
-                    LogFile(log_fd, self.tmp / DUMP_LOG),
-                    pass_fds=[tmp_fd] if run_as is not None else [],
-                    run_as=run_as,
-                    watch_pid=self.spec.pid,
-                )
+            if m is None:
+                log_file = LogFile(log_fd, self.tmp / DUMP_LOG)
+                result = await self._criu_frozen(images_arg, log_file, tmp_fd)
+                if result is None:
+                    return None
+                chain = None
+            else:
+                argv = self._argv(m, images_arg, run_as)
+                chain = await self._pre_dumps(argv, tmp_fd, run_as)
+                if chain is not None:
+                    argv = chained_argv(argv, round_link(self.spec.pre_dumps, final=True))
+                result = await self._criu(argv, log_fd, tmp_fd, run_as)
             if not result.ok:
-                err = await criu_errors.failure(
-                    self.rt.criu,
-                    f"dump of pid {self.spec.pid}",
-                    result,
-                    "dump",
-                    self.id,
-                    self.rt.settings.checkpoints_dir,
-                )
-                await asyncio.to_thread(_keep_log_only, self.tmp, self.final, log_fd)
-                raise err
-            owner = run_as.uid if run_as is not None else 0
-            expect = {DUMP_LOG: (log_st.st_dev, log_st.st_ino)}
-            walked = self._walked(m)
-            try:
-                out = await asyncio.to_thread(
-                    _seal_dump, self.id, tmp_fd, owner, expect, chain, walked, run_as is None
-                )
-            except BaseException:
-                if self._stops_tree():
-                    # Refused (tree_changed, tampering, a cancel): nothing
-                    # was taken from the tree, and it runs on.
-                    await asyncio.to_thread(_signal_tree, self.spec.pid, owner, signal.SIGCONT)
-                raise
-            if self._stops_tree():
-                await asyncio.to_thread(_signal_tree, self.spec.pid, owner, signal.SIGKILL)
-            return out
+                await self._criu_failed(result, log_fd)
+            assert self.manifest is not None
+            return await self._seal(
+                tmp_fd, run_as, {DUMP_LOG: (log_st.st_dev, log_st.st_ino)}, chain
+            )
         finally:
             if log_fd >= 0:
                 os.close(log_fd)
             os.close(tmp_fd)
+
+    async def _criu(
+        self, argv: list[str], log_fd: int, tmp_fd: int, run_as: RunAs | None
+    ) -> CriuResult:
+        """criu dump with argv, the images dir's growth watched as progress."""
+        watch = _watching(tmp_fd) if self.spec.watch_images else contextlib.nullcontext()
+        operations.report(phase="dumping")
+        async with watch:
+            return await self.rt.criu.run(
+                argv,
+                LogFile(log_fd, self.tmp / DUMP_LOG),
+                pass_fds=[tmp_fd] if run_as is not None else [],
+                run_as=run_as,
+                watch_pid=self.spec.pid,
+            )
+
+    async def _criu_frozen(
+        self, images_arg: Path, log_file: LogFile, tmp_fd: int
+    ) -> CriuResult | None:
+        """criu dump with the guessed argv on a warm worker, the tree walked meanwhile.
+
+        None: no warm worker took it, or the walk found the guess wrong
+        (criu failed the dump at post-dump, or on a pty slave the guess
+        missed): the tree runs on, and nothing of the run is kept.
+        """
+        assert self.guess is not None
+        argv = self._argv_guessed(images_arg, self.guess)
+
+        async def accept(tree: Tree) -> bool:
+            return await self._accept(tree, images_arg, argv)
+
+        walk = frozen.FrozenWalk(self._walk_frozen, accept)
+        watch = _watching(tmp_fd) if self.spec.watch_images else contextlib.nullcontext()
+        try:
+            async with watch:
+                result = await self.rt.criu.run_notified(
+                    argv, log_file, walk.notify, watch_pid=self.spec.pid
+                )
+            if result is None or walk.retry:
+                return None
+            if not result.ok and await walk.disagrees():
+                return None
+            return result
+        finally:
+            await walk.settle()
+
+    async def _criu_failed(self, result: CriuResult, log_fd: int) -> None:
+        """Raise criu's failure, its log kept in the final dir."""
+        err = await criu_errors.failure(
+            self.rt.criu,
+            f"dump of pid {self.spec.pid}",
+            result,
+            "dump",
+            self.id,
+            self.rt.settings.checkpoints_dir,
+        )
+        await asyncio.to_thread(_keep_log_only, self.tmp, self.final, log_fd)
+        raise err
+
+    async def _seal(
+        self,
+        tmp_fd: int,
+        run_as: RunAs | None,
+        expect: dict[str, tuple[int, int]],
+        chain: imgdir.Chain | None,
+    ) -> tuple[int, dict[str, int]]:
+        """Seal what criu wrote; end or resume a tree criu left stopped."""
+        assert self.manifest is not None
+        owner = run_as.uid if run_as is not None else 0
+        walked = self._walked(self.manifest)
+        try:
+            out = await asyncio.to_thread(
+                _seal_dump, self.id, tmp_fd, owner, expect, chain, walked, run_as is None
+            )
+        except BaseException:
+            if self._stops_tree():
+                # Refused (tree_changed, tampering, a cancel): nothing
+                # was taken from the tree, and it runs on.
+                await asyncio.to_thread(_signal_tree, self.spec.pid, owner, signal.SIGCONT)
+            raise
+        if self._stops_tree():
+            await asyncio.to_thread(_signal_tree, self.spec.pid, owner, signal.SIGKILL)
+        return out
 
     async def _pre_dumps(
         self, argv: list[str], tmp_fd: int, run_as: RunAs | None
@@ -449,6 +607,22 @@ class _Dump:
             not self.caller.is_root
             and not self.spec.options.leave_running
             and "--leave-stopped" not in self.spec.extra_args
+        )
+
+    def _argv_guessed(self, images_arg: Path, guess: frozen.Guess) -> list[str]:
+        """The argv of a root's plain dump (frozen.applies) from the guess, not a walk."""
+        own_ns = own_namespaces(self.spec.pid)
+        opts = self.spec.options
+        return dump_argv(
+            self.spec.pid,
+            images_arg,
+            opts,
+            external_unix=(),
+            external_tty=guess.ttys,
+            network_lock=network_lock(self.rt.criu, opts.tcp_established or "net" in own_ns),
+            unprivileged=False,
+            external_ns=(),
+            extra=(),
         )
 
     def _argv(self, m: mf.Manifest, images_arg: Path, run_as: RunAs | None) -> list[str]:

@@ -68,6 +68,8 @@ class FakeCriuBase:
     unprivileged_for_users = False
     timeout_s = 30.0
     gone_grace_s = 1.0
+    # No warm pool: root's dumps walk their tree first (criud.dump.frozen).
+    pool: object | None = None
 
 
 @contextlib.contextmanager

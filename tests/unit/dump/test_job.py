@@ -311,3 +311,89 @@ def test_a_non_root_callers_dump_is_checked_against_its_walk(runtime: FakeRuntim
     assert alice._walked(m) == job.Walked(tids=frozenset({5, 6}), count=2)
     in_ns = dataclasses.replace(m, namespaces={"pid": 4026532000})
     assert alice._walked(in_ns) == job.Walked(tids=None, count=2)
+
+
+class FrozenCriu(FakeCriu):
+    """A warm pool's criu: run_notified stops at criu's notifications, as criu 4.2.1 does."""
+
+    pool = object()
+
+    def __init__(self, worker: bool = True) -> None:
+        super().__init__()
+        self.worker = worker
+        self.answers: list[tuple[str, bool]] = []
+        self.ran: list[str] = []
+
+    async def run_notified(
+        self, argv: Sequence[str], log: LogFile, notify: Any, **_: Any
+    ) -> CriuResult | None:
+        if not self.worker:
+            return None
+        self.ran.append("notified")
+        for action in ("pre-dump", "query-ext-files", "post-dump"):
+            ok = await notify(action)
+            self.answers.append((action, ok))
+            if not ok:  # criu resumes the tree and fails the dump
+                return CriuResult(1, log.path, "RPC client reported script error", [])
+        return await super().run(argv, log)
+
+    async def run(self, argv: Sequence[str], log: LogFile, **kw: Any) -> CriuResult:
+        self.ran.append("walked")
+        return await super().run(argv, log, **kw)
+
+
+def test_a_root_dump_walks_its_tree_at_crius_stops(
+    runtime: FakeRuntime, target: subprocess.Popen[bytes]
+) -> None:
+    runtime.criu = FrozenCriu()
+    before = open_fds()
+    rec = _dump(runtime, target.pid)
+    assert rec.state == CheckpointState.DONE, rec
+    assert runtime.criu.answers == [
+        ("pre-dump", True),
+        ("query-ext-files", True),
+        ("post-dump", True),
+    ]
+    assert runtime.criu.ran == ["notified"]
+    # The manifest is the walk's, taken while criu held the tree.
+    m = Manifest.from_json(rec.manifest)
+    assert m.tasks[0].pid == target.pid and m.uids[str(target.pid)] == (0, 0, 0, 0)
+    assert [f["fd"] for f in m.tasks[0].fds][:3] == [0, 1, 2]
+    assert open_fds() == before and runtime.busy == set()
+
+
+def test_no_idle_warm_worker_walks_the_tree_first(
+    runtime: FakeRuntime, target: subprocess.Popen[bytes]
+) -> None:
+    runtime.criu = FrozenCriu(worker=False)
+    rec = _dump(runtime, target.pid)
+    assert rec.state == CheckpointState.DONE, rec
+    assert runtime.criu.ran == ["walked"]
+    # One record, the walk-first dump's: nothing of the first try is left.
+    assert [r.id for r in runtime.store.list_checkpoints()] == [rec.id]
+    assert os.listdir(runtime.settings.checkpoints_dir) == [rec.id]
+
+
+def test_a_walk_that_fails_at_post_dump_runs_the_dump_again(
+    runtime: FakeRuntime, target: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The frozen walk breaks (here: its manifest cannot be built once); criu
+    # is told to fail at post-dump, and the dump runs again walk first.
+    runtime.criu = FrozenCriu()
+    real = job._Dump._build_manifest
+    calls = {"n": 0}
+
+    async def flaky(self: Any, *a: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("a /proc read failed")
+        return await real(self, *a)
+
+    monkeypatch.setattr(job._Dump, "_build_manifest", flaky)
+    rec = _dump(runtime, target.pid)
+    assert rec.state == CheckpointState.DONE, rec
+    assert runtime.criu.answers[-1] == ("post-dump", False)
+    assert runtime.criu.ran == ["notified", "walked"]
+    assert [r.id for r in runtime.store.list_checkpoints()] == [rec.id]
+    assert os.listdir(runtime.settings.checkpoints_dir) == [rec.id]
+    assert runtime.failed_updates == 0
