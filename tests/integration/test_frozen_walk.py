@@ -136,9 +136,7 @@ def test_a_pty_the_guess_missed_makes_the_dump_run_again(daemon: Daemon, procs: 
         wait_for(lambda: pid_gone(r["pid"]) or proc_state(r["pid"]) == "Z", 10, what="tree dead")
 
 
-def test_a_wrong_guess_is_refused_at_post_dump_and_runs_again(
-    daemon: Daemon, procs: Procs
-) -> None:
+def test_a_wrong_guess_is_refused_at_post_dump_and_runs_again(daemon: Daemon, procs: Procs) -> None:
     # A pty slave on the root's stdio is guessed external, but the root
     # holds its master too: the walk says it is paired, criu is told to
     # fail at post-dump (the tree runs on), and the dump runs again.
