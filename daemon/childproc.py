@@ -20,7 +20,7 @@ import asyncio
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 
@@ -96,3 +96,46 @@ async def start(cmd: Sequence[str], pass_fds: Sequence[int] = ()) -> Child:
         child.kill()
         await child.wait()
         raise
+
+
+class _Waitable(Protocol):
+    @property
+    def pid(self) -> int: ...
+    async def wait(self) -> int: ...
+
+
+class Reaper:
+    """Children waited for in the background, each by a task kept until it is done.
+
+    A child whose parent no longer waits on it in the foreground (a criu
+    worker that has answered, a path opener that has replied, a worker
+    thrown away) must still be reaped, and its pid forgotten by whoever
+    counts it only then: the orphan sweep never takes a child still in its
+    runner's set for someone else's.  The loop holds tasks weakly; this set
+    keeps each wait alive until it ends.
+    """
+
+    def __init__(self, forget: Callable[[int], None]) -> None:
+        self._forget = forget
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self._tasks)
+
+    def reap(self, proc: _Waitable) -> None:
+        """Wait for proc in the background; forget its pid once it is gone."""
+
+        async def wait() -> None:
+            try:
+                await proc.wait()
+            finally:
+                self._forget(proc.pid)
+
+        task = asyncio.get_running_loop().create_task(wait())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait until every child handed over so far (and any reaped meanwhile) is gone."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

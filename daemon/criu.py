@@ -377,8 +377,8 @@ class Criu:
         )
         # Pre-started `criu swrk` workers (start_pool); None: every run is the CLI.
         self.pool: criu_rpc.WarmPool | None = None
-        # Workers that answered a dump and are still exiting (_reap_later).
-        self._reaping: set[asyncio.Task[None]] = set()
+        # Workers that answered a dump and are still exiting.
+        self._reaping = childproc.Reaper(self.running.discard)
         # Workers started for fd handles (prestart); None without a pool.
         self.handle_workers: criu_rpc.HandleWorkers | None = None
 
@@ -439,7 +439,7 @@ class Criu:
         if held is not None:
             await held.close()
         # Answered workers exit on their own within a millisecond.
-        await asyncio.gather(*self._reaping, return_exceptions=True)
+        await self._reaping.drain()
 
     async def _capture(self, *args: str) -> tuple[int, str]:
         proc = await self._spawn(
@@ -795,7 +795,7 @@ class Criu:
             raise
         finally:
             if proc.returncode is None:
-                self._reap_later(proc)
+                self._reaping.reap(proc)
             else:
                 self.running.discard(proc.pid)
             if target is not None:
@@ -811,19 +811,6 @@ class Criu:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             return await proc.wait()
-
-    def _reap_later(self, proc: childproc.Proc) -> None:
-        """Wait for a worker that has answered; its pid stays in `running` until it is gone."""
-
-        async def reap() -> None:
-            try:
-                await proc.wait()
-            finally:
-                self.running.discard(proc.pid)
-
-        task = asyncio.get_running_loop().create_task(reap())
-        self._reaping.add(task)
-        task.add_done_callback(self._reaping.discard)
 
     async def _spawn(
         self,

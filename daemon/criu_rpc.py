@@ -351,7 +351,7 @@ class HandleWorkers:
         self._forget = forget
         # Per handle: the start (a task until the worker runs, then done).
         self._workers: dict[str, asyncio.Task[Worker | None]] = {}
-        self._reaping: set[asyncio.Task[None]] = set()
+        self._reaping = childproc.Reaper(self._forget)
         # Counted for the logs and the benchmark.
         self.started = 0
         self.taken = 0
@@ -423,14 +423,7 @@ class HandleWorkers:
 
     def _discard(self, w: Worker) -> None:
         w.close()
-
-        async def reap() -> None:
-            await w.proc.wait()
-            self._forget(w.proc.pid)
-
-        t = asyncio.get_running_loop().create_task(reap())
-        self._reaping.add(t)
-        t.add_done_callback(self._reaping.discard)
+        self._reaping.reap(w.proc)
 
     async def close(self) -> None:
         """Kill and reap every handle's worker (shutdown)."""
@@ -439,8 +432,7 @@ class HandleWorkers:
             self.drop(key)
         await asyncio.gather(*starting, return_exceptions=True)
         await asyncio.sleep(0)  # the starts' done callbacks queue their reaps
-        while self._reaping:
-            await asyncio.gather(*self._reaping, return_exceptions=True)
+        await self._reaping.drain()
 
 
 async def exchange(w: Worker, req: rpc.criu_req) -> None:

@@ -32,6 +32,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from criud.daemon import childproc
 from criud.daemon.errors import (
     FifoNoReader,
     InheritOpenerFailed,
@@ -221,7 +222,7 @@ class PathOpener:
         self._python = os.path.realpath(sys.executable)
         self._total = asyncio.Semaphore(MAX_TOTAL)
         self._per_uid: dict[int, tuple[asyncio.Semaphore, int]] = {}
-        self._reaping: set[asyncio.Task[None]] = set()
+        self._reaping = childproc.Reaper(self._running.discard)
 
     async def open(self, requests: Sequence[PathRequest], creds: Creds) -> list[int]:
         """Open every request as creds; the fds (O_CLOEXEC, in order) are the caller's to close.
@@ -275,7 +276,7 @@ class PathOpener:
                 # Timed out or cancelled: never leave the child behind.
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-                self._reap_later(proc)
+                self._reaping.reap(proc)
 
     async def _spawn(self, sock_fd: int, creds: Creds) -> asyncio.subprocess.Process:
         # Held from fork until the pid is in _running: the orphan sweep must
@@ -328,17 +329,6 @@ class PathOpener:
             if "ok" in doc and doc["ok"] == len(requests) == len(owned):
                 return owned.detach()
         raise _error(doc.get("error"), requests, rc)
-
-    def _reap_later(self, proc: asyncio.subprocess.Process) -> None:
-        async def reap() -> None:
-            try:
-                await proc.wait()
-            finally:
-                self._running.discard(proc.pid)
-
-        task = asyncio.get_running_loop().create_task(reap())
-        self._reaping.add(task)
-        task.add_done_callback(self._reaping.discard)
 
 
 def _error(err: Any, requests: Sequence[PathRequest], rc: int | None) -> Exception:
