@@ -505,10 +505,10 @@ class _Dump:
             if self._stops_tree():
                 # Refused (tree_changed, tampering, a cancel): nothing
                 # was taken from the tree, and it runs on.
-                await asyncio.to_thread(_signal_tree, self.spec.pid, owner, signal.SIGCONT)
+                await asyncio.to_thread(signal_tree, self.spec.pid, owner, signal.SIGCONT)
             raise
         if self._stops_tree():
-            await asyncio.to_thread(_signal_tree, self.spec.pid, owner, signal.SIGKILL)
+            await asyncio.to_thread(signal_tree, self.spec.pid, owner, signal.SIGKILL)
         return out
 
     async def _pre_dumps(
@@ -820,14 +820,15 @@ def _ids_now(tid: int) -> creds.TaskCreds | None:
         return None
 
 
-def _signal_tree(root: int, uid: int, signo: int) -> None:
+def signal_tree(root: int, uid: int | None, signo: int) -> None:
     """signo to root and its descendants, each through a pidfd and only if wholly uid's.
 
     The tree is stopped (criu's --leave-stopped): none of it can fork or
     exit on its own.  Each task's children are listed before it is
     signalled, and a task is signalled only when its real, effective, saved
-    and fs uids are all uid, read with its pidfd open: a pid its owner
-    freed and someone else took is never signalled.
+    and fs uids are all uid (None: whoever's; root's own dumps), read with
+    its pidfd open: a pid its owner freed and someone else took is never
+    signalled.
     """
     todo, seen = [root], set()
     while todo:
@@ -840,7 +841,7 @@ def _signal_tree(root: int, uid: int, signo: int) -> None:
         except OSError:
             continue
         try:
-            if set(procutil.status_ids(pid, "Uid")) == {uid}:
+            if uid is None or set(procutil.status_ids(pid, "Uid")) == {uid}:
                 todo.extend(procutil.children(pid))
                 signal.pidfd_send_signal(pidfd, signo)
         except (OSError, ValueError):

@@ -52,7 +52,6 @@ from criud.daemon.operations import Progress
 from criud.daemon.store import CheckpointRecord
 from criud.dump import export
 from criud.dump import job as dump_job
-from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
 
 log = logging.getLogger("criud.migrate")
@@ -200,7 +199,7 @@ class _Move:
             await _cancelled(commit)
         other_s = time.monotonic() - t_send
         if not self.spec.options.leave_running:
-            _signal_tree(self.local, signal.SIGKILL)
+            await _signal_tree(self.local, signal.SIGKILL)
         stats = self.local.stats or {}
         timing = {
             "frozen": stats.get("frozen_time_us", 0) / 1e6,
@@ -336,7 +335,7 @@ class _Move:
     async def _undo(self, e: BaseException) -> None:
         """After a failure: the destination aborts; a stopped source tree runs on."""
         if self.local is not None and not self.spec.options.leave_running:
-            _signal_tree(self.local, signal.SIGCONT)
+            await _signal_tree(self.local, signal.SIGCONT)
         elif self.local is None:
             # A failed dump left its (failed) record: the migration's, removed.
             await self._drop_failed()
@@ -352,15 +351,15 @@ class _Move:
                     await self.rt.drop_checkpoint(rec)
 
 
-def _signal_tree(rec: CheckpointRecord, signo: int) -> None:
-    """Send signo to every task the dump recorded (SIGKILL once committed, else SIGCONT).
+async def _signal_tree(rec: CheckpointRecord, signo: int) -> None:
+    """Send signo to the tree the dump left stopped (SIGKILL once committed, else SIGCONT).
 
-    The tasks are stopped (criu's --leave-stopped): none can exit and have
-    its pid reused meanwhile, short of another's SIGKILL.
+    Through pidfds from the dumped root down (criud.dump.job.signal_tree):
+    stopped tasks cannot exit, and a pid freed by another's SIGKILL and
+    taken by someone else is never signalled.  The tree may be anyone's
+    the caller was allowed to migrate (its ids were checked before).
     """
-    for pid in Manifest.from_json(rec.manifest or {}).pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signo)
+    await asyncio.to_thread(dump_job.signal_tree, rec.pid, None, signo)
 
 
 async def _send(
