@@ -584,14 +584,19 @@ async def _read_pstree_soon(
     except OSError:
         small = False  # _read_pstree says what is wrong
     if small:
-        return _read_pstree(ckpt_id, images_fd, run_as)
+        return _read_pstree(ckpt_id, images_fd, run_as, sealed=True)
     return await asyncio.to_thread(_read_pstree, ckpt_id, images_fd, run_as)
 
 
-def _read_pstree(ckpt_id: str, images_fd: int, run_as: RunAs | None) -> list[dict[str, Any]]:
-    """Seal the images dir if a previous release left it the owner's; read its pstree."""
+def _read_pstree(
+    ckpt_id: str, images_fd: int, run_as: RunAs | None, sealed: bool = False
+) -> list[dict[str, Any]]:
+    """Seal the images dir if a previous release left it the owner's; read its pstree.
+
+    sealed: the caller has just seen the dir sealed (one fstat less).
+    """
     try:
-        if not imgdir.is_sealed(images_fd):
+        if not sealed and not imgdir.is_sealed(images_fd):
             imgdir.seal(images_fd, run_as.uid if run_as is not None else 0)
             log.info("sealed checkpoint %s (left writable by a previous release)", ckpt_id)
         tree = images.parse_pstree(imgdir.read_small(images_fd, "pstree.img", PSTREE_CAP))
