@@ -692,7 +692,8 @@ def tree_pids(root: int) -> list[int]:
     return order
 
 
-def _fd_numbers(pid: int) -> list[int]:
+def fd_numbers(pid: int) -> list[int]:
+    """The fd numbers pid holds now, sorted; [] if it is gone."""
     try:
         return sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
     except OSError:

@@ -55,6 +55,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 WATCH_INTERVAL_S = 0.25
 # The log of each pre-dump round, in its round dir (the daemon creates it).
 PRE_DUMP_LOG = "pre-dump.log"
+# Above this many fds in a tree, a check of its fds runs in a thread.
+INLINE_FDS_MAX = 256
 # The most of a pstree.img the daemon reads (as criud.restore.job does).
 PSTREE_CAP = 16 << 20
 
@@ -320,6 +322,9 @@ class _Dump:
         """Whether criu ran with the argv this walk gives; if so, keep its manifest."""
         if tree.run_as is not None:
             return False  # criu must run as the tree's owner
+        many = sum(len(t.fds) for t in tree.tasks) > INLINE_FDS_MAX
+        tasks = await asyncio.to_thread(_as_left, tree.tasks) if many else _as_left(tree.tasks)
+        tree = dataclasses.replace(tree, tasks=tasks)
         m = await self._build_manifest(tree.tasks, tree.ids, None)
         if self._argv(m, images_arg, None) != argv:
             return False
@@ -675,6 +680,31 @@ def _read_tree(
             if estimate and tid == t.pid:
                 mems.append(proc_inspect.memory_from_status(text))
     return tasks, ids, _estimate(mems) if estimate else {}
+
+
+def _as_left(tasks: list[fdinfo.TaskInfo]) -> list[fdinfo.TaskInfo]:
+    """The walked tasks without the fds criu's parasite held while the walk read them.
+
+    A task criu is dumping holds criu's own fds for that while: the
+    parasite's socket to criu, criu's log, the pipes its pages go through
+    (compel's infect.c, criu's mem.c).  A walk beside criu may read a task
+    then; by post-dump every task is cured and still frozen, so an fd the
+    walk saw that the task no longer holds was criu's.  (A frozen task
+    opens nothing: an fd the walk did not list is one it could not
+    classify, left out as a walk-first dump leaves it out.)
+    """
+    out: list[fdinfo.TaskInfo] = []
+    changed = False
+    for t in tasks:
+        now = set(fdinfo.fd_numbers(t.pid))
+        walked = {f["fd"] for f in t.fds}
+        if walked - now:
+            changed = True
+            t = dataclasses.replace(t, fds=[f for f in t.fds if f["fd"] in now])
+        out.append(t)
+    if changed:
+        fdinfo.mark_external([t.fds for t in out])
+    return out
 
 
 def _status(pid: int, tid: int) -> str | None:

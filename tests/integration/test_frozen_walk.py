@@ -139,12 +139,15 @@ def test_a_pty_the_guess_missed_makes_the_dump_run_again(daemon: Daemon, procs: 
 def test_a_wrong_guess_is_refused_at_post_dump_and_runs_again(daemon: Daemon, procs: Procs) -> None:
     # A pty slave on the root's stdio is guessed external, but the root
     # holds its master too: the walk says it is paired, criu is told to
-    # fail at post-dump (the tree runs on), and the dump runs again.
+    # fail at post-dump (the tree runs on), and the dump runs again.  (About
+    # one run in ten here, criu refuses that argv on its own before
+    # post-dump; the walk then says why, and the dump runs again all the
+    # same.)
     p = procs.python(OWN_PAIR)
     wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/fd")) >= 4, 10, what="pty pair open")
     ck = daemon.client.checkpoint(p.pid, leave_running=True)
     assert ck["external"] == []
-    assert REFUSED_MARK in daemon.log()
+    assert REFUSED_MARK in daemon.log() or FAILED_MARK in daemon.log()
     assert FROZEN_MARK not in dump_log(daemon, ck["id"])
     assert [c["id"] for c in records_of(daemon, p.pid)] == [ck["id"]]
     assert leftovers(daemon) == []
@@ -156,3 +159,40 @@ def test_a_wrong_guess_is_refused_at_post_dump_and_runs_again(daemon: Daemon, pr
     procs.adopt(r["pid"])
     assert proc_state(r["pid"]) in ("S", "R")
     assert Path(f"/proc/{r['pid']}/fd/0").resolve().name.isdigit()
+
+
+# A parent and 24 children, all `sleep`s holding only /dev/null: nothing
+# of theirs is external.
+FAMILY = r"""
+import os, subprocess, sys, time
+kids = [subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(24)]
+time.sleep(1000)
+"""
+
+
+def family(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *map(int, f.read().split())]
+    except OSError:
+        return []
+
+
+def test_a_family_walked_beside_criu_is_recorded_as_it_is(daemon: Daemon, procs: Procs) -> None:
+    # 25 tasks, walked while criu dumps them one by one: every dump records
+    # exactly the fds the tasks hold, and nothing external.  (While criu
+    # dumps a task, its parasite holds criu's fds there; the walk may read
+    # the task then: criud.dump.job._as_left, tests/unit/dump/test_job.py.)
+    p = procs.python(FAMILY)
+    wait_for(lambda: len(family(p.pid)) == 25, 20, what="25 tasks")
+    before = daemon.client.inspect_pid(p.pid)
+    want = {(t["pid"], f["fd"], f["key"]) for t in before["tasks"] for f in t["fds"]}
+    assert len(before["tasks"]) == 25
+    for _ in range(8):
+        ck = daemon.client.checkpoint(p.pid, leave_running=True)
+        assert ck["external"] == [], ck["external"]
+        assert FROZEN_MARK in dump_log(daemon, ck["id"])
+        got = {(f["pid"], f["fd"], f["key"]) for f in daemon.client.inspect(ck["id"])["fds"]}
+        assert got == want
+        daemon.client.delete(ck["id"])

@@ -20,6 +20,7 @@ from criud.daemon.config import Settings
 from criud.daemon.criu import CriuResult, LogFile
 from criud.daemon.errors import Busy, CheckpointTampered, TreeChanged
 from criud.daemon.store import CheckpointState, Store
+from criud.dump import fds as fdinfo
 from criud.dump import images, job
 from criud.dump.argv import DUMP_LOG
 from criud.dump.manifest import Manifest
@@ -397,3 +398,48 @@ def test_a_walk_that_fails_at_post_dump_runs_the_dump_again(
     assert [r.id for r in runtime.store.list_checkpoints()] == [rec.id]
     assert os.listdir(runtime.settings.checkpoints_dir) == [rec.id]
     assert runtime.failed_updates == 0
+
+
+def test_fds_criu_held_in_a_task_during_the_walk_are_left_out() -> None:
+    # While criu dumps a task, its parasite holds criu's fds there: a socket
+    # to criu, criu's log, the pipes the pages go through.  A walk beside
+    # criu may read them; by post-dump the task no longer holds them.
+    r, w = os.pipe()
+    p = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL, stdout=w, pass_fds=(r,))
+    try:
+        tasks = fdinfo.read_tree(p.pid)
+        held = [f["fd"] for f in tasks[0].fds]
+        # What the walk would have seen mid-dump: one end of criu's page pipe
+        # and the parasite's socket, both leading outside the tree.
+        tasks[0].fds.append(
+            {
+                "fd": 700,
+                "type": "pipe",
+                "key": "pipe:[1]",
+                "mode": "w",
+                "target": "pipe:[1]",
+                "inode": 1,
+                "external": True,
+            }
+        )
+        tasks[0].fds.append(
+            {
+                "fd": 701,
+                "type": "unix",
+                "key": "socket:[2]",
+                "mode": "rw",
+                "target": "socket:[2]",
+                "inode": 2,
+                "peer": 3,
+                "external": True,
+            }
+        )
+        left = job._as_left(tasks)
+        assert [f["fd"] for f in left[0].fds] == held
+        # The tree's own pipe, both ends held: not external.
+        assert [f["external"] for f in left[0].fds if f["type"] == "pipe"] == [False, False]
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+        os.close(r)
+        os.close(w)
