@@ -113,7 +113,8 @@ class _DeferBuild(importlib.abc.MetaPathFinder):
 
     pydantic has no global switch for it: a model takes its config from its
     bases, so the flag is set on BaseModel's own config for as long as the
-    module's body runs, and taken off before anything else is imported.
+    module's body runs, and taken off before anything else is imported
+    (this happens at start-up, before any thread that could make a model).
     Models made then keep `defer_build` in their config, which only says
     when pydantic builds them.
     """
@@ -123,6 +124,8 @@ class _DeferBuild(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if name not in DEFERRED:
             return None
+        if all(n in sys.modules or n == name for n in DEFERRED):
+            sys.meta_path.remove(self)  # the last one: nothing left to watch for
         spec = importlib.machinery.PathFinder.find_spec(name, path, target)
         if spec is not None and isinstance(spec.loader, importlib.machinery.SourceFileLoader):
             spec.loader = _DeferBuildLoader(spec.loader.name, spec.loader.path)
