@@ -98,9 +98,9 @@ def keep_out_unused() -> None:
 # Modules whose pydantic models only rare requests use, built on first use
 # instead of as they load.  fastapi.openapi.models (some forty models of
 # the OpenAPI document itself) is imported by `import fastapi`, and
-# pydantic-core compiles each model as its class is made: 1.2 MiB of the
+# pydantic-core compiles each model as its class is made: 1.3 MiB of the
 # idle daemon's RSS (bench/memory_map.py pair, docs/benchmarks.md) and
-# ~90 ms of start-up, for models that only serving /openapi.json or /docs
+# ~85 ms of start-up, for models that only serving /openapi.json or /docs
 # instantiates.  The document is the same either way (pydantic builds a
 # deferred model on its first validation); that request pays the build
 # once.  tests/unit/daemon/test_memory.py checks the models are still
@@ -113,8 +113,9 @@ class _DeferBuild(importlib.abc.MetaPathFinder):
 
     pydantic has no global switch for it: a model takes its config from its
     bases, so the flag is set on BaseModel's own config for as long as the
-    module's body runs, and taken off before anything else is imported
-    (this happens at start-up, before any thread that could make a model).
+    module's body runs (what that body imports is loaded already; the test
+    fails if any other model is left unbuilt), at start-up, before any
+    thread that could make a model meanwhile.
     Models made then keep `defer_build` in their config, which only says
     when pydantic builds them.
     """
