@@ -1,6 +1,7 @@
 """Where the idle daemon's memory goes (issue 13): the figures of docs/benchmarks.md.
 
     python bench/memory_map.py imports [RUNS]     # RSS per import step, fresh interpreters
+    python bench/memory_map.py variants [RUNS]    # levers outside criud's code, paired
     python bench/memory_map.py modules            # each criud module alone, over the framework
     python bench/memory_map.py daemon [RUNS]      # a live daemon, 1,000 records: where RSS sits
     python bench/memory_map.py pair OLD NEW [RUNS] # idle RSS, code at git rev OLD vs NEW, paired
@@ -15,7 +16,10 @@ start and the end, since other work on the machine moves RSS very little
 but timing a lot.
 
 RSS of a fresh interpreter is measured after gc.collect() and malloc_trim,
-so a step's figure is what it keeps, not what it passed through.
+so a step's figure is what it keeps, not what it passed through.  The
+interpreters of `imports` start as `criud serve` leaves them: with
+`-X no_debug_ranges` and criud.daemon.memory.keep_out_unused() (pydantic.v1
+kept out, fastapi.openapi.models' models built on first use).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import _repo  # the repo root on sys.path, for the tests' helpers
@@ -39,12 +44,26 @@ from tests.integration.helpers import Daemon
 CRIU = "/usr/local/sbin/criu"
 RECORDS = 1000
 
+# A step that is code, not a module: build the OpenAPI document's models,
+# as the first /openapi.json does (criud.daemon.memory.DEFERRED).
+BUILD_OPENAPI = (
+    "!import fastapi.openapi.models as m\n"
+    "from pydantic import BaseModel as B\n"
+    "for c in vars(m).values():\n"
+    "    if isinstance(c, type) and issubclass(c, B) and c is not B:\n"
+    "        c.model_rebuild()"
+)
+
+# What `criud serve` does before the framework loads.
+SERVE_SETUP = "!from criud.daemon import memory; memory.keep_out_unused()"
+
 # What the daemon imports, in the order its start-up needs them; each step
 # adds to the one before, so a delta is that step's own cost.  The third
 # field says when the daemon loads it now: "start" (start-up), "pool" (with
 # the warm criu pool, on by default), "lazy" (the first request that needs
 # it), "never".
 STEPS: list[tuple[str, list[str], str]] = [
+    ("`criud serve`'s set-up (criud.daemon.memory, ctypes)", [SERVE_SETUP], "start"),
     ("hashlib, ssl (OpenSSL's libcrypto and libssl)", ["hashlib", "ssl"], "start"),
     (
         "the rest of the stdlib the daemon uses (asyncio, sqlite3, logging, ...)",
@@ -53,6 +72,7 @@ STEPS: list[tuple[str, list[str], str]] = [
     ),
     ("pydantic", ["pydantic"], "start"),
     ("fastapi + starlette (+ anyio, opentelemetry-api)", ["fastapi", "fastapi.responses"], "start"),
+    ("fastapi.openapi.models' models built", [BUILD_OPENAPI], "lazy"),
     ("uvicorn (its package imports click, multiprocessing)", ["uvicorn"], "start"),
     ("uvicorn's httptools protocol", ["uvicorn.protocols.http.httptools_impl"], "start"),
     ("orjson", ["orjson"], "start"),
@@ -84,6 +104,11 @@ steps = json.loads(sys.argv[1])
 out = [rss()]
 for mods in steps:
     for m in mods:
+        if m.startswith("!"):
+            exec(m[1:])
+            continue
+        if m in sys.modules and sys.modules[m] is None:
+            del sys.modules[m]  # kept out by the set-up step: measured all the same
         importlib.import_module(m)
     out.append(rss())
 if sys.argv[2] == "app":
@@ -96,13 +121,19 @@ print(json.dumps(out))
 """
 
 
+# The interpreter's flags as `criud serve` runs (criud.daemon.memory.without_debug_ranges).
+SERVE_FLAGS = ("-X", "no_debug_ranges")
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def probe(steps: list[list[str]], app: bool = False) -> list[float]:
-    """RSS (MiB) of a fresh interpreter: bare, then after each step (and the app built)."""
-    argv = [sys.executable, "-c", PROBE, json.dumps(steps), "app" if app else "-"]
+def probe(
+    steps: list[list[str]], app: bool = False, flags: Sequence[str] = SERVE_FLAGS
+) -> list[float]:
+    """RSS (MiB) of a fresh interpreter (flags: the interpreter's): bare, then each step."""
+    argv = [sys.executable, *flags, "-c", PROBE, json.dumps(steps), "app" if app else "-"]
     out = subprocess.run(argv, check=True, capture_output=True, text=True)
     return [float(x) for x in json.loads(out.stdout)]
 
@@ -118,6 +149,52 @@ def cmd_imports(runs: int) -> None:
         print(f"| {name} | {med[i] - med[i - 1]:+.1f} | {med[i]:.1f} | {when} |")
     kept = sum(med[i] - med[i - 1] for i, (_, w) in enumerate(names, 1) if w in ("lazy", "never"))
     print(f"\nkept out of start-up: {kept:.1f} MiB (the pool's: {_pool_cost(med, names):.1f})")
+
+
+# The daemon's start-up imports as `criud serve` has them (no lazy steps),
+# then the app; each variant changes one thing, in a fresh interpreter.
+START = [mods for _, mods, when in STEPS if when == "start"]
+UVICORN_WITHOUT_INIT = (
+    "!import importlib.util, sys, types\n"
+    "spec = importlib.util.find_spec('uvicorn')\n"
+    "pkg = types.ModuleType('uvicorn')\n"
+    "pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec\n"
+    "sys.modules['uvicorn'] = pkg\n"
+    "import uvicorn.config, uvicorn.server\n"
+    "pkg.Config, pkg.Server = uvicorn.config.Config, uvicorn.server.Server"
+)
+VARIANT_SETUPS: list[tuple[str, tuple[str, ...], list[str]]] = [
+    ("as criud serve runs", SERVE_FLAGS, [SERVE_SETUP]),
+    ("code with column tables (no -X no_debug_ranges)", (), [SERVE_SETUP]),
+    (
+        "fastapi.openapi.models built at import (no deferral)",
+        SERVE_FLAGS,
+        ["!import sys; sys.modules['pydantic.v1'] = None"],
+    ),
+    # Measurement only: criud does not do this (it would stub a package).
+    (
+        "uvicorn's package without its __init__ (no uvicorn.main, click, multiprocessing)",
+        SERVE_FLAGS,
+        [SERVE_SETUP, UVICORN_WITHOUT_INIT],
+    ),
+]
+
+
+def cmd_variants(runs: int) -> None:
+    """Start-up RSS of each variant against criud serve's own, paired, fresh interpreters."""
+    print(f"load at start: {loadavg()}")
+    got: dict[str, list[float]] = defaultdict(list)
+    for i in range(runs):
+        order = VARIANT_SETUPS if i % 2 == 0 else VARIANT_SETUPS[::-1]
+        for name, flags, setup in order:
+            steps = [setup, *START[1:]]  # START[0] is the set-up itself
+            got[name].append(probe(steps, app=True, flags=flags)[-1])
+    base = got[VARIANT_SETUPS[0][0]]
+    print("| variant | MiB | paired - as run |\n|---|---:|---:|")
+    for name, _, _ in VARIANT_SETUPS:
+        diffs = [v - b for v, b in zip(got[name], base, strict=True)]
+        print(f"| {name} | {statistics.median(got[name]):.1f} | {statistics.median(diffs):+.1f} |")
+    print(f"load at end: {loadavg()}")
 
 
 def _pool_cost(med: list[float], names: list[tuple[str, str]]) -> float:
@@ -336,6 +413,8 @@ def main() -> int:
     what = sys.argv[1] if len(sys.argv) > 1 else "imports"
     if what == "imports":
         cmd_imports(int(sys.argv[2]) if len(sys.argv) > 2 else 5)
+    elif what == "variants":
+        cmd_variants(int(sys.argv[2]) if len(sys.argv) > 2 else 5)
     elif what == "modules":
         cmd_modules()
     elif what == "daemon":

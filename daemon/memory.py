@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.abc
+import importlib.machinery
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from types import ModuleType
 
 _trim: Callable[[int], int] | None = None
 _mallopt: Callable[[int, int], int] | None = None
@@ -47,6 +50,28 @@ def one_heap() -> None:
         _mallopt(M_ARENA_MAX, 1)
 
 
+def without_debug_ranges() -> None:
+    """Re-exec this interpreter with `-X no_debug_ranges` unless it runs so already.
+
+    Python 3.11 keeps a column range per instruction in every code object
+    (for the carets under a traceback's line), also in code loaded from
+    .pyc: 0.4 MiB of the idle daemon's code objects (bench/memory_map.py
+    pair, docs/benchmarks.md).  The flag drops them as code loads; it can
+    only be given when the interpreter starts, so `criud serve` execs
+    itself once with it, whichever way it was started (the console script,
+    `python -m criud.daemon.cli`, systemd, the tests' Daemon).  exec keeps
+    the pid and every inherited fd (systemd's LISTEN_FDS sockets); nothing
+    is open yet that it would close.  Tracebacks keep their lines, without
+    the carets.  PYTHONNODEBUGRANGES set (to anything) counts as given.
+    """
+    if "no_debug_ranges" in sys._xoptions or os.environ.get("PYTHONNODEBUGRANGES"):
+        return
+    argv = sys.orig_argv
+    if not sys.executable or not argv:
+        return
+    os.execv(sys.executable, [argv[0], "-X", "no_debug_ranges", *argv[1:]])
+
+
 def release() -> None:
     """Return the heaps' free pages to the system (a no-op without glibc)."""
     if _trim is not None:
@@ -63,6 +88,62 @@ NEVER_USED = ("pydantic.v1",)
 
 
 def keep_out_unused() -> None:
-    """Keep NEVER_USED out of this process (call before the app is built)."""
+    """Keep NEVER_USED out of this process and DEFERRED unbuilt (call before fastapi loads)."""
     for name in NEVER_USED:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+    if not any(isinstance(f, _DeferBuild) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DeferBuild())
+
+
+# Modules whose pydantic models only rare requests use, built on first use
+# instead of as they load.  fastapi.openapi.models (some forty models of
+# the OpenAPI document itself) is imported by `import fastapi`, and
+# pydantic-core compiles each model as its class is made: 1.3 MiB of the
+# idle daemon's RSS (bench/memory_map.py pair, docs/benchmarks.md) and
+# ~85 ms of start-up, for models that only serving /openapi.json or /docs
+# instantiates.  The document is the same either way (pydantic builds a
+# deferred model on its first validation); that request pays the build
+# once.  tests/unit/daemon/test_memory.py checks the models are still
+# unbuilt after start-up and every other model built.
+DEFERRED = ("fastapi.openapi.models",)
+
+
+class _DeferBuild(importlib.abc.MetaPathFinder):
+    """Load DEFERRED modules with pydantic's `defer_build` on, for their classes only.
+
+    pydantic has no global switch for it: a model takes its config from its
+    bases, so the flag is set on BaseModel's own config for as long as the
+    module's body runs (what that body imports is loaded already; the test
+    fails if any other model is left unbuilt), at start-up, before any
+    thread that could make a model meanwhile.
+    Models made then keep `defer_build` in their config, which only says
+    when pydantic builds them.
+    """
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if name not in DEFERRED:
+            return None
+        if all(n in sys.modules or n == name for n in DEFERRED):
+            sys.meta_path.remove(self)  # the last one: nothing left to watch for
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is not None and isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+            spec.loader = _DeferBuildLoader(spec.loader.name, spec.loader.path)
+        return spec
+
+
+class _DeferBuildLoader(importlib.machinery.SourceFileLoader):
+    """A source loader that runs the module's body with `defer_build` on BaseModel."""
+
+    def exec_module(self, module: ModuleType) -> None:
+        from pydantic import BaseModel
+
+        config = BaseModel.model_config
+        had = "defer_build" in config
+        config["defer_build"] = True
+        try:
+            super().exec_module(module)
+        finally:
+            if not had:
+                del config["defer_build"]

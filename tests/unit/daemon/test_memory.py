@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 # `criud serve` up to its root check, which comes after every import of the
 # server and the app (FastAPI builds the routes as their modules load): the
 # modules loaded then are the daemon's start-up imports.  geteuid is faked
 # so that it stops there whoever runs the test.
+# main() reads the command line as the console script's does, so this
+# process may exec itself once (criud.daemon.memory.without_debug_ranges)
+# and run this code again.
 SERVE_UNTIL_ROOT_CHECK = r"""
 import json, os, sys
 os.geteuid = lambda: 1000
 from criud.daemon.cli import main
-rc = main(["serve", "--state-dir", sys.argv[1]])
+state, watched = sys.argv[1], sys.argv[2:]
+sys.argv = ["criud", "serve", "--state-dir", state]
+rc = main()
 # Loaded: in sys.modules as a module (a None entry is one kept out).
-print(json.dumps({"rc": rc, "modules": {m: sys.modules.get(m) is not None for m in sys.argv[2:]}}))
+# Columns: the first instruction's column range, None when dropped.
+columns = list(main.__code__.co_positions())[0][2:]
+print(json.dumps({"rc": rc, "modules": {m: sys.modules.get(m) is not None for m in watched},
+                  "columns": columns, "pid": os.getpid(), "x": sorted(sys._xoptions)}))
 """
 
 # Only some requests need these (bench/memory_map.py has their cost):
@@ -36,13 +46,22 @@ LAZY = (
 )
 
 
-def _serve_loads(*modules: str) -> dict[str, bool]:
+def _serve(*modules: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         argv = [sys.executable, "-c", SERVE_UNTIL_ROOT_CHECK, f"{d}/state", *modules]
-        out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120)
-    got = json.loads(out.stdout.splitlines()[-1])
-    assert got["rc"] == 1 and "must run as root" in out.stderr, out.stderr
-    return dict(got["modules"])
+        p = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    got: dict[str, Any] = json.loads(out.splitlines()[-1])
+    assert got["rc"] == 1 and "must run as root" in err, err
+    got["launched_pid"] = p.pid
+    return got
+
+
+def _serve_loads(*modules: str) -> dict[str, bool]:
+    return dict(_serve(*modules)["modules"])
 
 
 def test_serve_starts_without_what_only_some_requests_need() -> None:
@@ -53,3 +72,109 @@ def test_serve_starts_without_what_only_some_requests_need() -> None:
 
 def test_serve_keeps_pydantic_v1_out() -> None:
     assert _serve_loads("pydantic.v1") == {"pydantic.v1": False}
+
+
+def test_serve_drops_column_tables_in_its_own_process() -> None:
+    got = _serve()
+    # Re-exec'd with -X no_debug_ranges: the same pid, code without columns.
+    assert got["columns"] == [None, None] and got["pid"] == got["launched_pid"]
+    assert got["x"] == ["no_debug_ranges"]
+    # An interpreter started with the flag's variable is not exec'd again;
+    # without either, code keeps its columns (the probe sees the difference).
+    env = {**os.environ, "PYTHONNODEBUGRANGES": "1"}
+    by_env = _serve(env=env)
+    assert by_env["columns"] == [None, None] and by_env["x"] == []
+    plain = subprocess.run(
+        [sys.executable, "-c", "def f(): return 1\nprint(list(f.__code__.co_positions())[0][2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert plain.stdout.strip() != "None"
+
+
+# The app as `criud serve` builds it (DEFERRED models left unbuilt) or as a
+# plain import builds it (argv[1] "plain"), answering over ASGI as the
+# daemon's server would: the OpenAPI document, and a request refused by
+# validation before any route runs.  Then which pydantic models are built.
+APP_ANSWERS = r"""
+import asyncio, json, sys
+if sys.argv[1] == "deferred":
+    from criud.daemon import memory
+    memory.keep_out_unused()
+import pydantic
+from criud.api.app import create_app
+from criud.daemon.caller import Caller
+
+class Stub:
+    def version(self):
+        return {"criud": "0"}
+
+def models():
+    seen, todo = {}, [pydantic.BaseModel]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            seen[f"{sub.__module__}.{sub.__qualname__}"] = sub.__pydantic_complete__
+            todo.append(sub)
+    return seen
+
+async def call(app, method, path, body):
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+        "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "scheme": "http", "server": None, "client": None,
+        "headers": [(b"host", b"criud"), (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+        "state": {"peer": Caller(uid=0, gid=0, pid=1)},
+    }
+    sent, got = [{"type": "http.request", "body": body, "more_body": False}], []
+    async def receive():
+        return sent.pop() if sent else {"type": "http.disconnect"}
+    async def send(message):
+        got.append(message)
+    await app(scope, receive, send)
+    status = got[0]["status"]
+    headers = sorted((k.decode(), v.decode()) for k, v in got[0]["headers"])
+    return [status, headers, b"".join(m.get("body", b"") for m in got[1:]).decode()]
+
+app = create_app(Stub())
+before = models()
+bad = json.dumps({"pid": "nine", "leave_running": 3}).encode()
+answers = [asyncio.run(call(app, "POST", "/v1/checkpoints", bad))]
+answers.append(asyncio.run(call(app, "GET", "/openapi.json", b"")))
+print(json.dumps({"before": before, "after": models(), "answers": answers,
+                  "base_config": dict(pydantic.BaseModel.model_config)}))
+"""
+
+
+def _app_answers(mode: str) -> dict[str, object]:
+    argv = [sys.executable, "-c", APP_ANSWERS, mode]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120)
+    got: dict[str, object] = json.loads(out.stdout.splitlines()[-1])
+    return got
+
+
+def test_serve_defers_only_the_openapi_models_and_answers_the_same() -> None:
+    deferred, plain = _app_answers("deferred"), _app_answers("plain")
+    # The same bytes: the 422 problem body and the whole OpenAPI document.
+    assert deferred["answers"] == plain["answers"]
+    status, _, body = plain["answers"][0]  # type: ignore[index]
+    assert status == 422 and json.loads(body)["code"] == "invalid_request"
+    unbuilt = {m: _unbuilt(got) for m, got in (("deferred", deferred), ("plain", plain))}
+    # At start-up only fastapi.openapi.models' models wait (none of criud's,
+    # none a request path uses); a pydantic or FastAPI upgrade that stops
+    # the deferral, or defers more, fails here.  (Three of them wait for a
+    # forward reference even when imported plainly.)
+    assert unbuilt["plain"] < unbuilt["deferred"]
+    assert all(n.startswith("fastapi.openapi.models.") for n in unbuilt["deferred"])
+    assert "fastapi.openapi.models.OpenAPI" in unbuilt["deferred"]
+    # Serving the document built it; BaseModel's own config is as pydantic left it.
+    assert deferred["after"]["fastapi.openapi.models.OpenAPI"]  # type: ignore[index]
+    assert deferred["base_config"] == plain["base_config"] == {}
+
+
+def _unbuilt(got: dict[str, object]) -> set[str]:
+    before = got["before"]
+    assert isinstance(before, dict)
+    return {name for name, built in before.items() if not built}
