@@ -836,8 +836,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Before the app's modules: FastAPI builds their routes as they load.
         from criud.daemon import memory
 
-        if argv is None:  # the process's own command line, not a caller's list
-            memory.without_debug_ranges()
         memory.keep_out_unused()
         from criud.daemon.server import serve
 

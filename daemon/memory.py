@@ -50,28 +50,6 @@ def one_heap() -> None:
         _mallopt(M_ARENA_MAX, 1)
 
 
-def without_debug_ranges() -> None:
-    """Re-exec this interpreter with `-X no_debug_ranges` unless it runs so already.
-
-    Python 3.11 keeps a column range per instruction in every code object
-    (for the carets under a traceback's line), also in code loaded from
-    .pyc: 0.4 MiB of the idle daemon's code objects (bench/memory_map.py
-    pair, docs/benchmarks.md).  The flag drops them as code loads; it can
-    only be given when the interpreter starts, so `criud serve` execs
-    itself once with it, whichever way it was started (the console script,
-    `python -m criud.daemon.cli`, systemd, the tests' Daemon).  exec keeps
-    the pid and every inherited fd (systemd's LISTEN_FDS sockets); nothing
-    is open yet that it would close.  Tracebacks keep their lines, without
-    the carets.  PYTHONNODEBUGRANGES set (to anything) counts as given.
-    """
-    if "no_debug_ranges" in sys._xoptions or os.environ.get("PYTHONNODEBUGRANGES"):
-        return
-    argv = sys.orig_argv
-    if not sys.executable or not argv:
-        return
-    os.execv(sys.executable, [argv[0], "-X", "no_debug_ranges", *argv[1:]])
-
-
 def release() -> None:
     """Return the heaps' free pages to the system (a no-op without glibc)."""
     if _trim is not None:

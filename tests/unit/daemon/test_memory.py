@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
-from typing import Any
 
 # `criud serve` up to its root check, which comes after every import of the
 # server and the app (FastAPI builds the routes as their modules load): the
 # modules loaded then are the daemon's start-up imports.  geteuid is faked
 # so that it stops there whoever runs the test.
-# main() reads the command line as the console script's does, so this
-# process may exec itself once (criud.daemon.memory.without_debug_ranges)
-# and run this code again.
 SERVE_UNTIL_ROOT_CHECK = r"""
 import json, os, sys
 os.geteuid = lambda: 1000
 from criud.daemon.cli import main
-state, watched = sys.argv[1], sys.argv[2:]
-sys.argv = ["criud", "serve", "--state-dir", state]
-rc = main()
+rc = main(["serve", "--state-dir", sys.argv[1]])
 # Loaded: in sys.modules as a module (a None entry is one kept out).
-# Columns: the first instruction's column range, None when dropped.
-columns = list(main.__code__.co_positions())[0][2:]
-print(json.dumps({"rc": rc, "modules": {m: sys.modules.get(m) is not None for m in watched},
-                  "columns": columns, "pid": os.getpid(), "x": sorted(sys._xoptions)}))
+print(json.dumps({"rc": rc, "modules": {m: sys.modules.get(m) is not None for m in sys.argv[2:]}}))
 """
 
 # Only some requests need these (bench/memory_map.py has their cost):
@@ -46,22 +36,13 @@ LAZY = (
 )
 
 
-def _serve(*modules: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+def _serve_loads(*modules: str) -> dict[str, bool]:
     with tempfile.TemporaryDirectory() as d:
         argv = [sys.executable, "-c", SERVE_UNTIL_ROOT_CHECK, f"{d}/state", *modules]
-        p = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
-        out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err
-    got: dict[str, Any] = json.loads(out.splitlines()[-1])
-    assert got["rc"] == 1 and "must run as root" in err, err
-    got["launched_pid"] = p.pid
-    return got
-
-
-def _serve_loads(*modules: str) -> dict[str, bool]:
-    return dict(_serve(*modules)["modules"])
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120)
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["rc"] == 1 and "must run as root" in out.stderr, out.stderr
+    return dict(got["modules"])
 
 
 def test_serve_starts_without_what_only_some_requests_need() -> None:
@@ -72,26 +53,6 @@ def test_serve_starts_without_what_only_some_requests_need() -> None:
 
 def test_serve_keeps_pydantic_v1_out() -> None:
     assert _serve_loads("pydantic.v1") == {"pydantic.v1": False}
-
-
-def test_serve_drops_column_tables_in_its_own_process() -> None:
-    got = _serve()
-    # Re-exec'd with -X no_debug_ranges: the same pid, code without columns.
-    assert got["columns"] == [None, None] and got["pid"] == got["launched_pid"]
-    assert got["x"] == ["no_debug_ranges"]
-    # An interpreter started with the flag's variable is not exec'd again;
-    # without either, code keeps its columns (the probe sees the difference).
-    env = {**os.environ, "PYTHONNODEBUGRANGES": "1"}
-    by_env = _serve(env=env)
-    assert by_env["columns"] == [None, None] and by_env["x"] == []
-    plain = subprocess.run(
-        [sys.executable, "-c", "def f(): return 1\nprint(list(f.__code__.co_positions())[0][2])"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    assert plain.stdout.strip() != "None"
 
 
 # The app as `criud serve` builds it (DEFERRED models left unbuilt) or as a
