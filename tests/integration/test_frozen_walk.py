@@ -18,6 +18,10 @@ from pathlib import Path
 
 from tests.integration.helpers import Daemon, Procs, pid_gone, proc_state, wait_for
 
+# A lone process walks first below criud.dump.job.FROZEN_MIN_FDS fds: the
+# trees here hold that many more (/dev/null, read-only) to walk frozen.
+MORE_FDS = "import os\n_more = [os.open('/dev/null', os.O_RDONLY) for _ in range(70)]\n"
+
 # criu logs this on the RPC path with notifications on (the frozen walk).
 FROZEN_MARK = "RPC NOTIFY query-ext-files"
 RETRY_MARK = "the dump runs again, walk first"
@@ -32,6 +36,7 @@ ON_FD3 = r"""
 import os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_NOCTTY)
 assert fd == 3, fd
+_more = [os.open("/dev/null", os.O_RDONLY) for _ in range(70)]
 i = 0
 while True:
     os.write(3, f"tick {i}\n".encode())
@@ -43,6 +48,7 @@ while True:
 # stays open in it.  Prints nothing.
 OWN_PAIR = r"""
 import os, time
+_more = [os.open("/dev/null", os.O_RDONLY) for _ in range(70)]
 m, s = os.openpty()
 for n in (0, 1, 2):
     os.dup2(s, n)
@@ -95,7 +101,8 @@ def test_a_root_dump_walks_the_tree_criu_froze(daemon: Daemon, procs: Procs) -> 
     r, w = os.pipe()
     try:
         key = f"pipe:[{os.fstat(w).st_ino}]"
-        p = procs.spawn(["sleep", "1000"], stdout=w)
+        p = procs.python(MORE_FDS + "import time\ntime.sleep(1000)\n", stdout=w)
+        wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/fd")) >= 73, 10, what="its fds")
         before = daemon.client.inspect_pid(p.pid)
         ck = daemon.client.checkpoint(p.pid, leave_running=True)
     finally:
@@ -119,6 +126,7 @@ def test_a_pty_the_guess_missed_makes_the_dump_run_again(daemon: Daemon, procs: 
         key = tty_key_of(slave)
         p = procs.python(ON_FD3, os.ttyname(slave))
         read_tick(master)
+        wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/fd")) >= 74, 10, what="its fds")
         ck = daemon.client.checkpoint(p.pid)
         assert ck["external"] == [key]
         assert FROZEN_MARK not in dump_log(daemon, ck["id"])
@@ -144,7 +152,7 @@ def test_a_wrong_guess_is_refused_at_post_dump_and_runs_again(daemon: Daemon, pr
     # post-dump; the walk then says why, and the dump runs again all the
     # same.)
     p = procs.python(OWN_PAIR)
-    wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/fd")) >= 4, 10, what="pty pair open")
+    wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/fd")) >= 74, 10, what="pty pair open")
     ck = daemon.client.checkpoint(p.pid, leave_running=True)
     assert ck["external"] == []
     assert REFUSED_MARK in daemon.log() or FAILED_MARK in daemon.log()

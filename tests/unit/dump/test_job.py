@@ -314,6 +314,23 @@ def test_a_non_root_callers_dump_is_checked_against_its_walk(runtime: FakeRuntim
     assert alice._walked(in_ns) == job.Walked(tids=None, count=2)
 
 
+@pytest.fixture
+def big_target() -> Iterator[subprocess.Popen[bytes]]:
+    """A process with more fds than a lone process walked first has (job.FROZEN_MIN_FDS)."""
+    code = (
+        "import os, sys, time\n"
+        f"fds = [os.open('/dev/null', os.O_RDONLY) for _ in range({job.FROZEN_MIN_FDS})]\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+    yield p
+    p.kill()
+    p.wait(timeout=10)
+    p.stdout.close()
+
+
 class FrozenCriu(FakeCriu):
     """A warm pool's criu: run_notified stops at criu's notifications, as criu 4.2.1 does."""
 
@@ -344,11 +361,11 @@ class FrozenCriu(FakeCriu):
 
 
 def test_a_root_dump_walks_its_tree_at_crius_stops(
-    runtime: FakeRuntime, target: subprocess.Popen[bytes]
+    runtime: FakeRuntime, big_target: subprocess.Popen[bytes]
 ) -> None:
     runtime.criu = FrozenCriu()
     before = open_fds()
-    rec = _dump(runtime, target.pid)
+    rec = _dump(runtime, big_target.pid)
     assert rec.state == CheckpointState.DONE, rec
     assert runtime.criu.answers == [
         ("pre-dump", True),
@@ -358,16 +375,16 @@ def test_a_root_dump_walks_its_tree_at_crius_stops(
     assert runtime.criu.ran == ["notified"]
     # The manifest is the walk's, taken while criu held the tree.
     m = Manifest.from_json(rec.manifest)
-    assert m.tasks[0].pid == target.pid and m.uids[str(target.pid)] == (0, 0, 0, 0)
+    assert m.tasks[0].pid == big_target.pid and m.uids[str(big_target.pid)] == (0, 0, 0, 0)
     assert [f["fd"] for f in m.tasks[0].fds][:3] == [0, 1, 2]
     assert open_fds() == before and runtime.busy == set()
 
 
 def test_no_idle_warm_worker_walks_the_tree_first(
-    runtime: FakeRuntime, target: subprocess.Popen[bytes]
+    runtime: FakeRuntime, big_target: subprocess.Popen[bytes]
 ) -> None:
     runtime.criu = FrozenCriu(worker=False)
-    rec = _dump(runtime, target.pid)
+    rec = _dump(runtime, big_target.pid)
     assert rec.state == CheckpointState.DONE, rec
     assert runtime.criu.ran == ["walked"]
     # One record, the walk-first dump's: nothing of the first try is left.
@@ -376,7 +393,7 @@ def test_no_idle_warm_worker_walks_the_tree_first(
 
 
 def test_a_walk_that_fails_at_post_dump_runs_the_dump_again(
-    runtime: FakeRuntime, target: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+    runtime: FakeRuntime, big_target: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The frozen walk breaks (here: its manifest cannot be built once); criu
     # is told to fail at post-dump, and the dump runs again walk first.
@@ -391,7 +408,7 @@ def test_a_walk_that_fails_at_post_dump_runs_the_dump_again(
         return await real(self, *a)
 
     monkeypatch.setattr(job._Dump, "_build_manifest", flaky)
-    rec = _dump(runtime, target.pid)
+    rec = _dump(runtime, big_target.pid)
     assert rec.state == CheckpointState.DONE, rec
     assert runtime.criu.answers[-1] == ("post-dump", False)
     assert runtime.criu.ran == ["notified", "walked"]
@@ -443,3 +460,14 @@ def test_fds_criu_held_in_a_task_during_the_walk_are_left_out() -> None:
         p.wait(timeout=10)
         os.close(r)
         os.close(w)
+
+
+def test_a_small_lone_process_is_walked_before_criu(
+    runtime: FakeRuntime, target: subprocess.Popen[bytes]
+) -> None:
+    # Below job.FROZEN_MIN_FDS fds and without children, the walk costs less
+    # than criu's stops: no notifications, the walk first.
+    runtime.criu = FrozenCriu()
+    rec = _dump(runtime, target.pid)
+    assert rec.state == CheckpointState.DONE, rec
+    assert runtime.criu.ran == ["walked"] and runtime.criu.answers == []
