@@ -452,6 +452,7 @@ def test_fds_criu_held_in_a_task_during_the_walk_are_left_out() -> None:
             }
         )
         left = job._as_left(tasks)
+        assert left is not tasks
         assert [f["fd"] for f in left[0].fds] == held
         # The tree's own pipe, both ends held: not external.
         assert [f["external"] for f in left[0].fds if f["type"] == "pipe"] == [False, False]
