@@ -498,3 +498,21 @@ def send_raw(path: Path, payload: bytes, fds: Sequence[int]) -> dict[str, Any]:
         s.connect(str(path))
         send_fds(s, payload, fds)
         return dict(json.loads(s.recv(65536)))
+
+
+@contextlib.contextmanager
+def new_pty() -> Iterator[tuple[int, int]]:
+    """A pty pair (master, slave) the test holds, closed at the end of the block."""
+    master, slave = os.openpty()
+    try:
+        yield master, slave
+    finally:
+        for fd in (master, slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def tty_key_of(fd: int) -> str:
+    """The CRIU key of a terminal: tty[rdev:dev], in hex."""
+    st = os.fstat(fd)
+    return f"tty[{st.st_rdev:x}:{st.st_dev:x}]"

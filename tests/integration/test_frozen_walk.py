@@ -9,14 +9,20 @@ first, with the externals a restore needs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from tests.integration.helpers import Daemon, Procs, pid_gone, proc_state, wait_for
+from tests.integration.helpers import (
+    Daemon,
+    Procs,
+    new_pty,
+    pid_gone,
+    proc_state,
+    tty_key_of,
+    wait_for,
+)
 
 # A lone process walks first below criud.dump.job.FROZEN_MIN_FDS fds: the
 # trees here hold that many more (/dev/null, read-only) to walk frozen.
@@ -56,22 +62,6 @@ os.close(s)
 while True:
     time.sleep(1)
 """
-
-
-@contextlib.contextmanager
-def new_pty() -> Iterator[tuple[int, int]]:
-    master, slave = os.openpty()
-    try:
-        yield master, slave
-    finally:
-        for fd in (master, slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def tty_key_of(fd: int) -> str:
-    st = os.fstat(fd)
-    return f"tty[{st.st_rdev:x}:{st.st_dev:x}]"
 
 
 def dump_log(daemon: Daemon, ckpt_id: str) -> str:

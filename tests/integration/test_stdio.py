@@ -23,7 +23,15 @@ from typing import Any
 import pytest
 
 from criud.api.client import CriudClientError
-from tests.integration.helpers import Daemon, Procs, pid_gone, proc_state, wait_for
+from tests.integration.helpers import (
+    Daemon,
+    Procs,
+    new_pty,
+    pid_gone,
+    proc_state,
+    tty_key_of,
+    wait_for,
+)
 
 # A session leader on the pty at fds 0-2: takes it as its controlling
 # terminal, prints a tick with its terminal, its foreground group, its group
@@ -131,11 +139,6 @@ def set_winsize(master: int, rows: int, cols: int) -> None:
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def tty_key_of(fd: int) -> str:
-    st = os.fstat(fd)
-    return f"tty[{st.st_rdev:x}:{st.st_dev:x}]"
-
-
 def proc_stat(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as f:
         data = f.read()
@@ -144,17 +147,6 @@ def proc_stat(pid: int) -> list[str]:
 
 def dead(pid: int) -> bool:
     return pid_gone(pid) or proc_state(pid) == "Z"
-
-
-@contextlib.contextmanager
-def new_pty() -> Iterator[tuple[int, int]]:
-    master, slave = os.openpty()
-    try:
-        yield master, slave
-    finally:
-        for fd in (master, slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def start_tty_tree(procs: Procs, slave: int) -> subprocess.Popen[bytes]:
