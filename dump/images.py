@@ -21,6 +21,9 @@ from criud.daemon.errors import CheckpointNotReady
 log = logging.getLogger("criud.images")
 # The most of a stats file the daemon reads.
 STATS_CAP = 1 << 20
+# The most of a pstree.img the daemon reads (one of some 100,000 tasks
+# stays far below it).
+PSTREE_CAP = 16 << 20
 
 IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
@@ -182,6 +185,15 @@ def _repeated_u32(values: list[Any]) -> list[int]:
 def read_pstree(path: Path) -> list[dict[str, Any]]:
     """Decode pstree.img: one dict per task with pid, ppid, pgid, sid and threads."""
     return parse_pstree(path.read_bytes(), path.name)
+
+
+def pstree_in(dirfd: int) -> list[dict[str, Any]]:
+    """Decode the pstree.img of the dir at dirfd (at most PSTREE_CAP of it).
+
+    Raises OSError, imgdir.UnsafeEntry or ImageError: each caller says what
+    a missing or bad pstree means for it.
+    """
+    return parse_pstree(imgdir.read_small(dirfd, "pstree.img", PSTREE_CAP))
 
 
 def parse_pstree(data: bytes, name: str = "pstree.img") -> list[dict[str, Any]]:

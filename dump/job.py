@@ -61,8 +61,6 @@ PRE_DUMP_LOG = "pre-dump.log"
 FROZEN_MIN_FDS = 64
 # Above this many fds in a tree, a check of its fds runs in a thread.
 INLINE_FDS_MAX = 256
-# The most of a pstree.img the daemon reads (as criud.restore.job does).
-PSTREE_CAP = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -942,7 +940,7 @@ def _check_dumped(ckpt_id: str, dirfd: int, walked: Walked) -> None:
     lists, so that list, against the walk's, closes the gap.
     """
     try:
-        tree = images.parse_pstree(imgdir.read_small(dirfd, "pstree.img", PSTREE_CAP))
+        tree = images.pstree_in(dirfd)
     except (OSError, images.ImageError) as e:
         raise TreeChanged(f"checkpoint {ckpt_id}: its pstree.img is unreadable: {e}") from e
     dumped = [tid for t in tree for tid in (t["threads"] or [t["pid"]])]

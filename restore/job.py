@@ -71,9 +71,8 @@ from criud.restore.worker import FdMap
 
 log = logging.getLogger("criud.restore")
 
-# Bounds on what the daemon reads from an images or run dir (a pstree of
-# some 100,000 tasks stays far below its cap).
-PSTREE_CAP = 16 << 20
+# The most of a run dir's pidfile the daemon reads (pstree.img's bound is
+# criud.dump.images.PSTREE_CAP).
 PIDFILE_CAP = 64
 
 
@@ -599,7 +598,7 @@ def _read_pstree(
         if not sealed and not imgdir.is_sealed(images_fd):
             imgdir.seal(images_fd, run_as.uid if run_as is not None else 0)
             log.info("sealed checkpoint %s (left writable by a previous release)", ckpt_id)
-        tree = images.parse_pstree(imgdir.read_small(images_fd, "pstree.img", PSTREE_CAP))
+        tree = images.pstree_in(images_fd)
     except imgdir.UnsafeEntry as e:
         raise imgdir.tampered(ckpt_id, e) from None
     except (OSError, images.ImageError) as e:

@@ -59,7 +59,6 @@ IMPORT_BUNDLE = "/"
 # Podman writes some 20 KiB of each; anything near these is not Podman's.
 JSON_CAP = 4 << 20
 DESCRIPTORS_CAP = 64 << 10
-PSTREE_CAP = 16 << 20
 FILES_IMG_CAP = 64 << 20
 DELETED_CAP = 16 << 20
 DIFF_MEMBERS_CAP = 1 << 20
@@ -155,7 +154,7 @@ def fd_record(fd: int, target: str) -> dict[str, Any]:
 
 def _pstree(ckpt_fd: int) -> list[dict[str, Any]]:
     try:
-        tasks = images.parse_pstree(imgdir.read_small(ckpt_fd, "pstree.img", PSTREE_CAP))
+        tasks = images.pstree_in(ckpt_fd)
     except FileNotFoundError:
         raise PodmanArchiveInvalid("the archive has no checkpoint/pstree.img") from None
     except (OSError, imgdir.UnsafeEntry, images.ImageError) as e:
