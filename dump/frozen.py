@@ -66,8 +66,9 @@ def guess(pid: int, estimate: dict[str, int]) -> Guess:
     ttys: list[str] = []
     for fd in (0, 1, 2):
         f = fdinfo.classify(pid, fd, {}, {})
-        pty_slave = f is not None and f.type == "tty" and f.pty is not None and not f.pty_master
-        if pty_slave and f is not None and f.key not in ttys:
+        if f is None or f.type != "tty" or f.pty is None or f.pty_master:
+            continue  # not a pty slave
+        if f.key not in ttys:
             ttys.append(f.key)
     return Guess(tuple(ttys), estimate)
 
@@ -126,6 +127,10 @@ class FrozenWalk(Generic[T]):
         return differs
 
     async def settle(self) -> None:
-        """Wait for a walk still under way (a thread cannot be cancelled)."""
-        if self._task is not None and not self._task.done():
+        """Wait for a walk still under way (a thread cannot be cancelled).
+
+        Its outcome is taken here too: a walk that failed where nothing
+        awaited it (the request was cancelled) is not logged as lost.
+        """
+        if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)

@@ -22,7 +22,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -161,8 +161,8 @@ def _guess(criu: Criu, spec: CheckpointSpec, caller: Caller) -> frozen.Guess | N
     if criu.unprivileged_for_users and not creds.roots_own({spec.pid: ids}):
         return None
     watched = operations.current.get() is not None
-    mem = [proc_inspect.memory_from_status(text or "")] if watched else []
-    return frozen.guess(spec.pid, _estimate(mem) if watched else {})
+    estimate = _estimate([proc_inspect.memory_from_status(text or "")]) if watched else {}
+    return frozen.guess(spec.pid, estimate)
 
 
 async def tree_creds(
@@ -399,7 +399,7 @@ class _Dump:
             # The tree is the init of a pid namespace of its own: its image
             # pids live in that namespace and never collide with the host's.
             pidns_init="pid" in own_ns and procutil.ns_pids(pid)[-1:] == [1],
-            network_lock=network_lock(self.rt.criu, opts.tcp_established or "net" in own_ns),
+            network_lock=self._network_lock(own_ns),
             ext_namespaces=ext,
             external=(*base.external, *(n.key for n in ext)),
             oci=oci_record,
@@ -627,44 +627,60 @@ class _Dump:
         )
 
     def _argv_guessed(self, images_arg: Path, guess: frozen.Guess) -> list[str]:
-        """The argv of a root's plain dump (frozen.applies) from the guess, not a walk."""
-        own_ns = own_namespaces(self.spec.pid)
-        opts = self.spec.options
-        return dump_argv(
-            self.spec.pid,
-            images_arg,
-            opts,
-            external_unix=(),
-            external_tty=guess.ttys,
-            network_lock=network_lock(self.rt.criu, opts.tcp_established or "net" in own_ns),
-            unprivileged=False,
-            external_ns=(),
-            extra=(),
-        )
+        """The argv of a root's plain dump (frozen.applies) from the guess, not a walk.
+
+        What the walk would give _argv, where no externals, bundle or flags
+        are declared: the guessed ttys and the network lock.
+        """
+        lock = self._network_lock(own_namespaces(self.spec.pid))
+        return self._argv_of(images_arg, None, (), guess.ttys, lock, (), None)
 
     def _argv(self, m: mf.Manifest, images_arg: Path, run_as: RunAs | None) -> list[str]:
-        opts = self.spec.options
-        lock = m.network_lock
+        return self._argv_of(
+            images_arg,
+            run_as,
+            tuple(m.external_unix_inodes(self.spec.options.external)),
+            tuple(m.external_tty_keys()),
+            m.network_lock,
+            m.ext_namespaces,
+            m.oci,
+        )
+
+    def _argv_of(
+        self,
+        images_arg: Path,
+        run_as: RunAs | None,
+        external_unix: tuple[int, ...],
+        external_tty: tuple[str, ...],
+        lock: str | None,
+        ext_namespaces: tuple[mf.ExtNamespace, ...],
+        oci_record: Mapping[str, Any] | None,
+    ) -> list[str]:
         oci_extra: tuple[str, ...] = ()
-        if m.oci is not None:
+        if oci_record is not None:
             # The bundle's arguments carry the network lock themselves.
-            oci_extra = tuple(oci.dump_args_from_record(m.oci, network_lock=lock))
+            oci_extra = tuple(oci.dump_args_from_record(oci_record, network_lock=lock))
             lock = None
         return dump_argv(
             self.spec.pid,
             images_arg,
-            opts,
-            external_unix=tuple(m.external_unix_inodes(opts.external)),
-            external_tty=tuple(m.external_tty_keys()),
+            self.spec.options,
+            external_unix=external_unix,
+            external_tty=external_tty,
             network_lock=lock,
             unprivileged=run_as is not None,
-            external_ns=tuple((n.type, n.ino, n.key) for n in m.ext_namespaces),
+            external_ns=tuple((n.type, n.ino, n.key) for n in ext_namespaces),
             extra=(
                 *oci_extra,
                 *self.spec.extra_args,
                 *(("--leave-stopped",) if self._stops_tree() else ()),
             ),
         )
+
+    def _network_lock(self, own_ns: Mapping[str, int]) -> str | None:
+        """The --network-lock method: for established TCP, or a network namespace of its own."""
+        opts = self.spec.options
+        return network_lock(self.rt.criu, opts.tcp_established or "net" in own_ns)
 
 
 def _read_tree(
@@ -869,10 +885,10 @@ class Walked:
 
 def _ids_now(tid: int) -> creds.TaskCreds | None:
     """A thread's ids as /proc shows them now (None if it cannot be read)."""
+    text = _status(tid, tid)
     try:
-        with open(f"/proc/{tid}/status", encoding="utf-8", errors="replace") as f:
-            return creds.parse_status(f.read())
-    except (OSError, ValueError):
+        return None if text is None else creds.parse_status(text)
+    except ValueError:
         return None
 
 
