@@ -54,10 +54,6 @@ _ERROR_RE = re.compile(r"^(?:\(\s*[\d.]+\)\s+)?(?:pie:\s+)?(?:\d+:\s+)?Error \((
 _VERSION_RE = re.compile(r"Version:\s*([0-9][0-9.]*)")
 
 
-# A dump's notification handler (Criu.run_notified): criu's action name ->
-# go on (True) or fail the dump there (False).
-Notify = Callable[[str], Awaitable[bool]]
-
 # The most criu workers started for fd handles alive at once (each holds
 # its handle's fds until a restore takes it or the handle ends).
 HANDLE_WORKERS_MAX = 8
@@ -388,10 +384,10 @@ class Criu:
             return
         from criud.daemon import criu_rpc  # here, not at import: see TYPE_CHECKING above
 
-        async def spawn(cmd: Sequence[str], sock_fd: int) -> childproc.Proc:
+        async def spawn(cmd: Sequence[str], fds: Sequence[int]) -> childproc.Proc:
             # Before any request the worker logs nothing worth keeping;
             # each request names its own log (see _warm).
-            return await self._spawn_worker(cmd, (sock_fd,))
+            return await self._spawn_worker(cmd, fds)
 
         self.pool = criu_rpc.WarmPool(
             size,
@@ -596,7 +592,7 @@ class Criu:
         self,
         argv: Sequence[str],
         log: LogFile,
-        notify: Notify,
+        notify: criu_rpc.Notify,
         watch_pid: int | None = None,
     ) -> CriuResult | None:
         """Run a root dump on a warm worker, awaiting notify(action) at each of criu's stops.
@@ -713,7 +709,7 @@ class Criu:
         target: int | None,
         cgroup_procs: Sequence[str],
         on_spawn: Callable[[int], Awaitable[None]] | None,
-        notify: Notify | None = None,
+        notify: criu_rpc.Notify | None = None,
     ) -> CriuResult:
         """Serve the run on a warm worker; the result as the CLI run would have given it.
 

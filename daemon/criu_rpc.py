@@ -216,7 +216,28 @@ class Worker:
         self.sock.close()
 
 
-Spawner = Callable[[Sequence[str], int], Awaitable[childproc.Proc]]
+# spawn(argv, fds): start argv holding exactly fds (the worker's socket first).
+Spawner = Callable[[Sequence[str], Sequence[int]], Awaitable[childproc.Proc]]
+# A dump's notification handler: criu's action name -> go on (True) or fail
+# the dump there (False).
+Notify = Callable[[str], Awaitable[bool]]
+
+
+async def start_worker(
+    argv_for: Callable[[int], list[str]], spawn: Spawner, fds: tuple[int, ...] = ()
+) -> Worker:
+    """A socketpair and `criu swrk` on its end, holding that end and fds (at their numbers)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        # Every fd here is CLOEXEC; pass_fds hands the worker exactly these.
+        proc = await spawn(argv_for(theirs.fileno()), (theirs.fileno(), *fds))
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    ours.setblocking(False)
+    return Worker(proc, ours, fds)
 
 
 class WarmPool:
@@ -243,20 +264,6 @@ class WarmPool:
         self.taken = 0
         self.missed = 0
 
-    async def start_one(self) -> Worker:
-        """Start a worker now (also used on demand): a socketpair, criu swrk on its end."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            # Both ends are CLOEXEC; pass_fds hands the worker its own end only.
-            proc = await self._spawn(self._argv_for(theirs.fileno()), theirs.fileno())
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        ours.setblocking(False)
-        return Worker(proc, ours)
-
     def fill(self) -> None:
         """Top the pool up in the background (never on a request's path)."""
         while not self._closed and len(self._ready) + self._starting < self.size:
@@ -267,7 +274,7 @@ class WarmPool:
 
     async def _add(self) -> None:
         try:
-            w = await self.start_one()
+            w = await start_worker(self._argv_for, self._spawn)
         except Exception as e:
             # The CLI path still works; the next take() tries again.
             log.warning("cannot start a warm criu worker: %s", e)
@@ -321,9 +328,6 @@ class WarmPool:
             self._forget(w.proc.pid)
 
 
-HeldSpawner = Callable[[Sequence[str], Sequence[int]], Awaitable[childproc.Proc]]
-
-
 class HandleWorkers:
     """Workers started for fd handles, each holding exactly its handle's fds.
 
@@ -342,7 +346,7 @@ class HandleWorkers:
         self,
         limit: int,
         argv_for: Callable[[int], list[str]],
-        spawn: HeldSpawner,
+        spawn: Spawner,
         forget: Callable[[int], None],
     ) -> None:
         self.limit = limit
@@ -370,19 +374,11 @@ class HandleWorkers:
         return True
 
     async def _start(self, fds: tuple[int, ...]) -> Worker | None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            argv = self._argv_for(theirs.fileno())
-            # Every fd here is CLOEXEC; pass_fds hands over exactly these.
-            proc = await self._spawn(argv, (theirs.fileno(), *fds))
+            return await start_worker(self._argv_for, self._spawn, fds)
         except Exception as e:
-            ours.close()
             log.warning("cannot start a criu worker for an fd handle: %s", e)
             return None
-        finally:
-            theirs.close()
-        ours.setblocking(False)
-        return Worker(proc, ours, fds)
 
     async def take(self, key: str, fds: set[int]) -> Worker | None:
         """Handle key's worker if it runs and holds exactly fds (then it is the caller's); or None.
@@ -440,10 +436,6 @@ async def exchange(w: Worker, req: rpc.criu_req) -> None:
     await asyncio.get_running_loop().sock_sendall(w.sock, req.SerializeToString())
 
 
-# A worker's message: the reply to its request, or a notification.
-Reply = rpc.criu_resp
-
-
 def is_notify(resp: rpc.criu_resp) -> bool:
     """Whether a message from the worker is a notification (criu waits for its answer)."""
     return bool(resp.type == rpc.NOTIFY and resp.HasField("notify"))
@@ -462,10 +454,10 @@ async def answer_notify(w: Worker, ok: bool) -> None:
 class Talk:
     """One run's messages from its worker: notifications answered, then the reply."""
 
-    def __init__(self, w: Worker, notify: Callable[[str], Awaitable[bool]] | None) -> None:
+    def __init__(self, w: Worker, notify: Notify | None) -> None:
         self._w, self._notify = w, notify
         self.replied = False
-        self.reply: Reply | None = None
+        self.reply: rpc.criu_resp | None = None
 
     async def heard(self) -> bool:
         """The worker's socket was readable: whether that was the reply (or a hang-up).
