@@ -108,6 +108,20 @@ class CriuResult:
         return self.returncode == 0
 
 
+def _pidfd_of(pid: int | None) -> int | None:
+    """A pidfd of the process a dump works on (for Criu._wait), or None.
+
+    Opened before criu starts, so a pid reused later cannot be mistaken for
+    the target; a target already gone is criu's to report.
+    """
+    if pid is None:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
 def _wake(wake: dict[str, asyncio.Future[None]], what: str) -> None:
     """A reader's callback (Criu._wait): set wake[what] unless it is set already."""
     if not wake[what].done():
@@ -500,8 +514,7 @@ class Criu:
         CriuFailed carries the log's first error.  The caller owns the
         process from here (end() kills and reaps it).
         """
-        if not os.access(self.path, os.X_OK):
-            raise CriuUnavailable(f"cannot run criu at {self.path}: not an executable file")
+        self._check_executable()
         r, w = os.pipe()
         try:
             cmd = wrap_argv(self.setpriv, self.path, [*argv, "--status-fd", str(w)], run_as)
@@ -557,18 +570,10 @@ class Criu:
         daemon's sockets, SQLite and other handles' fds never reach criu or
         the tree it restores.  log.fd stays the caller's to close.
         """
-        # Under setpriv a missing criu is setpriv's exit 127, not an OSError
-        # here: check first, so it stays a clear criu_unavailable.
-        if not os.access(self.path, os.X_OK):
-            raise CriuUnavailable(f"cannot run criu at {self.path}: not an executable file")
+        self._check_executable()
         log_fd = log.fd
-        # Opened before criu starts, so a pid reused later cannot be mistaken
-        # for the target; a target already gone is criu's to report.
-        target: int | None = None
-        if watch_pid is not None:
-            with contextlib.suppress(OSError):
-                target = os.pidfd_open(watch_pid)
         warm = await self._warm_any(argv, log, pass_fds, run_as, held)
+        target = _pidfd_of(watch_pid)
         if warm is not None:
             return await self._run_warm(*warm, log, target, cgroup_procs, on_spawn)
         cmd = wrap_argv(self.setpriv, self.path, argv, run_as)
@@ -604,18 +609,19 @@ class Criu:
         the tree.  None: no warm worker could take the run and nothing ran
         (the CLI has no such stops; the caller goes its own way).
         """
-        if not os.access(self.path, os.X_OK):
-            raise CriuUnavailable(f"cannot run criu at {self.path}: not an executable file")
+        self._check_executable()
         warm = self._warm(argv, log, (), None)
         if warm is None:
             return None
         w, req, dir_fd = warm
         req.req.opts.notify_scripts = True
-        target: int | None = None
-        if watch_pid is not None:
-            with contextlib.suppress(OSError):
-                target = os.pidfd_open(watch_pid)
-        return await self._run_warm(w, req, dir_fd, log, target, (), None, notify)
+        return await self._run_warm(w, req, dir_fd, log, _pidfd_of(watch_pid), (), None, notify)
+
+    def _check_executable(self) -> None:
+        # Under setpriv a missing criu is setpriv's exit 127, not an OSError
+        # at the spawn: checked first, it stays a clear criu_unavailable.
+        if not os.access(self.path, os.X_OK):
+            raise CriuUnavailable(f"cannot run criu at {self.path}: not an executable file")
 
     def _warm(
         self, argv: Sequence[str], log_file: LogFile, pass_fds: Sequence[int], run_as: RunAs | None
