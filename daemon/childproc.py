@@ -98,12 +98,6 @@ async def start(cmd: Sequence[str], pass_fds: Sequence[int] = ()) -> Child:
         raise
 
 
-class _Waitable(Protocol):
-    @property
-    def pid(self) -> int: ...
-    async def wait(self) -> int: ...
-
-
 class Reaper:
     """Children waited for in the background, each by a task kept until it is done.
 
@@ -119,10 +113,7 @@ class Reaper:
         self._forget = forget
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def __bool__(self) -> bool:
-        return bool(self._tasks)
-
-    def reap(self, proc: _Waitable) -> None:
+    def reap(self, proc: Proc) -> None:
         """Wait for proc in the background; forget its pid once it is gone."""
 
         async def wait() -> None:
