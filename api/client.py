@@ -59,7 +59,9 @@ class CriudClientError(Exception):
         super().__init__(f"{status} {self.code}: {self.detail}")
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixConnection(http.client.HTTPConnection):
+    """An HTTP connection to the daemon's unix socket (the client's; tests and bench use it too)."""
+
     def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -108,7 +110,7 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """Send one request; return (status, decoded body).  Raises on 4xx/5xx."""
-        conn = _UnixConnection(self.socket_path, self.timeout)
+        conn = UnixConnection(self.socket_path, self.timeout)
         try:
             headers = {"Content-Type": "application/json"} if body is not None else {}
             payload = json.dumps(body).encode() if body is not None else None
@@ -296,7 +298,7 @@ class Client:
         not a whole archive.
         """
         q = {"compression": compression}
-        conn = _UnixConnection(self.socket_path, self.timeout)
+        conn = UnixConnection(self.socket_path, self.timeout)
         try:
             conn.request("GET", _checkpoint_path(ref, "/archive", q))
             resp = conn.getresponse()
@@ -354,7 +356,7 @@ class Client:
         path = "/v1/checkpoints/import" + (
             f"?{urllib.parse.urlencode({'name': name})}" if name is not None else ""
         )
-        conn = _UnixConnection(self.socket_path, self.timeout)
+        conn = UnixConnection(self.socket_path, self.timeout)
         try:
             # The daemon may answer (a refusal) before it has taken the whole body.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -396,7 +398,7 @@ class Client:
         The daemon sends a keepalive every 15 s, so the client's timeout (if
         any longer than that) only ends a stream whose daemon stopped talking.
         """
-        conn = _UnixConnection(self.socket_path, self.timeout)
+        conn = UnixConnection(self.socket_path, self.timeout)
         try:
             conn.request("GET", "/v1/events" + (f"?since={since}" if since is not None else ""))
             resp = conn.getresponse()

@@ -24,7 +24,6 @@ recorded beside the rates.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import selectors
@@ -36,6 +35,10 @@ import threading
 import time
 from pathlib import Path
 from typing import IO, Any
+
+import _repo  # noqa: F401  (puts the repo on sys.path)
+
+from criud.api.client import UnixConnection
 
 REQUEST = b"GET /v1/checkpoints HTTP/1.1\r\nhost: localhost\r\n\r\n"
 # A head past this is not one criud or the reference sends.
@@ -276,18 +279,6 @@ def run_load(
 # -- the old generator, kept to compare against ---------------------------------
 
 
-class KeepAliveUnix(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 60) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
-
-
 def threaded_load(
     path: str, server_pid: int, *, clients: int, per: int, seconds: float
 ) -> dict[str, Any]:
@@ -298,7 +289,7 @@ def threaded_load(
     deadline: list[float] = [0.0]
 
     def client(i: int) -> None:
-        cn = KeepAliveUnix(path, timeout=STALL_S)
+        cn = UnixConnection(path, STALL_S)
         cn.connect()
         barrier.wait()
         try:

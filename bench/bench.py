@@ -65,7 +65,7 @@ import report
 import scaling_bench
 import workloads
 
-from criud.api.client import Client, CriudClientError
+from criud.api.client import Client, CriudClientError, UnixConnection
 from criud.daemon import kdat, names, procutil
 from criud.daemon.criu import parse_version, read_log
 from criud.daemon.store import Store
@@ -699,10 +699,6 @@ def bench_concurrency(cfg: dict[str, Any], env: dict[str, Any], base: Path) -> d
 # -- 4. API latency and memory ---------------------------------------------------
 
 
-# One keep-alive connection over the unix socket (the single client, profile.py).
-KeepAliveUnix = apiload.KeepAliveUnix
-
-
 def _seed_records(state_dir: Path, template_id: str, n: int) -> None:
     """Insert n-1 copies of a real checkpoint record straight into the store."""
     store = Store(state_dir / "criud.db")
@@ -785,7 +781,7 @@ def static_server(root: Path, body: bytes) -> Iterator[tuple[str, int]]:
 
 def _single_client(sock: str, n: int = 20) -> tuple[dict[str, Any], bytes]:
     """Unloaded latency: one keep-alive client, one request at a time; and the body."""
-    conn = KeepAliveUnix(sock)
+    conn = UnixConnection(sock, 60)
     single: list[float] = []
     body = b""
     for _ in range(n):
@@ -934,7 +930,7 @@ def _version_load(sock: Path, clients: int, per: int) -> list[float]:
     barrier = threading.Barrier(clients)
 
     def client(i: int) -> None:
-        cn = KeepAliveUnix(str(sock), timeout=60)
+        cn = UnixConnection(str(sock), 60)
         cn.connect()
         barrier.wait()
         try:
@@ -1314,7 +1310,7 @@ def bench_introspection(cfg: dict[str, Any], env: dict[str, Any], base: Path) ->
                 decode: list[float] = []
                 size = 0
                 for _ in range(cfg["tree_reps"]):
-                    conn = KeepAliveUnix(str(d.socket), timeout=120)
+                    conn = UnixConnection(str(d.socket), 120)
                     try:
                         t = time.perf_counter()
                         conn.request("GET", path)

@@ -31,6 +31,7 @@ import apiload
 import workloads
 
 import bench
+from criud.api.client import UnixConnection
 from criud.daemon import kdat
 
 IDLE = ("select (selectors.py", "EpollSelector.select", "poll (selectors.py")
@@ -159,7 +160,7 @@ def main() -> int:
         if a.what == "api" and a.clients > 1:
             n = _api_clients(d, a.clients, a.seconds)
         elif a.what == "api":
-            conn = bench.KeepAliveUnix(str(d.socket))
+            conn = UnixConnection(str(d.socket), 60)
             while time.perf_counter() - t0 < a.seconds:
                 conn.request("GET", "/v1/checkpoints")
                 conn.getresponse().read()

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import io
 import json
 import os
-import socket
 import tarfile
 import uuid
 import zlib
@@ -24,6 +22,7 @@ from typing import Any
 import pytest
 import zstandard
 
+from criud.api.client import UnixConnection
 from criud.daemon import archive
 from tests.integration.helpers import Daemon, Procs, small_state_dir, temp_root
 
@@ -59,14 +58,7 @@ def good(hd: Daemon) -> bytes:
 def post(d: Daemon, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """POST body to the import route over the unix socket; (status, JSON answer)."""
 
-    class Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(120)
-            s.connect(str(d.socket))
-            self.sock = s
-
-    conn = Conn("localhost")
+    conn = UnixConnection(str(d.socket), 120)
     try:
         conn.request("POST", "/v1/checkpoints/import", body=body, headers=headers or {})
         resp = conn.getresponse()

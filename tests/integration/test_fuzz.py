@@ -25,7 +25,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
-import http.client
 import json
 import os
 import random
@@ -39,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from criud.api.client import CriudClientError
+from criud.api.client import CriudClientError, UnixConnection
 from criud.api.models import PID_MAX
 from criud.daemon.fdpass import MAX_FDS, MAX_PAYLOAD
 from tests.integration.helpers import Daemon, Procs, running_daemon, send_raw, temp_root, wait_for
@@ -99,18 +98,6 @@ def _assert_healthy(d: Daemon) -> None:
 
 
 # -- the HTTP API ---------------------------------------------------------------
-
-
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
 
 
 def _pid_max() -> int:
@@ -196,7 +183,7 @@ class ApiFuzz:
         self.guard.case(case)
         kw = self.guard.kwargs(case.as_transport_kwargs(base_url="http://criud"))
         prepared = requests.Request(**kw).prepare()
-        conn = _UnixHTTP(str(self.daemon.socket), timeout=30)
+        conn = UnixConnection(str(self.daemon.socket), 30)
         try:
             try:
                 conn.request(

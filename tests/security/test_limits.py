@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from criud.api.client import Client, _UnixConnection
+from criud.api.client import Client, UnixConnection
 from criud.daemon.criu import CAP_SYS_RESOURCE, HANDLE_WORKERS_MAX, has_cap
 from tests.integration.helpers import (
     Daemon,
@@ -581,7 +581,7 @@ def test_fd_exhaustion_is_503_out_of_fds(users: Accounts, procs: Procs) -> None:
         try:
             assert _limits(d.pid) == (4096, 4096)
             target = procs.spawn(["sleep", "1000"])
-            conn = _UnixConnection(str(d.socket), 30)
+            conn = UnixConnection(str(d.socket), 30)
 
             def ask(method: str, path: str, body: Any = None) -> tuple[int, Any]:
                 payload = json.dumps(body).encode() if body is not None else None

@@ -33,8 +33,8 @@ from tests.security.users import Accounts, User, call_as, run_as
 # A raw request as whoever runs it (json.dumps cannot write a 5,000-digit int).
 RAW = r"""
 import json, sys
-from criud.api.client import _UnixConnection
-conn = _UnixConnection(sys.argv[1], 60)
+from criud.api.client import UnixConnection
+conn = UnixConnection(sys.argv[1], 60)
 conn.request("POST", sys.argv[2], body=sys.argv[3].encode(),
              headers={"Content-Type": "application/json"})
 resp = conn.getresponse()
