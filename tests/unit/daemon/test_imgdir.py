@@ -138,6 +138,30 @@ def test_seal_passes_over_the_daemons_archive_subdir(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def _roots_file(tmp_path: Path) -> Path:
+    """A file of root's, 0600, outside the images dir: what a planted entry aims at."""
+    outside = tmp_path / "root-file"
+    outside.write_text("root's")
+    outside.chmod(0o600)
+    return outside
+
+
+def _plant(planted: Path, outside: Path, kind: str) -> None:
+    """Put what a tampering owner might at planted: a link out, a fifo, a dir, another's file."""
+    if kind == "symlink":
+        planted.symlink_to(outside)
+    elif kind == "hardlink":
+        os.link(outside, planted)
+    elif kind == "fifo":
+        os.mkfifo(planted)
+    elif kind == "subdir":
+        planted.mkdir()
+    else:
+        assert kind == "foreign", kind
+        planted.write_text("another user's")
+        os.chown(planted, 65533, 65533)
+
+
 @pytest.mark.parametrize(
     "plant", ["symlink", "hardlink", "fifo", "subdir", "foreign", "owners-archive-dir"]
 )
@@ -147,26 +171,14 @@ def test_seal_refuses_tampering_and_chowns_nothing_outside(tmp_path: Path, plant
     d.mkdir(mode=0o700)
     os.chown(d, 65534, 65534)
     (d / "pstree.img").write_bytes(b"x")
-    outside = tmp_path / "root-file"
-    outside.write_text("root's")
-    outside.chmod(0o600)
-    planted = d / "x.img"
+    outside = _roots_file(tmp_path)
     if plant == "owners-archive-dir":
         # The owner's dir under the one name an images dir may hold a dir.
         planted = d / imgdir.ARCHIVE_SUBDIR
         planted.mkdir(mode=0o755)
         os.chown(planted, 65534, 65534)
-    elif plant == "symlink":
-        planted.symlink_to(outside)
-    elif plant == "hardlink":
-        os.link(outside, planted)
-    elif plant == "fifo":
-        os.mkfifo(planted)
-    elif plant == "subdir":
-        planted.mkdir()
     else:
-        planted.write_text("another user's")
-        os.chown(planted, 65533, 65533)
+        _plant(d / "x.img", outside, plant)
     fd = imgdir.open_dir(d)
     try:
         with pytest.raises(imgdir.UnsafeEntry):
@@ -414,23 +426,11 @@ def test_seal_of_a_dir_only_root_wrote_still_refuses_tampering(tmp_path: Path, p
     d = tmp_path / "ck"
     d.mkdir(mode=0o700)
     (d / "pstree.img").write_bytes(b"x")
-    outside = tmp_path / "root-file"
-    outside.write_text("root's")
-    outside.chmod(0o600)
-    planted = d / "x.img"
-    if plant == "symlink":
-        planted.symlink_to(outside)
-    elif plant == "hardlink":
-        os.link(outside, planted)
-    elif plant == "fifo":
-        os.mkfifo(planted)
-    elif plant == "subdir":
-        planted.mkdir()
-    elif plant == "foreign":
-        planted.write_text("another user's")
-        os.chown(planted, 65533, 65533)
+    outside = _roots_file(tmp_path)
+    if plant == "swapped":
+        (d / "x.img").write_text("not the daemon's log")
     else:
-        planted.write_text("not the daemon's log")
+        _plant(d / "x.img", outside, plant)
     expect = {"x.img": (0, 0)} if plant == "swapped" else None
     fd = imgdir.open_dir(d)
     try:
