@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -66,11 +67,56 @@ NEVER_USED = ("pydantic.v1",)
 
 
 def keep_out_unused() -> None:
-    """Keep NEVER_USED out of this process and DEFERRED unbuilt (call before fastapi loads)."""
+    """Keep NEVER_USED out, DEFERRED unbuilt, LAZY_INIT's `__init__` unrun, until used.
+
+    Call before fastapi and uvicorn load (`criud serve` does).
+    """
     for name in NEVER_USED:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
     if not any(isinstance(f, _DeferBuild) for f in sys.meta_path):
         sys.meta_path.insert(0, _DeferBuild())
+    for name, names in LAZY_INIT.items():
+        _lazy_init(name, names)
+
+
+# Packages whose __init__ loads far more than the daemon uses of them, and
+# where each name the daemon's code reaches through the package lives.
+# uvicorn/__init__ imports uvicorn.main for `run` and `main`, its command
+# line: click, multiprocessing's supervisors, email and configparser, 1.6
+# MiB of the idle daemon's RSS (bench/memory_map.py variants).  The daemon
+# runs uvicorn.config's Config and uvicorn.server's Server, and uvicorn's
+# own uvicorn.lifespan.off takes Config through the package.
+LAZY_INIT = {"uvicorn": {"Config": "uvicorn.config", "Server": "uvicorn.server"}}
+
+
+def _lazy_init(name: str, names: dict[str, str]) -> None:
+    """Put package name in sys.modules with its __init__ run only when first needed.
+
+    Its submodules import as ever (the package has its __path__); a name of
+    names is taken from its submodule; any other name the package is asked
+    for (`uvicorn.run`, `uvicorn.__version__`) runs the real __init__ then,
+    once, so nothing changes for code that needs it but the time it loads.
+    """
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return
+    loader = spec.loader
+    pkg = importlib.util.module_from_spec(spec)
+
+    def lazy_getattr(attr: str) -> object:
+        if attr in names:
+            value = getattr(importlib.import_module(names[attr]), attr)
+            setattr(pkg, attr, value)
+            return value
+        del pkg.__dict__["__getattr__"]  # from now on a plain package
+        loader.exec_module(pkg)
+        return getattr(pkg, attr)
+
+    # PEP 562: asked for a name it lacks, a module calls its __getattr__.
+    pkg.__dict__["__getattr__"] = lazy_getattr
+    sys.modules[name] = pkg
 
 
 # Modules whose pydantic models only rare requests use, built on first use

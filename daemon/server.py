@@ -27,8 +27,10 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+from uvicorn.config import Config as UvicornConfig
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import Server as UvicornServer
 
 from criud.api import fastlist
 from criud.api.app import create_app
@@ -343,7 +345,7 @@ def protocol_for(
     return Bound
 
 
-class Server(uvicorn.Server):
+class Server(UvicornServer):
     """uvicorn's server without its signal capture (it re-raises SIGTERM on exit)."""
 
     @contextlib.contextmanager
@@ -493,15 +495,15 @@ def _unix_sockets(
 
 def _uvicorn_config(
     app: Any, core: CriudService, settings: Settings, list_state: Any = None
-) -> uvicorn.Config:
-    return uvicorn.Config(
+) -> UvicornConfig:
+    return UvicornConfig(
         app,
         http=protocol_for(core.quotas, settings.header_timeout_s, list_state),
         lifespan="off",
         log_level=settings.log_level,
         # JSON: uvicorn's loggers get no handlers of their own and reach the
         # root's, so every line on stderr is one JSON object.
-        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+        log_config=None if settings.log_format == "json" else LOGGING_CONFIG,
         access_log=settings.log_level == "debug",
         ws="none",
         # No proxy stands in front of criud: the peer is the socket's.

@@ -23,13 +23,16 @@ print(json.dumps({"rc": rc, "modules": {m: sys.modules.get(m) is not None for m 
 # Only some requests need these (bench/memory_map.py has their cost):
 # archives (tarfile, zstandard), the warm pool's RPC (protobuf: started with
 # the pool, not at import), the orphans' cold path (psutil), the CLI's
-# progress bars (rich), a scrape of /metrics (prometheus_client); pydantic.v1
-# is never needed (daemon/memory.py).
+# progress bars (rich), a scrape of /metrics (prometheus_client), uvicorn's
+# command line (uvicorn.main, click: uvicorn's __init__, daemon/memory.py's
+# LAZY_INIT); pydantic.v1 is never needed (daemon/memory.py).
 LAZY = (
     "tarfile",
     "zstandard",
     "google.protobuf",
     "criud.daemon.criu_rpc",
+    "uvicorn.main",
+    "click",
     "prometheus_client",
     "psutil",
     "rich",
@@ -49,6 +52,47 @@ def test_serve_starts_without_what_only_some_requests_need() -> None:
     loaded = _serve_loads(*LAZY, "criud.api.app", "fastapi")
     assert loaded.pop("criud.api.app") and loaded.pop("fastapi"), "the probe ran too little"
     assert loaded == dict.fromkeys(LAZY, False)
+
+
+# uvicorn as `criud serve` leaves it (its __init__ not run), then asked for
+# what the daemon takes through the package and for what only __init__ gives.
+UVICORN_LAZY_INIT = r"""
+import json, sys
+from criud.daemon import memory
+memory.keep_out_unused()
+import uvicorn
+from uvicorn import Config
+import uvicorn.config, uvicorn.server
+out = {
+    "config": Config is uvicorn.config.Config,
+    "server": uvicorn.Server is uvicorn.server.Server,
+    "main_before": "uvicorn.main" in sys.modules,
+}
+run, version = uvicorn.run, uvicorn.__version__
+# (uvicorn.main is then the click command, as ever: __init__ imports it so.)
+out["run"] = run is sys.modules["uvicorn.main"].run
+out["version"] = isinstance(version, str) and version != ""
+try:
+    uvicorn.no_such_name
+except AttributeError:
+    out["missing"] = "AttributeError"
+print(json.dumps(out))
+"""
+
+
+def test_uvicorn_init_runs_when_first_needed() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", UVICORN_LAZY_INIT], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {
+        "config": True,
+        "server": True,
+        "main_before": False,
+        "run": True,
+        "version": True,
+        "missing": "AttributeError",
+    }
 
 
 def test_serve_keeps_pydantic_v1_out() -> None:
