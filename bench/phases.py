@@ -41,7 +41,7 @@ WRAP = [
     "criud.daemon.service.CriudService.delete_checkpoint",
     "criud.daemon.criu.Criu.run",
     "criud.daemon.criu.Criu._run_warm",
-    "criud.daemon.criu_rpc.exchange",
+    "criud.daemon.criu_msg.exchange",
     "criud.daemon.store.Store.run",
     "criud.dump.fds.read_tree",
     "criud.dump.images.parse_pstree",

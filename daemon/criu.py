@@ -29,10 +29,11 @@ from criud.daemon import childproc, imgdir, kprobe
 from criud.daemon.errors import CriuFailed, CriuUnavailable, out_of_fds
 
 if TYPE_CHECKING:
-    # Imported where the warm pool starts: protobuf and criu's RPC classes
-    # are 2.7 MiB of the daemon's RSS (bench/memory_map.py), which a daemon
-    # run with --criu-pool 0 never needs.
-    from criud.daemon import criu_rpc
+    # criu_rpc is imported where the warm pool starts, criu_msg (protobuf
+    # and criu's RPC classes: 2.7 MiB of the daemon's RSS, bench/memory_map.py)
+    # at the first run that could take a warm worker: an idle daemon, or one
+    # run with --criu-pool 0, never holds them.
+    from criud.daemon import criu_msg, criu_rpc
 
 log = logging.getLogger("criud.criu")
 
@@ -247,7 +248,7 @@ def wrap_argv(
     return [*cmd, "--", criu, *argv]
 
 
-def _log_dir_fd(req: criu_rpc.Request) -> int | str:
+def _log_dir_fd(req: criu_msg.Request) -> int | str:
     """An fd of the dir criu will open its RPC log in, checked to be root's alone; or why not.
 
     criu opens the log by name (O_CREAT|O_TRUNC, following links) in its
@@ -625,13 +626,13 @@ class Criu:
 
     def _warm(
         self, argv: Sequence[str], log_file: LogFile, pass_fds: Sequence[int], run_as: RunAs | None
-    ) -> tuple[criu_rpc.Worker, criu_rpc.Request, int] | None:
+    ) -> tuple[criu_rpc.Worker, criu_msg.Request, int] | None:
         """A warm worker and the run as its request (+ the log dir's fd), or None: the CLI.
 
         The CLI path stays for (each logged at debug level with its reason):
         a run as the tree's owner (a pre-started worker is root's, and the
         owner's criu could not open the root daemon's /proc/<pid>/fd that
-        RPC names dirs by); whatever criu_rpc.to_request refuses (inherit
+        RPC names dirs by); whatever criu_msg.to_request refuses (inherit
         fds: a pool worker cannot hold them, only an fd handle's own worker
         can, see _warm_any); a log dir anyone but root can
         write (criu opens its RPC log by name there); no idle worker.
@@ -656,7 +657,7 @@ class Criu:
         pass_fds: Sequence[int],
         run_as: RunAs | None,
         held: Held | None,
-    ) -> tuple[criu_rpc.Worker, criu_rpc.Request, int] | None:
+    ) -> tuple[criu_rpc.Worker, criu_msg.Request, int] | None:
         """A worker and the run as its request (+ the log dir's fd), or None: the CLI.
 
         The run's fd handle's own worker (prestart) if it holds exactly the
@@ -688,7 +689,7 @@ class Criu:
         pass_fds: Sequence[int],
         run_as: RunAs | None,
         held: Mapping[int, int] | None = None,
-    ) -> tuple[criu_rpc.Request, int] | str:
+    ) -> tuple[criu_msg.Request, int] | str:
         """The request and its log dir's fd, or why the run must take the CLI path."""
         if run_as is not None:
             return "runs as the tree's owner"
@@ -696,9 +697,11 @@ class Criu:
             # A lazy restore meets its lazy-pages server through a socket in
             # its -W dir, which the CLI's argv names as is.
             return "a lazy restore"
-        from criud.daemon import criu_rpc  # loaded by start_pool
+        # Here, not at import (see TYPE_CHECKING above); the first warm
+        # run pays protobuf's import, about 14 ms, once.
+        from criud.daemon import criu_msg
 
-        req = criu_rpc.to_request(argv, pass_fds, log_file.path.name, held)
+        req = criu_msg.to_request(argv, pass_fds, log_file.path.name, held)
         if isinstance(req, str):
             return req
         dir_fd = _log_dir_fd(req)
@@ -709,7 +712,7 @@ class Criu:
     async def _run_warm(
         self,
         w: criu_rpc.Worker,
-        req: criu_rpc.Request,
+        req: criu_msg.Request,
         dir_fd: int,
         log_file: LogFile,
         target: int | None,
@@ -723,14 +726,14 @@ class Criu:
         what it returns while the wait goes on; the first other message is
         the reply.
         """
-        from criud.daemon import criu_rpc  # loaded by start_pool
+        from criud.daemon import criu_msg, criu_rpc  # loaded by _warm_refusal, start_pool
 
         async def started(pid: int) -> None:
             # The worker, not a child before exec, joins the cgroups: the
             # restored tree inherits them from it, as from the CLI's criu.
             for path in cgroup_procs:
                 _write_pid(path, pid)
-            await criu_rpc.exchange(w, req.req)
+            await criu_msg.exchange(w, req.req)
             # Recorded while criu works, as on the CLI path (where criu
             # starts before on_spawn runs): a restore's record update costs
             # a store round trip that the request should not wait for.
@@ -742,12 +745,12 @@ class Criu:
         # background.  A restore waits for the exit, since the restored
         # root becomes the daemon's child (to adopt) only when criu is gone.
         dump = req.is_dump
-        talk = criu_rpc.Talk(w, notify)
+        talk = criu_msg.Talk(w, notify)
         try:
             rc, stopped = await self._supervise(
                 w.proc, target, started, answer=w.sock if dump else None, on_answer=talk.heard
             )
-            resp = talk.reply if talk.replied else criu_rpc.reply(w)
+            resp = talk.reply if talk.replied else criu_msg.reply(w)
             if resp is None and rc is None:
                 # Woken without a reply: the worker died (or broke) mid-request.
                 rc = await self._exit_of(w.proc)

@@ -439,3 +439,31 @@ def test_handle_worker_killed_mid_restore(procs: Procs) -> None:
             for fd in (new_r, new_w):
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+
+def _imported(log: str) -> set[str]:
+    """The modules an interpreter run with PYTHONPROFILEIMPORTTIME=1 logged as imported."""
+    return {line.rsplit("|", 1)[1].strip() for line in log.splitlines() if "import time:" in line}
+
+
+def test_idle_daemon_holds_no_rpc_classes_until_criu_runs(procs: Procs) -> None:
+    # criud.daemon.criu_msg (protobuf, 2.7 MiB) loads at the first warm run,
+    # and uvicorn's command line never (daemon/memory.py): an idle daemon
+    # with a warm pool holds neither, and the first dump still runs warm.
+    with temp_root() as root:
+        d = Daemon(root, extra_env={"PYTHONPROFILEIMPORTTIME": "1"}).start()
+        try:
+            warm = set(_two_workers(d.pid))
+            d.client.checkpoints()
+            idle = _imported(d.log_path.read_text(errors="replace"))
+            assert "criud.daemon.criu_rpc" in idle, "the probe saw no pool start"
+            assert not idle & {"criud.daemon.criu_msg", "google.protobuf", "uvicorn.main"}
+            p = procs.spawn(["sleep", "60"])
+            assert d.client.checkpoint(p.pid)["state"] == "done"
+            after = _imported(d.log_path.read_text(errors="replace"))
+            assert {"criud.daemon.criu_msg", "google.protobuf"} <= after
+            assert "uvicorn.main" not in after
+            # A worker served it: the pool's, gone once it answered.
+            wait_for(lambda: any(pid_gone(w) for w in warm), timeout=10, what="a worker used")
+        finally:
+            d.stop()

@@ -1,4 +1,4 @@
-"""criu_rpc.to_request: the argv the builders make, as criu's RPC message, or why not."""
+"""criu_msg.to_request: the argv the builders make, as criu's RPC message, or why not."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from criud.daemon import criu_rpc
+from criud.daemon import criu_msg, criu_rpc
 from criud.daemon import criu_rpc_pb2 as rpc
 from criud.dump.argv import dump_argv
 from criud.dump.options import DumpOptions
 from criud.restore.argv import restore_argv
 
 
-def _req(argv: list[str], pass_fds: list[int], log: str = "x.log") -> criu_rpc.Request:
-    out = criu_rpc.to_request(argv, pass_fds, log)
-    assert isinstance(out, criu_rpc.Request), out
+def _req(argv: list[str], pass_fds: list[int], log: str = "x.log") -> criu_msg.Request:
+    out = criu_msg.to_request(argv, pass_fds, log)
+    assert isinstance(out, criu_msg.Request), out
     return out
 
 
@@ -87,13 +87,13 @@ def test_cli_only_cases_are_named() -> None:
         ["--inherit-fd", "fd[7]:pipe:[1]"],
         work_dir=Path("/proc/self/fd/6"),
     )
-    why = criu_rpc.to_request(inherit, [6, 7], "r.log")
+    why = criu_msg.to_request(inherit, [6, 7], "r.log")
     assert isinstance(why, str) and "--inherit-fd" in why
     # An fd handed over that the request does not name.
-    why = criu_rpc.to_request(base, [6, 8], "r.log")
+    why = criu_msg.to_request(base, [6, 8], "r.log")
     assert isinstance(why, str) and "does not hold" in why
     # A /proc/self/fd/N that is not handed over.
-    why = criu_rpc.to_request(base, [], "r.log")
+    why = criu_msg.to_request(base, [], "r.log")
     assert isinstance(why, str) and "not handed over" in why
     # OCI's options, a log by path, an unknown lock, a bare flag at the end.
     for argv in (
@@ -104,7 +104,7 @@ def test_cli_only_cases_are_named() -> None:
         ["check"],
         ["dump", "-t", "1"],
     ):
-        assert isinstance(criu_rpc.to_request(argv, [], "r.log"), str), argv
+        assert isinstance(criu_msg.to_request(argv, [], "r.log"), str), argv
 
 
 def _inherit_argv(*pairs: tuple[int, str]) -> list[str]:
@@ -116,8 +116,8 @@ def test_inherit_fds_name_the_handle_workers_own_fds() -> None:
     # The run's duplicates 7 and 8 were made from the handle's 20 and 21,
     # the numbers its worker holds them at.
     argv = _inherit_argv((7, "pipe:[1]"), (8, "tty[88:5]"))
-    out = criu_rpc.to_request(argv, [7, 8, 6], "r.log", {7: 20, 8: 21})
-    assert isinstance(out, criu_rpc.Request), out
+    out = criu_msg.to_request(argv, [7, 8, 6], "r.log", {7: 20, 8: 21})
+    assert isinstance(out, criu_msg.Request), out
     got = [(e.key, e.fd) for e in out.req.opts.inherit_fd]
     assert got == [("pipe:[1]", 20), ("tty[88:5]", 21)]
     assert out.req.opts.work_dir_fd == 6
@@ -126,9 +126,9 @@ def test_inherit_fds_name_the_handle_workers_own_fds() -> None:
 def test_an_inherit_fd_the_worker_does_not_hold_is_the_cli_s() -> None:
     # 9 is not one of the handle's (a path opened for the caller, say).
     argv = _inherit_argv((7, "pipe:[1]"), (9, "some/file"))
-    why = criu_rpc.to_request(argv, [7, 9, 6], "r.log", {7: 20})
+    why = criu_msg.to_request(argv, [7, 9, 6], "r.log", {7: 20})
     assert isinstance(why, str) and "fd[9]" in why and "does not hold" in why
-    why = criu_rpc.to_request(["restore", "-D", "/i", "--inherit-fd", "7:k"], [7], "r.log", {7: 1})
+    why = criu_msg.to_request(["restore", "-D", "/i", "--inherit-fd", "7:k"], [7], "r.log", {7: 1})
     assert isinstance(why, str) and "not fd[N]:key" in why
 
 

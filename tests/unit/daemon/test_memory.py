@@ -31,6 +31,7 @@ LAZY = (
     "zstandard",
     "google.protobuf",
     "criud.daemon.criu_rpc",
+    "criud.daemon.criu_msg",
     "uvicorn.main",
     "click",
     "prometheus_client",
