@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
@@ -22,9 +22,10 @@ from criud.api.models import (
 from criud.api.operations import WaitQuery, accepted
 from criud.api.service import Service
 from criud.daemon.caller import Caller
-from criud.daemon.peer import Target
-from criud.dump.migrate import MigrationResult, MigrationSpec
 from criud.dump.options import DumpOptions
+
+if TYPE_CHECKING:
+    from criud.dump.migrate import MigrationResult
 
 router = APIRouter(prefix="/v1/migrations", tags=["migrations"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -51,6 +52,10 @@ async def create_migration(
     body: MigrationRequest, c: CoreDep, who: CallerDep, wait: WaitQuery = True
 ) -> Migration | Response:
     """Move a running tree (pid) or a checkpoint to another daemon; root's only."""
+    # Here, not at import: migrations load with the first (api/service.py).
+    from criud.daemon.peer import Target
+    from criud.dump.migrate import MigrationSpec
+
     spec = MigrationSpec(
         target=Target.parse(body.target.url, body.target.token),
         pid=body.pid,

@@ -13,7 +13,6 @@ from criud.api.service import Service
 from criud.daemon.caller import Caller
 from criud.daemon.operations import Operation as Op
 from criud.daemon.store import CheckpointRecord, RestoreRecord
-from criud.dump.migrate import MigrationResult
 
 router = APIRouter(prefix="/v1/operations", tags=["operations"])
 ERRORS: dict[int | str, dict[str, object]] = {s: {"model": Problem} for s in (404, 409, 422)}
@@ -40,7 +39,7 @@ def to_model(op: Op) -> Operation:
         result = checkpoints.to_model(op.result, fds=False).model_dump(mode="json")
     elif isinstance(op.result, RestoreRecord):
         result = restores.to_model(op.result).model_dump(mode="json")
-    elif isinstance(op.result, MigrationResult):
+    elif op.kind == "migration" and op.result is not None:
         result = migrations.to_model(op.result).model_dump(mode="json")
     problem = None
     if (e := op.error) is not None:

@@ -8,18 +8,21 @@ criu, and a test can put a stand-in behind the real app.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from criud.daemon.archive import Export
 from criud.daemon.caller import Caller
 from criud.daemon.handles import FdHandle
 from criud.daemon.operations import Operation
 from criud.daemon.store import CheckpointRecord, RestoreRecord
 from criud.dump.inspect import Tree
 from criud.dump.job import CheckpointSpec
-from criud.dump.migrate import MigrationResult, MigrationSpec
 from criud.dump.preflight import Report
 from criud.restore.job import RestoreSpec
+
+if TYPE_CHECKING:
+    # Types only: archives and migrations load on their first request.
+    from criud.daemon.archive import Export
+    from criud.dump.migrate import MigrationResult, MigrationSpec
 
 
 class Service(Protocol):

@@ -27,10 +27,9 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from criud.daemon import (
-    archive,
     events,
     imgdir,
     kdat,
@@ -70,20 +69,26 @@ from criud.daemon.operations import Operation, OperationTable, OpState, Progress
 from criud.daemon.quotas import CheckpointQuota, FdBudget, Quotas, Usage
 from criud.daemon.store import CheckpointRecord, RestoreRecord, Store
 from criud.daemon.supervisor import Supervisor
-from criud.dump import export as export_job
 from criud.dump import inspect as proc_inspect
 from criud.dump import job as dump_job
-from criud.dump import migrate as migrate_job
 from criud.dump import preflight as dump_preflight
 from criud.dump.argv import DUMP_LOG
 from criud.dump.job import TMP_PREFIX, CheckpointSpec
 from criud.dump.manifest import Manifest
-from criud.restore import importer as import_job
-from criud.restore import incoming as incoming_job
 from criud.restore import job as restore_job
 from criud.restore.argv import RESTORE_LOG
 from criud.restore.job import RestoreSpec
 from criud.restore.paths import PathOpener
+
+if TYPE_CHECKING:
+    # Archives and migrations load on their first request, not at start:
+    # these modules and what they alone import are about 1.4 MiB of an idle
+    # daemon's RSS (bench/memory_map.py pair, docs/benchmarks.md).
+    from criud.daemon import archive
+    from criud.dump import export as export_job
+    from criud.dump import migrate as migrate_job
+    from criud.restore import importer as import_job
+    from criud.restore import incoming as incoming_job
 
 log = logging.getLogger("criud.service")
 T = TypeVar("T")
@@ -184,10 +189,20 @@ class CriudService:
         self._ops: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self.kdat_cache = False
-        # Incoming migrations: open page servers and their half-made checkpoints.
-        self.incoming = incoming_job.IncomingTable()
+        # Incoming migrations (open page servers and their half-made
+        # checkpoints): made with the first, see the incoming property.
+        self._incoming: incoming_job.IncomingTable | None = None
         # The daemon's own namespaces, read once: introspection compares with them.
         self._daemon_ns = proc_inspect.own_namespaces()
+
+    @property
+    def incoming(self) -> incoming_job.IncomingTable:
+        """The open incoming migrations (their module loads with the first)."""
+        if self._incoming is None:
+            from criud.restore import incoming as incoming_job
+
+            self._incoming = incoming_job.IncomingTable()
+        return self._incoming
 
     async def _checkpoint_usage(self, uid: int) -> Usage:
         count, size = await self.store.run(self.store.checkpoint_usage, uid)
@@ -276,9 +291,12 @@ class CriudService:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        for inc in list(self.incoming.items.values()):
-            with contextlib.suppress(Exception):
-                await incoming_job.abort(self, self.incoming, inc)
+        if self._incoming is not None:
+            from criud.restore import incoming as incoming_job
+
+            for inc in list(self._incoming.items.values()):
+                with contextlib.suppress(Exception):
+                    await incoming_job.abort(self, self._incoming, inc)
         self.handles.close_all()
         await self.criu.close_pool()
         await self.children.stop(self.settings.shutdown_grace_s)
@@ -832,6 +850,9 @@ class CriudService:
         the route answers a problem then.  The checkpoint is held busy (no
         delete, no restore) until the last chunk is out.
         """
+        from criud.daemon import archive
+        from criud.dump import export as export_job
+
         rec = await self.get_checkpoint(ref, caller, owner)
         if rec.state != "done":
             raise CheckpointNotReady(f"checkpoint {ref!r} is {rec.state}", checkpoint=rec.id)
@@ -876,6 +897,9 @@ class CriudService:
         progress: Progress,
         stack: contextlib.ExitStack,
     ) -> CheckpointRecord:
+        from criud.daemon import archive
+        from criud.dump import export as export_job
+
         with stack:
             work = archive.in_thread(
                 export_job.produce,
@@ -911,6 +935,9 @@ class CriudService:
         caller: Caller,
     ) -> CheckpointRecord:
         """Import an archive (the request body) as a new checkpoint of the caller's."""
+        from criud.daemon import archive
+        from criud.restore import importer as import_job
+
         digest = archive.parse_digest(content_digest, digest_header)
         spec = import_job.ImportSpec(
             name=name,
@@ -943,12 +970,16 @@ class CriudService:
         unpacked (an archive's size says little of its images'), before the
         checkpoint is committed.
         """
+        from criud.restore import importer as import_job
+
         async with self.checkpoint_quota.reserve(caller.uid, 0) as held:
             return await import_job.run(self, spec, body, caller, progress, admit=held.resize)
 
     @property
     def archive_limits(self) -> archive.Limits:
         """What an imported archive may unpack to (the settings' caps)."""
+        from criud.daemon import archive
+
         s = self.settings
         return archive.Limits(
             max_bytes=s.import_max_bytes,
@@ -960,6 +991,8 @@ class CriudService:
 
     def start_migration(self, spec: migrate_job.MigrationSpec, caller: Caller) -> Operation:
         """Move a tree (or a checkpoint) to another daemon, in the background."""
+        from criud.dump import migrate as migrate_job
+
         target = {
             "pid": spec.pid,
             "checkpoint": spec.checkpoint,
@@ -996,6 +1029,8 @@ class CriudService:
         self, caller: Caller, name: str | None, tls: bool, local: str | None, peer: str | None
     ) -> dict[str, object]:
         """Open a one-shot page server for an incoming migration (the destination's side)."""
+        from criud.restore import incoming as incoming_job
+
         inc = await self._audited(
             "open_incoming",
             caller,
@@ -1007,6 +1042,8 @@ class CriudService:
 
     async def get_incoming(self, inc_id: str, caller: Caller) -> dict[str, object]:
         """An incoming migration's state, and the bytes its page server has received."""
+        from criud.restore import incoming as incoming_job
+
         inc = self.incoming.get(inc_id, caller)
         got = await asyncio.to_thread(incoming_job.received, self, inc)
         return {**inc.as_dict(), "bytes_received": got}
@@ -1020,6 +1057,10 @@ class CriudService:
         caller: Caller,
     ) -> CheckpointRecord:
         """The remaining images of an incoming migration; its committed checkpoint."""
+        from criud.daemon import archive
+        from criud.restore import importer as import_job
+        from criud.restore import incoming as incoming_job
+
         inc = self.incoming.get(inc_id, caller)
         spec = import_job.ImportSpec(
             name=inc.name,
@@ -1042,6 +1083,8 @@ class CriudService:
 
     async def abort_incoming(self, inc_id: str, caller: Caller) -> None:
         """Abort an incoming migration: its page server killed, its dir removed."""
+        from criud.restore import incoming as incoming_job
+
         inc = self.incoming.get(inc_id, caller)
         await self._audited(
             "abort_incoming",

@@ -39,7 +39,7 @@ from criud.daemon.errors import (
 )
 from criud.daemon.store import CheckpointRecord, CheckpointState, Store
 from criud.dump import fds as fdinfo
-from criud.dump import frozen, images, oci, oci_archive
+from criud.dump import frozen, images
 from criud.dump import inspect as proc_inspect
 from criud.dump import manifest as mf
 from criud.dump import preflight as dump_preflight
@@ -659,6 +659,8 @@ class _Dump:
     ) -> list[str]:
         oci_extra: tuple[str, ...] = ()
         if oci_record is not None:
+            from criud.dump import oci  # loaded by oci_probe
+
             # The bundle's arguments carry the network lock themselves.
             oci_extra = tuple(oci.dump_args_from_record(oci_record, network_lock=lock))
             lock = None
@@ -814,6 +816,10 @@ async def _watching(dirfd: int) -> AsyncIterator[None]:
 
 def oci_probe(bundle: str, pid: int) -> dict[str, Any]:
     """Read an OCI bundle and check pid is its container's init; return the record."""
+    # Here, not at import: only an OCI bundle's dump needs them (with
+    # restore/'s and the archives', about 1.4 MiB of an idle daemon).
+    from criud.dump import oci, oci_archive
+
     try:
         spec, doc = oci.load_spec_doc(bundle)
         record = oci.to_record(spec, oci.probe(spec, pid))

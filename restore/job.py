@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from criud.daemon import (
     creds,
@@ -62,12 +62,15 @@ from criud.daemon.store import CheckpointRecord, RestoreRecord, RestoreState, St
 from criud.dump import images
 from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
-from criud.restore import lazy as lazy_pages
-from criud.restore import mappings, oci_archive, stdio
-from criud.restore import oci as restore_oci
+from criud.restore import mappings, stdio
 from criud.restore.argv import PIDFILE, RESTORE_LOG, restore_argv
 from criud.restore.paths import Creds, PathOpener, PathRequest
 from criud.restore.worker import FdMap
+
+if TYPE_CHECKING:
+    # Imported where used: only lazy restores and OCI bundles need them
+    # (with dump/'s and the archives', about 1.4 MiB of an idle daemon).
+    from criud.restore import lazy as lazy_pages
 
 log = logging.getLogger("criud.restore")
 
@@ -285,6 +288,9 @@ async def _prepare_oci(
     manifest: Manifest, spec: RestoreSpec, cgroup: str | None, fds: FdMap, images_dir: Path
 ) -> tuple[str, ...]:
     """Fit the checkpoint into its bundle; hand in the namespaces it joins; its criu args."""
+    from criud.restore import oci as restore_oci
+    from criud.restore import oci_archive
+
     saved = manifest.oci
     assert saved is not None
     if oci_archive.is_imported(saved):
@@ -501,6 +507,8 @@ class _Job:
         """For a lazy restore, its lazy-pages server, listening in the run dir; else None."""
         if not self.lazy:
             return None
+        from criud.restore import lazy as lazy_pages
+
         server = lazy_pages.Server(self.rt.criu, self.id)
         try:
             await server.start(images_arg, run_fd, images_fd, self.run_as)

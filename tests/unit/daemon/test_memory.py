@@ -25,7 +25,8 @@ print(json.dumps({"rc": rc, "modules": {m: sys.modules.get(m) is not None for m 
 # the pool, not at import), the orphans' cold path (psutil), the CLI's
 # progress bars (rich), a scrape of /metrics (prometheus_client), uvicorn's
 # command line (uvicorn.main, click: uvicorn's __init__, daemon/memory.py's
-# LAZY_INIT); pydantic.v1 is never needed (daemon/memory.py).
+# LAZY_INIT), archives, migrations, OCI bundles and lazy restores (criud's
+# own modules for them); pydantic.v1 is never needed (daemon/memory.py).
 LAZY = (
     "tarfile",
     "zstandard",
@@ -34,6 +35,17 @@ LAZY = (
     "criud.daemon.criu_msg",
     "uvicorn.main",
     "click",
+    "criud.daemon.archive",
+    "criud.daemon.peer",
+    "criud.dump.export",
+    "criud.dump.migrate",
+    "criud.dump.oci",
+    "criud.dump.oci_archive",
+    "criud.restore.importer",
+    "criud.restore.incoming",
+    "criud.restore.lazy",
+    "criud.restore.oci",
+    "criud.restore.oci_archive",
     "prometheus_client",
     "psutil",
     "rich",
