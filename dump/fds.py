@@ -154,6 +154,9 @@ class TaskInfo:
     ppid: int
     tids: list[int]
     fds: list[Fd]
+    # How many fds the walk's listing of /proc/<pid>/fd held, classified or
+    # not (None: unknown); what fd_count compares with.
+    listed: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -628,20 +631,26 @@ def classify(
 
 def read_fds(pid: int, scan: ProcScan | None = None) -> list[Fd]:
     """Every fd of pid, classified (Fd's compact form), in fd order; [] if pid is gone."""
-    scan = scan or ProcScan()
+    return _read_fds(pid, scan or ProcScan())[0]
+
+
+def _read_fds(pid: int, scan: ProcScan) -> tuple[list[Fd], int | None]:
+    """read_fds, and how many fd numbers its listing held (TaskInfo.listed)."""
     try:
         dirfd = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         if e.errno in FD_EXHAUSTION:
             raise  # our own fd table is full: the task's fds are not "none"
-        return []
+        return [], None
     try:
         numbers = sorted(int(n) for n in os.listdir(dirfd))
+        listed: int | None = len(numbers)
         if pid == os.getpid():
             # Reading our own table: leave out the directory fd of this walk.
             numbers = [n for n in numbers if n != dirfd]
+            listed = None
         if not numbers:
-            return []
+            return [], listed
         # The socket tables (/proc/net/*, sock_diag: 2-6 ms each here) are
         # read only once a socket turns up; most small trees have none.
         cache: list[NetTables] = []
@@ -651,9 +660,10 @@ def read_fds(pid: int, scan: ProcScan | None = None) -> list[Fd]:
                 cache.append(scan.net(pid))
             return cache[0]
 
-        return [i for n in numbers if (i := _classify_at(dirfd, pid, n, net, scan.locked))]
+        fds = [i for n in numbers if (i := _classify_at(dirfd, pid, n, net, scan.locked))]
+        return fds, listed
     except OSError:
-        return []
+        return [], None
     finally:
         os.close(dirfd)
 
@@ -692,6 +702,20 @@ def tree_pids(root: int) -> list[int]:
     return order
 
 
+def fd_count(pid: int) -> int | None:
+    """How many fds pid holds now, from one stat of /proc/<pid>/fd; None if it is gone.
+
+    Linux 6.2 and later give the count as the directory's size (the bits
+    set in the fd table's open map); earlier kernels give 0.  A listing
+    makes the kernel build a dentry per fd (11 ms for 10,000): this does
+    not.
+    """
+    try:
+        return os.stat(f"/proc/{pid}/fd").st_size
+    except OSError:
+        return None
+
+
 def fd_numbers(pid: int) -> list[int]:
     """The fd numbers pid holds now, sorted; [] if it is gone."""
     try:
@@ -718,7 +742,8 @@ def read_tree(root: int) -> list[TaskInfo]:
             ppid = _ppid(pid)
         except (OSError, ValueError):
             continue  # exited while we walked
-        tasks.append(TaskInfo(pid=pid, ppid=ppid, tids=_tids(pid), fds=read_fds(pid, scan)))
+        fds, listed = _read_fds(pid, scan)
+        tasks.append(TaskInfo(pid=pid, ppid=ppid, tids=_tids(pid), fds=fds, listed=listed))
     mark_external([t.fds for t in tasks])
     return tasks
 

@@ -59,9 +59,13 @@ PRE_DUMP_LOG = "pre-dump.log"
 # 15 us an fd) costs less than the frozen walk's stops, guess and checks
 # (+0.8 ms on a small dump + restore, bench/versus.py, 30 pairs).
 FROZEN_MIN_FDS = 64
-# The frozen walk's post-dump check lists each task's fds (about 1 us an
-# fd: 11 ms for 10,000); above this many in the tree it runs in a thread.
+# The frozen walk's post-dump check lists the fds of each task whose fd
+# count changed since the walk (about 1 us an fd: 11 ms for 10,000); above
+# this many in those tasks it runs in a thread.
 INLINE_LISTING_MAX = 256
+# Its count of each task's fds (one stat, some 2 us) runs in a thread for
+# a tree of more tasks than this.
+INLINE_COUNT_MAX = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,8 +338,7 @@ class _Dump:
         tree, m = walked
         if m is None:
             return False  # criu must run as the tree's owner
-        many = sum(len(t.fds) for t in tree.tasks) > INLINE_LISTING_MAX
-        tasks = await asyncio.to_thread(_as_left, tree.tasks) if many else _as_left(tree.tasks)
+        tasks = await _left(tree.tasks)
         if tasks is not tree.tasks:
             tree = dataclasses.replace(tree, tasks=tasks)
             m = await self._build_manifest(tree.tasks, tree.ids, None)
@@ -725,7 +728,29 @@ def _holds_many_fds(pid: int) -> bool:
     return False
 
 
-def _as_left(tasks: list[fdinfo.TaskInfo]) -> list[fdinfo.TaskInfo]:
+async def _left(tasks: list[fdinfo.TaskInfo]) -> list[fdinfo.TaskInfo]:
+    """_as_left, in a thread where its counts or listings would hold the event loop up."""
+    if len(tasks) > INLINE_COUNT_MAX:
+        return await asyncio.to_thread(_as_left, tasks)
+    stale = _stale(tasks)
+    if not stale:
+        return tasks
+    if sum(len(t.fds) for t in tasks if t.pid in stale) > INLINE_LISTING_MAX:
+        return await asyncio.to_thread(_as_left, tasks, stale)
+    return _as_left(tasks, stale)
+
+
+def _stale(tasks: list[fdinfo.TaskInfo]) -> set[int]:
+    """The tasks whose fds may differ from the walk's listing: their fd count does.
+
+    The task is frozen, and holds what it held when the walk listed its
+    fds, less what criu held there then: the same count means the same
+    fds.  An unknown count (a kernel before 6.2 gives 0) is listed.
+    """
+    return {t.pid for t in tasks if t.listed is None or fdinfo.fd_count(t.pid) != t.listed}
+
+
+def _as_left(tasks: list[fdinfo.TaskInfo], stale: set[int] | None = None) -> list[fdinfo.TaskInfo]:
     """The walked tasks without the fds criu's parasite held while the walk read them.
 
     A task criu is dumping holds criu's own fds for that while: the
@@ -734,12 +759,18 @@ def _as_left(tasks: list[fdinfo.TaskInfo]) -> list[fdinfo.TaskInfo]:
     then; by post-dump every task is cured and still frozen, so an fd the
     walk saw that the task no longer holds was criu's.  (A frozen task
     opens nothing: an fd the walk did not list is one it could not
-    classify, left out as a walk-first dump leaves it out.)  The list itself
+    classify, left out as a walk-first dump leaves it out.)  Only the stale
+    tasks (_stale; None: find them) are listed again.  The list itself
     comes back when no task lost an fd: what was built from it stands.
     """
+    if stale is None:
+        stale = _stale(tasks)
     out: list[fdinfo.TaskInfo] = []
     changed = False
     for t in tasks:
+        if t.pid not in stale:
+            out.append(t)
+            continue
         now = set(fdinfo.fd_numbers(t.pid))
         walked = {f["fd"] for f in t.fds}
         if walked - now:

@@ -720,3 +720,27 @@ def test_as_dict_matches_dataclasses_asdict() -> None:
     f = FdInfo(3, "tcp", "socket:[1]", "rw", "socket:[1]", inode=1, state="LISTEN", locks=("x",))
     assert f.as_dict() == dataclasses.asdict(f)
     assert list(f.as_dict()) == [x.name for x in dataclasses.fields(FdInfo)]
+
+
+def test_the_walk_counts_every_fd_it_listed() -> None:
+    # TaskInfo.listed is what the walk's listing held (the post-dump check
+    # compares it with fd_count); on Linux 6.2+ fd_count is the same figure.
+    r, w = os.pipe()
+    p = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL, stdout=w, pass_fds=(r,))
+    try:
+        # In its sleep: past the loader and the locale files it opens and closes.
+        assert wait_until(lambda: _wchan(p.pid) == "hrtimer_nanosleep")
+        (task,) = fds.read_tree(p.pid)
+        assert task.listed == len(os.listdir(f"/proc/{p.pid}/fd")) == len(task.fds)
+        count = fds.fd_count(p.pid)
+        assert count in (task.listed, 0)  # 0: a kernel before 6.2
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+        os.close(r)
+        os.close(w)
+
+
+def _wchan(pid: int) -> str:
+    with open(f"/proc/{pid}/wchan") as f:
+        return f.read()

@@ -26,7 +26,7 @@ from criud.dump.argv import DUMP_LOG
 from criud.dump.manifest import Manifest
 from criud.dump.options import DumpOptions
 
-from .._helpers import FakeCriuBase, marked, open_fds
+from .._helpers import FakeCriuBase, marked, open_fds, wait_until
 
 ME = Caller(uid=0, gid=0, pid=os.getpid())
 
@@ -451,6 +451,8 @@ def test_fds_criu_held_in_a_task_during_the_walk_are_left_out() -> None:
                 "external": True,
             }
         )
+        assert tasks[0].listed is not None
+        tasks[0].listed += 2  # the walk's listing held them too
         left = job._as_left(tasks)
         assert left is not tasks
         assert [f["fd"] for f in left[0].fds] == held
@@ -463,6 +465,51 @@ def test_fds_criu_held_in_a_task_during_the_walk_are_left_out() -> None:
         os.close(w)
 
 
+@pytest.fixture
+def piped_sleep() -> Iterator[int]:
+    """A `sleep` holding both ends of a pipe; its pid."""
+    r, w = os.pipe()
+    p = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL, stdout=w, pass_fds=(r,))
+    try:
+        # In its sleep: past the loader and the locale files it opens and closes.
+        assert wait_until(lambda: _wchan(p.pid) == "hrtimer_nanosleep")
+        yield p.pid
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_task_holding_what_the_walk_listed_is_not_listed_again(
+    piped_sleep: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The post-dump check counts each task's fds (one stat of /proc/<pid>/fd)
+    # and lists again only a task whose count is not the walk's listing's.
+    tasks = fdinfo.read_tree(piped_sleep)
+    if fdinfo.fd_count(piped_sleep) != tasks[0].listed:
+        pytest.skip("this kernel gives no fd count (Linux 6.2+ does)")
+
+    def no_listing(pid: int) -> list[int]:
+        raise AssertionError(f"pid {pid} listed again")
+
+    monkeypatch.setattr(fdinfo, "fd_numbers", no_listing)
+    assert job._as_left(tasks) is tasks
+    assert asyncio.run(job._left(tasks)) is tasks
+
+
+def test_a_task_of_unknown_count_is_listed_again(piped_sleep: int) -> None:
+    # A listing count the walk does not know (None) proves nothing: the
+    # task is listed again, and the fds it no longer holds are dropped.
+    tasks = fdinfo.read_tree(piped_sleep)
+    held = [f["fd"] for f in tasks[0].fds]
+    gone = {"fd": 700, "type": "pipe", "key": "pipe:[1]", "mode": "w", "target": "pipe:[1]"}
+    tasks[0].fds.append({**gone, "inode": 1, "external": True})
+    tasks[0].listed = None
+    left = job._as_left(tasks)
+    assert [f["fd"] for f in left[0].fds] == held
+
+
 def test_a_small_lone_process_is_walked_before_criu(
     runtime: FakeRuntime, target: subprocess.Popen[bytes]
 ) -> None:
@@ -472,3 +519,8 @@ def test_a_small_lone_process_is_walked_before_criu(
     rec = _dump(runtime, target.pid)
     assert rec.state == CheckpointState.DONE, rec
     assert runtime.criu.ran == ["walked"] and runtime.criu.answers == []
+
+
+def _wchan(pid: int) -> str:
+    with open(f"/proc/{pid}/wchan") as f:
+        return f.read()
