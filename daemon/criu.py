@@ -322,15 +322,25 @@ _INLINE_LOG_MAX = 256 << 10
 
 
 async def _collect_log_soon(dir_fd: int, log: LogFile) -> None:
-    """_collect_log, inline when criu's log is small."""
+    """_collect_log, inline when criu's log is small or is the daemon's log itself.
+
+    A dump's criu writes the daemon's own log (its images dir is its
+    work dir): nothing is copied, whatever its size (3.4 MB at -v4 for a
+    100-task tree), and no thread is woken to find that out.
+    """
     try:
-        size = os.stat(log.path.name, dir_fd=dir_fd, follow_symlinks=False).st_size
+        st = os.stat(log.path.name, dir_fd=dir_fd, follow_symlinks=False)
     except OSError:
-        size = 0
-    if size <= _INLINE_LOG_MAX:
-        _collect_log(dir_fd, log)
-    else:
+        st = None
+    if st is not None and st.st_size > _INLINE_LOG_MAX and not _same_file(st, log.fd):
         await asyncio.to_thread(_collect_log, dir_fd, log)
+    else:
+        _collect_log(dir_fd, log)
+
+
+def _same_file(st: os.stat_result, fd: int) -> bool:
+    other = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino)
 
 
 def _write_pid(procs_file: str, pid: int) -> None:

@@ -207,3 +207,51 @@ def test_real_criu_failure_first_error(tmp_path: Path) -> None:
     assert res.first_error is not None
     assert "RLIMIT_NOFILE" not in res.first_error
     assert res.log_tail
+
+
+def _log_in(dirpath: Path, size: int) -> tuple[int, LogFile]:
+    """A log of size bytes in dirpath (the daemon's own file); (dir fd, LogFile)."""
+    path = dirpath / "dump.log"
+    path.write_bytes(b"x" * size)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    return os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), LogFile(fd, path)
+
+
+def test_a_big_log_criu_wrote_itself_is_left_as_it_is_without_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dump's criu writes the daemon's own log: nothing to copy, whatever
+    # its size, and no thread woken to find that out.
+    from criud.daemon import criu as criu_mod
+
+    dir_fd, log = _log_in(tmp_path, criu_mod._INLINE_LOG_MAX + 1)
+
+    async def no_thread(*_: object) -> None:
+        raise AssertionError("a thread was woken")
+
+    monkeypatch.setattr(criu_mod.asyncio, "to_thread", no_thread)
+    try:
+        asyncio.run(criu_mod._collect_log_soon(dir_fd, log))
+        assert log.path.stat().st_size == criu_mod._INLINE_LOG_MAX + 1
+    finally:
+        os.close(log.fd)
+        os.close(dir_fd)
+
+
+def test_a_big_log_in_crius_work_dir_is_copied_in_a_thread(tmp_path: Path) -> None:
+    # criu's own log in its work dir (a restore's): copied into the daemon's, then removed.
+    from criud.daemon import criu as criu_mod
+
+    work = tmp_path / "work"
+    work.mkdir()
+    dir_fd, log = _log_in(tmp_path, 3)
+    (work / "dump.log").write_bytes(b"y" * (criu_mod._INLINE_LOG_MAX + 1))
+    work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        asyncio.run(criu_mod._collect_log_soon(work_fd, log))
+        assert log.path.stat().st_size == 3 + criu_mod._INLINE_LOG_MAX + 1
+        assert not (work / "dump.log").exists()
+    finally:
+        os.close(log.fd)
+        os.close(dir_fd)
+        os.close(work_fd)
