@@ -82,7 +82,7 @@ from criud.restore.paths import PathOpener
 
 if TYPE_CHECKING:
     # Archives and migrations load on their first request, not at start:
-    # these modules and what they alone import are about 1.4 MiB of an idle
+    # these modules and what they alone import are about 0.7 MiB of an idle
     # daemon's RSS (bench/memory_map.py pair, docs/benchmarks.md).
     from criud.daemon import archive
     from criud.dump import export as export_job

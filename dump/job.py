@@ -854,7 +854,7 @@ async def _watching(dirfd: int) -> AsyncIterator[None]:
 def oci_probe(bundle: str, pid: int) -> dict[str, Any]:
     """Read an OCI bundle and check pid is its container's init; return the record."""
     # Here, not at import: only an OCI bundle's dump needs them (with
-    # restore/'s and the archives', about 1.4 MiB of an idle daemon).
+    # restore/'s and the archives', about 0.7 MiB of an idle daemon).
     from criud.dump import oci, oci_archive
 
     try:

@@ -69,7 +69,7 @@ from criud.restore.worker import FdMap
 
 if TYPE_CHECKING:
     # Imported where used: only lazy restores and OCI bundles need them
-    # (with dump/'s and the archives', about 1.4 MiB of an idle daemon).
+    # (with dump/'s and the archives', about 0.7 MiB of an idle daemon).
     from criud.restore import lazy as lazy_pages
 
 log = logging.getLogger("criud.restore")
