@@ -20,6 +20,14 @@ from typing import Any
 _STOP = object()
 # Entries kept while the disk is full; beyond that the oldest are dropped.
 _MAX_PENDING = 10_000
+# Once woken by an entry, the writer waits this long for the entries that
+# follow it (a dump, its restore, a signal) and writes them together.  A
+# writer woken for each entry took the GIL from the event loop in the
+# middle of the requests: 1.2 ms of every small dump + restore (twice
+# 40 pairs, bench/versus.py against a daemon with no audit log), against
+# 0.0 ms with this wait.  An entry reaches the file this much later; a
+# daemon killed meanwhile loses at most this window's entries.
+_LINGER_S = 0.05
 log = logging.getLogger("criud.audit")
 
 
@@ -54,14 +62,32 @@ class AuditLog:
         pending: collections.deque[bytes] = collections.deque(maxlen=_MAX_PENDING)
         try:
             while True:
-                item = self._q.get()
-                if item is not _STOP:
-                    pending.append((json.dumps(item, sort_keys=True, default=str) + "\n").encode())
+                batch = self._next_batch()
+                pending.extend(
+                    (json.dumps(item, sort_keys=True, default=str) + "\n").encode()
+                    for item in batch
+                    if item is not _STOP
+                )
                 self._flush(fd, pending)
-                if item is _STOP:
+                if batch[-1] is _STOP:
                     return
         finally:
             os.close(fd)
+
+    def _next_batch(self) -> list[object]:
+        """The next entries: the first one waited for, then all that came within _LINGER_S.
+
+        Ends with _STOP if stop() was called (nothing is queued after it).
+        """
+        batch = [self._q.get()]
+        if batch[0] is not _STOP:
+            time.sleep(_LINGER_S)
+        while batch[-1] is not _STOP:
+            try:
+                batch.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        return batch
 
     def _flush(self, fd: int, pending: collections.deque[bytes]) -> None:
         while pending:
