@@ -322,17 +322,20 @@ _INLINE_LOG_MAX = 256 << 10
 
 
 async def _collect_log_soon(dir_fd: int, log: LogFile) -> None:
-    """_collect_log, inline when criu's log is small or is the daemon's log itself.
+    """_collect_log, inline when criu's log is small; nothing when it is the daemon's own.
 
     A dump's criu writes the daemon's own log (its images dir is its
     work dir): nothing is copied, whatever its size (3.4 MB at -v4 for a
-    100-task tree), and no thread is woken to find that out.
+    100-task tree), no thread is woken and the file is not opened again
+    to find that out.
     """
     try:
         st = os.stat(log.path.name, dir_fd=dir_fd, follow_symlinks=False)
     except OSError:
         st = None
-    if st is not None and st.st_size > _INLINE_LOG_MAX and not _same_file(st, log.fd):
+    if st is not None and _same_file(st, log.fd):
+        return  # a dump: criu wrote into the daemon's log itself, nothing to move
+    if st is not None and st.st_size > _INLINE_LOG_MAX:
         await asyncio.to_thread(_collect_log, dir_fd, log)
     else:
         _collect_log(dir_fd, log)
