@@ -524,3 +524,20 @@ def test_a_small_lone_process_is_walked_before_criu(
 def _wchan(pid: int) -> str:
     with open(f"/proc/{pid}/wchan") as f:
         return f.read()
+
+
+@pytest.mark.parametrize("kernel_counts", [True, False])
+def test_holds_many_fds_with_and_without_the_kernels_count(
+    big_target: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch, kernel_counts: bool
+) -> None:
+    # Linux 6.2 and later give /proc/<pid>/fd's fd count as its size; an
+    # older kernel gives 0, and the bounded listing answers instead.
+    if not kernel_counts:
+        monkeypatch.setattr(job.fdinfo, "fd_count", lambda pid: 0)
+    small = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+        assert job._holds_many_fds(big_target.pid)
+        assert not job._holds_many_fds(small.pid)
+    finally:
+        small.kill()
+        small.wait(timeout=10)
